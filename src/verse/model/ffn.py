@@ -1,0 +1,26 @@
+"""The SwiGLU feed-forward block (Shazeer, 2020)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from verse.model.linear import Linear
+
+
+class MLP(nn.Module):
+    """w2(silu(w1 x) * w3 x): gate (w1), up (w3) and down (w2) projections.
+
+    Args:
+        dim (int): model width.
+        inter_dim (int): hidden width.
+    """
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim)
+        self.w2 = Linear(inter_dim, dim)
+        self.w3 = Linear(dim, inter_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the FFN to `x` [..., dim]."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,191 @@
+"""`ReasoningLLM`: the decoder-only transformer of Verse (dense Llama/Mistral and DeepSeek MLA/MoE layers)."""
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from verse.config import ModelArgs
+from verse.model import linear
+from verse.model.attention import Attention
+from verse.model.ffn import MLP
+from verse.model.linear import Linear
+from verse.model.masks import causal_mask
+from verse.model.norm import RMSNorm
+from verse.model.rope import rope_cos_sin
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters directly in `dtype` (no float32 copy of a 7B model first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"bfloat16" -> torch.bfloat16."""
+    return getattr(torch, name)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: h = x + attn(attn_norm(x)); out = h + ffn(ffn_norm(h)).
+
+    Args:
+        layer_id (int): index of the layer (decides dense or MoE FFN).
+        args (ModelArgs): model configuration.
+    """
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn = MLP(args.dim, args.inter_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Apply the layer to `x` [B, T, dim] (arguments as `Attention.forward`)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class ReasoningLLM(nn.Module):
+    """Decoder-only language model: token embedding, `n_layers` `Block`s, final RMSNorm, output head.
+
+    Args:
+        args (ModelArgs): model configuration; parameters are created in `args.dtype`.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        linear.gemm_impl = args.gemm_impl
+        with default_dtype(torch_dtype(args.dtype)):
+            self.embed = nn.Embedding(args.vocab_size, args.dim)
+            self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+            self.norm = RMSNorm(args.dim, args.norm_eps)
+            self.head = Linear(args.dim, args.vocab_size)
+        if args.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    @property
+    def rope_dim(self) -> int:
+        return self.args.head_dim
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the RoPE tables on the parameters' device (needed after building on `meta`)."""
+        device = self.embed.weight.device
+        if device.type == "meta":
+            return
+        self.cos, self.sin = rope_cos_sin(self.args, self.rope_dim, device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """GPT-2 style initialization: N(0, std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = (2 * self.args.n_layers) ** -0.5 if name.endswith(("wo", "w2")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None,
+                    dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate a static KV cache in every layer for generation.
+
+        Args:
+            max_batch_size (int): most sequences generated at once.
+            max_seq_len (Optional[int]): most positions (prompt + new tokens); default `args.max_seq_len`.
+            dtype (Optional[torch.dtype]): cache dtype; default the model's.
+        """
+        max_seq_len = min(max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
+        dtype = dtype or self.embed.weight.dtype
+        for layer in self.layers:
+            layer.attn.setup_cache(max_batch_size, max_seq_len, dtype)
+
+    def clear_cache(self) -> None:
+        """Free the KV caches."""
+        for layer in self.layers:
+            layer.attn.cache = None
+
+    @property
+    def cache_len(self) -> int:
+        """Positions the KV cache holds (0 without a cache)."""
+        cache = self.layers[0].attn.cache
+        return 0 if cache is None else cache.k.size(2)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                      attn_mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, dim] (the output head is left to the caller, e.g. a chunked loss).
+
+        Args:
+            input_ids (torch.Tensor): token ids [B, T].
+            position_ids (Optional[torch.Tensor]): RoPE positions [B, T]; default 0..T-1, or `input_pos`.
+            attn_mask (Optional[torch.Tensor]): bool mask broadcastable to [B, 1, T, S] (True = attend);
+                default causal (and sliding-window when configured).
+            input_pos (Optional[torch.Tensor]): positions [T] where these tokens go in the KV cache; only
+                with `setup_cache` (generation).
+
+        Returns:
+            torch.Tensor: [B, T, dim].
+        """
+        T = input_ids.size(1)
+        if position_ids is not None:
+            cos, sin = self.cos[position_ids], self.sin[position_ids]
+        elif input_pos is not None:
+            cos, sin = self.cos[input_pos].unsqueeze(0), self.sin[input_pos].unsqueeze(0)
+        else:
+            cos, sin = self.cos[:T].unsqueeze(0), self.sin[:T].unsqueeze(0)
+        if attn_mask is None and input_pos is not None and self.cache_len:
+            attn_mask = causal_mask(input_pos, self.cache_len, self.args.sliding_window)
+        elif attn_mask is None and self.args.sliding_window is not None and T > self.args.sliding_window:
+            attn_mask = causal_mask(torch.arange(T, device=input_ids.device), T, self.args.sliding_window)
+        h = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            if self.training and self.args.checkpointing and i % self.args.checkpoint_every == 0:
+                h = checkpoint(layer, h, cos, sin, attn_mask, input_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attn_mask, input_pos)
+        return self.norm(h)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for every position.
+
+        Args:
+            input_ids (torch.Tensor): token ids [B, T].
+            position_ids, attn_mask, input_pos: as in `hidden_states`.
+
+        Returns:
+            torch.Tensor: logits [B, T, vocab_size] in the model's dtype.
+        """
+        return self.head(self.hidden_states(input_ids, position_ids, attn_mask, input_pos))
+
+    def num_params(self) -> int:
+        """Parameters in the module (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write the checkpoint directory of DESIGN.md (loadable by `verse.load` and transformers).
+
+        Args:
+            path: target directory (created).
+            tokenizer: optional Verse tokenizer saved beside the weights.
+            max_shard_bytes (int): shard the safetensors above this size.
+        """
+        from verse.interop.hf import save_pretrained
+
+        save_pretrained(self, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
