@@ -108,6 +108,11 @@ class ModelArgs:
     def replace(self, **changes: Any) -> "ModelArgs":
         """A copy with some fields changed (validated)."""
         check_fields(changes, "overrides")
+        # fields derived in __post_init__ stay derived unless given: tiny with dim=128 gets head_dim 32, not 16
+        if "head_dim" not in changes and self.head_dim == self.dim // self.n_heads:
+            changes["head_dim"] = None
+        if "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
+            changes["n_kv_heads"] = None
         return dataclasses.replace(self, **changes)
 
     @classmethod
