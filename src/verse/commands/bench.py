@@ -21,14 +21,15 @@ BENCHES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{" + ",".join(BENCHES) + "}")
-    for name, (module_name, text) in BENCHES.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=text, description=text)
-        # train.bench serves two benchmarks: it exposes add_<name>_arguments / run_<name> when it has several
-        getattr(module, f"add_{name}_arguments", getattr(module, "add_arguments"))(p)
-        p.set_defaults(_run=getattr(module, f"run_{name}", getattr(module, "run")))
+    parser.add_argument("bench", choices=list(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (see verse bench NAME --help)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return int(args._run(args) or 0)
+    # Only the chosen benchmark's module is imported; train.bench serves two (add_NAME_arguments / run_NAME).
+    module_name, text = BENCHES[args.bench]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"verse bench {args.bench}", description=text)
+    getattr(module, f"add_{args.bench}_arguments", getattr(module, "add_arguments", None))(parser)
+    options = parser.parse_args(args.options)
+    return int(getattr(module, f"run_{args.bench}", getattr(module, "run", None))(options) or 0)
