@@ -1,0 +1,182 @@
+"""Autoregressive generation with the model's static KV cache: one-pass prefill, then one token per step.
+
+Prompts of different lengths are left-padded into one batch: each row's positions restart at 0 after its
+padding (`position_ids`) and a boolean mask hides the padding keys, so every row gets exactly the tokens
+it would get alone.
+"""
+
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from verse.errors import VerseError
+from verse.infer.sampling import SamplingParams, sample
+from verse.infer.stopping import StopStrings
+from verse.model.masks import causal_mask
+
+
+def _padded_batch(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad `prompts` into ids [B, P] (pad id 0) and return the pad length of each row [B]."""
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, P - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+    pad = torch.tensor([P - len(p) for p in prompts])
+    return ids.to(device), pad.to(device)
+
+
+@torch.inference_mode()
+def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams,
+                 generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Run the model: prefill all prompts in one pass, then decode; yield the next token of every row.
+
+    The caller decides when to stop (closing the iterator frees the KV cache).
+
+    Args:
+        model (ReasoningLLM): the model (its `setup_cache` / `input_pos` interface).
+        prompts (Sequence[Sequence[int]]): token ids of each prompt (non-empty).
+        max_new_tokens (int): most steps.
+        params (SamplingParams): how tokens are picked.
+        generator (Optional[torch.Generator]): random source for sampling.
+
+    Yields:
+        torch.Tensor: token ids [B], one per step.
+    """
+    device = model.embed.weight.device
+    ids, pad = _padded_batch(prompts, device)
+    B, P = ids.shape
+    total = P + max_new_tokens
+    if total > model.args.max_seq_len:
+        raise VerseError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_seq_len ({model.args.max_seq_len}); shorten the prompt or lower max_new_tokens")
+    padded = bool(pad.any())
+    positions = torch.arange(total, device=device)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        real = (positions[:P] >= pad[:, None]).int()  # padding ids are not "seen"
+        seen = torch.zeros(B, model.args.vocab_size, dtype=torch.int, device=device).scatter_add_(1, ids, real) > 0
+    # prefill: left-padded rows attend only to their own tokens; a padding query attends to itself
+    # (an all-False row would make SDPA return NaN, which would then leak through the cache)
+    position_ids, mask, key_valid = None, None, None
+    if padded:
+        position_ids = (positions[:P] - pad[:, None]).clamp_(min=0)
+        key_valid = positions >= pad[:, None]
+        mask = causal_mask(positions[:P], total, model.args.sliding_window) & key_valid[:, None, :]
+        mask = (mask | torch.eye(P, total, dtype=torch.bool, device=device)).unsqueeze(1)
+    model.setup_cache(B, total)
+    try:
+        hidden = model.hidden_states(ids, position_ids, mask, input_pos=positions[:P])
+        token = sample(model.head(hidden[:, -1]), params, seen, generator)
+        for step in range(max_new_tokens):
+            yield token
+            if step == max_new_tokens - 1:
+                break
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            cur = P + step
+            if padded:
+                position_ids = (cur - pad)[:, None]
+                mask = causal_mask(positions[cur:cur + 1], total, model.args.sliding_window) & key_valid[:, None, :]
+                mask = mask.unsqueeze(1)
+            logits = model(token[:, None], position_ids, mask, input_pos=positions[cur:cur + 1])
+            token = sample(logits[:, -1], params, seen, generator)
+    finally:
+        model.clear_cache()
+
+
+def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
+             stop_strings, seed):
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise VerseError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise VerseError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    if stop_ids is None:
+        stop_ids = set(getattr(tokenizer, "stop_ids", ()) or ())
+    stops = StopStrings(tokenizer, stop_strings) if stop_strings else None
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(model.embed.weight.device).manual_seed(seed)
+    return params, set(stop_ids), stops, generator
+
+
+def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop_ids=None,
+             stop_strings: Optional[Sequence[str]] = None, seed: Optional[int] = None) -> List[List[int]]:
+    """Generate continuations of a batch of prompts.
+
+    Args:
+        model (ReasoningLLM): the model.
+        tokenizer: a Verse tokenizer (for `stop_ids` and stop strings); may be None with neither.
+        prompts (List[List[int]]): token ids of each prompt; lengths may differ.
+        max_new_tokens (int): most tokens generated per prompt.
+        temperature (float): 0 = greedy.
+        top_k (int): 0 = off.
+        top_p (float): 1 = off.
+        repetition_penalty (float): 1 = off.
+        stop_ids (Optional[set[int]]): ids that end a row; None = `tokenizer.stop_ids`; empty = never stop.
+        stop_strings (Optional[Sequence[str]]): texts that end a row (not included in the output).
+        seed (Optional[int]): seed of a private `torch.Generator` for reproducible sampling.
+
+    Returns:
+        List[List[int]]: the new tokens of each prompt, without the stop token.
+    """
+    params, stop_ids, stops, generator = _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k,
+                                                  top_p, repetition_penalty, stop_ids, stop_strings, seed)
+    outputs: List[List[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    steps = decode_steps(model, prompts, max_new_tokens, params, generator)
+    try:
+        for tokens in steps:
+            for row, token in enumerate(tokens.tolist()):
+                if done[row]:
+                    continue
+                if token in stop_ids:
+                    done[row] = True
+                    continue
+                outputs[row].append(token)
+                if stops is not None and (keep := stops.find(outputs[row])) is not None:
+                    del outputs[row][keep:]
+                    done[row] = True
+            if all(done):
+                break
+    finally:
+        steps.close()
+    return outputs
+
+
+def stream(model, tokenizer, prompt: List[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop_ids=None,
+           stop_strings: Optional[Sequence[str]] = None, seed: Optional[int] = None) -> Iterator[int]:
+    """Generate from one prompt, yielding each new token id as soon as it is final.
+
+    Takes the arguments of `generate` for a single prompt and yields exactly the tokens `generate` returns.
+    With stop strings, tokens that could begin one are held back until it is clear they do not.
+
+    Yields:
+        int: the next token id.
+    """
+    params, stop_ids, stops, generator = _prepare(model, tokenizer, [prompt], max_new_tokens, temperature, top_k,
+                                                  top_p, repetition_penalty, stop_ids, stop_strings, seed)
+    ids: List[int] = []
+    emitted = 0
+    steps = decode_steps(model, [prompt], max_new_tokens, params, generator)
+    try:
+        for tokens in steps:
+            token = int(tokens[0])
+            if token in stop_ids:
+                break
+            ids.append(token)
+            if stops is not None:
+                keep = stops.find(ids)
+                if keep is not None:
+                    del ids[keep:]
+                    break
+                ready = len(ids) - stops.holdback(ids)
+            else:
+                ready = len(ids)
+            yield from ids[emitted:ready]
+            emitted = max(emitted, ready)
+    finally:
+        steps.close()
+    yield from ids[emitted:]
