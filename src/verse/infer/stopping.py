@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 class StopStrings:
     """Finds stop strings in generated token ids by decoding only the tail that could hold one.
 
-    A generation that hits a stop string keeps its longest token prefix whose text does not contain it,
-    so the stop string never appears in the output.
+    A generation that hits a stop string keeps the tokens whose text ends before it, so no part of the
+    stop string appears in the output.
 
     Args:
         tokenizer: any Verse tokenizer (`decode(ids) -> str`).
@@ -30,19 +30,20 @@ class StopStrings:
     def find(self, ids: Sequence[int]) -> Optional[int]:
         """Where to cut `ids` if their text now contains a stop string.
 
-        Only the newest token is considered new: the text before it was checked on earlier calls.
-
         Args:
-            ids (Sequence[int]): the generated ids so far.
+            ids (Sequence[int]): the generated ids so far (earlier prefixes were checked already).
 
         Returns:
-            Optional[int]: the number of leading ids to keep, or None when no stop string occurs.
+            Optional[int]: the number of leading ids whose text ends before the stop string (a token that
+            straddles its start is dropped), or None when no stop string occurs.
         """
         start = max(0, len(ids) - self.window)
-        if not any(s in self._tail(ids, start) for s in self.strings):
+        text = self._tail(ids, start)
+        found = [i for i in (text.find(s) for s in self.strings) if i >= 0]
+        if not found:
             return None
-        keep = len(ids) - 1
-        while keep > start and any(s in self._tail(ids[:keep], start) for s in self.strings):
+        keep = len(ids)
+        while keep > start and len(self._tail(ids[:keep], start)) > min(found):
             keep -= 1
         return keep
 
