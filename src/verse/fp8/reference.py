@@ -1,0 +1,107 @@
+"""Pure-PyTorch FP8 block quantization (DeepSeek-V3, arXiv:2412.19437 section 3.3): runs on any device.
+
+Activations are scaled per token and 128-wide block of channels, weights per 128x128 block; each scale is
+`amax / 448` (448 = largest float8_e4m3fn value), stored in float32 and multiplied back after the GEMM.
+The Triton kernels in `verse.fp8.triton_kernels` compute the same functions on CUDA.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_SIZE = 128
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+# all-zero blocks would give scale 0 and 0/0 = NaN; DeepSeek-V3's kernel floors amax the same way
+AMAX_FLOOR = 1e-4
+
+
+def check_scale_shape(weight: torch.Tensor, scale: torch.Tensor, block_size: int = BLOCK_SIZE) -> None:
+    """Raise `ValueError` unless `scale` is [ceil(out/block), ceil(in/block)] for the 2-D `weight`."""
+    if weight.dim() != 2:
+        raise ValueError(f"FP8 weight must be 2-D, got shape {list(weight.shape)}")
+    expected = [-(-weight.size(0) // block_size), -(-weight.size(1) // block_size)]
+    if list(scale.shape) != expected:
+        raise ValueError(f"scale shape {list(scale.shape)} does not match weight {list(weight.shape)}: "
+                         f"expected {expected} ({block_size}x{block_size} blocks)")
+
+
+def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations to float8_e4m3fn with one scale per token and `block_size` channels.
+
+    Args:
+        x (torch.Tensor): activations [..., K], K divisible by `block_size`.
+        block_size (int): channels sharing a scale.
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: `y` [..., K] float8_e4m3fn and `s` [..., K // block_size] float32,
+        with x ~= y * s blockwise.
+    """
+    if x.size(-1) % block_size:
+        raise ValueError(f"act_quant: last dimension {x.size(-1)} is not divisible by block size {block_size}")
+    blocks = x.float().unflatten(-1, (-1, block_size))
+    s = blocks.abs().amax(-1).clamp_min_(AMAX_FLOOR).div_(FP8_MAX)
+    y = (blocks / s.unsqueeze(-1)).to(FP8_DTYPE).flatten(-2)
+    return y, s
+
+
+def weight_quant(w: torch.Tensor, block_size: int = BLOCK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight to float8_e4m3fn with one scale per `block_size` x `block_size` block.
+
+    Args:
+        w (torch.Tensor): weight [M, N]; edge blocks may be partial.
+        block_size (int): block edge.
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: `y` [M, N] float8_e4m3fn and `s` [ceil(M/b), ceil(N/b)] float32
+        (the `weight_scale_inv` of DeepSeek checkpoints: w ~= y * s).
+    """
+    M, N = w.shape
+    padded = F.pad(w.float(), (0, -N % block_size, 0, -M % block_size))
+    blocks = padded.unflatten(0, (-1, block_size)).unflatten(-1, (-1, block_size))  # [m, b, n, b]
+    s = blocks.abs().amax(dim=(1, 3)).clamp_min_(AMAX_FLOOR).div_(FP8_MAX)
+    y = (blocks / s[:, None, :, None]).flatten(0, 1).flatten(-2)[:M, :N].to(FP8_DTYPE)
+    return y, s
+
+
+def weight_dequant(x: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK_SIZE,
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Multiply an FP8 weight by its block scales.
+
+    Args:
+        x (torch.Tensor): FP8 weight [M, N].
+        s (torch.Tensor): float32 scales [ceil(M/b), ceil(N/b)].
+        block_size (int): block edge.
+        dtype (Optional[torch.dtype]): result dtype; default `torch.get_default_dtype()`.
+
+    Returns:
+        torch.Tensor: [M, N] in `dtype` (products computed in float32, rounded once).
+    """
+    check_scale_shape(x, s, block_size)
+    M, N = x.shape
+    scale = s.float().repeat_interleave(block_size, 0)[:M].repeat_interleave(block_size, 1)[:, :N]
+    return scale.mul_(x.float()).to(dtype or torch.get_default_dtype())
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+             block_size: int = BLOCK_SIZE, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """C = A B^T from FP8 operands and their block scales, accumulated in float32.
+
+    The kernel sums per K-block `(A_blk B_blk^T) * a_s * b_s`; because each scale is constant over its block,
+    that equals the float32 product of the dequantized operands, which is what this reference computes.
+
+    Args:
+        a (torch.Tensor): FP8 activations [..., K] (from `act_quant`).
+        a_s (torch.Tensor): their scales [..., K // block_size].
+        b (torch.Tensor): FP8 weight [N, K].
+        b_s (torch.Tensor): its scales [ceil(N/b), ceil(K/b)].
+        block_size (int): block edge.
+        dtype (Optional[torch.dtype]): result dtype; default `torch.get_default_dtype()`.
+
+    Returns:
+        torch.Tensor: [..., N] in `dtype`.
+    """
+    a_deq = a.float().unflatten(-1, (-1, block_size)).mul_(a_s.unsqueeze(-1)).flatten(-2)
+    b_deq = weight_dequant(b, b_s, block_size, torch.float32)
+    return (a_deq @ b_deq.T).to(dtype or torch.get_default_dtype())
