@@ -1,0 +1,293 @@
+"""The Hugging Face checkpoint directory: read and write config.json, safetensors (sharded), verse.json, tokenizer.
+
+The architecture-specific parts live in adapters picked by HF `model_type`: `verse.interop.llama` (llama,
+mistral) and `verse.interop.deepseek` (deepseek_v2, deepseek_v3). Each exposes `args_from_hf(config)`,
+`hf_config(args)`, `to_verse(state_dict, args)` and `to_hf(state_dict, args)`.
+"""
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from verse.config import ModelArgs
+from verse.errors import CheckpointError, ConfigError
+from verse.interop.load import build_model
+
+ADAPTERS = {"llama": "verse.interop.llama", "mistral": "verse.interop.llama",
+            "deepseek_v2": "verse.interop.deepseek", "deepseek_v3": "verse.interop.deepseek"}
+CONFIG = "config.json"
+VERSE_CONFIG = "verse.json"
+GENERATION_CONFIG = "generation_config.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def adapter_for(model_type: str, source: str | Path) -> ModuleType:
+    """The adapter module of a Hugging Face `model_type`.
+
+    Args:
+        model_type (str): e.g. "llama", "mistral", "deepseek_v3".
+        source (str | Path): where the model type was read (named in errors).
+
+    Returns:
+        ModuleType: the adapter (`args_from_hf`, `hf_config`, `to_verse`, `to_hf`).
+    """
+    module = ADAPTERS.get(model_type)
+    if module is None:
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported "
+                              f"(supported: {', '.join(ADAPTERS)})")
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported by this Verse build") from None
+
+
+def download(repo_id: str) -> Path:
+    """Download a model from the Hugging Face Hub (config, safetensors, tokenizer files) into the local cache.
+
+    Args:
+        repo_id (str): "org/name".
+
+    Returns:
+        Path: the local snapshot directory.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:  # network, auth, missing repo: all one user-facing line
+        raise CheckpointError(f"{repo_id}: not a local path, and downloading it from the Hugging Face Hub failed "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    """Parse a JSON file, raising `CheckpointError` naming it when missing or invalid."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_args(path: Path) -> tuple[ModelArgs, ModuleType]:
+    """The `ModelArgs` of a checkpoint directory and its adapter: verse.json when present, else config.json.
+
+    Args:
+        path (Path): the checkpoint directory.
+
+    Returns:
+        tuple[ModelArgs, ModuleType]: configuration and adapter.
+    """
+    verse_json = path / VERSE_CONFIG
+    if verse_json.is_file():
+        try:
+            args = ModelArgs.from_dict(read_json(verse_json), str(verse_json))
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"{verse_json}: {e}") from None
+        return args, adapter_for(args.arch, verse_json)
+    config_path = path / CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG} or {VERSE_CONFIG}; not a Hugging Face or Verse checkpoint")
+    config = read_json(config_path)
+    if "model_type" not in config:
+        raise CheckpointError(f"{config_path}: missing field 'model_type'")
+    adapter = adapter_for(config["model_type"], config_path)
+    try:
+        return adapter.args_from_hf(config), adapter
+    except KeyError as e:
+        raise CheckpointError(f"{config_path}: missing field {e.args[0]!r}") from None
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the shards of the index, or model.safetensors."""
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: missing field 'weight_map'")
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        for file in files:
+            if file.parent != path:
+                raise CheckpointError(f"{index}: shard {file.name!r} lies outside the checkpoint directory")
+            if not file.is_file():
+                raise CheckpointError(f"{file}: shard listed in {WEIGHTS_INDEX} is missing")
+        return files
+    if (path / WEIGHTS).is_file():
+        return [path / WEIGHTS]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise CheckpointError(f"{path}: only pickle weights (*.bin/*.pt) found; Verse reads safetensors only "
+                              f"(re-save with safe_serialization=True)")
+    raise CheckpointError(f"{path}: no {WEIGHTS} or {WEIGHTS_INDEX}")
+
+
+def file_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype most tensors of the checkpoint have (float8 weights count as bfloat16)."""
+    counts: Dict[torch.dtype, int] = {}
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                dtype = SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype(), torch.bfloat16)
+                counts[dtype] = counts.get(dtype, 0) + 1
+    return max(counts, key=counts.get) if counts else torch.bfloat16
+
+
+def _open(file: Path, device: str = "cpu"):
+    try:
+        return safe_open(str(file), framework="pt", device=device)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+
+
+def read_safetensors(files: list[Path], device: torch.device | str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Read every tensor, casting floating-point ones (not float8) to `dtype` one at a time.
+
+    Args:
+        files (list[Path]): safetensors files.
+        device (torch.device | str): where the tensors go.
+        dtype (torch.dtype): target dtype of float32/float16/bfloat16 tensors.
+
+    Returns:
+        Dict[str, torch.Tensor]: name -> tensor.
+    """
+    state: Dict[str, torch.Tensor] = {}
+    with tqdm(desc="loading", unit="tensor", disable=None, leave=False) as bar:
+        for file in files:
+            with _open(file, str(device)) as f:
+                for name in f.keys():
+                    try:
+                        tensor = f.get_tensor(name)
+                    except (SafetensorError, OSError, RuntimeError) as e:
+                        raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
+                    state[name] = tensor.to(dtype) if tensor.dtype in SAFETENSORS_DTYPES.values() else tensor
+                    bar.update()
+    return state
+
+
+def load_hf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
+            **overrides: Any):
+    """Load a Verse or Hugging Face checkpoint directory.
+
+    Args:
+        path (Path): directory with config.json (or verse.json) and safetensors weights.
+        device (torch.device | str): where the weights go.
+        dtype (Optional[torch.dtype]): parameter dtype; None = the file's.
+        **overrides: execution-only `ModelArgs` fields.
+
+    Returns:
+        ReasoningLLM: the model in eval mode.
+    """
+    args, adapter = read_args(path)
+    files = weight_files(path)
+    dtype = dtype or file_dtype(files)
+    args = args.replace(dtype=str(dtype).removeprefix("torch."), **overrides)
+    state = read_safetensors(files, device, dtype)
+    try:
+        state = adapter.to_verse(state, args)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: unexpected tensor {e.args[0]} for model_type {args.arch!r}") from None
+    return build_model(args, state, files[0] if len(files) == 1 else path, device)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a fully written checkpoint from `tmp` to `target`: one rename when `target` is new, else file by file
+    (weights first, config last) so a training run's other files (e.g. `train_state/`) in `target` survive."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    new = {p.name for p in tmp.iterdir()}
+    for stale in (*target.glob("model*.safetensors"), target / WEIGHTS_INDEX):
+        if stale.is_file() and stale.name not in new:
+            stale.unlink()
+    last = (CONFIG, VERSE_CONFIG)
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name in last):
+        destination = target / entry.name
+        if destination.is_dir() and not destination.is_symlink():
+            shutil.rmtree(destination)
+        os.replace(entry, destination)
+    tmp.rmdir()
+
+
+def check_target(path: str | Path) -> Path:
+    """Validate an output directory: not an existing file, not a symlink, parent creatable."""
+    target = Path(path).expanduser()
+    if target.is_symlink():
+        raise CheckpointError(f"{target}: is a symbolic link; give a real directory to write the checkpoint into")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target}: exists and is not a directory; give a new or existing directory")
+    target = target.absolute()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{target.parent}: cannot create the output directory ({e.strerror})") from None
+    return target
+
+
+def save_pretrained(model, path: str | Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write the checkpoint directory of DESIGN.md, loadable by `verse.load` and transformers.
+
+    config.json (HF architecture), model.safetensors (or model-0000i-of-0000n.safetensors shards + index above
+    `max_shard_bytes`), generation_config.json, verse.json (full `ModelArgs`) and, when given, the tokenizer
+    files. Everything is written to a temporary directory beside `path` first, so a crash never leaves a half
+    checkpoint.
+
+    Args:
+        model (ReasoningLLM): the model.
+        path (str | Path): target directory.
+        tokenizer: optional Verse tokenizer (its `save_pretrained(dir)` writes tokenizer.json + config).
+        max_shard_bytes (int): largest shard size in bytes.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    target = check_target(path)
+    args = model.args
+    dtype = model.embed.weight.dtype
+    args = dataclasses.replace(args, dtype=str(dtype).removeprefix("torch."))
+    adapter = adapter_for(args.arch, VERSE_CONFIG)
+    state = adapter.to_hf(model.state_dict(), args)
+    config = adapter.hf_config(args)
+    config["torch_dtype"] = config["dtype"] = args.dtype
+    generation = {k: v for k, v in (("bos_token_id", args.bos_token_id), ("eos_token_id", args.eos_token_id))
+                  if v is not None}
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_bytes)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        for filename, names in tqdm(split.filename_to_tensors.items(), desc="saving", unit="file", disable=None,
+                                    leave=False):
+            save_file({name: state[name].contiguous() for name in names}, tmp / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": split.metadata.get("total_size")}, "weight_map": split.tensor_to_filename}
+            (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / VERSE_CONFIG).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for entry in tmp.rglob("*"):
+            if entry.is_symlink():
+                raise CheckpointError(f"{entry.name}: refusing to publish a symbolic link into {target}")
+        _publish(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+

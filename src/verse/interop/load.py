@@ -1,0 +1,116 @@
+"""`verse.load`: recognise a Verse/Hugging Face checkpoint directory, a Hub id or a `.gguf` file, and build the model.
+
+Models are built on the `meta` device and the loaded tensors are assigned in place, so a 7B model is
+never materialised twice.
+"""
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from verse.config import ModelArgs
+from verse.errors import CheckpointError, ConfigError
+from verse.model import ReasoningLLM
+
+# ModelArgs fields that change how a model runs, not its weights: the only ones `verse.load` overrides.
+EXECUTION_FIELDS = ("attn_impl", "gemm_impl", "checkpointing", "checkpoint_every", "max_seq_len")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+FILE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: Optional[torch.dtype | str]) -> Optional[torch.dtype]:
+    """torch.float32 / "float32" / "fp32" / "f32" -> torch.float32 (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in FILE_DTYPES.values():
+            raise ConfigError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        return dtype
+    aliases = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
+               "bf16": "bfloat16"}
+    name = aliases.get(dtype, dtype)
+    if name not in FILE_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use float32, float16 or bfloat16")
+    return FILE_DTYPES[name]
+
+
+def check_overrides(overrides: Dict[str, Any]) -> None:
+    """Reject overrides that would change the weights (only `EXECUTION_FIELDS` may change at load time)."""
+    bad = sorted(set(overrides) - set(EXECUTION_FIELDS))
+    if bad:
+        raise ConfigError(f"verse.load cannot override {', '.join(bad)}: only execution fields "
+                          f"({', '.join(EXECUTION_FIELDS)}) may change at load time; pass dtype= for the dtype")
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype | str] = None,
+               **overrides: Any) -> ReasoningLLM:
+    """Load a Verse checkpoint directory, a Hugging Face Llama/Mistral/DeepSeek directory or Hub id, or a `.gguf`.
+
+    Args:
+        path (str | Path): checkpoint directory, `.gguf` file, or Hub repo id ("org/name").
+        device (torch.device | str): where the weights go.
+        dtype (Optional[torch.dtype | str]): parameter dtype; None keeps the file's own (quantized GGUF -> bfloat16).
+        **overrides: execution-only `ModelArgs` fields (`EXECUTION_FIELDS`).
+
+    Returns:
+        ReasoningLLM: the model in eval mode.
+    """
+    check_overrides(overrides)
+    dtype = resolve_dtype(dtype)
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from verse.interop.gguf import load_gguf
+
+        return load_gguf(path, device=device, dtype=dtype, **overrides)
+    from verse.interop.hf import download, load_hf
+
+    if path.is_dir():
+        return load_hf(path, device=device, dtype=dtype, **overrides)
+    if path.exists():
+        raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")
+    if not path.is_absolute() and HUB_ID.fullmatch(str(path)) and not str(path).startswith("."):
+        return load_hf(download(str(path)), device=device, dtype=dtype, **overrides)
+    raise CheckpointError(f"{path}: no such file or directory; give a checkpoint directory, a .gguf file or a Hub id")
+
+
+def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: str | Path,
+                device: torch.device | str = "cpu") -> ReasoningLLM:
+    """Build a `ReasoningLLM` on `meta` and assign `state_dict` (Verse names) to it, checking names and shapes.
+
+    Args:
+        args (ModelArgs): configuration (its `dtype` is the parameters' dtype).
+        state_dict (Dict[str, torch.Tensor]): every weight, already in Verse names.
+        source (str | Path): the file or directory the weights came from (named in errors).
+        device (torch.device | str): where the weights go.
+
+    Returns:
+        ReasoningLLM: the model in eval mode, RoPE tables computed, tied weights shared.
+    """
+    with torch.device("meta"):
+        model = ReasoningLLM(args)
+    expected = model.state_dict()
+    if args.tie_embeddings:
+        expected.pop("head.weight", None)
+    missing = [name for name in expected if name not in state_dict]
+    if missing:
+        raise CheckpointError(f"{source}: tensor {missing[0]} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + "; the file does not match its config")
+    unexpected = [name for name in state_dict if name not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]} for this config")
+    for name, target in expected.items():
+        tensor = state_dict[name]
+        if tensor.shape != target.shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {list(tensor.shape)}, "
+                                  f"expected {list(target.shape)} from the config")
+        if tensor.dtype != target.dtype or tensor.device != torch.device(device):
+            state_dict[name] = tensor.to(device=device, dtype=target.dtype)
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.head.weight = model.embed.weight
+    model.reset_buffers()
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"{source}: tensor {left[0]} was not loaded")
+    return model.eval()
