@@ -1,10 +1,44 @@
-"""The linear layer every projection uses, and the module-level `gemm_impl` switch ("bf16" | "fp8")."""
+"""The linear layer every projection uses, and the module-level `gemm_impl` switch ("bf16" | "fp8").
+
+A `Linear` holds a floating-point weight, or an FP8 one as in DeepSeek-V3 checkpoints: a float8_e4m3fn
+`weight` and its float32 block scales `scale` [ceil(out/128), ceil(in/128)] (`weight_scale_inv` in Hugging
+Face files), so that weight ~= fp8 * scale per 128x128 block. FP8 weights run in either `gemm_impl`:
+"bf16" dequantizes the weight and multiplies in the activations' dtype; "fp8" quantizes the activations per
+token (`act_quant`) and multiplies the FP8 operands (`fp8_gemm`).
+"""
+
+from typing import Collection, Mapping, Optional, Set
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from verse.fp8 import BLOCK_SIZE, FP8_DTYPE, act_quant, fp8_gemm, weight_dequant, weight_quant
+
 gemm_impl = "bf16"
+block_size = BLOCK_SIZE
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W^T (+ b), for a floating-point weight or an FP8 weight with its block `scale`.
+
+    Args:
+        x (torch.Tensor): input [..., in_features].
+        weight (torch.Tensor): [out_features, in_features], any float dtype or float8_e4m3fn.
+        bias (Optional[torch.Tensor]): [out_features].
+        scale (Optional[torch.Tensor]): the FP8 weight's float32 block scales.
+
+    Returns:
+        torch.Tensor: [..., out_features] in `x`'s dtype.
+    """
+    if weight.element_size() > 1:
+        return F.linear(x, weight, bias)
+    if gemm_impl == "bf16":
+        return F.linear(x, weight_dequant(weight, scale, block_size, x.dtype), bias)
+    x_fp8, x_scale = act_quant(x, block_size)
+    y = fp8_gemm(x_fp8, x_scale, weight, scale, block_size, x.dtype)
+    return y if bias is None else y.add_(bias)
 
 
 class Linear(nn.Linear):
@@ -18,7 +52,75 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
+        self.register_parameter("scale", None)
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the weight is stored in FP8 with block scales."""
+        return self.scale is not None
+
+    @torch.no_grad()
+    def quantize_(self) -> "Linear":
+        """Store the weight as float8_e4m3fn with 128x128 block scales, in place (inference only: no gradients).
+
+        On the `meta` device this only gives the layer the FP8 layout, ready for `load_state_dict`.
+
+        Returns:
+            Linear: self.
+        """
+        weight, scale = weight_quant(self.weight, block_size)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(dtype)` casts every floating-point tensor, float8 included, which would silently drop the
+        # block scaling: FP8 weights and their float32 scales only follow device moves.
+        if self.scale is None:
+            return super()._apply(fn, recurse)
+        weight, scale = self.weight.detach(), self.scale.detach()  # the parameters' data may be swapped
+        super()._apply(fn, recurse)
+        if self.weight.dtype != FP8_DTYPE:
+            self.weight = nn.Parameter(weight.to(self.weight.device), requires_grad=False)
+            self.scale = nn.Parameter(scale.to(self.weight.device), requires_grad=False)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = x W^T (+ b)."""
-        return F.linear(x, self.weight, self.bias)
+        """y = x W^T (+ b), through `linear` (FP8 weights follow `gemm_impl`)."""
+        return linear(x, self.weight, self.bias, self.scale)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fp8" if self.is_fp8 else "")
+
+
+def fp8_layers(state_dict: Mapping[str, torch.Tensor]) -> Set[str]:
+    """Names of the layers whose weight is FP8 in a Verse state dict (they have `NAME.weight` and `NAME.scale`).
+
+    Args:
+        state_dict (Mapping[str, torch.Tensor]): Verse weight names (HF `*.weight_scale_inv` renamed `*.scale`).
+
+    Returns:
+        Set[str]: module names, e.g. {"layers.0.attn.wq"}.
+    """
+    return {name[: -len(".scale")] for name in state_dict
+            if name.endswith(".scale") and state_dict.get(name[: -len(".scale")] + ".weight", torch.empty(0)).dtype
+            == FP8_DTYPE}
+
+
+def quantize_(model: nn.Module, names: Optional[Collection[str]] = None) -> nn.Module:
+    """Store the weights of `model`'s `Linear` layers in FP8 with 128x128 block scales (DeepSeek-V3 layout).
+
+    To load an FP8 checkpoint, build the model (on `meta` is fine), call `quantize_(model, fp8_layers(sd))`,
+    then `model.load_state_dict(sd)`.
+
+    Args:
+        model (nn.Module): any module containing `Linear` layers.
+        names (Optional[Collection[str]]): qualified names of the layers to convert; default all of them.
+
+    Returns:
+        nn.Module: `model`, changed in place.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and (names is None or name in names):
+            module.quantize_()
+    return model
