@@ -1,7 +1,7 @@
 """`ReasoningLLM`: the decoder-only transformer of Verse (dense Llama/Mistral and DeepSeek MLA/MoE layers)."""
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -13,6 +13,8 @@ from verse.model.attention import Attention
 from verse.model.ffn import MLP
 from verse.model.linear import Linear
 from verse.model.masks import causal_mask
+from verse.model.mla import MLA
+from verse.model.moe import Experts, Gate, MoE
 from verse.model.norm import RMSNorm
 from verse.model.rope import rope_cos_sin
 
@@ -44,9 +46,9 @@ class Block(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = Attention(args)
+        self.attn = MLA(args) if args.attention == "mla" else Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn = MLP(args.dim, args.inter_dim)
+        self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -81,7 +83,12 @@ class ReasoningLLM(nn.Module):
 
     @property
     def rope_dim(self) -> int:
-        return self.args.head_dim
+        return self.args.qk_rope_head_dim if self.args.attention == "mla" else self.args.head_dim
+
+    @property
+    def moe_layers(self) -> Dict[int, MoE]:
+        """The Mixture-of-Experts FFNs by layer index."""
+        return {i: layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)}
 
     def reset_buffers(self) -> None:
         """(Re)compute the RoPE tables on the parameters' device (needed after building on `meta`)."""
@@ -89,6 +96,8 @@ class ReasoningLLM(nn.Module):
         if device.type == "meta":
             return
         self.cos, self.sin = rope_cos_sin(self.args, self.rope_dim, device)
+        for moe in self.moe_layers.values():
+            moe.reset_stats()
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
@@ -101,6 +110,10 @@ class ReasoningLLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, Gate):
+                module.reset_parameters(std)
+            elif isinstance(module, Experts):
+                module.reset_parameters(std, (2 * self.args.n_layers) ** -0.5)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None,
                     dtype: Optional[torch.dtype] = None) -> None:
@@ -173,6 +186,34 @@ class ReasoningLLM(nn.Module):
             torch.Tensor: logits [B, T, vocab_size] in the model's dtype.
         """
         return self.head(self.hidden_states(input_ids, position_ids, attn_mask, input_pos))
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE balance losses of the last training forward (already times `aux_loss_alpha`; 0 if none).
+
+        The trainer adds it to the language-model loss: `loss = ce + model.aux_loss()`.
+        """
+        losses: List[torch.Tensor] = [moe.aux_loss for moe in self.moe_layers.values() if moe.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else self.embed.weight.new_zeros((), dtype=torch.float32)
+
+    def moe_stats(self, reset: bool = True) -> Dict[str, float]:
+        """Per-layer expert load since the last reset, flat for metrics: `moe/L/load_min`, `load_max`, `entropy`,
+        `dropped`, `overloaded` (see `verse.model.moe.load_stats`); empty for a dense model.
+
+        Args:
+            reset (bool): start counting afresh.
+
+        Returns:
+            Dict[str, float]: metric name -> value.
+        """
+        return {f"moe/{i}/{key}": value for i, moe in self.moe_layers.items() for key, value in moe.stats(reset).items()}
+
+    def update_router_bias(self) -> None:
+        """DeepSeek-V3 auxiliary-loss-free balancing: nudge each router's bias against its experts' load error.
+
+        Call once after every optimizer step (a no-op unless `router_bias_update_rate` > 0).
+        """
+        for moe in self.moe_layers.values():
+            moe.update_bias()
 
     def num_params(self) -> int:
         """Parameters in the module (tied weights counted once)."""

@@ -1,0 +1,253 @@
+"""Mixture of Experts of DeepSeek-V2/V3: routed + shared SwiGLU experts, group-limited top-k routing, and load balancing.
+
+Balancing comes in two kinds, both optional:
+
+- the auxiliary-loss-free routing bias of DeepSeek-V3 (arXiv:2412.19437, section 2.1.2): a per-expert bias is added to
+  the scores for *selection only* and, after each optimizer step, moved by `router_bias_update_rate` against the sign
+  of the expert's load error (never by gradient);
+- the sequence-wise auxiliary balance loss (DeepSeek-V3 eq. 17-20, DeepSeek-V2 eq. 23), weighted by `aux_loss_alpha`.
+"""
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from verse.config import ModelArgs
+from verse.model.ffn import MLP
+
+# an expert is "overloaded" when it receives more than this multiple of the mean load
+OVERLOAD_FACTOR = 2.0
+
+
+def has_router_bias(args: ModelArgs) -> bool:
+    """Whether the router carries the DeepSeek-V3 selection bias (sigmoid scoring, or bias balancing switched on)."""
+    return args.score_func == "sigmoid" or args.router_bias_update_rate > 0
+
+
+class Gate(nn.Module):
+    """Router: scores every expert, keeps the best `n_limited_groups` groups, picks `n_activated_experts` experts.
+
+    Group score is the top-1 score of the group (DeepSeek-V2) without a bias, the sum of its top-2 biased scores
+    (DeepSeek-V3) with one. The router runs in float32, like transformers and the DeepSeek reference.
+
+    Args:
+        args (ModelArgs): `dim`, `n_routed_experts`, `n_activated_experts`, `score_func`, `n_expert_groups`,
+            `n_limited_groups`, `route_scale`, `norm_topk_prob`, `router_bias_update_rate`.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.topk = args.n_activated_experts
+        self.n_groups = args.n_expert_groups
+        self.topk_groups = args.n_limited_groups
+        self.score_func = args.score_func
+        self.route_scale = args.route_scale
+        self.norm_topk_prob = args.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        # not trained by gradient: moved by `MoE.update_bias`
+        self.bias = (nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
+                     if has_router_bias(args) else None)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float) -> None:
+        """Router weight ~ N(0, std), bias 0."""
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route tokens `x` [N, dim].
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: routing weights [N, k] (float32, scaled by
+            `route_scale`), expert indices [N, k], and the unbiased scores of all experts [N, n_routed_experts].
+        """
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        choice = scores if self.bias is None else scores + self.bias.float()
+        if self.n_groups > 1:
+            grouped = choice.view(x.size(0), self.n_groups, -1)
+            group_scores = grouped.amax(dim=-1) if self.bias is None else grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            kept = group_scores.topk(self.topk_groups, dim=-1)[1]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.topk, dim=-1)[1]
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+
+class Experts(nn.Module):
+    """`n_experts` SwiGLU experts with stacked weights, applied to tokens already sorted by expert.
+
+    Uses `torch.nn.functional.grouped_mm` (one kernel for all experts) when available and the widths are 16-byte
+    aligned; otherwise a loop over the experts' contiguous token groups (never over tokens).
+
+    Args:
+        n_experts (int): number of experts.
+        dim (int): model width.
+        inter_dim (int): hidden width of each expert.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, out_scale: float = 1.0) -> None:
+        """Weights ~ N(0, std); the down projection (a residual output) ~ N(0, std * out_scale)."""
+        nn.init.normal_(self.w1, mean=0.0, std=std)
+        nn.init.normal_(self.w3, mean=0.0, std=std)
+        nn.init.normal_(self.w2, mean=0.0, std=std * out_scale)
+
+    def use_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether `grouped_mm` can run these shapes: 16-byte aligned rows; bf16 on GPUs."""
+        if not hasattr(F, "grouped_mm") or (x.device.type != "cpu" and x.dtype != torch.bfloat16):
+            return False
+        size = x.element_size()
+        return (self.w1.size(2) * size) % 16 == 0 and (self.w1.size(1) * size) % 16 == 0
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Apply expert e to its rows of `x`.
+
+        Args:
+            x (torch.Tensor): [M, dim], rows grouped by expert in order 0..n_experts-1.
+            counts (torch.Tensor): rows per expert [n_experts].
+
+        Returns:
+            torch.Tensor: [M, dim].
+        """
+        if self.use_grouped_mm(x):
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.silu(F.grouped_mm(x, self.w1.mT, offs=offs)) * F.grouped_mm(x, self.w3.mT, offs=offs)
+            return F.grouped_mm(h, self.w2.mT, offs=offs)
+        groups = x.split(counts.tolist())
+        return torch.cat([F.linear(F.silu(F.linear(xe, w1)) * F.linear(xe, w3), w2)
+                          for xe, w1, w2, w3 in zip(groups, self.w1, self.w2, self.w3)])
+
+
+def balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (DeepSeek-V3 eq. 17-20).
+
+    f_i = E / (k T) * (tokens of the sequence routed to expert i), P_i = mean over the sequence of the normalized
+    score s_i / sum_j s_j. It is 1 for perfectly uniform routing and grows with imbalance.
+
+    Args:
+        scores (torch.Tensor): router scores [B, T, E] (float32).
+        indices (torch.Tensor): chosen experts [B, T, k].
+
+    Returns:
+        torch.Tensor: scalar loss (not yet multiplied by `aux_loss_alpha`).
+    """
+    B, T, E = scores.shape
+    k = indices.size(-1)
+    counts = torch.zeros(B, E, device=scores.device).scatter_add_(
+        1, indices.view(B, -1), torch.ones(B, T * k, device=scores.device))
+    f = counts * (E / (k * T))
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f * p).sum(dim=-1).mean()
+
+
+def load_stats(load: torch.Tensor) -> Dict[str, float]:
+    """Summary of tokens per expert.
+
+    Args:
+        load (torch.Tensor): tokens routed to each expert [E].
+
+    Returns:
+        Dict[str, float]: `load_min` / `load_max` (fewest / most tokens of an expert over the mean), `entropy`
+        (of the load distribution over log E: 1 = perfectly balanced), `dropped` (experts that received no token),
+        `overloaded` (experts above `OVERLOAD_FACTOR` times the mean).
+    """
+    load = load.float()
+    total = load.sum().clamp_min(1.0)
+    mean = total / load.numel()
+    p = load / total
+    entropy = -(p * p.clamp_min(1e-30).log()).sum() / math.log(load.numel()) if load.numel() > 1 else p.new_ones(())
+    return {
+        "load_min": (load.min() / mean).item(),
+        "load_max": (load.max() / mean).item(),
+        "entropy": entropy.item(),
+        "dropped": int((load == 0).sum()),
+        "overloaded": int((load > OVERLOAD_FACTOR * mean).sum()),
+    }
+
+
+class MoE(nn.Module):
+    """DeepSeek MoE layer: y = sum_k g_k * expert_k(x) + shared_experts(x).
+
+    While training it accumulates tokens per expert (for `stats()` and `update_bias()`) and, with
+    `aux_loss_alpha` > 0, leaves the weighted balance loss of the last forward in `aux_loss`.
+
+    Args:
+        args (ModelArgs): `dim`, `moe_inter_dim`, `n_routed_experts`, `n_shared_experts`, routing fields,
+            `aux_loss_alpha`, `router_bias_update_rate`.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_experts = args.n_routed_experts
+        self.aux_loss_alpha = args.aux_loss_alpha
+        self.bias_update_rate = args.router_bias_update_rate
+        self.gate = Gate(args)
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
+        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
+                               if args.n_shared_experts > 0 else None)
+        # tokens per expert while training: since the last `stats()` and since the last `update_bias()`
+        self.register_buffer("load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("bias_load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
+        self.aux_loss: Optional[torch.Tensor] = None
+
+    def reset_stats(self) -> None:
+        """Zero the load counters, on the weights' device (also after a `meta`-device build)."""
+        device = self.gate.weight.device
+        self.load = torch.zeros(self.n_experts, dtype=torch.float32, device=device)
+        self.bias_load = torch.zeros(self.n_experts, dtype=torch.float32, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer to `x` [B, T, dim]."""
+        B, T, D = x.shape
+        x = x.view(-1, D)
+        weights, indices, scores = self.gate(x)
+        flat = indices.flatten()
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // indices.size(1)
+        y = self.experts(x[token], counts) * weights.flatten()[order].unsqueeze(-1)
+        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        if self.training:
+            with torch.no_grad():
+                self.load += counts
+                self.bias_load += counts
+            if self.aux_loss_alpha > 0:
+                self.aux_loss = self.aux_loss_alpha * balance_loss(scores.view(B, T, -1), indices.view(B, T, -1))
+        return out.view(B, T, D)
+
+    def stats(self, reset: bool = True) -> Dict[str, float]:
+        """Load statistics since the last reset (see `load_stats`)."""
+        stats = load_stats(self.load)
+        if reset:
+            self.load.zero_()
+        return stats
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing step: b_i += rate * sign(mean load - load_i), then reset the load counter.
+
+        Loads are summed over data-parallel ranks first, so every rank applies the same update.
+        """
+        if self.gate.bias is None or self.bias_update_rate <= 0:
+            return
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.bias_load)
+        self.gate.bias += self.bias_update_rate * torch.sign(self.bias_load.mean() - self.bias_load)
+        self.bias_load.zero_()
