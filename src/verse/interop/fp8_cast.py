@@ -1,0 +1,179 @@
+"""DeepSeek FP8 checkpoints to BF16 (after DeepSeek-V3 inference/fp8_cast_bf16.py), one shard at a time.
+
+An FP8 checkpoint stores each quantized weight `X.weight` as float8_e4m3fn with its float32 block scales
+`X.weight_scale_inv` [ceil(out/128), ceil(in/128)] (possibly in another shard). The output keeps the shard
+layout, holds the dequantized weights in BF16, drops the scales, rewrites the index, and copies the other
+files (config.json without its `quantization_config`).
+"""
+
+import contextlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from verse.errors import CheckpointError
+from verse.fp8 import check_scale_shape, weight_dequant
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"  # `X.weight` is scaled by `X.weight_scale_inv`
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass
+class CastSummary:
+    """What `fp8_to_bf16` wrote."""
+
+    dst: Path
+    shards: int
+    tensors: int
+    dequantized: int
+    total_bytes: int
+
+
+def read_weight_map(src: Path) -> Dict[str, str]:
+    """Tensor name -> shard file name, from `model.safetensors.index.json` or a single `model.safetensors`.
+
+    Every listed shard must exist, and every `*.safetensors` file in `src` must be listed.
+
+    Args:
+        src (Path): checkpoint directory.
+
+    Returns:
+        Dict[str, str]: the weight map.
+    """
+    index = src / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+        for tensor, shard in weight_map.items():
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise CheckpointError(f"{index}: tensor {tensor} points to {shard!r}, not a file name in {src}")
+            if not (src / shard).is_file():
+                raise CheckpointError(f"{index}: shard {shard} (holding {tensor}) is missing from {src}")
+        unlisted = sorted({p.name for p in src.glob("*.safetensors")} - set(weight_map.values()))
+        if unlisted:
+            raise CheckpointError(f"{src / unlisted[0]}: shard is not listed in {index}; fix or regenerate the index")
+        return weight_map
+    if (src / SINGLE_NAME).is_file():
+        with _open(src / SINGLE_NAME, "cpu") as f:
+            return {name: SINGLE_NAME for name in f.keys()}
+    raise CheckpointError(f"{src}: no {INDEX_NAME} or {SINGLE_NAME}; expected a safetensors checkpoint directory")
+
+
+def _open(path: Path, device: str):
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _get(f, path: Path, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+
+
+def _copy_other_files(src: Path, dst: Path, dtype: torch.dtype) -> None:
+    for path in sorted(src.iterdir()):
+        if not path.is_file() or path.suffix == ".safetensors" or path.name == INDEX_NAME:
+            continue
+        if path.name == "config.json":
+            try:
+                config = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+            config.pop("quantization_config", None)
+            config["torch_dtype"] = str(dtype).removeprefix("torch.")
+            (dst / path.name).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copy2(path, dst / path.name)
+
+
+def fp8_to_bf16(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                progress: bool = True) -> CastSummary:
+    """Convert an FP8 block-quantized checkpoint directory to `dtype`, holding at most one shard in memory.
+
+    Args:
+        src (str | Path): FP8 checkpoint (sharded safetensors + index, or one model.safetensors).
+        dst (str | Path): new directory (must not exist or be empty); written beside it first, then renamed.
+        dtype (torch.dtype): dtype of the dequantized weights.
+        device (str): where to dequantize ("cuda" uses the Triton kernel).
+        progress (bool): show a progress bar over shards.
+
+    Returns:
+        CastSummary: shards, tensors and bytes written.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: no such checkpoint directory")
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the destination must differ from the source")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"{dst}: already exists and is not empty; choose a new directory")
+    weight_map = read_weight_map(src)
+    for name in weight_map:
+        if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) not in weight_map:
+            raise CheckpointError(f"{src / weight_map[name]}: scale {name} has no weight "
+                                  f"{name.removesuffix(SCALE_SUFFIX)} in the checkpoint")
+    shards = sorted(set(weight_map.values()))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    new_map: Dict[str, str] = {}
+    total_bytes = dequantized = 0
+    try:
+        with contextlib.ExitStack() as stack:
+            handles = {}
+
+            def handle(shard: str):
+                if shard not in handles:
+                    handles[shard] = stack.enter_context(_open(src / shard, device))
+                return handles[shard]
+
+            for shard in tqdm(shards, desc="fp8-to-bf16", unit="shard", disable=not progress):
+                path, f = src / shard, handle(shard)
+                stored = set(f.keys())
+                out: Dict[str, torch.Tensor] = {}
+                for name in sorted(n for n, s in weight_map.items() if s == shard and not n.endswith(SCALE_SUFFIX)):
+                    if name not in stored:
+                        raise CheckpointError(f"{path}: tensor {name} is listed in the index but not stored here")
+                    tensor = _get(f, path, name)
+                    if tensor.dtype in FP8_DTYPES:
+                        scale_name = name + SCALE_SUFFIX
+                        if scale_name not in weight_map:
+                            raise CheckpointError(f"{path}: FP8 tensor {name} has no {scale_name}; cannot dequantize")
+                        scale_path = src / weight_map[scale_name]
+                        scale = _get(handle(weight_map[scale_name]), scale_path, scale_name)
+                        try:
+                            check_scale_shape(tensor, scale)
+                        except ValueError as e:
+                            raise CheckpointError(f"{scale_path}: {scale_name} does not fit {name}: {e}") from None
+                        tensor = weight_dequant(tensor, scale, dtype=dtype)
+                        dequantized += 1
+                    out[name] = tensor.cpu()
+                    new_map[name] = shard
+                    total_bytes += tensor.numel() * tensor.element_size()
+                save_file(out, str(tmp / shard), metadata={"format": "pt"})
+                del out
+        if (src / INDEX_NAME).is_file():
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(new_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        _copy_other_files(src, tmp, dtype)
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CastSummary(dst, len(shards), len(new_map), dequantized, total_bytes)

@@ -1,0 +1,189 @@
+"""FP8 block quantization: act_quant / weight_quant / weight_dequant / fp8_gemm against hand-derived bounds and
+DeepSeek-V3's blockwise GEMM formula, FP8 `Linear` in both `gemm_impl`s, and Triton vs reference on CUDA."""
+
+import pytest
+import torch
+
+from verse import ModelArgs, ReasoningLLM
+from verse import fp8
+from verse.model import linear
+from verse.model.linear import Linear, fp8_layers, quantize_
+
+B = 128
+E4M3_MAX = 448.0
+# float8_e4m3fn keeps 3 mantissa bits: rounding to nearest errs by at most 2^-4 of the value in the normal
+# range, and by half the subnormal spacing 2^-9 below 2^-6.
+REL_ERR, ABS_ERR = 2.0 ** -4, 2.0 ** -10
+
+
+@pytest.fixture(autouse=True)
+def bf16_gemm():
+    yield
+    linear.gemm_impl = "bf16"
+
+
+def hand_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for i in range(s.size(0)):
+        for j in range(s.size(1)):
+            out[i * B:(i + 1) * B, j * B:(j + 1) * B] = q[i * B:(i + 1) * B, j * B:(j + 1) * B].float() * s[i, j]
+    return out
+
+
+def test_act_quant_scales_and_error_bound():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 384) * torch.logspace(-3, 3, 5).view(1, 5, 1)
+    x[0, 0, :B] = 0.0  # an all-zero block must not give NaN
+    y, s = fp8.act_quant(x)
+    assert y.dtype == torch.float8_e4m3fn and y.shape == x.shape
+    assert s.dtype == torch.float32 and s.shape == (3, 5, 3)
+    for t in range(3):
+        for r in range(5):
+            for j in range(3):
+                block = x[t, r, j * B:(j + 1) * B]
+                amax = block.abs().max().item()
+                if amax == 0:
+                    assert torch.all(y[t, r, j * B:(j + 1) * B].float() == 0)
+                    continue
+                assert s[t, r, j].item() == pytest.approx(amax / E4M3_MAX, rel=1e-6)
+                # the largest element lands on the top of the e4m3 range
+                assert y[t, r, j * B:(j + 1) * B].float().abs().max().item() == E4M3_MAX
+    scale = s.repeat_interleave(B, -1)
+    err = (y.float() * scale - x).abs()
+    assert torch.all(err <= REL_ERR * x.abs() + ABS_ERR * scale + 1e-6 * x.abs())
+
+
+def test_act_quant_rejects_ragged_channels():
+    with pytest.raises(ValueError, match="divisible"):
+        fp8.act_quant(torch.randn(2, 100))
+
+
+def test_weight_quant_dequant_partial_blocks():
+    torch.manual_seed(1)
+    w = torch.randn(300, 200)
+    q, s = fp8.weight_quant(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            assert s[i, j].item() == pytest.approx(w[i * B:(i + 1) * B, j * B:(j + 1) * B].abs().max().item()
+                                                   / E4M3_MAX, rel=1e-6)
+    expected = hand_dequant(q, s)
+    assert torch.equal(fp8.weight_dequant(q, s, dtype=torch.float32), expected)
+    assert torch.equal(fp8.weight_dequant(q, s, dtype=torch.bfloat16), expected.to(torch.bfloat16))
+    scale = s.repeat_interleave(B, 0)[:300].repeat_interleave(B, 1)[:, :200]
+    assert torch.all((expected - w).abs() <= REL_ERR * w.abs() + ABS_ERR * scale + 1e-6 * w.abs())
+    with pytest.raises(ValueError, match="does not match"):
+        fp8.weight_dequant(q, s[:, :1])
+
+
+def test_fp8_gemm_matches_deepseek_blockwise_formula_and_error_bound():
+    torch.manual_seed(2)
+    M, N, K = 64, 384, 512
+    a, w = torch.randn(M, K), torch.randn(N, K)
+    a_q, a_s = fp8.act_quant(a)
+    w_q, w_s = fp8.weight_quant(w)
+    c = fp8.fp8_gemm(a_q, a_s, w_q, w_s, dtype=torch.float32)
+    # DeepSeek-V3 kernel: per K-block, (A_blk B_blk^T) * a_scale[m] * b_scale[n // 128], summed in float32
+    blockwise = torch.zeros(M, N)
+    for kb in range(K // B):
+        part = a_q[:, kb * B:(kb + 1) * B].float() @ w_q[:, kb * B:(kb + 1) * B].float().T
+        blockwise += part * a_s[:, kb, None] * w_s[torch.arange(N) // B, kb][None, :]
+    torch.testing.assert_close(c, blockwise, rtol=1e-5, atol=1e-4)
+    # each operand errs elementwise by at most REL_ERR |v| + ABS_ERR * scale
+    a_err = REL_ERR * a.abs() + ABS_ERR * a_s.repeat_interleave(B, -1)
+    w_err = REL_ERR * w.abs() + ABS_ERR * w_s.repeat_interleave(B, 0)[:N].repeat_interleave(B, 1)
+    bound = a.abs() @ w_err.T + a_err @ w.abs().T + a_err @ w_err.T
+    exact = a.double() @ w.double().T
+    assert torch.all((c.double() - exact).abs() <= bound.double() * 1.001 + 1e-3)
+    rel = ((c.double() - exact).norm() / exact.norm()).item()
+    bf16_rel = (((a.bfloat16() @ w.bfloat16().T).double() - exact).norm() / exact.norm()).item()
+    print(f"fp8_gemm relative error vs float64: {rel:.4f}; bf16 matmul: {bf16_rel:.4f}")
+    assert rel < 0.05  # Gaussian data: about 2^-4 / sqrt(3) per operand, ~3.5% together
+
+
+def tiny_fp8_args(**overrides) -> ModelArgs:
+    # every Linear input width a multiple of 128, so gemm_impl="fp8" can quantize activations
+    return ModelArgs.from_preset("tiny", dim=128, n_heads=2, n_kv_heads=1, inter_dim=256, vocab_size=256,
+                                 dtype="float32", **overrides)
+
+
+def test_fp8_linear_bf16_impl_equals_dequantized_weights():
+    torch.manual_seed(3)
+    model = ReasoningLLM(tiny_fp8_args())
+    quantize_(model)
+    plain = ReasoningLLM(tiny_fp8_args())
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith(".scale"):
+            continue
+        if tensor.dtype == torch.float8_e4m3fn:
+            tensor = hand_dequant(tensor, model.state_dict()[name.removesuffix("weight") + "scale"])
+        state[name] = tensor
+    plain.load_state_dict(state)
+    x = torch.randint(0, 256, (2, 11))
+    linear.gemm_impl = "bf16"
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_linear_fp8_impl_error_bound():
+    torch.manual_seed(4)
+    layer = Linear(256, 192)
+    w = layer.weight.detach().clone()
+    layer.quantize_()
+    w_deq = hand_dequant(layer.weight, layer.scale)
+    x = torch.randn(4, 7, 256)
+    linear.gemm_impl = "fp8"
+    y = layer(x)
+    _, x_s = fp8.act_quant(x)
+    x_err = REL_ERR * x.abs() + ABS_ERR * x_s.repeat_interleave(B, -1)
+    exact = x @ w_deq.T
+    assert torch.all((y - exact).abs() <= x_err @ w_deq.abs().T * 1.001 + 1e-5)
+    assert not torch.equal(w, w_deq)  # the weight really went through FP8
+
+
+def test_fp8_checkpoint_loads_into_meta_model_and_survives_dtype_cast():
+    torch.manual_seed(5)
+    model = quantize_(ReasoningLLM(tiny_fp8_args()), names={"layers.0.attn.wq", "layers.1.ffn.w2"})
+    state = model.state_dict()
+    assert fp8_layers(state) == {"layers.0.attn.wq", "layers.1.ffn.w2"}
+    assert state["layers.0.attn.wq.scale"].shape == (1, 1) and state["layers.1.ffn.w2.scale"].shape == (1, 2)
+    with torch.device("meta"):
+        fresh = ReasoningLLM(tiny_fp8_args())
+    quantize_(fresh, fp8_layers(state))
+    fresh.load_state_dict(state, assign=True)
+    fresh.reset_buffers()
+    x = torch.randint(0, 256, (1, 9))
+    for impl in ("bf16", "fp8"):
+        linear.gemm_impl = impl
+        assert torch.equal(fresh(x), model(x))
+    fresh.to(torch.bfloat16)
+    wq = fresh.layers[0].attn.wq
+    assert wq.weight.dtype == torch.float8_e4m3fn and wq.scale.dtype == torch.float32
+    assert torch.equal(wq.weight.float(), state["layers.0.attn.wq.weight"].float())
+    assert torch.equal(wq.scale, state["layers.0.attn.wq.scale"])
+    assert fresh.layers[0].attn.wk.weight.dtype == torch.bfloat16
+    assert fresh(x).dtype == torch.bfloat16
+
+
+def test_import_without_triton_uses_reference():
+    assert not fp8.triton_available(torch.zeros(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_matches_reference_on_cuda():
+    from verse.fp8 import reference
+
+    if not fp8.triton_available(torch.zeros(1, device="cuda")):
+        pytest.skip("Triton missing or GPU without FP8 (compute capability < 8.9)")
+    torch.manual_seed(6)
+    x = torch.randn(33, 512, device="cuda", dtype=torch.bfloat16) * 4
+    y, s = fp8.act_quant(x)
+    y_ref, s_ref = reference.act_quant(x)
+    assert torch.equal(s, s_ref) and torch.equal(y.view(torch.uint8), y_ref.view(torch.uint8))
+    w_q, w_s = reference.weight_quant(torch.randn(300, 512, device="cuda"))
+    assert torch.equal(fp8.weight_dequant(w_q, w_s, dtype=torch.bfloat16),
+                       reference.weight_dequant(w_q, w_s, dtype=torch.bfloat16))
+    c = fp8.fp8_gemm(y, s, w_q, w_s, dtype=torch.float32)
+    c_ref = reference.fp8_gemm(y, s, w_q, w_s, dtype=torch.float32)
+    print(f"Triton vs reference fp8_gemm max abs diff / max abs: {((c - c_ref).abs().max() / c_ref.abs().max()).item():.2e}")
+    torch.testing.assert_close(c, c_ref, rtol=2e-3, atol=2e-3 * c_ref.abs().max().item())
