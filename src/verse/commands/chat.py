@@ -1,0 +1,34 @@
+"""`verse chat`: a terminal chat with history, or the Gradio web UI with `--ui`."""
+
+import argparse
+
+from verse.commands.generate import add_generation_arguments, generation_kwargs
+
+HELP = "Chat with a model in the terminal (/reset, /system, /save; Ctrl-C stops an answer), or in a web UI (--ui)."
+EXAMPLES = """  verse chat model.gguf
+  verse chat runs/sft/final --system 'You are a careful reasoner.' --temperature 0.7 --top-p 0.95
+  verse chat model.gguf --ui                         # http://127.0.0.1:7860
+  verse chat model.gguf --ui --host 0.0.0.0 --port 8080   # reachable from other machines
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_generation_arguments(parser)
+    parser.add_argument("--ui", action="store_true", help="serve the Gradio chat UI instead of the terminal chat")
+    parser.add_argument("--host", default="127.0.0.1", help="UI address (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="UI port (default 7860)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from verse.infer.chat import ChatSession, terminal_chat
+    from verse.infer.runtime import load_for_inference
+
+    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    generation = generation_kwargs(args)
+    if args.ui:
+        from verse.infer.ui import serve
+
+        serve(model, tokenizer, host=args.host, port=args.port, system=args.system, generation=generation)
+        return 0
+    terminal_chat(ChatSession(model, tokenizer, args.system, generation), think=args.think)
+    return 0

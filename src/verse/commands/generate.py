@@ -1,0 +1,94 @@
+"""`verse generate`: continue a prompt (or answer it as a chat message) with any model `verse.load` accepts."""
+
+import argparse
+import json
+import sys
+import time
+
+HELP = "Generate text from a Verse/Hugging Face checkpoint directory or a .gguf file (KV-cache decoding)."
+EXAMPLES = """  verse generate model.gguf --prompt 'What is 2+2?' --chat
+  verse generate runs/sft/final --prompt 'Once upon a time' --max-new-tokens 64 --temperature 0.8 --top-p 0.95 --seed 0
+  verse generate model.gguf --prompt 'Solve x^2=4' --chat --system 'Think step by step.' --think hide
+  verse generate model.gguf --prompt 'Hi' --chat --json     # one JSON object: text, prompt_tokens, new_tokens, ...
+"""
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `verse generate` and `verse chat`: model loading and sampling."""
+    from verse.infer.chat import THINK_MODES
+    from verse.infer.runtime import DTYPE_CHOICES
+
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, HF model directory or .gguf file")
+    parser.add_argument("--system", default=None, help="system prompt (chat)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    parser.add_argument("--think", choices=THINK_MODES, default="dim",
+                        help="<think> reasoning: show as is, hide, or dim (default; plain text when not a terminal)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="weights dtype; auto = the checkpoint's, but float32 on CPUs without native bf16")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    """Sampling/stopping keyword arguments of `verse.infer.generate` from parsed options."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, stop_strings=args.stop, seed=args.seed)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_generation_arguments(parser)
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user message")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: text, prompt_tokens, new_tokens, tokens_per_s, time_to_first_token_s")
+
+
+def run(args: argparse.Namespace) -> int:
+    from verse.errors import VerseError
+    from verse.infer.chat import ThinkRenderer, chat_prompt, opens_in_think
+    from verse.infer.generate import stream
+    from verse.infer.runtime import load_for_inference
+
+    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        prompt, opened = chat_prompt(tokenizer, messages), opens_in_think(tokenizer, messages)
+    else:
+        if args.system:
+            raise VerseError("--system needs --chat (it is a chat message)")
+        prompt, opened = tokenizer.encode(args.prompt), False
+        if tokenizer.bos_id is not None and (not prompt or prompt[0] != tokenizer.bos_id):
+            prompt = [tokenizer.bos_id] + prompt
+    if not prompt:
+        raise VerseError("--prompt is empty and the tokenizer has no BOS token to start from")
+    renderer = ThinkRenderer(args.think if sys.stdout.isatty() or args.think != "dim" else "show", opened)
+    ids, first = [], None
+    start = time.perf_counter()
+    for token in stream(model, tokenizer, prompt, **generation_kwargs(args)):
+        first = first or time.perf_counter()
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if not args.json and not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
+            print(renderer.feed(text[len(renderer.text):]), end="", flush=True)
+    end = time.perf_counter()
+    text = tokenizer.decode(ids)
+    if args.json:
+        decode_s = end - (first or end)
+        print(json.dumps({
+            "text": text,
+            "prompt_tokens": len(prompt),
+            "new_tokens": len(ids),
+            # decode speed: tokens after the first, over the time after the first (prefill is in the TTFT)
+            "tokens_per_s": round((len(ids) - 1) / decode_s, 3) if len(ids) > 1 and decode_s > 0 else None,
+            "time_to_first_token_s": round((first or end) - start, 4),
+        }, ensure_ascii=False))
+    else:
+        print(renderer.feed(text[len(renderer.text):]) + renderer.flush())
+    return 0

@@ -1,0 +1,283 @@
+"""Chat on top of `generate.stream`: prompts from messages, streamed text, `<think>` display, terminal chat."""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, TextIO
+
+import torch
+
+from verse.errors import VerseError
+from verse.infer.generate import stream
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+THINK_MODES = ("show", "hide", "dim")
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def chat_prompt(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
+    """Token ids of `messages` rendered with the tokenizer's chat template, ending with the assistant prompt.
+
+    Args:
+        tokenizer: a Verse tokenizer.
+        messages (List[Dict[str, str]]): `[{"role": "system" | "user" | "assistant", "content": str}]`.
+
+    Returns:
+        List[int]: the prompt ids.
+    """
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def opens_in_think(tokenizer, messages: List[Dict[str, str]]) -> bool:
+    """Whether the template's generation prompt already opens a `<think>` block (DeepSeek-R1 style)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text.rstrip().endswith(THINK_OPEN)
+
+
+def split_reasoning(text: str, opened: bool = False) -> tuple[str, str]:
+    """Split a reply into its `<think>` reasoning and the answer.
+
+    Args:
+        text (str): the generated reply.
+        opened (bool): the prompt already opened `<think>` (the reply starts inside it).
+
+    Returns:
+        tuple[str, str]: (reasoning, answer); reasoning is "" when there is none. An unclosed block is
+        all reasoning so far.
+    """
+    if opened:
+        text = THINK_OPEN + text
+    start = text.find(THINK_OPEN)
+    if start < 0:
+        return "", text
+    end = text.find(THINK_CLOSE, start)
+    if end < 0:
+        return text[start + len(THINK_OPEN):].strip(), text[:start]
+    reasoning = text[start + len(THINK_OPEN):end].strip()
+    return reasoning, (text[:start] + text[end + len(THINK_CLOSE):]).lstrip()
+
+
+def render_think(text: str, mode: str, opened: bool = False) -> str:
+    """Text to display for a reply: `<think>` blocks shown as-is, hidden, or dimmed (ANSI).
+
+    Rendering is prefix-monotone: the rendering of a longer reply extends that of a shorter one, as long as
+    the shorter does not end inside a tag (see `ThinkRenderer`).
+    """
+    if mode == "show":
+        return text
+    if opened:
+        text = THINK_OPEN + text
+    out, pos = [], 0
+    while (start := text.find(THINK_OPEN, pos)) >= 0:
+        out.append(text[pos:start])
+        end = text.find(THINK_CLOSE, start)
+        block = text[start:] if end < 0 else text[start:end + len(THINK_CLOSE)]
+        if mode == "dim":
+            out.append(DIM + block + (RESET if end >= 0 else ""))
+        pos = len(text) if end < 0 else end + len(THINK_CLOSE)
+    out.append(text[pos:])
+    return "".join(out)
+
+
+class ThinkRenderer:
+    """Turns streamed reply text into streamed display text for a `--think` mode.
+
+    Args:
+        mode (str): "show", "hide" or "dim".
+        opened (bool): the reply starts inside `<think>`.
+    """
+
+    def __init__(self, mode: str = "show", opened: bool = False):
+        if mode not in THINK_MODES:
+            raise VerseError(f"think mode must be one of {', '.join(THINK_MODES)}, got {mode!r}")
+        self.mode, self.opened = mode, opened
+        self.text, self.shown = "", 0
+
+    def feed(self, delta: str) -> str:
+        """Add reply text; return the new display text (a trailing partial tag waits for the next call)."""
+        self.text += delta
+        safe = self.text
+        for tag in (THINK_OPEN, THINK_CLOSE):
+            for i in range(len(tag) - 1, 0, -1):
+                if safe.endswith(tag[:i]):
+                    safe = safe[:-i]
+                    break
+        return self._advance(render_think(safe, self.mode, self.opened))
+
+    def flush(self) -> str:
+        """The display text still held back, and the reset of a dim block left open."""
+        rendered = render_think(self.text, self.mode, self.opened)
+        tail = self._advance(rendered)
+        return tail + (RESET if self.mode == "dim" and rendered.count(DIM) > rendered.count(RESET) else "")
+
+    def _advance(self, rendered: str) -> str:
+        delta = rendered[self.shown:]
+        self.shown = max(self.shown, len(rendered))
+        return delta
+
+
+def stream_text(model, tokenizer, prompt: List[int], **kwargs) -> Iterator[str]:
+    """Stream the decoded text of a generation piece by piece.
+
+    Args:
+        model (ReasoningLLM): the model.
+        tokenizer: a Verse tokenizer.
+        prompt (List[int]): prompt ids.
+        **kwargs: the sampling and stopping arguments of `generate.stream`.
+
+    Yields:
+        str: new text; a piece that ends in the middle of a UTF-8 character waits for the next token.
+    """
+    ids: List[int] = []
+    shown = ""
+    for token in stream(model, tokenizer, prompt, **kwargs):
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(ids)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def fit_messages(tokenizer, messages: List[Dict[str, str]], max_prompt_tokens: int) -> tuple[List[Dict[str, str]], List[int]]:
+    """Drop the oldest turns (never the system message or the last user turn) until the prompt fits.
+
+    Args:
+        tokenizer: a Verse tokenizer.
+        messages (List[Dict[str, str]]): the conversation, ending with a user message.
+        max_prompt_tokens (int): most prompt tokens.
+
+    Returns:
+        tuple[List[Dict[str, str]], List[int]]: the messages kept and their prompt ids.
+
+    Raises:
+        VerseError: when even the system message and the last user message do not fit.
+    """
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while True:
+        prompt = chat_prompt(tokenizer, system + turns)
+        if len(prompt) <= max_prompt_tokens:
+            return system + turns, prompt
+        if len(turns) <= 1:
+            raise VerseError(f"the message is too long ({len(prompt)} prompt tokens, at most {max_prompt_tokens}); "
+                             "shorten it or lower max_new_tokens")
+        turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
+
+
+@dataclass
+class ChatSession:
+    """A conversation: system prompt, history and generation settings.
+
+    Args:
+        model (ReasoningLLM): the model.
+        tokenizer: its tokenizer.
+        system (Optional[str]): system prompt.
+        generation (dict): keyword arguments of `generate.stream` (max_new_tokens, temperature, ...).
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    system: Optional[str] = None
+    generation: dict = field(default_factory=dict)
+    history: List[Dict[str, str]] = field(default_factory=list)
+
+    def messages(self) -> List[Dict[str, str]]:
+        """The conversation so far, system prompt first."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def reply(self, user: str) -> Iterator[str]:
+        """Add a user message and stream the assistant's reply; the reply (even a stopped one) joins history."""
+        self.history.append({"role": "user", "content": user})
+        max_new = self.generation.get("max_new_tokens", 256)
+        _, prompt = fit_messages(self.tokenizer, self.messages(), self.model.args.max_seq_len - max_new)
+        answer = []
+        try:
+            for piece in stream_text(self.model, self.tokenizer, prompt, **self.generation):
+                answer.append(piece)
+                yield piece
+        finally:
+            self.history.append({"role": "assistant", "content": "".join(answer)})
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.history.clear()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation as JSON `{"messages": [...]}`."""
+        path = Path(path).expanduser()
+        try:
+            path.write_text(json.dumps({"messages": self.messages()}, indent=2, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise VerseError(f"cannot save the chat to {path}: {e.strerror}") from None
+        return path
+
+
+TERMINAL_HELP = """commands: /reset (forget the conversation), /system TEXT (set the system prompt, empty to clear),
+          /save FILE.json, /help, /quit; Ctrl-C stops an answer, Ctrl-D or /quit leaves"""
+
+
+def terminal_chat(session: ChatSession, think: str = "dim", read: Callable[[str], str] = input,
+                  out: TextIO = sys.stdout) -> None:
+    """Chat in the terminal until end of input or /quit.
+
+    Args:
+        session (ChatSession): the conversation.
+        think (str): how `<think>` blocks are displayed: show, hide or dim.
+        read (Callable[[str], str]): reads a line (raises EOFError at the end).
+        out (TextIO): where replies are written.
+    """
+    print(TERMINAL_HELP, file=out)
+    while True:
+        try:
+            line = read(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
+            return
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return
+        if command == "/help":
+            print(TERMINAL_HELP, file=out)
+        elif command == "/reset":
+            session.reset()
+            print("(conversation reset)", file=out)
+        elif command == "/system":
+            session.system = rest.strip() or None
+            print(f"(system prompt {'set' if session.system else 'cleared'})", file=out)
+        elif command == "/save":
+            if not rest.strip():
+                print("usage: /save FILE.json", file=out)
+                continue
+            try:
+                print(f"(saved to {session.save(rest.strip())})", file=out)
+            except VerseError as e:
+                print(f"error: {e}", file=out)
+        elif command.startswith("/") and " " not in command and len(command) > 1 and command[1:].isalpha():
+            print(f"unknown command {command}; /help lists them", file=out)
+        else:
+            _answer(session, line, think, out)
+
+
+def _answer(session: ChatSession, line: str, think: str, out: TextIO) -> None:
+    renderer = ThinkRenderer(think, opens_in_think(session.tokenizer, session.messages()))
+    pieces = session.reply(line)
+    try:
+        for piece in pieces:
+            out.write(renderer.feed(piece))
+            out.flush()
+    except KeyboardInterrupt:
+        pieces.close()
+        out.write(renderer.flush() + "\n(stopped)")
+    except VerseError as e:
+        session.history.pop()
+        out.write(f"error: {e}")
+    else:
+        out.write(renderer.flush())
+    out.write("\n")
+    out.flush()
