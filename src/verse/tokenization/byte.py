@@ -1,0 +1,61 @@
+"""Byte-level tokenizer (ByteGPT): ids 0-255 are the UTF-8 bytes, named special tokens sit above them.
+
+    256 <|bos|>   257 <|eos|>   258 <|pad|>   259 <|im_start|>   260 <|im_end|>      (vocab_size 261)
+"""
+
+from typing import List
+
+from tokenizers import Tokenizer as HFBackend, decoders, models, pre_tokenizers
+
+from verse.tokenization.base import Tokenizer
+from verse.tokenization.chat import CHATML_TEMPLATE
+from verse.tokenization.hf import bytes_to_unicode, encode_split, with_added_tokens
+
+BYTE_SPECIAL_TOKENS = {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258, "<|im_start|>": 259, "<|im_end|>": 260}
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as tokens, with the ChatML template.
+
+    Args:
+        chat_template: Jinja template; None uses Verse's ChatML.
+    """
+
+    verse_kind = "byte"
+
+    def __init__(self, chat_template: str = None):
+        self.name = "byte"
+        self.special_tokens = dict(BYTE_SPECIAL_TOKENS)
+        self._id_to_special = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
+        self.vocab_size = max(self.special_tokens.values()) + 1
+        self.bos_id, self.eos_id, self.pad_id = (self.special_tokens[s] for s in ("<|bos|>", "<|eos|>", "<|pad|>"))
+        self.stop_ids = {self.eos_id, self.special_tokens["<|im_end|>"]}
+        self.chat_template = chat_template or CHATML_TEMPLATE
+
+    def _encode(self, text: str, allowed: frozenset) -> List[int]:
+        if not allowed:
+            return list(text.encode("utf-8"))
+        return encode_split(text, allowed, self.special_tokens, lambda piece: list(piece.encode("utf-8")))
+
+    def _encode_batch(self, texts: List[str], allowed: frozenset) -> List[List[int]]:
+        # Bytes need no parallelism: list(bytes) runs at memory speed.
+        return [self._encode(text, allowed) for text in texts]
+
+    def _decode(self, ids: List[int], skip_special: bool) -> str:
+        if all(0 <= i < 256 for i in ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+        if skip_special:
+            ids = [i for i in ids if i not in self._id_to_special]
+        return b"".join(bytes((i,)) if 0 <= i < 256 else self._id_to_special[i] for i in ids).decode(
+            "utf-8", errors="replace")
+
+    def _is_valid(self, token_id: int) -> bool:
+        return 0 <= token_id < 256 or token_id in self._id_to_special
+
+    def to_tokenizer_json(self) -> str:
+        # One BPE symbol per byte (GPT-2's byte spelling) and no merges: byte b is id b.
+        vocab = {char: b for b, char in bytes_to_unicode().items()}
+        backend = HFBackend(models.BPE(vocab, []))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        return with_added_tokens(backend, self.special_tokens)

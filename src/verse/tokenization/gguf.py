@@ -1,0 +1,152 @@
+"""The tokenizer embedded in a GGUF file (llama.cpp's `tokenizer.ggml.*` keys), as a `tokenizers` BPE.
+
+Supported: `tokenizer.ggml.model = "gpt2"` (byte-level BPE with merges), as in SmolLM2, Llama 3, Qwen 2.
+The pre-tokenizer follows `tokenizer.ggml.pre`, as llama.cpp does.
+"""
+
+import mmap
+import struct
+from pathlib import Path
+from typing import Dict, List
+
+from tokenizers import AddedToken, Regex, Tokenizer as HFBackend, decoders, models, pre_tokenizers
+
+from verse.errors import VerseError
+from verse.tokenization.hf import HFTokenizer, bytes_to_unicode
+from verse.tokenization.o200k import O200K_PATTERN
+
+# llama.cpp token types (llama_token_type): 3 control (special), 4 user-defined (always matched, not special).
+CONTROL, USER_DEFINED = 3, 4
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERNS = {"llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN, "llama-bpe": LLAMA3_PATTERN,
+                  "smaug-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN, "deepseek-r1-qwen": QWEN2_PATTERN,
+                  "gpt-4o": O200K_PATTERN}
+
+
+def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    """llama.cpp's pre-tokenization for `tokenizer.ggml.pre`; GPT-2's regex when the type is not listed."""
+    if pre in SPLIT_PATTERNS:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERNS[pre]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
+    if pre == "smollm":  # llama.cpp: "\p{N}" (each digit alone), then GPT-2's regex
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level
+
+
+GGUF_MAGIC = b"GGUF"
+# GGUF metadata value types -> struct format (8 string and 9 array are read separately).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Reads little-endian GGUF values from a memory-mapped file, front to back."""
+
+    def __init__(self, data: mmap.mmap):
+        self.data, self.offset = data, 0
+
+    def scalar(self, fmt: str):
+        value = struct.unpack_from(fmt, self.data, self.offset)[0]
+        self.offset += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        size = self.scalar("<Q")
+        start, self.offset = self.offset, self.offset + size
+        if self.offset > len(self.data):
+            raise EOFError("file ends inside the metadata")
+        return self.data[start:self.offset].decode("utf-8", errors="replace")
+
+    def value(self, kind: int):
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_kind, count = self.scalar("<I"), self.scalar("<Q")
+            if item_kind == _STRING:
+                return [self.string() for _ in range(count)]
+            if item_kind in _SCALARS:
+                fmt = f"<{count}{_SCALARS[item_kind][1]}"
+                values = list(struct.unpack_from(fmt, self.data, self.offset))
+                self.offset += struct.calcsize(fmt)
+                return values
+            return [self.value(item_kind) for _ in range(count)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        return self.scalar(_SCALARS[kind])
+
+
+def read_gguf_metadata(path: Path) -> Dict[str, object]:
+    """The key/value metadata of a GGUF file (v2/v3), without touching its tensors.
+
+    gguf-py's GGUFReader maps every tensor and array element up front (about 14 s for the 135M SmolLM2 file on a
+    small CPU); the tokenizer only needs the metadata block at the start of the file, read here in a fraction
+    of that.
+
+    Args:
+        path: the .gguf file.
+
+    Returns:
+        Dict[str, object]: key -> value (lists for arrays).
+
+    Raises:
+        VerseError: when the file is not a readable GGUF file.
+    """
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            cursor = _Cursor(data)
+            if data[:4] != GGUF_MAGIC:
+                raise ValueError("no GGUF magic at the start")
+            cursor.offset = 4
+            version = cursor.scalar("<I")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version} (supported: 2, 3)")
+            cursor.scalar("<Q")  # tensor count
+            return {cursor.string(): cursor.value(cursor.scalar("<I")) for _ in range(cursor.scalar("<Q"))}
+    except (OSError, ValueError, EOFError, struct.error) as e:
+        raise VerseError(f"cannot read GGUF file {path}: {e}; check that it is a complete .gguf file") from None
+
+
+def load_gguf_tokenizer(path: Path) -> HFTokenizer:
+    """Build the tokenizer a GGUF file describes.
+
+    Args:
+        path: the .gguf file.
+
+    Returns:
+        HFTokenizer: with the file's chat template, bos/eos/pad ids and special tokens.
+
+    Raises:
+        VerseError: when the file has no tokenizer or one of an unsupported kind.
+    """
+    fields = read_gguf_metadata(path)
+    kind = fields.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise VerseError(f"{path}: tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) is supported; "
+                         "load the model's tokenizer.json directory instead")
+    tokens: List[str] = fields["tokenizer.ggml.tokens"]
+    alphabet = set(bytes_to_unicode().values())
+    spelling = bytes_to_unicode()
+    # Some files store a token with raw characters (e.g. real spaces); spell it in the byte alphabet.
+    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
+    backend = HFBackend(models.BPE(vocab, merges))
+    backend.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"))
+    backend.decoder = decoders.ByteLevel()
+    types = fields.get("tokenizer.ggml.token_type") or []
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
+
+    def token(key: str):
+        index = fields.get(f"tokenizer.ggml.{key}")
+        return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
+
+    return HFTokenizer(backend, str(path), fields.get("tokenizer.chat_template"),
+                       token("bos_token_id"), token("eos_token_id"), token("padding_token_id"))

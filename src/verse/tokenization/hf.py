@@ -1,0 +1,232 @@
+"""Tokenizers in the Hugging Face `tokenizers` format: a model directory's tokenizer.json, and the export of
+tiktoken ranks to tokenizer.json (byte-level BPE with merges derived from the ranks)."""
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Union
+
+from tokenizers import Regex, Tokenizer as HFBackend, decoders, models, pre_tokenizers
+
+from verse.errors import VerseError
+from verse.tokenization.base import Tokenizer
+from verse.tokenization.chat import CHATML_TEMPLATE
+
+# Special tokens that close a turn in common chat templates; those the template uses become stop ids.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+               "<｜end▁of▁sentence｜>", "</s>")
+
+
+def bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies.
+
+    Returns:
+        Dict[int, str]: one character per byte value.
+    """
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
+
+
+def with_added_tokens(backend: HFBackend, special_tokens: Dict[str, int]) -> str:
+    """Serialize a tokenizer with special tokens at the given ids (ids may leave gaps, as o200k's do).
+
+    Args:
+        backend: the tokenizer without special tokens.
+        special_tokens: token string -> id.
+
+    Returns:
+        str: tokenizer.json text.
+    """
+    data = json.loads(backend.to_str())
+    data["added_tokens"] = [
+        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True} for s, i in sorted(special_tokens.items(), key=lambda item: item[1])]
+    return json.dumps(data, ensure_ascii=False)
+
+
+def tiktoken_to_tokenizer_json(ranks: Dict[bytes, int], pattern: str, special_tokens: Dict[str, int]) -> str:
+    """Express tiktoken ranks as a `tokenizers` byte-level BPE that encodes identically.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, and takes a whole pre-token
+    from the vocabulary when it is one token. The equivalent BPE has, for every token of rank r, one merge per
+    way to split it into two tokens (ordered by the ranks of the halves), merges sorted by r, and
+    `ignore_merges=True` (whole pre-token lookup first).
+
+    Args:
+        ranks: token bytes -> rank (= id).
+        pattern: the pre-tokenization regex (tiktoken's pat_str).
+        special_tokens: special token string -> id.
+
+    Returns:
+        str: tokenizer.json text.
+    """
+    spelling = bytes_to_unicode()
+    spell = {token: "".join(spelling[b] for b in token) for token in ranks}
+    merges = []
+    for token in sorted(ranks, key=ranks.get):
+        halves = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        halves.sort(key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+        merges += [(spell[left], spell[right]) for left, right in halves]
+    backend = HFBackend(models.BPE({spell[t]: r for t, r in ranks.items()}, merges, ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return with_added_tokens(backend, special_tokens)
+
+
+@lru_cache(maxsize=64)
+def _special_pattern(allowed: frozenset) -> re.Pattern:
+    return re.compile("|".join(map(re.escape, sorted(allowed, key=len, reverse=True))))  # longest match first
+
+
+def encode_split(text: str, allowed: frozenset, special_tokens: Dict[str, int], encode_plain) -> List[int]:
+    """Encode text where only the `allowed` special-token strings count as special; the rest is plain text.
+
+    Args:
+        text: the text.
+        allowed: special-token strings to recognise.
+        special_tokens: string -> id.
+        encode_plain: function encoding text with no special tokens.
+
+    Returns:
+        List[int]: token ids.
+    """
+    pattern = _special_pattern(allowed)
+    ids: List[int] = []
+    cursor = 0
+    for match in pattern.finditer(text):
+        ids += encode_plain(text[cursor:match.start()]) if match.start() > cursor else []
+        ids.append(special_tokens[match.group()])
+        cursor = match.end()
+    return ids + (encode_plain(text[cursor:]) if cursor < len(text) else [])
+
+
+def _token_content(value: Union[None, str, dict]) -> Optional[str]:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class HFTokenizer(Tokenizer):
+    """A tokenizer run by the Hugging Face `tokenizers` library (Rust, parallel `encode_batch`).
+
+    Args:
+        backend: the `tokenizers.Tokenizer`.
+        name: reported name (usually the source path).
+        chat_template: Jinja template; None uses Verse's ChatML.
+        bos_token, eos_token, pad_token: token strings, or None.
+        extra_stop_ids: more ids that end a reply (e.g. generation_config.json's eos_token_id list).
+    """
+
+    def __init__(self, backend: HFBackend, name: str, chat_template: Optional[str] = None,
+                 bos_token: Optional[str] = None, eos_token: Optional[str] = None, pad_token: Optional[str] = None,
+                 extra_stop_ids: Iterable[int] = ()):
+        self._backend = backend
+        # Special-token strings in text are plain text unless allowed: `_encode` cuts them out itself.
+        backend.encode_special_tokens = True
+        self.name = name
+        added = backend.get_added_tokens_decoder()
+        self.special_tokens = {token.content: i for i, token in added.items() if token.special}
+        self.vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
+        self.bos_id, self.eos_id, self.pad_id = (
+            backend.token_to_id(t) if t else None for t in (bos_token, eos_token, pad_token))
+        self.chat_template = chat_template or CHATML_TEMPLATE
+        ends = {self.special_tokens[t] for t in END_OF_TURN if t in self.special_tokens and t in self.chat_template}
+        self.stop_ids = ({self.eos_id} if self.eos_id is not None else set()) | ends | set(extra_stop_ids)
+
+    def _encode_plain(self, text: str) -> List[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def _encode(self, text: str, allowed: frozenset) -> List[int]:
+        if not allowed:
+            return self._encode_plain(text)
+        return encode_split(text, allowed, self.special_tokens, self._encode_plain)
+
+    def _encode_batch(self, texts: List[str], allowed: frozenset) -> List[List[int]]:
+        if not allowed:
+            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        return [self._encode(text, allowed) for text in texts]
+
+    def _decode(self, ids: List[int], skip_special: bool) -> str:
+        if not all(map(self._is_valid, ids)):
+            raise ValueError("unknown token id")  # decode() then replaces each unknown id with U+FFFD
+        return self._backend.decode(ids, skip_special_tokens=skip_special)
+
+    def _is_valid(self, token_id: int) -> bool:
+        return 0 <= token_id < self.vocab_size and self._backend.id_to_token(token_id) is not None
+
+    def to_tokenizer_json(self) -> str:
+        return self._backend.to_str()
+
+
+def read_chat_template(directory: Path, config: dict) -> Optional[str]:
+    """The chat template of a model directory: tokenizer_config.json's `chat_template` (a string, or a list of
+    named templates, "default" first), else chat_template.jinja / chat_template.json.
+
+    Args:
+        directory: the model directory.
+        config: its parsed tokenizer_config.json ({} if none).
+
+    Returns:
+        Optional[str]: the template, or None.
+    """
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if template:
+        return template
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if (directory / "chat_template.json").is_file():
+        return _read_json(directory / "chat_template.json").get("chat_template")
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VerseError(f"cannot read {path}: {e}; fix or remove the file") from None
+    if not isinstance(data, dict):
+        raise VerseError(f"{path} must hold a JSON object")
+    return data
+
+
+def tokenizer_config(directory: Path) -> dict:
+    """Parsed tokenizer_config.json of a directory ({} when absent).
+
+    Args:
+        directory: the model directory.
+
+    Returns:
+        dict: its content.
+    """
+    path = directory / "tokenizer_config.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+def load_hf_dir(directory: Path) -> HFTokenizer:
+    """Load tokenizer.json (+ tokenizer_config.json, generation_config.json) from a model directory.
+
+    Args:
+        directory: a directory holding tokenizer.json.
+
+    Returns:
+        HFTokenizer: the tokenizer.
+    """
+    path = directory / "tokenizer.json"
+    try:
+        backend = HFBackend.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON or unknown components
+        raise VerseError(f"cannot load {path}: {e}; re-export it with transformers' save_pretrained") from None
+    config = tokenizer_config(directory)
+    extra_stop = []
+    if (directory / "generation_config.json").is_file():
+        eos = _read_json(directory / "generation_config.json").get("eos_token_id")
+        extra_stop = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    return HFTokenizer(backend, str(directory), read_chat_template(directory, config),
+                       *(_token_content(config.get(k)) for k in ("bos_token", "eos_token", "pad_token")),
+                       extra_stop_ids=extra_stop)
