@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Any, Callable, Dict
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,12 +20,13 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from verse.errors import CheckpointError
-from verse.fp8 import check_scale_shape, weight_dequant
+from verse.fp8 import BLOCK_SIZE, weight_dequant
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"  # `X.weight` is scaled by `X.weight_scale_inv`
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")  # their names in safetensors headers
 
 
 @dataclass
@@ -78,11 +79,33 @@ def _open(path: Path, device: str):
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _get(f, path: Path, name: str) -> torch.Tensor:
-    try:
-        return f.get_tensor(name)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+def check_shards(src: Path, weight_map: Dict[str, str], handle: Callable[[str], Any]) -> None:
+    """Before writing anything, check from the shard headers alone that every listed tensor is stored where the
+    index says, and that every FP8 tensor is 2-D with a `*_scale_inv` of the block shape.
+
+    Args:
+        src (Path): checkpoint directory.
+        weight_map (Dict[str, str]): tensor name -> shard file name.
+        handle (Callable[[str], Any]): shard file name -> open `safe_open` handle.
+    """
+    for shard in sorted(set(weight_map.values())):
+        f = handle(shard)
+        stored = set(f.keys())
+        for name in sorted(n for n, s in weight_map.items() if s == shard):
+            if name not in stored:
+                raise CheckpointError(f"{src / shard}: tensor {name} is listed in the index but not stored here")
+            header = f.get_slice(name)
+            if header.get_dtype() not in FP8_HEADER_DTYPES:
+                continue
+            shape, scale_name = header.get_shape(), name + SCALE_SUFFIX
+            if scale_name not in weight_map:
+                raise CheckpointError(f"{src / shard}: FP8 tensor {name} has no {scale_name}; cannot dequantize")
+            scale_shape = handle(weight_map[scale_name]).get_slice(scale_name).get_shape()
+            expected = [-(-shape[0] // BLOCK_SIZE), -(-shape[1] // BLOCK_SIZE)] if len(shape) == 2 else None
+            if list(scale_shape) != expected:
+                raise CheckpointError(f"{src / weight_map[scale_name]}: {scale_name} has shape {list(scale_shape)}, but "
+                                      f"FP8 tensor {name} {list(shape)} needs {expected} ({BLOCK_SIZE}x{BLOCK_SIZE} "
+                                      "blocks of a 2-D weight)")
 
 
 def _copy_other_files(src: Path, dst: Path, dtype: torch.dtype) -> None:
@@ -141,25 +164,16 @@ def fp8_to_bf16(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfl
                     handles[shard] = stack.enter_context(_open(src / shard, device))
                 return handles[shard]
 
+            check_shards(src, weight_map, handle)
             for shard in tqdm(shards, desc="fp8-to-bf16", unit="shard", disable=not progress):
-                path, f = src / shard, handle(shard)
-                stored = set(f.keys())
+                f = handle(shard)
                 out: Dict[str, torch.Tensor] = {}
                 for name in sorted(n for n, s in weight_map.items() if s == shard and not n.endswith(SCALE_SUFFIX)):
-                    if name not in stored:
-                        raise CheckpointError(f"{path}: tensor {name} is listed in the index but not stored here")
-                    tensor = _get(f, path, name)
+                    tensor = f.get_tensor(name)
                     if tensor.dtype in FP8_DTYPES:
                         scale_name = name + SCALE_SUFFIX
-                        if scale_name not in weight_map:
-                            raise CheckpointError(f"{path}: FP8 tensor {name} has no {scale_name}; cannot dequantize")
-                        scale_path = src / weight_map[scale_name]
-                        scale = _get(handle(weight_map[scale_name]), scale_path, scale_name)
-                        try:
-                            check_scale_shape(tensor, scale)
-                        except ValueError as e:
-                            raise CheckpointError(f"{scale_path}: {scale_name} does not fit {name}: {e}") from None
-                        tensor = weight_dequant(tensor, scale, dtype=dtype)
+                        tensor = weight_dequant(tensor, handle(weight_map[scale_name]).get_tensor(scale_name),
+                                                dtype=dtype)
                         dequantized += 1
                     out[name] = tensor.cpu()
                     new_map[name] = shard

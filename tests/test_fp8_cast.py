@@ -1,0 +1,164 @@
+"""`verse fp8-to-bf16`: a tiny DeepSeek-style FP8 checkpoint (2 shards + index) made here, converted through the CLI,
+compared with dequantizing by hand; bad inputs exit 2 with one line naming the tensor or file."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from verse.cli import main
+
+B = 128
+
+
+def hand_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for i in range(s.size(0)):
+        for j in range(s.size(1)):
+            out[i * B:(i + 1) * B, j * B:(j + 1) * B] = q[i * B:(i + 1) * B, j * B:(j + 1) * B].float() * s[i, j]
+    return out.to(torch.bfloat16)
+
+
+def fp8_weight(out_features: int, in_features: int):
+    q = (torch.randn(out_features, in_features) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.rand(-(-out_features // B), -(-in_features // B)) * 1e-2 + 1e-4
+    return q, s
+
+
+def write_checkpoint(path: Path) -> dict:
+    """Two shards; one FP8 weight's scale lives in the other shard (as in the real DeepSeek-V3 files)."""
+    torch.manual_seed(0)
+    q_proj, q_scale = fp8_weight(300, 200)
+    down, down_scale = fp8_weight(256, 384)
+    shard1 = {
+        "model.embed_tokens.weight": torch.randn(64, 200).to(torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": q_proj,
+        "model.layers.0.self_attn.q_proj.weight_scale_inv": q_scale,
+        "model.layers.0.mlp.down_proj.weight": down,
+    }
+    shard2 = {
+        "model.layers.0.mlp.down_proj.weight_scale_inv": down_scale,
+        "model.layers.0.input_layernorm.weight": torch.rand(200).to(torch.bfloat16),
+        "model.layers.0.mlp.gate.e_score_correction_bias": torch.randn(8),
+    }
+    path.mkdir()
+    files = {"model-00001-of-00002.safetensors": shard1, "model-00002-of-00002.safetensors": shard2}
+    weight_map = {}
+    for name, tensors in files.items():
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 0},
+                                                                   "weight_map": weight_map}))
+    config = {"model_type": "deepseek_v3", "torch_dtype": "bfloat16", "hidden_size": 200,
+              "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": [128, 128]}}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "tokenizer_config.json").write_text('{"bos_token": "<s>"}')
+    return {**shard1, **shard2}
+
+
+def read_dir(path: Path) -> dict:
+    tensors = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def test_fp8_to_bf16_equals_hand_dequantization(tmp_path, capsys):
+    src, dst = tmp_path / "fp8", tmp_path / "bf16"
+    original = write_checkpoint(src)
+    assert main(["fp8-to-bf16", str(src), str(dst)]) == 0
+    assert "2 dequantized" in capsys.readouterr().out
+    out = read_dir(dst)
+    assert set(out) == {k for k in original if not k.endswith("_scale_inv")}
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert out[name].dtype == torch.bfloat16
+        assert torch.equal(out[name], hand_dequant(original[name], original[name + "_scale_inv"]))
+    for name in ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+                 "model.layers.0.mlp.gate.e_score_correction_bias"):
+        assert torch.equal(out[name], original[name])
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(out)
+    for name, shard in index["weight_map"].items():
+        with safe_open(str(dst / shard), framework="pt") as f:
+            assert name in f.keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in out.values())
+    config = json.loads((dst / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "deepseek_v3"
+    assert (dst / "tokenizer_config.json").read_text() == '{"bos_token": "<s>"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "fp8"]  # no temp dir left behind
+
+
+def drop_tensor(src: Path, name: str) -> None:
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = src / index["weight_map"].pop(name)
+    with safe_open(str(shard), framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if k != name}
+    save_file(kept, str(shard))
+    index_path.write_text(json.dumps(index))
+
+
+def break_missing_scale(src: Path) -> str:
+    drop_tensor(src, "model.layers.0.mlp.down_proj.weight_scale_inv")
+    return "model.layers.0.mlp.down_proj.weight"
+
+
+def break_missing_shard(src: Path) -> str:
+    (src / "model-00002-of-00002.safetensors").unlink()
+    return "model-00002-of-00002.safetensors"
+
+
+def break_unlisted_shard(src: Path) -> str:
+    save_file({"extra": torch.zeros(2)}, str(src / "model-extra.safetensors"))
+    return "model-extra.safetensors"
+
+
+def break_scale_shape(src: Path) -> str:
+    shard = src / "model-00002-of-00002.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(3, 3)
+    save_file(tensors, str(shard))
+    return "model.layers.0.mlp.down_proj.weight_scale_inv"
+
+
+def break_corrupt_shard(src: Path) -> str:
+    shard = src / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    return "model-00001-of-00002.safetensors"
+
+
+def break_index_lists_absent_tensor(src: Path) -> str:
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.layers.0.ghost.weight"] = "model-00002-of-00002.safetensors"
+    index_path.write_text(json.dumps(index))
+    return "model.layers.0.ghost.weight"
+
+
+@pytest.mark.parametrize("breaker", [break_missing_scale, break_missing_shard, break_unlisted_shard,
+                                     break_scale_shape, break_corrupt_shard, break_index_lists_absent_tensor])
+def test_bad_checkpoints_exit_2_with_one_line(tmp_path, capsys, breaker):
+    src, dst = tmp_path / "fp8", tmp_path / "bf16"
+    write_checkpoint(src)
+    culprit = breaker(src)
+    assert main(["fp8-to-bf16", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and culprit in err, err
+    assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["fp8"]
+
+
+def test_bad_paths_exit_2(tmp_path, capsys):
+    assert main(["fp8-to-bf16", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "nope" in capsys.readouterr().err
+    src = tmp_path / "fp8"
+    write_checkpoint(src)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    assert main(["fp8-to-bf16", str(src), str(tmp_path / "busy")]) == 2
+    assert "not empty" in capsys.readouterr().err
