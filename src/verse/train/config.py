@@ -1,0 +1,227 @@
+"""`TrainConfig`: one flat schema for pretraining and SFT, loaded from YAML plus `key=value` overrides."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from verse.errors import ConfigError
+
+MODES = ("sft", "pretrain")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+PRECISIONS = ("bf16", "fp32")
+PARAM_DTYPES = ("float32", "bfloat16")
+BF16_UPDATES = ("master", "stochastic", "nearest")
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a one-line help shown by `verse train --print-config`."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Every field has a default; `verse train --print-config` lists them."""
+
+    mode: str = _f("sft", "sft (fine-tune a checkpoint on chat data) | pretrain (from scratch on raw text)")
+    model: str = _f("tiny", "preset name (random init) or a checkpoint directory / .gguf file to start from")
+    model_overrides: Dict[str, Any] = _f({}, "ModelArgs fields to change, e.g. {checkpointing: true}")
+    tokenizer: Optional[str] = _f(None, "tokenizer name/path; default: the checkpoint's own, else the preset's")
+    data: Any = _f({}, "data section (verse.data.DataConfig): sources, mix, packing, chat template, ...")
+    out_dir: str = _f("runs/verse", "run directory: step-NNNNNNN/ checkpoints, latest, metrics.jsonl, plot.png")
+
+    max_steps: int = _f(1000, "optimizer steps to run")
+    max_seq_len: int = _f(1024, "tokens per sequence (must not exceed the model's max_seq_len)")
+    micro_batch_size: int = _f(1, "sequences per forward/backward")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (loss normalised over their tokens)")
+
+    precision: str = _f("bf16", "autocast compute dtype: bf16 | fp32 (no autocast)")
+    param_dtype: str = _f("float32", "parameter storage dtype: float32 | bfloat16")
+    bf16_update: str = _f("master", "with bfloat16 params: master (fp32 master weights) | stochastic "
+                                    "(stochastic rounding, torchao) | nearest")
+    activation_checkpointing: int = _f(0, "recompute activations in backward: 0 off, k = every k-th layer (1 = all)")
+    loss_chunk_size: int = _f(4096, "tokens per chunk of the cross-entropy (full fp32 logits never exist)")
+    compile: bool = _f(False, "torch.compile the model (off by default: it does not pay on CPU)")
+
+    optimizer: str = _f("adamw", "adamw (fused where the device has it) | adamw8bit (torchao) | sgd")
+    fused_backward: bool = _f(False, "step each parameter inside backward and free its grad (no persistent grads)")
+    lr: float = _f(3e-4, "peak learning rate")
+    min_lr: float = _f(0.0, "learning rate at the end of the decay")
+    weight_decay: float = _f(0.1, "decoupled weight decay (never on norms, embeddings, biases)")
+    beta1: float = _f(0.9, "Adam beta1 (SGD momentum)")
+    beta2: float = _f(0.95, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    schedule: str = _f("cosine", "learning-rate schedule: cosine | linear | wsd (warmup-stable-decay) | constant")
+    warmup_steps: int = _f(0, "linear warmup steps")
+    decay_fraction: float = _f(0.2, "wsd: fraction of max_steps spent in the final decay")
+
+    seed: int = _f(0, "seed of model init, data order and dropout-free RNG streams")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    save_every: int = _f(500, "checkpoint every N steps (0 = only at the end)")
+    keep_last: int = _f(3, "keep the last K checkpoints (0 = keep all)")
+    eval_every: int = _f(0, "held-out loss every N steps on the eval split (0 = off)")
+    eval_batches: int = _f(8, "micro-batches per evaluation")
+    log_every: int = _f(1, "progress-bar refresh interval in steps (metrics.jsonl gets every step)")
+    max_bad_steps: int = _f(5, "stop after this many NaN/inf losses in a row")
+    peak_flops: float = _f(0.0, "device peak FLOP/s for MFU (0 = from the device table, or measured on CPU)")
+    tensorboard: bool = _f(True, "also write TensorBoard logs when tensorboard is installed")
+    plot: bool = _f(True, "write plot.png (loss and throughput) at the end")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict (YAML-ready); a `DataConfig` in `data` becomes a dict too."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if dataclasses.is_dataclass(d["data"]):
+            d["data"] = dataclasses.asdict(d["data"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a dict (a parsed YAML file), rejecting unknown keys and bad values with one clear line."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown training field(s) {', '.join(unknown)}; "
+                              "see `verse train --print-config`")
+        cfg = cls(**data)
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def load(cls, path: Optional[str] = None, overrides: Sequence[str] = (), preset: Optional[str] = None
+             ) -> "TrainConfig":
+        """Load a YAML file (or start from defaults with `model=preset`) and apply `key=value` overrides.
+
+        Args:
+            path (Optional[str]): YAML file.
+            overrides (Sequence[str]): `key=value` strings; values are parsed as YAML; dotted keys reach into
+                `data` and `model_overrides` (e.g. `data.packing=true`).
+            preset (Optional[str]): model preset to pretrain from (`verse train --preset NAME`).
+
+        Returns:
+            TrainConfig: the validated configuration.
+        """
+        data: Dict[str, Any] = {}
+        source = "config"
+        if path is not None:
+            source = str(path)
+            try:
+                data = yaml.safe_load(Path(path).read_text()) or {}
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: no such config file") from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a mapping of training fields at the top level")
+        if preset is not None:
+            data.setdefault("mode", "pretrain")
+            data["model"] = preset
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data, source)
+
+    def validate(self, source: str = "config") -> None:
+        """Check every value, raising `ConfigError` naming the first bad field."""
+
+        def require(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{source}: {name}: {message}")
+
+        def one_of(name: str, choices: Sequence[str]) -> None:
+            value = getattr(self, name)
+            require(value in choices, name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+        for name in ("mode", "optimizer", "schedule", "precision", "param_dtype", "bf16_update"):
+            one_of(name, {"mode": MODES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
+                          "param_dtype": PARAM_DTYPES, "bf16_update": BF16_UPDATES}[name])
+        for name in ("max_steps", "max_seq_len", "micro_batch_size", "gradient_accumulation_steps",
+                     "loss_chunk_size", "max_bad_steps", "eval_batches", "log_every"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                    f"must be a positive integer, got {value!r}")
+        for name in ("activation_checkpointing", "warmup_steps", "save_every", "keep_last", "eval_every", "seed"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                    f"must be a non-negative integer, got {value!r}")
+        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip", "peak_flops"):
+            value = getattr(self, name)
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, name,
+                    f"must be a non-negative number, got {value!r}")
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr!r}")
+        require(self.min_lr <= self.lr, "min_lr", f"must not exceed lr ({self.lr}), got {self.min_lr}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            require(isinstance(value, (int, float)) and 0 <= value < 1, name, f"must be in [0, 1), got {value!r}")
+        require(0 < self.decay_fraction <= 1, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        require(self.warmup_steps <= self.max_steps, "warmup_steps",
+                f"({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
+        require(isinstance(self.model, str) and bool(self.model), "model", "must be a preset name or a path")
+        require(isinstance(self.model_overrides, dict), "model_overrides", "must be a mapping of ModelArgs fields")
+        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "device",
+                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.fused_backward:
+            require(self.gradient_accumulation_steps == 1, "fused_backward",
+                    "steps inside backward, so it needs gradient_accumulation_steps=1")
+            require(self.grad_clip == 0, "fused_backward",
+                    "frees each grad right after its step, so global clipping is impossible: set grad_clip=0")
+
+
+def apply_override(data: Dict[str, Any], item: str) -> None:
+    """Apply one `key=value` (value parsed as YAML; `a.b=v` sets `data[a][b]`) to a raw config dict."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    target = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = target.get(part)
+        if node is None:
+            node = target[part] = {}
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        target = node
+    target[leaf] = value
+
+
+def describe_fields() -> List[str]:
+    """Lines `name: default  # help` for every field, as `verse train --print-config` prints them (valid YAML)."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name == "data":
+            lines.append(f"data:  # {f.metadata['help']}")
+            lines.extend(f"  {line}" for line in _data_fields())
+            continue
+        rendered = yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000).strip()[1:-1]
+        lines.append(f"{rendered}  # {f.metadata['help']}")
+    return lines
+
+
+def _data_fields() -> List[str]:
+    try:
+        from verse.data import DataConfig
+    except ImportError:
+        return ["{}"]
+    lines = []
+    for f in dataclasses.fields(DataConfig):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        rendered = yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000).strip()[1:-1]
+        help_text = f.metadata.get("help", "")
+        lines.append(f"{rendered}  # {help_text}" if help_text else rendered)
+    return lines

@@ -1,0 +1,345 @@
+"""`train(cfg)`: the training loop behind `verse train` (pretraining and SFT, one device)."""
+
+import contextlib
+import dataclasses
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from verse.config import ModelArgs, list_presets
+from verse.errors import ConfigError, VerseError
+from verse.model import ReasoningLLM
+from verse.model.masks import document_mask
+from verse.train import checkpoint as ckpt
+from verse.train.config import TrainConfig
+from verse.train.loss import IGNORE_INDEX, chunked_cross_entropy
+from verse.train.metrics import MetricsLog, device_peak_flops, flops_per_token, memory_bytes, moe_stats, plot_run
+from verse.train.optim import TrainOptimizer
+from verse.train.schedule import lr_at
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced.
+
+    Attributes:
+        run_dir (Path): the run directory.
+        final_dir (Optional[Path]): the last checkpoint written.
+        metrics (List[Dict[str, Any]]): one dict per optimizer step of this invocation (and eval records).
+        step (int): optimizer steps done in total.
+        stopped_by_signal (bool): the run saved and stopped on SIGTERM/SIGINT.
+    """
+
+    run_dir: Path
+    final_dir: Optional[Path]
+    metrics: List[Dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+    stopped_by_signal: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: CUDA is not available on this machine; use device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> ReasoningLLM:
+    """A preset name gives a freshly initialised model; a path loads a checkpoint or .gguf."""
+    overrides = dict(cfg.model_overrides)
+    if cfg.activation_checkpointing:
+        overrides.update(checkpointing=True, checkpoint_every=cfg.activation_checkpointing)
+    dtype = getattr(torch, cfg.param_dtype)
+    if Path(cfg.model).exists():
+        import verse
+
+        model = verse.load(cfg.model, device=device, dtype=dtype, **overrides)
+    elif cfg.model in list_presets():
+        args = ModelArgs.from_preset(cfg.model, **{**overrides, "dtype": cfg.param_dtype})
+        with torch.device(device):
+            model = ReasoningLLM(args)
+    else:
+        raise ConfigError(f"model={cfg.model!r}: neither an existing path nor a preset ({', '.join(list_presets())})")
+    if cfg.max_seq_len > model.args.max_seq_len:
+        raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's limit ({model.args.max_seq_len}); "
+                          f"lower max_seq_len")
+    return model.train()
+
+
+def build_data(cfg: TrainConfig, model: ReasoningLLM):
+    """Tokenizer, train loader and (when evaluating) eval loader from the `data:` section."""
+    import verse
+    from verse.data import DataConfig, build_loader
+
+    name = cfg.tokenizer
+    if name is None:
+        name = cfg.model if Path(cfg.model).exists() else model.args.tokenizer
+        if name == "hf":
+            raise ConfigError(f"model={cfg.model}: the preset has no bundled tokenizer; set tokenizer=PATH_OR_NAME")
+    tokenizer = verse.load_tokenizer(name)
+    data_cfg = cfg.data if isinstance(cfg.data, DataConfig) else DataConfig(**(cfg.data or {}))
+    common = dict(max_seq_len=cfg.max_seq_len, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
+    loader = build_loader(data_cfg, tokenizer, split="train", **common)
+    eval_loader = build_loader(data_cfg, tokenizer, split="eval", **common) if cfg.eval_every else None
+    return tokenizer, loader, eval_loader
+
+
+class _Batches:
+    """Endless micro-batches from a loader: a new epoch starts when one ends."""
+
+    def __init__(self, loader: Iterable):
+        self.loader = loader
+        self.it: Optional[Iterator] = None
+
+    def next(self) -> Dict[str, torch.Tensor]:
+        for _ in range(2):
+            if self.it is None:
+                self.it = iter(self.loader)
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it = None
+        raise VerseError("the data loader yielded no batches: check the data sources and max_seq_len")
+
+
+def _forward_loss(model: ReasoningLLM, batch: Dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Summed token loss of one micro-batch (packed batches get a document mask)."""
+    position_ids = batch.get("position_ids")
+    mask = document_mask(position_ids) if position_ids is not None else None
+    hidden = model.hidden_states(batch["input_ids"], position_ids=position_ids, attn_mask=mask)
+    return chunked_cross_entropy(hidden, batch["labels"], model.head, chunk_size)
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the end of the step and stops."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous: Dict[int, Any] = {}
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _oom_message(cfg: TrainConfig, model: ReasoningLLM, device: torch.device) -> str:
+    from verse.train.planner import plan_from_config
+
+    peak = memory_bytes(device).get("peak_memory_bytes", 0)
+    estimate = plan_from_config(cfg, model.args)["peak_bytes"]
+    return (f"out of memory at micro_batch_size={cfg.micro_batch_size}, max_seq_len={cfg.max_seq_len}: measured "
+            f"peak {peak / 2**30:.1f} GiB, `verse plan` estimate {estimate / 2**30:.1f} GiB. Try, in this order: "
+            f"1) a shorter max_seq_len; 2) micro_batch_size=1 with more gradient_accumulation_steps; "
+            f"3) activation_checkpointing=1 and/or optimizer=adamw8bit")
+
+
+@torch.no_grad()
+def evaluate(model: ReasoningLLM, loader: Iterable, n_batches: int, device: torch.device,
+             autocast: contextlib.AbstractContextManager, chunk_size: int) -> float:
+    """Mean token loss over the first `n_batches` micro-batches of `loader` (NaN when it has no loss tokens)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for i, batch in enumerate(loader):
+            if i >= n_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            with autocast:
+                total += _forward_loss(model, batch, chunk_size).item()
+            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+    finally:
+        model.train()
+    return total / tokens if tokens else float("nan")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] = None,
+          eval_loader: Optional[Iterable] = None, tokenizer: Any = None, progress: bool = True) -> TrainResult:
+    """Run training as configured; what `verse train` calls.
+
+    Args:
+        cfg (TrainConfig): the configuration (validated).
+        resume (bool): continue the run in `cfg.out_dir` from its `latest` checkpoint, exactly.
+        loader (Optional[Iterable]): micro-batches (dicts of `input_ids`, shifted `labels`, optional
+            `position_ids`) with `state_dict`/`load_state_dict`; default `verse.data.build_loader(cfg.data, ...)`.
+        eval_loader (Optional[Iterable]): held-out micro-batches; default the data's eval split.
+        tokenizer: saved with each checkpoint; default loaded from `cfg.tokenizer` / the model.
+        progress (bool): show a tqdm progress bar.
+
+    Returns:
+        TrainResult: run directory, last checkpoint, per-step metrics.
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    run_dir = Path(cfg.out_dir)
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise ConfigError(f"out_dir={run_dir} already holds checkpoints: continue it with "
+                          f"`verse train --resume {run_dir}` or choose another out_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_partial(run_dir)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, device)
+    if loader is None:
+        tokenizer, loader, default_eval = build_data(cfg, model)
+        eval_loader = eval_loader if eval_loader is not None else default_eval
+    optimizer = TrainOptimizer(model, cfg)
+
+    step, skipped, bad_in_row, tokens_seen = 0, 0, 0, 0
+    if resume:
+        step_dir, step = ckpt.latest_checkpoint(run_dir)
+        _load_weights(model, step_dir)
+        state = ckpt.load_state(step_dir / ckpt.STATE_DIR, device)
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("loader") is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        skipped, bad_in_row, tokens_seen = state["skipped"], state["bad_in_row"], state["tokens_seen"]
+    else:
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.compile:
+        for layer in model.layers:
+            layer.compile()
+
+    def save() -> Path:
+        state = {"step": step, "skipped": skipped, "bad_in_row": bad_in_row, "tokens_seen": tokens_seen,
+                 "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state(),
+                 "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
+        return ckpt.save_checkpoint(run_dir, step, model, state, tokenizer=tokenizer, keep_last=cfg.keep_last)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    flops_tok = flops_per_token(model.args, cfg.max_seq_len)
+    peak_flops = cfg.peak_flops or device_peak_flops(device)
+    log = MetricsLog(run_dir, tensorboard=cfg.tensorboard)
+    batches = _Batches(loader)
+    metrics: List[Dict[str, Any]] = []
+    final_dir: Optional[Path] = None
+    stop = _StopSignal()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        with stop:
+            while step < cfg.max_steps and stop.signum is None:
+                start = time.perf_counter()
+                lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, max_steps=cfg.max_steps,
+                           warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, decay_fraction=cfg.decay_fraction)
+                optimizer.set_lr(lr)
+                micro = [{k: v.to(device, non_blocking=True) for k, v in batches.next().items() if torch.is_tensor(v)}
+                         for _ in range(cfg.gradient_accumulation_steps)]
+                # normalise over the loss tokens of the whole accumulation step, not per micro-batch
+                n_tokens = int(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro))
+                loss_sum, finite = 0.0, True
+                try:
+                    for b in micro:
+                        with autocast:
+                            loss = _forward_loss(model, b, cfg.loss_chunk_size)
+                        if not torch.isfinite(loss):
+                            finite = False
+                            break
+                        if n_tokens:
+                            (loss / n_tokens).backward()
+                        loss_sum += loss.item()
+                    grad_norm = optimizer.clip_and_norm(cfg.grad_clip) if finite and n_tokens else None
+                except (torch.OutOfMemoryError, MemoryError):
+                    optimizer.zero_grad()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()  # return the cached blocks before reporting
+                    raise VerseError(_oom_message(cfg, model, device)) from None
+                if grad_norm is not None and not torch.isfinite(grad_norm):
+                    finite = False
+                if finite and n_tokens:
+                    optimizer.step()
+                    bad_in_row = 0
+                else:
+                    skipped += 1
+                    bad_in_row += finite is False
+                optimizer.zero_grad()
+                step += 1
+                seq_tokens = sum(b["input_ids"].numel() for b in micro)
+                tokens_seen += seq_tokens
+                elapsed = time.perf_counter() - start
+                tps = seq_tokens / elapsed
+                record = {"kind": "train", "step": step, "loss": loss_sum / n_tokens if finite and n_tokens else None,
+                          "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                          "loss_tokens": n_tokens, "tokens": tokens_seen, "tokens_per_s": round(tps, 2),
+                          "mfu": round(tps * flops_tok / peak_flops, 5), "step_time_s": round(elapsed, 4),
+                          "skipped": skipped, **memory_bytes(device), **moe_stats(model)}
+                metrics.append(record)
+                log.log(record)
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise VerseError(f"loss or gradient was NaN/inf for {bad_in_row} steps in a row (up to step "
+                                     f"{step}); lower lr (now {cfg.lr}), raise warmup_steps or set grad_clip")
+                if bar is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    bar.update(step - bar.n)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "skip",
+                                    tok_s=f"{tps:.0f}", mfu=f"{record['mfu']:.1%}")
+                if eval_loader is not None and cfg.eval_every and (step % cfg.eval_every == 0
+                                                                   or step == cfg.max_steps):
+                    eval_loss = evaluate(model, eval_loader, cfg.eval_batches, device, autocast, cfg.loss_chunk_size)
+                    record = {"kind": "eval", "step": step, "eval_loss": eval_loss,
+                              "eval_ppl": math.exp(min(eval_loss, 50))}
+                    metrics.append(record)
+                    log.log(record)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    final_dir = save()
+            if final_dir is None or not final_dir.name.endswith(f"{step:07d}"):
+                final_dir = save()
+    finally:
+        log.close()
+        if bar is not None:
+            bar.close()
+    if stop.signum is not None:
+        print(f"stopped by signal {stop.signum} at step {step}; saved {final_dir}; "
+              f"continue with `verse train --resume {run_dir}`")
+    if cfg.plot and metrics:
+        plot_run(run_dir)
+    return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, step=step,
+                       stopped_by_signal=stop.signum is not None)
+
+
+def _load_weights(model: ReasoningLLM, step_dir: Path) -> None:
+    """Copy a checkpoint's weights into `model` (same architecture; values and dtype exact)."""
+    import verse
+
+    saved = verse.load(step_dir, dtype=model.embed.weight.dtype)
+    missing = model.load_state_dict(saved.state_dict(), strict=False)
+    if missing.missing_keys:
+        raise VerseError(f"{step_dir}: checkpoint lacks {', '.join(missing.missing_keys[:3])}")
+
+
+def load_run_config(run_dir: str | Path, overrides=()) -> TrainConfig:
+    """The configuration a run was started with (`RUN_DIR/config.yaml`), with `key=value` overrides applied."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a training run directory (no {CONFIG_FILE})")
+    cfg = TrainConfig.load(str(path), overrides)
+    return dataclasses.replace(cfg, out_dir=str(run_dir))

@@ -1,0 +1,44 @@
+"""Chunked cross-entropy over `model.hidden_states` + `model.head`: full fp32 logits never exist.
+
+For a 200k vocabulary the logits of one 2048-token sequence are 1.6 GB in fp32 (and as much again for their
+gradient). Here the head and the loss run on `chunk_size` tokens at a time under activation checkpointing, so
+only one chunk of logits is alive in forward or backward; positions without a label (-100) are dropped first.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int = 4096,
+                          ) -> torch.Tensor:
+    """Sum of token cross-entropies of `head(hidden)` against `labels`, one chunk of tokens at a time.
+
+    Args:
+        hidden (torch.Tensor): final hidden states [B, T, dim].
+        labels (torch.Tensor): targets [B, T], already shifted; -100 = no loss.
+        head (nn.Module): the output projection (dim -> vocab).
+        chunk_size (int): tokens per chunk.
+
+    Returns:
+        torch.Tensor: scalar fp32 SUM of the losses (divide by the token count of the whole accumulation
+        step to normalise over tokens rather than micro-batches).
+    """
+    keep = labels.reshape(-1) != IGNORE_INDEX
+    hidden = hidden.reshape(-1, hidden.size(-1))[keep]
+    labels = labels.reshape(-1)[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
+        if torch.is_grad_enabled():
+            # recompute this chunk's logits in backward instead of keeping them
+            total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, h, y)
+    return total
