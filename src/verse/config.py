@@ -201,6 +201,16 @@ def validate(args: ModelArgs) -> None:
                  f"n_routed_experts ({args.n_routed_experts}) must be divisible by n_expert_groups ({args.n_expert_groups})")
         _require(1 <= args.n_limited_groups <= args.n_expert_groups, "n_limited_groups",
                  f"must be in 1..n_expert_groups ({args.n_expert_groups}), got {args.n_limited_groups}")
+        per_group = args.n_routed_experts // args.n_expert_groups
+        _require(args.n_activated_experts <= args.n_limited_groups * per_group, "n_activated_experts",
+                 f"{args.n_activated_experts} experts cannot be picked from {args.n_limited_groups} group(s) of "
+                 f"{per_group}; raise n_limited_groups or lower n_activated_experts")
+        _require(args.n_expert_groups == 1 or per_group >= 2 or not (args.score_func == "sigmoid"
+                 or args.router_bias_update_rate > 0), "n_expert_groups",
+                 "groups scored by their top-2 experts (sigmoid or routing bias) need at least 2 experts per group")
+        _require(args.router_bias_update_rate >= 0, "router_bias_update_rate",
+                 f"must be >= 0, got {args.router_bias_update_rate}")
+        _require(args.aux_loss_alpha >= 0, "aux_loss_alpha", f"must be >= 0, got {args.aux_loss_alpha}")
         _require(args.moe_layer_freq >= 1, "moe_layer_freq", f"must be >= 1, got {args.moe_layer_freq}")
         _require(args.moe_inter_dim > 0, "moe_inter_dim", f"must be positive, got {args.moe_inter_dim}")
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from verse.config import ModelArgs
-from verse.errors import ConfigError
+from verse.errors import CheckpointError, ConfigError
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -267,8 +267,8 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
         Dict[str, torch.Tensor]: Verse names -> tensors.
 
     Raises:
-        KeyError: a tensor name this architecture does not have, or an expert tensor missing (the caller reports
-            the file).
+        KeyError: a tensor name this architecture does not have (the caller reports the file).
+        CheckpointError: an expert's tensor is missing.
     """
     hf_to_verse = {hf: verse for verse, hf in GLOBAL_NAMES.items()}
     modules = {hf: verse for verse, hf in LAYER_MODULES.items()}
@@ -301,11 +301,11 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
         if not args.is_moe_layer(i):
             continue
         for verse, hf in EXPERT_WEIGHTS.items():
-            try:
-                stacked = [experts.pop((i, e, hf)) for e in range(args.n_routed_experts)]
-            except KeyError:
-                missing = next(e for e in range(args.n_routed_experts) if (i, e, hf) not in experts)
-                raise KeyError(f"model.layers.{i}.mlp.experts.{missing}.{hf}.weight (missing)") from None
+            missing = [e for e in range(args.n_routed_experts) if (i, e, hf) not in experts]
+            if missing:
+                raise CheckpointError(f"tensor model.layers.{i}.mlp.experts.{missing[0]}.{hf}.weight is missing "
+                                      f"(MoE layer {i} needs {args.n_routed_experts} experts)")
+            stacked = [experts.pop((i, e, hf)) for e in range(args.n_routed_experts)]
             out[f"layers.{i}.ffn.experts.{verse}"] = torch.stack(stacked)
     if experts:
         i, e, hf = next(iter(experts))

@@ -1,0 +1,179 @@
+"""DeepSeek-V2/V3 checkpoints in and out, against transformers' DeepseekV2ForCausalLM / DeepseekV3ForCausalLM."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import verse
+from verse import ModelArgs, ReasoningLLM
+from verse.config import count_params
+from verse.errors import CheckpointError
+from verse.interop import deepseek
+
+transformers = pytest.importorskip("transformers")
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+              num_attention_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+              max_position_embeddings=128, first_k_dense_replace=1, tie_word_embeddings=False)
+
+
+def hf_v3(q_lora_rank=24, rope=YARN, **kw):
+    """Sigmoid scoring, expert groups, a shared expert, a random routing bias."""
+    config = transformers.DeepseekV3Config(**{**COMMON, **dict(
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=q_lora_rank, rope_parameters=rope), **kw})
+    model = transformers.DeepseekV3ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers[config.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias.uniform_(-0.05, 0.05)
+    return model.eval()
+
+
+def hf_v2(q_lora_rank=None, topk_method="greedy", **kw):
+    """Softmax scoring, two shared experts, no query compression by default (like DeepSeek-V2-Lite)."""
+    config = transformers.DeepseekV2Config(**{**COMMON, **dict(
+        n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, n_group=4, topk_group=2,
+        topk_method=topk_method, routed_scaling_factor=1.0, q_lora_rank=q_lora_rank,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), **kw})
+    return transformers.DeepseekV2ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def v3_dir(tmp_path_factory):
+    """A saved tiny DeepseekV3ForCausalLM (q_lora on, YaRN on) and the model itself."""
+    torch.manual_seed(1)
+    hf = hf_v3()
+    path = tmp_path_factory.mktemp("v3")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def assert_same_logits(hf_model, path, tokens):
+    with torch.no_grad():
+        expected = hf_model(tokens).logits
+        for impl in ("naive", "absorb"):
+            got = verse.load(path, dtype=torch.float32, attn_impl=impl)(tokens)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=lambda m: f"attn_impl={impl}: {m}")
+
+
+def test_v3_hf_to_verse_logits(v3_dir, tokens):
+    assert_same_logits(*v3_dir, tokens)
+
+
+def test_v3_without_query_compression(tmp_path, tokens):
+    torch.manual_seed(2)
+    hf = hf_v3(q_lora_rank=None, rope={"rope_type": "default", "rope_theta": 10000.0})
+    hf.save_pretrained(tmp_path)
+    assert_same_logits(hf, tmp_path, tokens)
+
+
+@pytest.mark.parametrize("topk_method,q_lora_rank", [("greedy", None), ("group_limited_greedy", 24)])
+def test_v2_hf_to_verse_logits(tmp_path, tokens, topk_method, q_lora_rank):
+    torch.manual_seed(3)
+    hf = hf_v2(q_lora_rank=q_lora_rank, topk_method=topk_method)
+    hf.save_pretrained(tmp_path)
+    assert_same_logits(hf, tmp_path, tokens)
+
+
+def test_hub_spelling_config_and_mtp_layer(v3_dir, tmp_path, tokens):
+    """A config.json in DeepSeek's own spelling (rope_theta + rope_scaling) and an extra MTP layer (dropped)."""
+    hf, source = v3_dir
+    config = json.loads((source / "config.json").read_text())
+    config.pop("rope_parameters")
+    config["rope_theta"] = YARN["rope_theta"]
+    config["rope_scaling"] = {k: v for k, v in YARN.items() if k not in ("rope_type", "rope_theta")} | {"type": "yarn"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = load_file(source / "model.safetensors")
+    weights["model.layers.3.eh_proj.weight"] = torch.zeros(4, 4)  # DeepSeek-V3's multi-token-prediction layer
+    save_file(weights, tmp_path / "model.safetensors")
+    assert_same_logits(hf, tmp_path, tokens)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+def test_verse_to_hf(tmp_path, tokens, arch):
+    v3 = arch == "deepseek_v3"
+    args = ModelArgs(arch=arch, vocab_size=96, dim=32, n_layers=3, n_heads=4, inter_dim=48, attention="mla",
+                     q_lora_rank=24 if v3 else 0, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                     v_head_dim=12, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=16,
+                     n_dense_layers=1, score_func="sigmoid" if v3 else "softmax", n_expert_groups=4 if v3 else 1,
+                     n_limited_groups=2 if v3 else 1, route_scale=2.5 if v3 else 1.0, norm_topk_prob=v3,
+                     rope_scaling="yarn", rope_factor=4.0, original_seq_len=32, mscale=0.707, mscale_all_dim=0.707,
+                     max_seq_len=128, dtype="float32")
+    torch.manual_seed(4)
+    model = ReasoningLLM(args).eval()
+    if v3:
+        with torch.no_grad():
+            for moe in model.moe_layers.values():
+                moe.gate.bias.uniform_(-0.05, 0.05)
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == deepseek.ARCHITECTURES[arch]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), atol=1e-4, rtol=0)
+
+
+def test_adapter_round_trip_is_exact(v3_dir):
+    path = v3_dir[1]
+    state = load_file(path / "model.safetensors")
+    args = deepseek.args_from_hf(json.loads((path / "config.json").read_text()))
+    back = deepseek.to_hf(deepseek.to_verse(dict(state), args), args)
+    assert sorted(back) == sorted(state)
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor), name
+    # the interleaved rotary rows really are reordered on the way in (nope rows are not)
+    verse_state = deepseek.to_verse(dict(state), args)
+    wkv_a = state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    ours = verse_state["layers.0.attn.wkv_a.weight"]
+    assert torch.equal(ours[:16], wkv_a[:16])
+    assert torch.equal(ours[16:20], wkv_a[16::2]) and torch.equal(ours[20:], wkv_a[17::2])
+
+
+def test_missing_expert_is_a_clear_error(v3_dir, tmp_path):
+    (tmp_path / "config.json").write_text((v3_dir[1] / "config.json").read_text())
+    weights = load_file(v3_dir[1] / "model.safetensors")
+    del weights["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight"):
+        verse.load(tmp_path)
+
+
+def test_bytegpt_tiny_preset():
+    args = ModelArgs.from_preset("bytegpt-tiny")
+    assert args.vocab_size == verse.load_tokenizer("byte").vocab_size
+    assert args.attention == "mla"
+    kinds = [args.is_moe_layer(i) for i in range(args.n_layers)]
+    assert kinds == [False, True, False, True]  # MoE alternates with dense after the first dense layer
+    model = ReasoningLLM(args.replace(dtype="float32"))
+    assert [type(layer.ffn).__name__ for layer in model.layers] == ["MLP", "MoE", "MLP", "MoE"]
+
+
+def meta_counts(args: ModelArgs) -> tuple[int, int]:
+    """Oracle: total parameters of the model built on `meta`, and that minus the unused routed experts."""
+    with torch.device("meta"):
+        model = ReasoningLLM(args)
+    total = sum(p.numel() for p in model.parameters())
+    unused = sum(moe.experts.w1[0].numel() * 3 * (args.n_routed_experts - args.n_activated_experts)
+                 for moe in model.moe_layers.values())
+    return total, total - unused
+
+
+# published sizes: DeepSeek-V3 "671B total, 37B activated", DeepSeek-V2-Lite "15.7B total, 2.4B activated"
+@pytest.mark.parametrize("preset,total,active", [("deepseek-v3-671b", 671e9, 37e9), ("deepseek-v2-lite", 15.7e9, 2.4e9)])
+def test_preset_parameter_counts(preset, total, active):
+    args = ModelArgs.from_preset(preset)
+    assert (count_params(args), count_params(args, active=True)) == meta_counts(args)
+    assert abs(count_params(args) - total) / total < 1e-3
+    # The published activated counts are rounded to 2 significant digits and leave out the input embedding (a
+    # lookup, not a matmul): V3 36.63B -> "37B", V2-Lite 2.45B -> "2.4B".
+    embedding = args.vocab_size * args.dim
+    assert abs(count_params(args, active=True) - embedding - active) / active < 0.025
