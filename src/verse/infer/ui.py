@@ -1,0 +1,153 @@
+"""The Gradio chat UI of `verse chat --ui`: streamed replies, reasoning in a collapsible box, stop and reset.
+
+All requests that use the model share one queue slot (`concurrency_id="model"`, limit 1), so concurrent users
+are served in turn. Inputs are bounded (message and system prompt length, max tokens, sampling ranges) and
+only ever reach the tokenizer: nothing typed is used as a path or a command.
+"""
+
+import os
+from typing import Dict, Iterator, List, Optional
+
+from verse.infer.chat import fit_messages, opens_in_think, split_reasoning, stream_text
+
+MAX_MESSAGE_CHARS = 4000
+MAX_NEW_TOKENS = 1024
+MAX_QUEUE = 64
+
+Messages = List[Dict[str, str]]
+
+
+def _display(history: Messages, opened: bool) -> List[dict]:
+    """Chatbot messages for a raw history: an assistant's `<think>` part becomes a collapsible "Reasoning" box."""
+    shown = []
+    for message in history:
+        if message["role"] != "assistant":
+            shown.append({"role": message["role"], "content": message["content"]})
+            continue
+        reasoning, answer = split_reasoning(message["content"], opened)
+        if reasoning:
+            shown.append({"role": "assistant", "content": reasoning, "metadata": {"title": "Reasoning"}})
+        if answer or not reasoning:
+            shown.append({"role": "assistant", "content": answer})
+    return shown
+
+
+class ChatBackend:
+    """The model side of the UI: bounded, streamed replies to a conversation.
+
+    Args:
+        model (ReasoningLLM): the model.
+        tokenizer: its tokenizer.
+        generation (Optional[dict]): default `generate.stream` keyword arguments (stop strings, top_k, seed ...).
+    """
+
+    def __init__(self, model, tokenizer, generation: Optional[dict] = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.generation = dict(generation or {})
+        self.max_new_tokens = max(1, min(MAX_NEW_TOKENS, model.args.max_seq_len // 2))
+
+    def reply(self, message: str, history: Messages, system: str, temperature: float, top_p: float,
+              max_new_tokens: int) -> Iterator[str]:
+        """Stream the assistant's reply text to `message` after `history` (inputs clamped to safe ranges)."""
+        messages = ([{"role": "system", "content": system[:MAX_MESSAGE_CHARS]}] if system.strip() else [])
+        messages += history + [{"role": "user", "content": message[:MAX_MESSAGE_CHARS]}]
+        max_new_tokens = max(1, min(int(max_new_tokens), self.max_new_tokens))
+        _, prompt = fit_messages(self.tokenizer, messages, self.model.args.max_seq_len - max_new_tokens)
+        kwargs = {**self.generation, "max_new_tokens": max_new_tokens,
+                  "temperature": min(max(float(temperature), 0.0), 2.0), "top_p": min(max(float(top_p), 0.01), 1.0)}
+        yield from stream_text(self.model, self.tokenizer, prompt, **kwargs)
+
+    def opened(self, system: str) -> bool:
+        """Whether replies start inside `<think>` (the template opens it)."""
+        messages = ([{"role": "system", "content": system}] if system.strip() else [])
+        return opens_in_think(self.tokenizer, messages + [{"role": "user", "content": "."}])
+
+
+def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optional[dict] = None):
+    """The Gradio app (not launched).
+
+    Args:
+        model (ReasoningLLM): the model.
+        tokenizer: its tokenizer.
+        system (Optional[str]): initial system prompt.
+        generation (Optional[dict]): default generation settings (`temperature`, `top_p`, `max_new_tokens` seed
+            the controls; the rest is passed to `generate.stream`).
+
+    Returns:
+        gradio.Blocks: the app, with its queue configured; `/chat` is also an API endpoint (message, system,
+        temperature, top_p, max_new_tokens) -> reply text.
+    """
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+    from verse.errors import VerseError
+
+    generation = dict(generation or {})
+    temperature = generation.pop("temperature", 0.7) or 0.0
+    top_p = generation.pop("top_p", 1.0)
+    backend = ChatBackend(model, tokenizer, generation)
+    max_new = min(generation.pop("max_new_tokens", 256), backend.max_new_tokens)
+    backend.generation = generation
+
+    def respond(message: str, history: Messages, system_prompt: str, temp: float, nucleus: float, max_tokens: int):
+        if not message.strip():
+            yield gr.update(), history, gr.update()
+            return
+        opened = backend.opened(system_prompt)
+        turn = history + [{"role": "user", "content": message[:MAX_MESSAGE_CHARS]}, {"role": "assistant", "content": ""}]
+        yield _display(turn, opened), turn, ""
+        try:
+            for piece in backend.reply(message, history, system_prompt, temp, nucleus, max_tokens):
+                turn[-1] = {"role": "assistant", "content": turn[-1]["content"] + piece}
+                yield _display(turn, opened), turn, ""
+        except VerseError as e:
+            raise gr.Error(str(e)) from None
+
+    def api_chat(message: str, system_prompt: str = "", temp: float = 0.0, nucleus: float = 1.0,
+                 max_tokens: int = 64) -> str:
+        """One stateless reply: the full text of the assistant's answer to `message`."""
+        try:
+            return "".join(backend.reply(message, [], system_prompt, temp, nucleus, max_tokens))
+        except VerseError as e:
+            raise gr.Error(str(e)) from None
+
+    with gr.Blocks(title="Verse chat") as demo:
+        gr.Markdown("### Verse chat")
+        chatbot = gr.Chatbot(label="conversation", height=420, elem_id="chatbot")
+        history = gr.State([])
+        with gr.Row():
+            box = gr.Textbox(placeholder="Message (Enter to send)", show_label=False, max_length=MAX_MESSAGE_CHARS,
+                             scale=6, elem_id="message", autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+            reset = gr.Button("Reset", scale=1, elem_id="reset")
+        with gr.Accordion("Settings", open=False):
+            system_box = gr.Textbox(value=system or "", label="system prompt", max_length=MAX_MESSAGE_CHARS, lines=2)
+            temp = gr.Slider(0.0, 2.0, value=temperature, step=0.05, label="temperature (0 = greedy)")
+            nucleus = gr.Slider(0.05, 1.0, value=top_p, step=0.05, label="top-p")
+            max_tokens = gr.Slider(1, backend.max_new_tokens, value=max_new, step=1, label="max new tokens")
+        inputs = [box, history, system_box, temp, nucleus, max_tokens]
+        outputs = [chatbot, history, box]
+        events = [trigger(respond, inputs, outputs, api_visibility="private", concurrency_id="model")
+                  for trigger in (box.submit, send.click)]
+        stop.click(None, cancels=events)
+        reset.click(lambda: ([], [], ""), None, outputs, cancels=events, queue=False, api_visibility="private")
+        gr.api(api_chat, api_name="chat", concurrency_id="model")
+    demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
+    return demo
+
+
+def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 7860, system: Optional[str] = None,
+          generation: Optional[dict] = None) -> None:
+    """Serve the chat UI until interrupted.
+
+    Args:
+        model (ReasoningLLM): the model.
+        tokenizer: its tokenizer.
+        host (str): address to listen on; 127.0.0.1 keeps it to this machine.
+        port (int): TCP port.
+        system (Optional[str]): initial system prompt.
+        generation (Optional[dict]): default generation settings.
+    """
+    demo = build_ui(model, tokenizer, system, generation)
+    print(f"Verse chat UI on http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    demo.launch(server_name=host, server_port=port, share=False, show_error=True, footer_links=["api"])
