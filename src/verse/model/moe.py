@@ -149,7 +149,7 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     B, T, E = scores.shape
     k = indices.size(-1)
     counts = torch.zeros(B, E, device=scores.device).scatter_add_(
-        1, indices.view(B, -1), torch.ones(B, T * k, device=scores.device))
+        1, indices.reshape(B, -1), torch.ones(B, T * k, device=scores.device))
     f = counts * (E / (k * T))
     p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
     return (f * p).sum(dim=-1).mean()

@@ -1,0 +1,187 @@
+"""Mixture of Experts: routing and expert compute vs per-token plain-math oracles, balancing, stats, gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from verse import ModelArgs, ReasoningLLM
+from verse.model.moe import MoE, balance_loss, load_stats
+
+
+def moe_args(**kw) -> ModelArgs:
+    base = dict(arch="deepseek_v3", vocab_size=80, dim=32, n_layers=4, n_heads=4, inter_dim=48, attention="mla",
+                q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=16, n_dense_layers=1,
+                score_func="sigmoid", n_expert_groups=4, n_limited_groups=2, route_scale=2.5, norm_topk_prob=True,
+                max_seq_len=64, dtype="float32")
+    return ModelArgs(**{**base, **kw})
+
+
+def random_moe(args: ModelArgs, seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(args)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    return moe
+
+
+def reference_route(moe: MoE, x: torch.Tensor):
+    """DeepSeek-V3 `Gate.forward` logic token by token, in float64 Python (the oracle)."""
+    gate, n = moe.gate, moe.n_experts
+    per_group = n // gate.n_groups
+    routes = []
+    for token in x.double():
+        logits = gate.weight.double() @ token
+        scores = logits.softmax(0) if gate.score_func == "softmax" else logits.sigmoid()
+        biased = scores + (gate.bias.double() if gate.bias is not None else 0)
+        groups = [biased[g * per_group:(g + 1) * per_group] for g in range(gate.n_groups)]
+        group_score = [sorted(g.tolist())[-2:] if gate.bias is not None else [max(g.tolist())] for g in groups]
+        best = sorted(range(gate.n_groups), key=lambda g: -sum(group_score[g]))[:gate.topk_groups]
+        allowed = [e for e in range(n) if e // per_group in best]
+        chosen = sorted(allowed, key=lambda e: -biased[e].item())[:gate.topk]
+        weights = [scores[e].item() for e in chosen]
+        if gate.norm_topk_prob:
+            weights = [w / sum(weights) for w in weights]
+        routes.append({e: w * gate.route_scale for e, w in zip(chosen, weights)})
+    return routes
+
+
+def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """y_t = sum over routed experts of g * SwiGLU_e(x_t) + shared(x_t), token by token."""
+    flat = x.view(-1, x.size(-1))
+    w1, w2, w3 = (moe.experts.w1.double(), moe.experts.w2.double(), moe.experts.w3.double())
+    out = []
+    for token, route in zip(flat.double(), reference_route(moe, flat)):
+        y = sum(g * (w2[e] @ (F.silu(w1[e] @ token) * (w3[e] @ token))) for e, g in route.items())
+        if moe.shared_experts is not None:
+            s = moe.shared_experts
+            y = y + s.w2.weight.double() @ (F.silu(s.w1.weight.double() @ token) * (s.w3.weight.double() @ token))
+        out.append(y)
+    return torch.stack(out).view_as(x).float()
+
+
+@pytest.mark.parametrize("kind", ["sigmoid-groups-bias", "softmax-greedy", "softmax-groups"])
+def test_routing_matches_reference(kind):
+    args = {"sigmoid-groups-bias": moe_args(),
+            "softmax-greedy": moe_args(score_func="softmax", n_expert_groups=1, n_limited_groups=1,
+                                       norm_topk_prob=False, route_scale=1.0),
+            "softmax-groups": moe_args(score_func="softmax", n_activated_experts=3)}[kind]
+    moe = random_moe(args)
+    if moe.gate.bias is not None:
+        with torch.no_grad():
+            moe.gate.bias.uniform_(-0.3, 0.3)
+    x = torch.randn(40, args.dim)
+    weights, indices, _ = moe.gate(x)
+    for t, route in enumerate(reference_route(moe, x)):
+        assert set(indices[t].tolist()) == set(route), t
+        got = dict(zip(indices[t].tolist(), weights[t].tolist()))
+        for e, w in route.items():
+            assert got[e] == pytest.approx(w, rel=1e-5)
+
+
+@pytest.mark.parametrize("dim,inter,grouped", [(32, 16, True), (12, 6, False)])
+def test_moe_forward_matches_per_token_oracle(dim, inter, grouped):
+    """Both expert paths: grouped_mm (16-byte aligned widths) and the per-expert loop (unaligned widths)."""
+    args = moe_args(dim=dim, moe_inter_dim=inter, n_heads=2)
+    moe = random_moe(args, seed=1)
+    x = torch.randn(3, 7, dim)
+    assert moe.experts.use_grouped_mm(x) == (grouped and hasattr(F, "grouped_mm"))
+    torch.testing.assert_close(moe(x), reference_moe(moe, x), atol=1e-4, rtol=1e-4)
+
+
+def test_bias_changes_selection_not_weights():
+    args = moe_args(n_expert_groups=1, n_limited_groups=1, norm_topk_prob=False, route_scale=1.0)
+    moe = random_moe(args)
+    x = torch.randn(16, args.dim)
+    with torch.no_grad():
+        moe.gate.bias.zero_()
+        moe.gate.bias[5] = 100.0  # every token now picks expert 5 ...
+    weights, indices, scores = moe.gate(x)
+    assert (indices == 5).any(dim=1).all()
+    picked = (indices == 5).float().argmax(dim=1)
+    # ... and its weight is its unbiased sigmoid score
+    torch.testing.assert_close(weights[torch.arange(16), picked], torch.sigmoid(x @ moe.gate.weight[5]))
+
+
+def test_balance_loss_hand_values():
+    # uniform routing: f_i = 1 for all experts and P_i = 1/E, so the loss is 1
+    E, T = 4, 4
+    scores = torch.full((1, T, E), 0.5)
+    indices = torch.tensor([[[0, 1], [2, 3], [0, 2], [1, 3]]])
+    assert balance_loss(scores, indices).item() == pytest.approx(1.0)
+    # all tokens to experts 0 and 1 with normalized scores (0.4, 0.4, 0.1, 0.1):
+    # f = E/(kT) * counts = 4/8 * (4, 4, 0, 0) = (2, 2, 0, 0); loss = 2*0.4 + 2*0.4 = 1.6
+    scores = torch.tensor([0.4, 0.4, 0.1, 0.1]).expand(1, T, E)
+    indices = torch.tensor([[0, 1]]).expand(1, T, 2).unsqueeze(0)[0]
+    assert balance_loss(scores, indices).item() == pytest.approx(1.6)
+
+
+def test_load_stats_hand_values():
+    stats = load_stats(torch.tensor([0.0, 2.0, 2.0, 12.0]))  # mean 4
+    assert stats["load_min"] == 0.0 and stats["load_max"] == 3.0
+    assert stats["dropped"] == 1 and stats["overloaded"] == 1
+    p = [0.125, 0.125, 0.75]
+    assert stats["entropy"] == pytest.approx(-sum(q * math.log(q) for q in p) / math.log(4))
+    assert load_stats(torch.ones(8))["entropy"] == pytest.approx(1.0)
+
+
+def test_router_bias_update_follows_load_sign():
+    args = moe_args(router_bias_update_rate=0.01)
+    model = ReasoningLLM(args).train()
+    model(torch.randint(0, 80, (2, 16)))
+    moes = model.moe_layers
+    loads = {i: moe.bias_load.clone() for i, moe in moes.items()}
+    assert all(load.sum() == 2 * 16 * args.n_activated_experts for load in loads.values())
+    model.update_router_bias()
+    for i, moe in moes.items():
+        expected = 0.01 * torch.sign(loads[i].mean() - loads[i])
+        torch.testing.assert_close(moe.gate.bias, expected)
+        assert moe.bias_load.sum() == 0  # counting restarts
+
+
+def test_moe_stats_per_layer():
+    model = ReasoningLLM(moe_args()).train()
+    model(torch.randint(0, 80, (2, 10)))
+    stats = model.moe_stats()
+    assert sorted({key.split("/")[1] for key in stats}) == ["1", "2", "3"]
+    assert all(model.moe_stats()[f"moe/{i}/load_max"] == 0 for i in (1, 2, 3))  # reset after reading
+    assert ReasoningLLM(moe_args(n_routed_experts=0)).moe_stats() == {}
+
+
+def test_gradients_reach_every_parameter_but_the_router_bias():
+    torch.manual_seed(3)
+    model = ReasoningLLM(moe_args(aux_loss_alpha=0.01, router_bias_update_rate=0.001)).train()
+    tokens = torch.randint(0, 80, (4, 16))
+    logits = model(tokens)
+    aux = model.aux_loss()
+    assert aux.item() > 0
+    (F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()) + aux).backward()
+    for name, p in model.named_parameters():
+        if name.endswith("gate.bias"):
+            assert p.grad is None and not p.requires_grad
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_aux_loss_gradient_reaches_router():
+    model = ReasoningLLM(moe_args(aux_loss_alpha=0.1)).train()
+    model(torch.randint(0, 80, (2, 8)))
+    model.aux_loss().backward()
+    assert all(moe.gate.weight.grad.abs().sum() > 0 for moe in model.moe_layers.values())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(4)
+    args = moe_args(aux_loss_alpha=0.01)
+    plain = ReasoningLLM(args).train()
+    ckpt = ReasoningLLM(args.replace(checkpointing=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 80, (2, 12))
+    for model in (plain, ckpt):
+        (model(tokens).square().mean() + model.aux_loss()).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
