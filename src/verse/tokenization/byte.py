@@ -9,7 +9,7 @@ from tokenizers import Tokenizer as HFBackend, decoders, models, pre_tokenizers
 
 from verse.tokenization.base import Tokenizer
 from verse.tokenization.chat import CHATML_TEMPLATE
-from verse.tokenization.hf import bytes_to_unicode, encode_split, with_added_tokens
+from verse.tokenization.hf import bytes_to_unicode, encode_split, tokenizer_json
 
 BYTE_SPECIAL_TOKENS = {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258, "<|im_start|>": 259, "<|im_end|>": 260}
 
@@ -54,8 +54,7 @@ class ByteTokenizer(Tokenizer):
 
     def to_tokenizer_json(self) -> str:
         # One BPE symbol per byte (GPT-2's byte spelling) and no merges: byte b is id b.
-        vocab = {char: b for b, char in bytes_to_unicode().items()}
-        backend = HFBackend(models.BPE(vocab, []))
+        backend = HFBackend(models.BPE({}, []))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         backend.decoder = decoders.ByteLevel()
-        return with_added_tokens(backend, self.special_tokens)
+        return tokenizer_json(backend, self.special_tokens, {char: b for b, char in bytes_to_unicode().items()}, [])

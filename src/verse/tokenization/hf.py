@@ -5,7 +5,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from tokenizers import Regex, Tokenizer as HFBackend, decoders, models, pre_tokenizers
 
@@ -30,12 +30,31 @@ def bytes_to_unicode() -> Dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
 
 
-def with_added_tokens(backend: HFBackend, special_tokens: Dict[str, int]) -> str:
-    """Serialize a tokenizer with special tokens at the given ids (ids may leave gaps, as o200k's do).
+def byte_level_spelling(tokens) -> Dict[bytes, str]:
+    """Spell token bytes in the byte-level alphabet (GPT-2's `bytes_to_unicode`).
 
     Args:
-        backend: the tokenizer without special tokens.
+        tokens: token byte strings.
+
+    Returns:
+        Dict[bytes, str]: token -> its spelling in tokenizer.json.
+    """
+    table = {b: char for b, char in bytes_to_unicode().items()}
+    return {token: token.decode("latin-1").translate(table) for token in tokens}
+
+
+def tokenizer_json(backend: HFBackend, special_tokens: Dict[str, int], vocab: Dict[str, int],
+                   merges: List[Tuple[str, str]]) -> str:
+    """Serialize a byte-level BPE tokenizer with special tokens at the given ids.
+
+    The special tokens also go into the BPE vocabulary: `tokenizers` renumbers added tokens that the model does
+    not know, which would close o200k's id gaps (199998, 200003-200017) and shift `<|endoftext|>`.
+
+    Args:
+        backend: pre-tokenizer, decoder and BPE options, with an empty BPE model.
         special_tokens: token string -> id.
+        vocab, merges: the BPE vocabulary and merges, spliced into the model section here (building a 200k
+            vocabulary inside `tokenizers` would cost a JSON round trip of the whole file).
 
     Returns:
         str: tokenizer.json text.
@@ -44,6 +63,8 @@ def with_added_tokens(backend: HFBackend, special_tokens: Dict[str, int]) -> str
     data["added_tokens"] = [
         {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
          "special": True} for s, i in sorted(special_tokens.items(), key=lambda item: item[1])]
+    data["model"]["vocab"] = {**vocab, **special_tokens}
+    data["model"]["merges"] = [list(pair) for pair in merges]
     return json.dumps(data, ensure_ascii=False)
 
 
@@ -63,19 +84,24 @@ def tiktoken_to_tokenizer_json(ranks: Dict[bytes, int], pattern: str, special_to
     Returns:
         str: tokenizer.json text.
     """
-    spelling = bytes_to_unicode()
-    spell = {token: "".join(spelling[b] for b in token) for token in ranks}
-    merges = []
-    for token in sorted(ranks, key=ranks.get):
-        halves = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        halves.sort(key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
-        merges += [(spell[left], spell[right]) for left, right in halves]
-    backend = HFBackend(models.BPE({spell[t]: r for t, r in ranks.items()}, merges, ignore_merges=True))
+    spelled = byte_level_spelling(ranks)
+    by_rank = {rank: spelled[token] for token, rank in ranks.items()}
+    splits = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left = ranks.get(token[:i])
+            if left is not None:
+                right = ranks.get(token[i:])
+                if right is not None:
+                    splits.append((rank, left, right))
+    splits.sort()
+    backend = HFBackend(models.BPE({}, [], ignore_merges=True))
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
-    return with_added_tokens(backend, special_tokens)
+    return tokenizer_json(backend, special_tokens, {spelled[t]: r for t, r in ranks.items()},
+                          [(by_rank[left], by_rank[right]) for _, left, right in splits])
 
 
 @lru_cache(maxsize=64)

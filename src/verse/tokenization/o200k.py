@@ -96,6 +96,12 @@ def o200k_encoding() -> tiktoken.Encoding:
                              special_tokens=O200K_SPECIAL_TOKENS)
 
 
+@lru_cache(maxsize=1)
+def o200k_tokenizer_json() -> str:
+    """tokenizer.json text of o200k with Verse's specials (built once per process: it takes seconds)."""
+    return tiktoken_to_tokenizer_json(o200k_ranks(), O200K_PATTERN, O200K_SPECIAL_TOKENS)
+
+
 class O200kTokenizer(Tokenizer):
     """o200k_base through tiktoken, with the ChatML template (`<|im_start|>role\\n...<|im_end|>\\n`).
 
@@ -138,4 +144,4 @@ class O200kTokenizer(Tokenizer):
         return token_id in self._special_ids or 0 <= token_id < len(o200k_ranks())  # ranks are 0..n-1
 
     def to_tokenizer_json(self) -> str:
-        return tiktoken_to_tokenizer_json(o200k_ranks(), O200K_PATTERN, self.special_tokens)
+        return o200k_tokenizer_json()
