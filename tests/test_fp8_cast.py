@@ -162,3 +162,57 @@ def test_bad_paths_exit_2(tmp_path, capsys):
     (tmp_path / "busy" / "file").write_text("x")
     assert main(["fp8-to-bf16", str(src), str(tmp_path / "busy")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_deepseek_v3_fp8_checkpoint_converts_and_loads(tmp_path):
+    """A tiny transformers DeepseekV3 model saved in the FP8 layout of the real checkpoint -> fp8-to-bf16 ->
+    transformers and `verse.load` both load the result, with the logits of the hand-dequantized model."""
+    transformers = pytest.importorskip("transformers")
+    import verse
+    from verse.fp8 import weight_quant
+
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=96, hidden_size=64, intermediate_size=160, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=12, max_position_embeddings=64, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, norm_topk_prob=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    oracle = transformers.DeepseekV3ForCausalLM(config).eval()
+    src, dst = tmp_path / "fp8", tmp_path / "bf16"
+    oracle.save_pretrained(src)
+    state = {}
+    for file in src.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
+        file.unlink()
+    for file in src.glob("*.index.json"):
+        file.unlink()
+    fp8_names = [n for n in state if n.endswith("proj.weight") or n.endswith("proj_with_mqa.weight")]
+    for name in fp8_names:  # as in DeepSeek-V3: every projection FP8, embeddings/norms/router/head not
+        state[name], state[name + "_scale_inv"] = weight_quant(state[name].float())
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, members in shards.items():
+        save_file({n: state[n].contiguous() for n in members}, str(src / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(members, shard))
+    assert any(weight_map[n] != weight_map[n + "_scale_inv"] for n in fp8_names)  # some scales in the other shard
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    hf_config = json.loads((src / "config.json").read_text())
+    hf_config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                        "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(hf_config))
+
+    assert main(["fp8-to-bf16", str(src), str(dst)]) == 0
+    reference = tmp_path / "by-hand"  # the same model with every FP8 weight dequantized by hand
+    reference.mkdir()
+    save_file({n: hand_dequant(t, state[n + "_scale_inv"]) if n in fp8_names else t
+               for n, t in state.items() if not n.endswith("_scale_inv")}, str(reference / "model.safetensors"))
+    oracle.config.save_pretrained(reference)
+    tokens = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        expected = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)(tokens).logits
+        converted = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)(tokens).logits
+        torch.testing.assert_close(converted, expected, rtol=0, atol=0)
+        torch.testing.assert_close(verse.load(dst, dtype=torch.float32)(tokens), expected, rtol=0, atol=1e-4)
