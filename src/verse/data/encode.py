@@ -1,0 +1,154 @@
+"""Examples to token ids + loss mask with the model's tokenizer, the length policy, and worker processes.
+
+A chat example is rendered by the tokenizer's chat template (`encode_chat`): the mask is True exactly
+on the assistant content and the end token of each trained assistant turn. A text example is
+`bos + text + eos` with every token trained. The mask marks *targets*: the loader turns it into labels
+shifted by one (`labels[t] = ids[t + 1]` where `mask[t + 1]`).
+"""
+
+import multiprocessing
+import pickle
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from verse.data.formats import Example
+
+
+@dataclass
+class Encoded:
+    """One tokenized example (or the reason it was dropped).
+
+    Args:
+        ids: token ids, int64 [n] (n <= max_seq_len).
+        mask: bool [n], True on tokens that are training targets.
+        length: tokens before truncation.
+        source: index of its source in the mix.
+        where: file:line (or Hub row) it came from.
+        dropped: "too_long" or "no_loss_tokens" when the example is not used.
+    """
+
+    ids: np.ndarray
+    mask: np.ndarray
+    length: int
+    source: int
+    where: str
+    dropped: Optional[str] = None
+
+    @property
+    def truncated(self) -> int:
+        """Tokens cut off by truncation."""
+        return self.length - len(self.ids) if self.dropped is None else 0
+
+
+def encode_example(tokenizer: Any, example: Example, *, max_seq_len: int, train_on: str, truncation: str,
+                   source: int = 0, where: str = "") -> Encoded:
+    """Tokenize one example and apply the length policy.
+
+    Args:
+        tokenizer: a Verse tokenizer (`encode_chat`, `encode`, `bos_id`, `eos_id`).
+        example: a conversation (list of messages) or a text.
+        max_seq_len: longest sequence kept.
+        train_on: "all_assistant" or "last_assistant".
+        truncation: "truncate" (keep the first max_seq_len tokens) or "drop".
+        source: index of the source (carried along for stats).
+        where: location of the record (carried along for reports).
+
+    Returns:
+        Encoded: ids and mask, or `dropped` set.
+    """
+    if isinstance(example, str):
+        ids = tokenizer.encode(example)
+        ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
+        ids += [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        mask = np.ones(len(ids), dtype=bool)
+    else:
+        enc = tokenizer.encode_chat(example, train_on=train_on)
+        ids, mask = enc.input_ids, np.asarray(enc.loss_mask, dtype=bool)
+    ids = np.asarray(ids, dtype=np.int64)
+    length = len(ids)
+    dropped = None
+    if length > max_seq_len:
+        if truncation == "drop":
+            dropped = "too_long"
+        ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+    if dropped is None and not mask[1:].any():  # token 0 is never a target: nothing precedes it
+        dropped = "no_loss_tokens"
+    return Encoded(ids, mask, length, source, where, dropped)
+
+
+CHUNK = 16  # examples per task sent to a worker
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer: Any, options: dict) -> None:
+    _WORKER.update(tokenizer=tokenizer, options=options)
+
+
+def _encode_chunk(items: Sequence[Tuple[int, Example, str]]) -> List[Encoded]:
+    tok, opts = _WORKER["tokenizer"], _WORKER["options"]
+    return [encode_example(tok, ex, source=i, where=w, **opts) for i, ex, w in items]
+
+
+class Encoder:
+    """Tokenizes blocks of examples inline (num_workers=0) or in a pool of worker processes.
+
+    The pool works one block ahead: `submit(block)` starts it, `result()` returns the earlier block's
+    encodings in order, so the order (and a resume) does not depend on the number of workers.
+
+    Args:
+        tokenizer: the tokenizer (pickled once to each worker).
+        num_workers: processes; 0 tokenizes in this process.
+        **options: keyword arguments of `encode_example` (max_seq_len, train_on, truncation).
+    """
+
+    def __init__(self, tokenizer: Any, num_workers: int, **options: Any) -> None:
+        self.tokenizer, self.options = tokenizer, options
+        self.pool = None
+        if num_workers > 0:
+            # fork (like torch's DataLoader) where there is one: no `if __name__ == "__main__"` guard needed in
+            # user scripts and no pickling of the tokenizer; workers only run the tokenizer.
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            if ctx.get_start_method() != "fork":
+                try:
+                    pickle.dumps(tokenizer)
+                except Exception:  # an unpicklable tokenizer still works, in this process
+                    num_workers = 0
+            if num_workers > 0:
+                self.pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer, options))
+                # an abandoned iterator still stops its workers, at the latest when the interpreter exits
+                self._finalizer = weakref.finalize(self, self.pool.terminate)
+        self.num_workers = num_workers
+
+    def map(self, blocks: Iterator[Tuple[Any, List[Tuple[int, Example, str]]]]) -> Iterator[Tuple[Any, List[Encoded]]]:
+        """Encode (tag, block) pairs in order, one block ahead when a pool is used.
+
+        Args:
+            blocks: (tag, [(source, example, where), ...]) pairs; the tag is passed through.
+
+        Returns:
+            Iterator[Tuple[Any, List[Encoded]]]: (tag, encodings) in the input order.
+        """
+        if self.pool is None:
+            for tag, block in blocks:
+                yield tag, [encode_example(self.tokenizer, ex, source=i, where=w, **self.options)
+                            for i, ex, w in block]
+            return
+        pending = None
+        for tag, block in blocks:
+            job = self.pool.map_async(_encode_chunk, [block[i:i + CHUNK] for i in range(0, len(block), CHUNK)])
+            if pending is not None:
+                yield pending[0], [e for part in pending[1].get() for e in part]
+            pending = (tag, job)
+        if pending is not None:
+            yield pending[0], [e for part in pending[1].get() for e in part]
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        if self.pool is not None and self._finalizer.alive:  # not already stopped at interpreter exit
+            self._finalizer()
+            self.pool.join()
+        self.pool = None

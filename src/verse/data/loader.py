@@ -1,0 +1,270 @@
+"""`build_loader`: the resumable, deterministic batch iterator the trainer consumes.
+
+Pipeline: per-source readers (`sources.py`) -> weighted mix -> tokenize in worker processes
+(`encode.py`) -> pack or pad (`packing.py`) -> LongTensor batches. Everything before the tokenizer is
+a pure function of (seed, rank, position), so `state_dict()` is just a position: where the mix and each
+source stand at the start of a block of examples, plus how many examples of that block are already in
+yielded batches. `load_state_dict()` replays from there without tokenizing the skipped examples.
+"""
+
+import copy
+from collections import Counter
+from itertools import islice
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from verse.data.config import DataConfig
+from verse.data.encode import Encoded, Encoder
+from verse.data.packing import collate, packed_row, padded_row
+from verse.data.sources import SourceReader
+from verse.errors import ConfigError
+
+BLOCK = 128  # examples tokenized per round trip to the workers
+MIX_CHUNK = 1024  # mixing draws generated per RNG call
+
+
+class MixedStream:
+    """Examples drawn from several sources with fixed weights; draw k is a pure function of (seed, k).
+
+    Args:
+        readers: one `SourceReader` per source.
+        weights: sampling probabilities (sum 1).
+        seed: run seed.
+    """
+
+    def __init__(self, readers: List[SourceReader], weights: np.ndarray, seed: int) -> None:
+        self.readers, self.weights, self.seed = readers, weights, seed
+        self.draws = 0
+        self._chunk = (-1, np.zeros(0, dtype=np.int64))
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Draw counter and every source's position."""
+        return {"draws": self.draws, "sources": [r.state_dict() for r in self.readers]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue from a `state_dict()`."""
+        if len(state["sources"]) != len(self.readers):
+            raise ConfigError(f"data state has {len(state['sources'])} sources but the config has "
+                              f"{len(self.readers)}; resume with the same data config")
+        self.draws = state["draws"]
+        for reader, s in zip(self.readers, state["sources"]):
+            reader.load_state_dict(s)
+
+    def __iter__(self) -> "MixedStream":
+        return self
+
+    def __next__(self) -> Tuple[int, Any, str]:
+        while not all(r.exhausted for r in self.readers):
+            i = self._choice(self.draws)
+            self.draws += 1
+            try:
+                example, where = next(self.readers[i])
+            except StopIteration:  # only non-cycling sources end; their draws are skipped
+                continue
+            return i, example, where
+        raise StopIteration
+
+    def _choice(self, k: int) -> int:
+        chunk, choices = self._chunk
+        if chunk != k // MIX_CHUNK:
+            chunk = k // MIX_CHUNK
+            rng = np.random.default_rng([self.seed, 0x6D6978, chunk])
+            choices = rng.choice(len(self.weights), size=MIX_CHUNK, p=self.weights)
+            self._chunk = (chunk, choices)
+        return int(choices[k % MIX_CHUNK])
+
+
+class DataLoader:
+    """Batches of `input_ids`, shifted `labels` and (packed) `position_ids` for one rank; see `build_loader`."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, *, max_seq_len: int, micro_batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, split: str = "train") -> None:
+        if split not in ("train", "eval"):
+            raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside world_size {world_size}")
+        if split == "eval" and not (cfg.eval_sources or cfg.eval_fraction):
+            raise ConfigError("data: split='eval' needs data.eval_fraction > 0 or data.eval_sources")
+        if micro_batch_size < 1 or max_seq_len < 2:
+            raise ConfigError(f"micro_batch_size must be >= 1 and max_seq_len >= 2, got {micro_batch_size}, "
+                              f"{max_seq_len}")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.max_seq_len, self.micro_batch_size, self.seed = max_seq_len, micro_batch_size, seed
+        self.split = split
+        use_eval_sources = split == "eval" and bool(cfg.eval_sources)
+        sources = cfg.eval_sources if use_eval_sources else cfg.sources
+        if not sources:
+            raise ConfigError("data.sources is empty: list at least one training source")
+        holdout = (0.0, False) if use_eval_sources else (cfg.eval_fraction, split == "eval")
+        self.readers = [
+            SourceReader(s, i, seed=seed, rank=rank, world_size=world_size, holdout=holdout,
+                         cycle=cfg.cycle and split == "train", shuffle_buffer=cfg.shuffle_buffer,
+                         max_record_bytes=cfg.max_record_bytes)
+            for i, s in enumerate(sources)]
+        weights = np.array([s.weight for s in sources], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self.pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+        self.counters: Counter = Counter()
+        self.lengths: Optional[List[int]] = None  # set to [] to record every example's length (stats)
+        self.limit: Optional[int] = None  # stop after this many examples (dry runs)
+        self._resume: Dict[str, Any] = {"stream": None, "skip": 0, "counters": {}}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Position after the last yielded batch (plain ints, strings and dicts: JSON- and torch.save-able)."""
+        return copy.deepcopy({"version": 1, **self._resume})
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Make the next iteration continue exactly after the batch the state was taken at."""
+        self._resume = copy.deepcopy({k: state[k] for k in ("stream", "skip", "counters")})
+
+    @property
+    def bad_by_reason(self) -> Dict[str, int]:
+        """Skipped records by reason, summed over sources (up to the records read so far)."""
+        total: Counter = Counter()
+        for r in self.readers:
+            total.update(r.bad)
+        return dict(sorted(total.items()))
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        stream = MixedStream(self.readers, self.weights, self.seed)
+        if self._resume["stream"] is not None:
+            stream.load_state_dict(self._resume["stream"])
+        self.counters = Counter(self._resume["counters"])
+        encoder = Encoder(self.tokenizer, self.cfg.num_workers, max_seq_len=self.max_seq_len,
+                          train_on=self.cfg.train_on, truncation=self.cfg.truncation)
+        try:
+            yield from self._batches(encoder.map(self._blocks(stream, self._resume["skip"])))
+        finally:
+            encoder.close()
+
+    def _blocks(self, stream: MixedStream, skip: int) -> Iterator[Tuple[Tuple[dict, int], list]]:
+        """(position tag, examples) blocks; the tag is (stream state at block start, examples before it)."""
+        snap = stream.state_dict()
+        drawn = sum(1 for _ in islice(stream, skip))
+        while True:
+            n = BLOCK if self.limit is None else min(BLOCK, self.limit - self.counters["examples"] - drawn)
+            block = list(islice(stream, max(n, 0)))
+            if not block:
+                return
+            drawn += len(block)
+            yield (snap, skip), block
+            snap, skip = stream.state_dict(), 0
+
+    def _batches(self, encoded: Iterator[Tuple[Tuple[dict, int], List[Encoded]]]) -> Iterator[Dict[str, torch.Tensor]]:
+        """Pack or pad encoded examples into batches, recording the resume point of each batch.
+
+        A resume point is (stream state at a block start, examples of the block to skip, counters as of
+        that example), so the counters in a checkpoint cover exactly the examples before it.
+        """
+        T, B, pack = self.max_seq_len, self.micro_batch_size, self.cfg.pack
+        rows: List[Tuple[Any, dict]] = []  # completed rows (packed dict or one Encoded) and their resume points
+        cur: List[Encoded] = []  # the open (packed) row
+        cur_len, cur_start = 0, {}
+        for (snap, base), encs in encoded:
+            for i, enc in enumerate(encs):
+                if pack and cur and enc.dropped is None and cur_len + len(enc.ids) > T:
+                    rows.append((self._packed(cur), cur_start))
+                    cur, cur_len = [], 0
+                point = {"stream": snap, "skip": base + i, "counters": dict(self.counters)}
+                if not self._count(enc):
+                    continue
+                if not pack:
+                    rows.append((enc, point))
+                else:
+                    if not cur:
+                        cur_start = point
+                    cur.append(enc)
+                    cur_len += len(enc.ids)
+                    if cur_len == T:
+                        rows.append((self._packed(cur), cur_start))
+                        cur, cur_len = [], 0
+                while len(rows) >= B:
+                    batch, rows = self._collate([r for r, _ in rows[:B]]), rows[B:]
+                    after = {"stream": snap, "skip": base + i + 1, "counters": dict(self.counters)}
+                    self._resume = rows[0][1] if rows else (cur_start if cur else after)
+                    yield batch
+        if cur:
+            rows.append((self._packed(cur), cur_start))
+        for start in range(0, len(rows), B):
+            batch = self._collate([r for r, _ in rows[start:start + B]])
+            self._resume = rows[start + B][1] if start + B < len(rows) else self._end_point()
+            yield batch
+
+    def _end_point(self) -> Dict[str, Any]:
+        """The position after everything: resuming from it yields nothing more."""
+        return {"stream": {"draws": 0, "sources": [{**r.state_dict(), "exhausted": True} for r in self.readers]},
+                "skip": 0, "counters": dict(self.counters)}
+
+    def _count(self, enc: Encoded) -> bool:
+        """Update the counters with one example; return whether it goes into a batch."""
+        c = self.counters
+        c["examples"] += 1
+        if self.lengths is not None:
+            self.lengths.append(enc.length)
+        if enc.dropped is not None:
+            c[f"dropped_{enc.dropped}"] += 1
+            return False
+        c["records"] += 1
+        c[f"records/{self.readers[enc.source].src.label}"] += 1
+        c["tokens"] += len(enc.ids)
+        c["loss_tokens"] += int(enc.mask[1:].sum())
+        if enc.truncated:
+            c["truncated"] += 1
+            c["truncated_tokens"] += enc.truncated
+        return True
+
+    def _packed(self, examples: List[Encoded]) -> Dict[str, np.ndarray]:
+        used = sum(len(e.ids) for e in examples)
+        self.counters["rows"] += 1
+        self.counters["row_tokens"] += self.max_seq_len
+        self.counters["pad_tokens"] += self.max_seq_len - used
+        return packed_row(examples, self.max_seq_len, self.pad_id)
+
+    def _collate(self, rows: List[Any]) -> Dict[str, torch.Tensor]:
+        if not self.cfg.pack:  # pad to the longest row, rounded up to pad_to_multiple_of
+            m = self.cfg.pad_to_multiple_of
+            length = min(self.max_seq_len, -(-max(len(e.ids) for e in rows) // m) * m)
+            self.counters["rows"] += len(rows)
+            self.counters["row_tokens"] += length * len(rows)
+            self.counters["pad_tokens"] += sum(length - len(e.ids) for e in rows)
+            rows = [padded_row(e, length, self.pad_id) for e in rows]
+        return collate(rows)
+
+
+def build_loader(cfg: Union[DataConfig, Dict[str, Any]], tokenizer: Any, *, max_seq_len: Optional[int] = None,
+                 micro_batch_size: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 split: str = "train") -> DataLoader:
+    """The batch iterator for training (or, with `split="eval"`, the held-out data).
+
+    Each batch is a dict: `input_ids` LongTensor [B, T]; `labels` [B, T], already shifted
+    (`labels[:, t]` is the target of `logits[:, t]`, -100 = no loss); `position_ids` [B, T] only when
+    packing (restarting at 0 per document: pass `attn_mask=document_mask(position_ids)` to the model).
+
+    Args:
+        cfg: the data config (or its `data:` mapping).
+        tokenizer: a Verse tokenizer, or a name/path for `verse.load_tokenizer`.
+        max_seq_len: tokens per row (default `cfg.max_seq_len`).
+        micro_batch_size: rows per batch.
+        seed: shuffle and mixing seed.
+        rank: data-parallel rank of this process.
+        world_size: number of data-parallel ranks (each reads a disjoint share of every source).
+        split: "train" (endless when `cfg.cycle`) or "eval" (one pass over the held-out data).
+
+    Returns:
+        DataLoader: iterable of batches with `state_dict()` / `load_state_dict()` for exact resume.
+
+    Raises:
+        VerseError: a missing file or an unreachable Hub dataset (at once, not mid-run), a bad config.
+    """
+    if isinstance(cfg, dict):
+        cfg = DataConfig.from_dict(cfg)
+    else:
+        cfg.validate()
+    if isinstance(tokenizer, str):
+        from verse import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    return DataLoader(cfg, tokenizer, max_seq_len=max_seq_len or cfg.max_seq_len, micro_batch_size=micro_batch_size,
+                      seed=seed, rank=rank, world_size=world_size, split=split)
