@@ -1,0 +1,90 @@
+"""`verse plan`: memory and time of a training run before launch: does it fit?"""
+
+import argparse
+
+HELP = ("Estimate the memory (weights, grads, optimizer, activations, logits, temporaries, peak) and the time of "
+        "a training step on a GPU before launching it, and the cheapest changes that make it fit.")
+EXAMPLES = """  verse plan --preset mistral-7b --seq-len 2048 --gpu a100-80gb
+  verse plan --preset mistral-7b --optimizer adamw8bit --checkpointing 1 --fused-backward --json
+  verse plan runs/sft/latest --micro-batch 4
+  verse plan my_train.yaml --gpu h100-80gb
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="?", help="checkpoint dir / .gguf, or a training CONFIG.yaml")
+    parser.add_argument("--preset", help="model preset (instead of SOURCE)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048, or the config's)")
+    parser.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default 1)")
+    parser.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
+    parser.add_argument("--gpu", default="a100-80gb", help="a100-80gb, a100-40gb, h100-80gb, h200, l4, l40s, ...")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"])
+    parser.add_argument("--param-dtype", choices=["bfloat16", "float32"])
+    parser.add_argument("--bf16-update", choices=["master", "stochastic", "nearest"])
+    parser.add_argument("--precision", choices=["bf16", "fp32"])
+    parser.add_argument("--checkpointing", type=int, metavar="K", help="activation checkpointing every K layers (0 off)")
+    parser.add_argument("--fused-backward", action="store_true", default=None, help="optimizer step inside backward")
+    parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the time estimate (default 0.4)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from verse.config import ModelArgs
+    from verse.errors import ConfigError
+    from verse.train.planner import GPUS, PlanSettings, format_plan, plan, settings_from_config, suggestions
+
+    if args.gpu not in GPUS:
+        raise ConfigError(f"--gpu {args.gpu}: unknown device; choose one of {', '.join(GPUS)}")
+    settings = PlanSettings()
+    if args.preset:
+        model_args = ModelArgs.from_preset(args.preset)
+    elif args.source and args.source.endswith((".yaml", ".yml")):
+        from verse.train.config import TrainConfig
+
+        cfg = TrainConfig.load(args.source)
+        model_args = _model_args(cfg.model, cfg.model_overrides)
+        settings = settings_from_config(cfg)
+    elif args.source:
+        model_args = _model_args(args.source, {})
+    else:
+        raise ConfigError("give --preset NAME, a checkpoint path or a CONFIG.yaml (see verse plan --help)")
+    changes = {"seq_len": args.seq_len, "micro_batch_size": args.micro_batch,
+               "gradient_accumulation_steps": args.grad_accum, "optimizer": args.optimizer,
+               "param_dtype": args.param_dtype, "bf16_update": args.bf16_update, "precision": args.precision,
+               "activation_checkpointing": args.checkpointing, "fused_backward": args.fused_backward}
+    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+    if settings.seq_len > model_args.max_seq_len:
+        raise ConfigError(f"--seq-len {settings.seq_len} exceeds the model's max_seq_len ({model_args.max_seq_len})")
+    result = plan(model_args, settings, args.gpu, mfu=args.mfu)
+    moves = [] if result["fits"] else suggestions(model_args, settings, args.gpu)
+    if args.json:
+        print(json.dumps({**result, "suggestions": moves}))
+    else:
+        print(format_plan(model_args, result, moves))
+    return 0
+
+
+def _model_args(source: str, overrides: dict):
+    """ModelArgs of a preset name or a checkpoint (reads only its config, never the weights)."""
+    from pathlib import Path
+
+    from verse.config import ModelArgs, list_presets
+    from verse.errors import ConfigError
+
+    if source in list_presets():
+        return ModelArgs.from_preset(source, **overrides)
+    path = Path(source)
+    if (path / "verse.json").is_file():
+        return ModelArgs.from_json(path / "verse.json").replace(**overrides)
+    if path.exists():
+        import torch
+
+        import verse
+
+        with torch.device("meta"):
+            return verse.load(path, device="meta").args
+    raise ConfigError(f"{source}: neither a preset nor an existing checkpoint path")

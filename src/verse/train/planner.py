@@ -1,0 +1,259 @@
+"""Memory and time of a training step before launch: what `verse plan` prints.
+
+Bytes are counted per component the way the trainer allocates them:
+
+- weights: parameters in `param_dtype` (+ fp32 master copies with `bf16_update=master`), plus the bf16 copies
+  autocast caches for every matmul weight during forward when parameters are fp32 and compute is bf16;
+- grads: one per parameter in its dtype (fp32 when master weights receive them); with `fused_backward` only
+  the largest parameter's gradient is ever alive;
+- optimizer: AdamW two moments per parameter (fp32 with master weights, else in `param_dtype`); 8-bit AdamW
+  (torchao) one byte per moment plus an fp32 scale per 256-value block (tensors under 4096 values stay fp32);
+- activations: what autograd saves per layer and token (measured layer by layer with saved-tensor hooks on
+  this code: see `_layer_bytes_per_token`); a checkpointed layer keeps only its input, and one layer is
+  recomputed at a time in backward;
+- logits/loss: one chunk of `loss_chunk_size` tokens of logits in compute dtype + fp32 + log-softmax + grad;
+- temporary: the gradient flowing between layers and the recomputed layer's gradient buffers.
+
+Peak = max(start of backward, optimizer step): weights + optimizer state + (all activations + the head's
+gradient + loss chunk + temporaries) or (all gradients + optimizer temporaries).
+"""
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional
+
+from verse.config import ModelArgs, _attention_params, count_params
+from verse.train.metrics import GPU_PEAK_FLOPS, flops_per_token
+
+GiB = 2**30
+# usable memory of each device (bytes) and its dense bf16 peak FLOP/s
+GPUS: Dict[str, Dict[str, float]] = {
+    "a100-40gb": {"memory": 40 * GiB}, "a100-80gb": {"memory": 80 * GiB}, "h100-80gb": {"memory": 80 * GiB},
+    "h100-pcie": {"memory": 80 * GiB}, "h200": {"memory": 141 * GiB}, "l4": {"memory": 24 * GiB},
+    "l40s": {"memory": 48 * GiB}, "a10g": {"memory": 24 * GiB}, "rtx-4090": {"memory": 24 * GiB},
+    "rtx-3090": {"memory": 24 * GiB}, "v100": {"memory": 32 * GiB},
+}
+for _name, _spec in GPUS.items():
+    _spec["flops"] = GPU_PEAK_FLOPS[_name]
+HEADROOM = 0.95  # CUDA context, allocator fragmentation and NCCL buffers take the rest
+DEFAULT_MFU = 0.4
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclasses.dataclass
+class PlanSettings:
+    """The knobs of a training step that decide its memory and time (the matching `TrainConfig` fields)."""
+
+    seq_len: int = 2048
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    optimizer: str = "adamw"  # adamw | adamw8bit | sgd
+    param_dtype: str = "bfloat16"
+    precision: str = "bf16"
+    bf16_update: str = "master"  # master | stochastic | nearest
+    activation_checkpointing: int = 0  # 0 off, k = every k-th layer
+    fused_backward: bool = False
+    loss_chunk_size: int = 4096
+
+
+def _attn_widths(args: ModelArgs) -> tuple:
+    if args.attention == "mla":
+        q = args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim)
+        return q, args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim) // 2
+    return args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+
+
+def _ffn_width(args: ModelArgs, layer_id: int) -> int:
+    if args.is_moe_layer(layer_id):
+        return args.moe_inter_dim * (args.n_activated_experts + args.n_shared_experts)
+    return args.inter_dim
+
+
+def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings) -> float:
+    """Bytes autograd saves per token in one layer (coefficients fitted exactly on this code's saved tensors).
+
+    fp32: 24 D + 16 I + 8 Q + 8 KV + 4 H + 8 (the inputs of both norms and their fp32 outputs, q/k/v, the
+    attention output and its log-sum-exp, the three SwiGLU hidden tensors and the w2 input, two rstd scalars).
+    bf16 compute halves the matrix inputs; the norms stay fp32; an fp32 residual stream adds 10 D.
+    """
+    D, H = args.dim, args.n_heads
+    Q, KV = _attn_widths(args)
+    inter = _ffn_width(args, layer_id)
+    if s.precision == "fp32" and s.param_dtype == "float32":
+        per = 24 * D + 16 * inter + 8 * Q + 8 * KV
+    else:
+        per = (26 if s.param_dtype == "float32" else 16) * D + 8 * inter + 4 * Q + 4 * KV
+    per += 4 * H + 8
+    if args.is_moe_layer(layer_id):
+        per += 4 * args.n_routed_experts * 3 + 16 * args.n_activated_experts  # router scores, top-k ids/weights
+    return per
+
+
+def _compute_bytes(s: PlanSettings) -> int:
+    return 2 if s.precision == "bf16" else DTYPE_BYTES[s.param_dtype]
+
+
+def _param_shapes(args: ModelArgs) -> List[int]:
+    """Numels of the model's parameter tensors (experts counted per expert)."""
+    D = args.dim
+    Q, KV = _attn_widths(args)
+    sizes = [args.vocab_size * D, D] + ([] if args.tie_embeddings else [args.vocab_size * D])
+    for i in range(args.n_layers):
+        sizes += [D, D]
+        if args.attention == "gqa":
+            sizes += [D * Q, D * KV, D * KV, Q * D]
+        else:
+            sizes.append(_attention_params(args))  # several MLA projections; only the total matters here
+        if args.is_moe_layer(i):
+            sizes += [D * args.moe_inter_dim] * 3 * (args.n_routed_experts + args.n_shared_experts)
+            sizes.append(args.n_routed_experts * D)
+        else:
+            sizes += [D * args.inter_dim] * 3
+    return sizes
+
+
+def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a100-80gb",
+         mfu: float = DEFAULT_MFU, device_memory: Optional[float] = None) -> Dict[str, Any]:
+    """Estimate the memory and time of one training step.
+
+    Args:
+        args (ModelArgs): the model.
+        settings (Optional[PlanSettings]): sequence length, batch, optimizer, precision, checkpointing, ...
+        gpu (str): a key of `GPUS` (its memory and peak FLOP/s), or "cpu" with `device_memory`.
+        mfu (float): model FLOPs utilisation assumed for the time estimate.
+        device_memory (Optional[float]): bytes available, overriding the GPU's.
+
+    Returns:
+        Dict[str, Any]: params, active_params, weights_bytes, grads_bytes, optimizer_bytes, activations_bytes,
+        logits_bytes, temp_bytes, peak_bytes, device_bytes, fits, step_time_s, tokens_per_s, settings.
+    """
+    s = settings or PlanSettings()
+    spec = GPUS.get(gpu, {"memory": 0.0, "flops": 0.0})
+    device_bytes = device_memory if device_memory is not None else spec["memory"] * HEADROOM
+    params = count_params(args)
+    shapes = _param_shapes(args)
+    pbytes = DTYPE_BYTES[s.param_dtype]
+    c = _compute_bytes(s)
+    low = s.param_dtype != "float32"
+    master = low and s.bf16_update == "master"
+    tokens = s.micro_batch_size * s.seq_len
+
+    weights = params * pbytes + (4 * params if master else 0)
+    matmul_params = params - args.vocab_size * args.dim - (2 * args.n_layers + 1) * args.dim  # all but embed, norms
+    autocast_copies = 2 * matmul_params if (s.precision == "bf16" and not low) else 0
+    grad_bytes = 4 if master else pbytes
+    largest = max(shapes)
+    grads = largest * (grad_bytes + (4 if master else 0)) if s.fused_backward else params * grad_bytes
+    state_bytes = 4 if (master or not low) else pbytes
+    if s.optimizer == "adamw8bit":
+        big = sum(n for n in shapes if n >= 4096 and n % 256 == 0)
+        optimizer = 2 * big + 2 * 4 * big // 256 + 2 * state_bytes * (params - big)
+        optimizer_temp = 3 * 4 * largest  # one parameter's moments dequantized to fp32 inside its step
+    elif s.optimizer == "sgd":
+        optimizer, optimizer_temp = state_bytes * params, 0
+    else:
+        optimizer, optimizer_temp = 2 * state_bytes * params, 0
+
+    layer_full = [_layer_bytes_per_token(args, i, s) * tokens for i in range(args.n_layers)]
+    resid = 4 if s.param_dtype == "float32" else 2  # the residual stream's dtype
+    k = s.activation_checkpointing
+    checkpointed = [k > 0 and i % k == 0 for i in range(args.n_layers)]
+    activations = sum(resid * args.dim * tokens if ck else full for ck, full in zip(checkpointed, layer_full))
+    activations += tokens * (8 + 8 * args.dim + 4)  # ids, embedding output, final-norm input and rstd
+    recompute = max((full for ck, full in zip(checkpointed, layer_full) if ck), default=0)
+    chunk = min(s.loss_chunk_size, tokens)
+    logits = chunk * args.vocab_size * (c + 4 + 4 + 4) + tokens * args.dim * c  # chunk logits, fp32, lse, grad
+    temp = 2 * tokens * args.dim * 4 + recompute  # grads flowing between layers, the recomputed layer
+    head_grad = args.vocab_size * args.dim * grad_bytes
+    persistent_grads = grads if s.gradient_accumulation_steps > 1 and not s.fused_backward else 0
+    backward_peak = (weights + autocast_copies + optimizer + activations + logits + temp
+                     + max(head_grad, persistent_grads))
+    step_peak = weights + optimizer + grads + optimizer_temp
+    peak = max(backward_peak, step_peak)
+
+    flops = flops_per_token(args, s.seq_len) * (1 + (1 / 3 if k else 0) / max(k, 1))  # recompute = +1 forward
+    step_tokens = tokens * s.gradient_accumulation_steps
+    step_time = step_tokens * flops / (spec["flops"] * mfu) if spec["flops"] else None
+    return {
+        "params": params, "active_params": count_params(args, active=True),
+        "weights_bytes": weights + autocast_copies, "grads_bytes": grads, "optimizer_bytes": optimizer,
+        "activations_bytes": activations, "logits_bytes": logits, "temp_bytes": temp + optimizer_temp,
+        "peak_bytes": peak, "device_bytes": device_bytes, "fits": bool(device_bytes and peak <= device_bytes),
+        "gpu": gpu, "mfu": mfu, "step_time_s": step_time,
+        "tokens_per_s": step_tokens / step_time if step_time else None,
+        "settings": dataclasses.asdict(s),
+    }
+
+
+# cheapest first: moves that cost no quality, then throughput, then sequence length
+MOVES = [
+    ("fused_backward=true grad_clip=0", dict(fused_backward=True, gradient_accumulation_steps=1)),
+    ("activation_checkpointing=1", dict(activation_checkpointing=1)),
+    ("optimizer=adamw8bit", dict(optimizer="adamw8bit")),
+    ("param_dtype=bfloat16 bf16_update=stochastic", dict(param_dtype="bfloat16", bf16_update="stochastic")),
+    ("micro_batch_size=1", dict(micro_batch_size=1)),
+]
+
+
+def suggestions(args: ModelArgs, settings: PlanSettings, gpu: str, device_memory: Optional[float] = None,
+                limit: int = 3) -> List[Dict[str, Any]]:
+    """The cheapest combinations of `MOVES` (fewest moves first) that make the run fit, with their peak."""
+    from itertools import combinations
+
+    found: List[Dict[str, Any]] = []
+    for n in range(1, len(MOVES) + 1):
+        for combo in combinations(MOVES, n):
+            changes: Dict[str, Any] = {}
+            for _, change in combo:
+                changes.update(change)
+            if all(getattr(settings, key) == value for key, value in changes.items()):
+                continue
+            result = plan(args, dataclasses.replace(settings, **changes), gpu, device_memory=device_memory)
+            if result["fits"] and not any(set(f["moves"]) <= {m for m, _ in combo} for f in found):
+                found.append({"moves": [m for m, _ in combo], "peak_bytes": result["peak_bytes"]})
+            if len(found) >= limit:
+                return found
+    seq = settings.seq_len
+    while seq > 128 and len(found) < limit:
+        seq //= 2
+        result = plan(args, dataclasses.replace(settings, seq_len=seq), gpu, device_memory=device_memory)
+        if result["fits"]:
+            found.append({"moves": [f"max_seq_len={seq}"], "peak_bytes": result["peak_bytes"]})
+            break
+    return found
+
+
+def settings_from_config(cfg: Any) -> PlanSettings:
+    """`PlanSettings` from a `TrainConfig`."""
+    return PlanSettings(**{f.name: getattr(cfg, "max_seq_len" if f.name == "seq_len" else f.name)
+                           for f in dataclasses.fields(PlanSettings)})
+
+
+def plan_from_config(cfg: Any, args: ModelArgs, gpu: str = "a100-80gb") -> Dict[str, Any]:
+    """`plan` for a `TrainConfig` and the model it trains."""
+    return plan(args, settings_from_config(cfg), gpu)
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.1f} MiB"
+
+
+def format_plan(args: ModelArgs, result: Dict[str, Any], moves: List[Dict[str, Any]]) -> str:
+    """Human-readable plan (what `verse plan` prints without --json)."""
+    s = result["settings"]
+    lines = [f"params: {result['params'] / 1e9:.3f} B total, {result['active_params'] / 1e9:.3f} B active",
+             f"step: micro_batch {s['micro_batch_size']} x seq {s['seq_len']} x accumulation "
+             f"{s['gradient_accumulation_steps']}; {s['param_dtype']} params, {s['precision']} compute, "
+             f"{s['optimizer']}{' (fused into backward)' if s['fused_backward'] else ''}, checkpointing "
+             f"{'every ' + str(s['activation_checkpointing']) if s['activation_checkpointing'] else 'off'}"]
+    for key in ("weights", "grads", "optimizer", "activations", "logits", "temp"):
+        lines.append(f"  {key + ':':<13}{format_bytes(result[key + '_bytes']):>12}")
+    lines.append(f"  {'peak:':<13}{format_bytes(result['peak_bytes']):>12}   of {format_bytes(result['device_bytes'])}"
+                 f" usable on {result['gpu']} -> {'FITS' if result['fits'] else 'DOES NOT FIT'}")
+    if result["step_time_s"]:
+        lines.append(f"time: {result['step_time_s']:.2f} s/step, {result['tokens_per_s']:,.0f} tokens/s at "
+                     f"{result['mfu']:.0%} MFU")
+    if not result["fits"]:
+        lines.append("cheapest changes that fit:" if moves else "no combination of the usual moves fits")
+        lines += [f"  {' '.join(m['moves'])}  -> peak {format_bytes(m['peak_bytes'])}" for m in moves]
+    return "\n".join(lines)
