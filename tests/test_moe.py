@@ -135,11 +135,16 @@ def test_router_bias_update_follows_load_sign():
     moes = model.moe_layers
     loads = {i: moe.bias_load.clone() for i, moe in moes.items()}
     assert all(load.sum() == 2 * 16 * args.n_activated_experts for load in loads.values())
-    model.update_router_bias()
+    assert all(not moe.gate.bias.any() for moe in moes.values())  # not moved during the forward itself
+    model(torch.randint(0, 80, (2, 16)))  # the next training forward applies the update first
     for i, moe in moes.items():
         expected = 0.01 * torch.sign(loads[i].mean() - loads[i])
+        assert expected.abs().sum() > 0
         torch.testing.assert_close(moe.gate.bias, expected)
-        assert moe.bias_load.sum() == 0  # counting restarts
+    model.eval()
+    before = {i: moe.gate.bias.clone() for i, moe in moes.items()}
+    model(torch.randint(0, 80, (2, 16)))
+    assert all(torch.equal(moe.gate.bias, before[i]) for i, moe in moes.items())  # inference never moves it
 
 
 def test_moe_stats_per_layer():
@@ -156,9 +161,8 @@ def test_gradients_reach_every_parameter_but_the_router_bias():
     model = ReasoningLLM(moe_args(aux_loss_alpha=0.01, router_bias_update_rate=0.001)).train()
     tokens = torch.randint(0, 80, (4, 16))
     logits = model(tokens)
-    aux = model.aux_loss()
-    assert aux.item() > 0
-    (F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()) + aux).backward()
+    assert all(moe.aux_loss.item() > 0 for moe in model.moe_layers.values())
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
     for name, p in model.named_parameters():
         if name.endswith("gate.bias"):
             assert p.grad is None and not p.requires_grad
@@ -166,11 +170,26 @@ def test_gradients_reach_every_parameter_but_the_router_bias():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_aux_loss_gradient_reaches_router():
-    model = ReasoningLLM(moe_args(aux_loss_alpha=0.1)).train()
-    model(torch.randint(0, 80, (2, 8)))
-    model.aux_loss().backward()
-    assert all(moe.gate.weight.grad.abs().sum() > 0 for moe in model.moe_layers.values())
+def test_aux_loss_joins_the_backward_pass():
+    """Gradients with the balance loss on == gradients of (loss + alpha * balance losses recomputed by hand)."""
+    torch.manual_seed(5)
+    alpha = 0.1
+    with_aux = ReasoningLLM(moe_args(aux_loss_alpha=alpha)).train()
+    without = ReasoningLLM(moe_args()).train()
+    without.load_state_dict(with_aux.state_dict())
+    tokens = torch.randint(0, 80, (2, 8))
+    inputs = []
+    for moe in without.moe_layers.values():
+        moe.register_forward_hook(lambda module, args, out: inputs.append((module, args[0])))
+    loss = without(tokens).square().mean()
+    for moe, x in inputs:
+        _, indices, scores = moe.gate(x.reshape(-1, x.size(-1)))
+        loss = loss + alpha * balance_loss(scores.view(*x.shape[:2], -1), indices.view(*x.shape[:2], -1))
+    loss.backward()
+    with_aux(tokens).square().mean().backward()
+    for (name, a), (_, b) in zip(with_aux.named_parameters(), without.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -181,7 +200,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     ckpt.load_state_dict(plain.state_dict())
     tokens = torch.randint(0, 80, (2, 12))
     for model in (plain, ckpt):
-        (model(tokens).square().mean() + model.aux_loss()).backward()
+        model(tokens).square().mean().backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a.grad, b.grad, msg=name)

@@ -5,7 +5,8 @@ Balancing comes in two kinds, both optional:
 - the auxiliary-loss-free routing bias of DeepSeek-V3 (arXiv:2412.19437, section 2.1.2): a per-expert bias is added to
   the scores for *selection only* and, after each optimizer step, moved by `router_bias_update_rate` against the sign
   of the expert's load error (never by gradient);
-- the sequence-wise auxiliary balance loss (DeepSeek-V3 eq. 17-20, DeepSeek-V2 eq. 23), weighted by `aux_loss_alpha`.
+- the sequence-wise auxiliary balance loss (DeepSeek-V3 eq. 17-20, DeepSeek-V2 eq. 23), weighted by `aux_loss_alpha`,
+  attached to the layer output by `AddAuxLoss` so that any training loop's `loss.backward()` includes it.
 """
 
 import math
@@ -133,6 +134,22 @@ class Experts(nn.Module):
                           for xe, w1, w2, w3 in zip(groups, self.w1, self.w2, self.w3)])
 
 
+class AddAuxLoss(torch.autograd.Function):
+    """Identity on `x` whose backward also feeds gradient 1 into `aux_loss` (DeepSeek-V2's `AddAuxiliaryLoss`).
+
+    d(total)/d(theta) = d(loss)/d(theta) + d(aux_loss)/d(theta), without the training loop adding the term.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.aux_dtype = aux_loss.dtype
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.ones((), dtype=ctx.aux_dtype, device=grad.device)
+
+
 def balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (DeepSeek-V3 eq. 17-20).
 
@@ -184,7 +201,7 @@ class MoE(nn.Module):
     """DeepSeek MoE layer: y = sum_k g_k * expert_k(x) + shared_experts(x).
 
     While training it accumulates tokens per expert (for `stats()` and `update_bias()`) and, with
-    `aux_loss_alpha` > 0, leaves the weighted balance loss of the last forward in `aux_loss`.
+    `aux_loss_alpha` > 0, adds the weighted balance loss to the backward pass (kept in `aux_loss` for logging).
 
     Args:
         args (ModelArgs): `dim`, `moe_inter_dim`, `n_routed_experts`, `n_shared_experts`, routing fields,
@@ -201,14 +218,14 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
                                if args.n_shared_experts > 0 else None)
         # tokens per expert while training: since the last `stats()` and since the last `update_bias()`
-        self.register_buffer("load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("expert_load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("bias_load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: Optional[torch.Tensor] = None
 
     def reset_stats(self) -> None:
         """Zero the load counters, on the weights' device (also after a `meta`-device build)."""
         device = self.gate.weight.device
-        self.load = torch.zeros(self.n_experts, dtype=torch.float32, device=device)
+        self.expert_load = torch.zeros(self.n_experts, dtype=torch.float32, device=device)
         self.bias_load = torch.zeros(self.n_experts, dtype=torch.float32, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,17 +243,18 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         if self.training:
             with torch.no_grad():
-                self.load += counts
+                self.expert_load += counts
                 self.bias_load += counts
             if self.aux_loss_alpha > 0:
                 self.aux_loss = self.aux_loss_alpha * balance_loss(scores.view(B, T, -1), indices.view(B, T, -1))
+                out = AddAuxLoss.apply(out, self.aux_loss)
         return out.view(B, T, D)
 
     def stats(self, reset: bool = True) -> Dict[str, float]:
         """Load statistics since the last reset (see `load_stats`)."""
-        stats = load_stats(self.load)
+        stats = load_stats(self.expert_load)
         if reset:
-            self.load.zero_()
+            self.expert_load.zero_()
         return stats
 
     @torch.no_grad()

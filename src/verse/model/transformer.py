@@ -1,7 +1,7 @@
 """`ReasoningLLM`: the decoder-only transformer of Verse (dense Llama/Mistral and DeepSeek MLA/MoE layers)."""
 
 import contextlib
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -166,6 +166,8 @@ class ReasoningLLM(nn.Module):
             attn_mask = causal_mask(input_pos, self.cache_len, self.args.sliding_window)
         elif attn_mask is None and self.args.sliding_window is not None and T > self.args.sliding_window:
             attn_mask = causal_mask(torch.arange(T, device=input_ids.device), T, self.args.sliding_window)
+        if self.training:
+            self.update_router_bias()
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             if self.training and self.args.checkpointing and i % self.args.checkpoint_every == 0:
@@ -187,14 +189,6 @@ class ReasoningLLM(nn.Module):
         """
         return self.head(self.hidden_states(input_ids, position_ids, attn_mask, input_pos))
 
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE balance losses of the last training forward (already times `aux_loss_alpha`; 0 if none).
-
-        The trainer adds it to the language-model loss: `loss = ce + model.aux_loss()`.
-        """
-        losses: List[torch.Tensor] = [moe.aux_loss for moe in self.moe_layers.values() if moe.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else self.embed.weight.new_zeros((), dtype=torch.float32)
-
     def moe_stats(self, reset: bool = True) -> Dict[str, float]:
         """Per-layer expert load since the last reset, flat for metrics: `moe/L/load_min`, `load_max`, `entropy`,
         `dropped`, `overloaded` (see `verse.model.moe.load_stats`); empty for a dense model.
@@ -210,7 +204,9 @@ class ReasoningLLM(nn.Module):
     def update_router_bias(self) -> None:
         """DeepSeek-V3 auxiliary-loss-free balancing: nudge each router's bias against its experts' load error.
 
-        Call once after every optimizer step (a no-op unless `router_bias_update_rate` > 0).
+        Runs by itself at the start of every training forward, on the load counted since the previous one (never
+        inside a layer, so activation checkpointing recomputes the same routing); a no-op unless
+        `router_bias_update_rate` > 0.
         """
         for moe in self.moe_layers.values():
             moe.update_bias()
