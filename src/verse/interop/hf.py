@@ -271,6 +271,9 @@ def save_pretrained(model, path: str | Path, tokenizer=None, max_shard_bytes: in
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_bytes)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published checkpoint follows the umask
     try:
         for filename, names in tqdm(split.filename_to_tensors.items(), desc="saving", unit="file", disable=None,
                                     leave=False):

@@ -1,0 +1,357 @@
+"""GGUF (llama.cpp) files in and out, Llama architecture.
+
+Reading dequantizes every tensor with `gguf.quants.dequantize`; writing uses `gguf.GGUFWriter` one tensor at a
+time. llama.cpp stores the query/key rows of each head interleaved for its RoPE (pairs (x0, x1), (x2, x3), ...),
+while Verse and Hugging Face rotate halves (x_i with x_{i + d/2}); `permute_qk`/`unpermute_qk` convert.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from verse.config import ModelArgs
+from verse.errors import CheckpointError, ConfigError
+from verse.interop.load import build_model
+from verse.model.rope import rope_frequencies
+
+ARCH = "llama"
+Q = gguf.GGMLQuantizationType
+QUANTIZED = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+SUPPORTED = (Q.F32, Q.F16, Q.BF16, *QUANTIZED)
+WRITE_TYPES = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
+FILE_TYPES = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+              torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}
+ARGS_KEY = "verse.model_args"  # full ModelArgs as JSON, written by Verse; wins over the llama.* keys
+
+GLOBAL_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "head.weight": "output.weight"}
+LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight", "attn.wk.weight": "attn_k.weight",
+    "attn.wv.weight": "attn_v.weight", "attn.wo.weight": "attn_output.weight", "ffn_norm.weight": "ffn_norm.weight",
+    "ffn.w1.weight": "ffn_gate.weight", "ffn.w2.weight": "ffn_down.weight", "ffn.w3.weight": "ffn_up.weight",
+}
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def gguf_name(name: str) -> str:
+    """Verse tensor name -> GGUF name ("layers.3.attn.wq.weight" -> "blk.3.attn_q.weight")."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    _, layer, rest = name.split(".", 2)
+    return f"blk.{layer}.{LAYER_NAMES[rest]}"
+
+
+def verse_name(name: str) -> str:
+    """GGUF tensor name -> Verse name; raises `KeyError` for names the Llama architecture does not have."""
+    for verse, gg in GLOBAL_NAMES.items():
+        if name == gg:
+            return verse
+    blk, layer, rest = name.split(".", 2) if name.count(".") >= 2 else ("", "", "")
+    for verse, gg in LAYER_NAMES.items():
+        if blk == "blk" and layer.isdigit() and rest == gg:
+            return f"layers.{layer}.{verse}"
+    raise KeyError(name)
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rotate-half rows -> llama.cpp's interleaved rows, per head (as llama.cpp's convert_hf_to_gguf.py)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `permute_qk`: llama.cpp's interleaved rows -> rotate-half rows."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """Open a GGUF file, raising `CheckpointError` when it is truncated or not GGUF."""
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _llama3_from_rope_freqs(args: ModelArgs, factors: torch.Tensor, path: Path) -> ModelArgs:
+    """Recover Llama-3.1 RoPE scaling from llama.cpp's `rope_freqs` tensor (inv_freq / scaled_inv_freq).
+
+    The tensor holds only the resulting factors; the Llama 3.1/3.2 parameters (low 1, high 4, original 8192)
+    are assumed and checked against it.
+    """
+    candidate = args.replace(rope_scaling="llama3", rope_factor=float(factors.max()), original_seq_len=8192,
+                             low_freq_factor=1.0, high_freq_factor=4.0)
+    expected = rope_frequencies(args, args.head_dim) / rope_frequencies(candidate, args.head_dim)
+    if factors.shape != expected.shape or not torch.allclose(factors.float(), expected, rtol=1e-4):
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS} holds a RoPE scaling Verse does not recognise "
+                              "(only Llama-3.1 style scaling is supported)")
+    return candidate
+
+
+def args_from_gguf(reader: gguf.GGUFReader, path: Path) -> ModelArgs:
+    """`ModelArgs` of a Llama-architecture GGUF file from its metadata (and tensor shapes where keys are absent).
+
+    Args:
+        reader (gguf.GGUFReader): the open file.
+        path (Path): its path (named in errors).
+
+    Returns:
+        ModelArgs: the configuration, `dtype` left at the default.
+    """
+    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    if arch != ARCH:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only {ARCH!r})")
+    if ARGS_KEY in reader.fields:
+        try:
+            return ModelArgs.from_dict(json.loads(_field(reader, ARGS_KEY)), f"{path} ({ARGS_KEY})")
+        except (ConfigError, TypeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+
+    def required(key: str) -> Any:
+        value = _field(reader, key.format(arch=ARCH))
+        if value is None:
+            raise CheckpointError(f"{path}: metadata key {key.format(arch=ARCH)!r} is missing")
+        return value
+
+    tensors = {t.name: t for t in reader.tensors}
+    if GLOBAL_NAMES["embed.weight"] not in tensors:
+        raise CheckpointError(f"{path}: tensor {GLOBAL_NAMES['embed.weight']} is missing")
+    n_heads = int(required(gguf.Keys.Attention.HEAD_COUNT))
+    dim = int(required(gguf.Keys.LLM.EMBEDDING_LENGTH))
+    vocab = _field(reader, gguf.Keys.LLM.VOCAB_SIZE.format(arch=ARCH)) or int(tensors["token_embd.weight"].shape[1])
+    context = int(required(gguf.Keys.LLM.CONTEXT_LENGTH))
+    head_dim = _field(reader, gguf.Keys.Attention.KEY_LENGTH.format(arch=ARCH))
+    fields: Dict[str, Any] = dict(
+        arch="llama",
+        vocab_size=int(vocab),
+        dim=dim,
+        n_layers=int(required(gguf.Keys.LLM.BLOCK_COUNT)),
+        n_heads=n_heads,
+        n_kv_heads=int(_field(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=ARCH), n_heads)),
+        head_dim=int(head_dim) if head_dim else None,
+        inter_dim=int(required(gguf.Keys.LLM.FEED_FORWARD_LENGTH)),
+        norm_eps=float(required(gguf.Keys.Attention.LAYERNORM_RMS_EPS)),
+        max_seq_len=context,
+        original_seq_len=context,
+        rope_theta=float(_field(reader, gguf.Keys.Rope.FREQ_BASE.format(arch=ARCH), 10000.0)),
+        tie_embeddings=GLOBAL_NAMES["head.weight"] not in tensors,
+        bos_token_id=_field(reader, gguf.Keys.Tokenizer.BOS_ID),
+        eos_token_id=_field(reader, gguf.Keys.Tokenizer.EOS_ID),
+        tokenizer="hf",
+    )
+    scaling = _field(reader, gguf.Keys.Rope.SCALING_TYPE.format(arch=ARCH), "none")
+    if scaling in ("linear", "yarn"):
+        fields.update(rope_scaling=scaling, rope_factor=float(required(gguf.Keys.Rope.SCALING_FACTOR)))
+        original = _field(reader, gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=ARCH))
+        if original:
+            fields["original_seq_len"] = int(original)
+    elif scaling != "none":
+        raise CheckpointError(f"{path}: RoPE scaling type {scaling!r} is not supported (none, linear, yarn, llama3)")
+    try:
+        args = ModelArgs(**fields)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if ROPE_FREQS in tensors:
+        args = _llama3_from_rope_freqs(args, dequantize(tensors[ROPE_FREQS], path), path)
+    return args
+
+
+def dequantize(tensor: Any, path: Path) -> torch.Tensor:
+    """A GGUF tensor (F32/F16/BF16 or quantized) as a float32 torch tensor in PyTorch's [out, in] order."""
+    kind = Q(tensor.tensor_type)
+    if kind not in SUPPORTED:
+        raise CheckpointError(f"{path}: tensor {tensor.name} has GGUF type {kind.name}, which Verse cannot read "
+                              f"(supported: {', '.join(t.name for t in SUPPORTED)})")
+    try:
+        data = gguf.quants.dequantize(np.asarray(tensor.data), kind)  # plain ndarray: memmap slicing is slow
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        data = np.require(data, np.float32, ["C", "W"]).reshape(shape)
+    except (ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: tensor {tensor.name} cannot be decoded ({e})") from None
+    return torch.from_numpy(data)
+
+
+def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None, **overrides: Any):
+    """Load a Llama-architecture `.gguf` file into a `ReasoningLLM`.
+
+    Args:
+        path (Path): the file.
+        device (torch.device | str): where the weights go.
+        dtype (Optional[torch.dtype]): parameter dtype; None = the file's (any quantized tensor -> bfloat16).
+        **overrides: execution-only `ModelArgs` fields.
+
+    Returns:
+        ReasoningLLM: the model in eval mode.
+    """
+    reader = open_gguf(path)
+    args = args_from_gguf(reader, path)
+    weights = [t for t in reader.tensors if t.name != ROPE_FREQS]
+    if dtype is None:
+        kinds = {Q(t.tensor_type) for t in weights if len(t.shape) > 1}
+        dtype = torch.bfloat16 if kinds - {Q.F32, Q.F16} else torch.float16 if Q.F16 in kinds else torch.float32
+    args = args.replace(dtype=str(dtype).removeprefix("torch."), **overrides)
+    state = {}
+    for tensor in tqdm(weights, desc="dequantizing", unit="tensor", disable=None, leave=False):
+        try:
+            name = verse_name(tensor.name)
+        except KeyError:
+            raise CheckpointError(f"{path}: unexpected tensor {tensor.name} for the llama architecture") from None
+        w = dequantize(tensor, path)
+        if name.endswith("attn.wq.weight"):
+            w = unpermute_qk(w, args.n_heads)
+        elif name.endswith("attn.wk.weight"):
+            w = unpermute_qk(w, args.n_kv_heads)
+        state[name] = w.to(device=device, dtype=dtype)
+    return build_model(args, state, path, device)
+
+
+def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int, pre: str) -> bool:
+    """Add gpt2-style BPE tokenizer keys from the tokenizer's tokenizer.json; False when it is not byte-level BPE."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        path = Path(tmp) / "tokenizer.json"
+        if not path.is_file():
+            return False
+        spec = json.loads(path.read_text())
+    model = spec.get("model") or {}
+    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if model.get("type") != "BPE" or not byte_level:
+        return False
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    by_id = {i: token for token, i in model["vocab"].items()}
+    by_id.update({i: t["content"] for i, t in added.items()})
+    n = max(vocab_size, max(by_id) + 1)
+    tokens, types = [], []
+    for i in range(n):
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        if i not in by_id:
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for setter, value in ((writer.add_bos_token_id, tokenizer.bos_id), (writer.add_eos_token_id, tokenizer.eos_id),
+                          (writer.add_pad_token_id, tokenizer.pad_id)):
+        if value is not None:
+            setter(value)
+    writer.add_add_bos_token(False)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+    return True
+
+
+def save_gguf(model, path: str | Path, tokenizer: Any = None, dtype: Optional[torch.dtype] = None,
+              pre: str = "default") -> None:
+    """Write a dense Verse model as a Llama-architecture GGUF file (norms in F32, matrices in `dtype`).
+
+    Args:
+        model (ReasoningLLM): the model (dense: attention == "gqa", no MoE).
+        path (str | Path): output `.gguf` file; written to a temporary file beside it, then renamed.
+        tokenizer: optional Verse tokenizer; byte-level BPE tokenizers are stored as gpt2-style metadata.
+        dtype (Optional[torch.dtype]): float32, float16 or bfloat16; None = the model's.
+        pre (str): llama.cpp pre-tokenizer name stored with the tokenizer.
+    """
+    args = model.args
+    if args.attention != "gqa" or args.is_moe:
+        raise ConfigError(f"GGUF export supports dense Llama/Mistral models only, not arch {args.arch!r}")
+    dtype = dtype or model.embed.weight.dtype
+    if dtype not in WRITE_TYPES:
+        raise ConfigError(f"GGUF export dtype must be float32, float16 or bfloat16, got {dtype}")
+    path = Path(path).expanduser().absolute()
+    if path.is_dir() or path.is_symlink():
+        raise CheckpointError(f"{path}: is a directory or link; give a new .gguf file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not (args.tie_embeddings and k == "head.weight")}
+
+    def kind_of(tensor: torch.Tensor) -> Any:
+        return WRITE_TYPES[dtype] if tensor.dim() > 1 else Q.F32  # llama.cpp keeps 1-D tensors in F32
+
+    def as_numpy(name: str, tensor: torch.Tensor) -> np.ndarray:
+        if name.endswith("attn.wq.weight"):
+            tensor = permute_qk(tensor, args.n_heads)
+        elif name.endswith("attn.wk.weight"):
+            tensor = permute_qk(tensor, args.n_kv_heads)
+        kind = kind_of(tensor)
+        tensor = tensor.detach().to("cpu", torch.float32 if kind == Q.F32 else dtype).contiguous()
+        return tensor.view(torch.uint16).numpy() if kind == Q.BF16 else tensor.numpy()
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    writer = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        writer.add_name(path.stem)
+        writer.add_file_type(FILE_TYPES[dtype])
+        writer.add_vocab_size(args.vocab_size)
+        writer.add_context_length(args.max_seq_len)
+        writer.add_embedding_length(args.dim)
+        writer.add_block_count(args.n_layers)
+        writer.add_feed_forward_length(args.inter_dim)
+        writer.add_head_count(args.n_heads)
+        writer.add_head_count_kv(args.n_kv_heads)
+        writer.add_key_length(args.head_dim)
+        writer.add_value_length(args.head_dim)
+        writer.add_rope_dimension_count(args.head_dim)
+        writer.add_rope_freq_base(args.rope_theta)
+        writer.add_layer_norm_rms_eps(args.norm_eps)
+        if args.rope_scaling in ("linear", "yarn"):
+            writer.add_rope_scaling_type(args.rope_scaling)
+            writer.add_rope_scaling_factor(args.rope_factor)
+            writer.add_rope_scaling_orig_ctx_len(args.original_seq_len)
+        writer.add_string(ARGS_KEY, json.dumps({**args.to_dict(), "dtype": str(dtype).removeprefix("torch.")}))
+        has_tokenizer = tokenizer is not None and _tokenizer_metadata(writer, tokenizer, args.vocab_size, pre)
+        if tokenizer is not None and not has_tokenizer:
+            print(f"note: tokenizer {getattr(tokenizer, 'name', '')!r} is not byte-level BPE; "
+                  "the GGUF carries no tokenizer")
+        if not has_tokenizer and args.bos_token_id is not None:
+            writer.add_bos_token_id(args.bos_token_id)
+        if not has_tokenizer and args.eos_token_id is not None:
+            writer.add_eos_token_id(args.eos_token_id)
+        extra = {}
+        if args.rope_scaling == "llama3":
+            # llama.cpp's form of Llama-3.1 scaling: per-frequency divisors in a `rope_freqs` tensor.
+            base = rope_frequencies(args.replace(rope_scaling="none"), args.head_dim)
+            extra[ROPE_FREQS] = (base / rope_frequencies(args, args.head_dim)).numpy()
+        for name, tensor in state.items():
+            shape, kind = tuple(tensor.shape), kind_of(tensor)
+            nbytes = tensor.numel() * (4 if kind == Q.F32 else 2)
+            np_dtype = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}[kind]
+            writer.add_tensor_info(gguf_name(name), shape, np.dtype(np_dtype), nbytes,
+                                   raw_dtype=kind if kind == Q.BF16 else None)
+        for name, array in extra.items():
+            writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, tensor in tqdm(state.items(), desc="writing gguf", unit="tensor", disable=None, leave=False):
+            writer.write_tensor_data(as_numpy(name, tensor))
+        for array in extra.values():
+            writer.write_tensor_data(array)
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def gguf_tokenizer_pre(path: Path) -> str:
+    """The llama.cpp pre-tokenizer name of a GGUF file ("default" when absent), to carry it through a conversion."""
+    return _field(open_gguf(path), gguf.Keys.Tokenizer.PRE, "default")
+
