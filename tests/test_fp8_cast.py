@@ -1,5 +1,6 @@
-"""`verse fp8-to-bf16`: a tiny DeepSeek-style FP8 checkpoint (2 shards + index) made here, converted through the CLI,
-compared with dequantizing by hand; bad inputs exit 2 with one line naming the tensor or file."""
+"""DeepSeek FP8 checkpoints: `verse fp8-to-bf16` on tiny FP8 checkpoints (2 shards + index) made here, through the
+CLI, compared with dequantizing by hand; bad inputs exit 2 with one line naming the tensor or file; FP8 weights
+loaded as they are, run in both `gemm_impl`s against transformers with the hand-dequantized weights."""
 
 import json
 from pathlib import Path
@@ -14,12 +15,12 @@ from verse.cli import main
 B = 128
 
 
-def hand_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def hand_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=torch.float32)
     for i in range(s.size(0)):
         for j in range(s.size(1)):
             out[i * B:(i + 1) * B, j * B:(j + 1) * B] = q[i * B:(i + 1) * B, j * B:(j + 1) * B].float() * s[i, j]
-    return out.to(torch.bfloat16)
+    return out.to(dtype)
 
 
 def fp8_weight(out_features: int, in_features: int):
@@ -164,23 +165,27 @@ def test_bad_paths_exit_2(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_deepseek_v3_fp8_checkpoint_converts_and_loads(tmp_path):
-    """A tiny transformers DeepseekV3 model saved in the FP8 layout of the real checkpoint -> fp8-to-bf16 ->
-    transformers and `verse.load` both load the result, with the logits of the hand-dequantized model."""
+def deepseek_fp8_checkpoint(path: Path, experts_fp8: bool = True, reference_dtype: torch.dtype = torch.bfloat16):
+    """A tiny transformers DeepseekV3 model saved in the FP8 layout of the real checkpoint: every projection FP8
+    with its `weight_scale_inv` (embeddings, norms, router and head not), 2 shards, some scales in the other shard.
+    Also writes `path/by-hand`: the same model with every FP8 weight dequantized by hand to `reference_dtype`.
+
+    Returns:
+        Tuple[Path, Any]: the FP8 checkpoint directory and the oracle transformers model (float32).
+    """
     transformers = pytest.importorskip("transformers")
-    import verse
     from verse.fp8 import weight_quant
 
     torch.manual_seed(0)
+    # every projection input a multiple of 128, as in DeepSeek-V3, so activations quantize in whole blocks
     config = transformers.DeepseekV3Config(
-        vocab_size=96, hidden_size=64, intermediate_size=160, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
-        v_head_dim=12, max_position_embeddings=64, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
+        vocab_size=96, hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, kv_lora_rank=128, q_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=32,
+        v_head_dim=32, max_position_embeddings=64, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
         num_experts_per_tok=2, n_group=2, topk_group=1, norm_topk_prob=True, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    oracle = transformers.DeepseekV3ForCausalLM(config).eval()
-    src, dst = tmp_path / "fp8", tmp_path / "bf16"
-    oracle.save_pretrained(src)
+    src, reference = path / "fp8", path / "by-hand"
+    transformers.DeepseekV3ForCausalLM(config).save_pretrained(src)
     state = {}
     for file in src.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as f:
@@ -188,31 +193,79 @@ def test_deepseek_v3_fp8_checkpoint_converts_and_loads(tmp_path):
         file.unlink()
     for file in src.glob("*.index.json"):
         file.unlink()
-    fp8_names = [n for n in state if n.endswith("proj.weight") or n.endswith("proj_with_mqa.weight")]
-    for name in fp8_names:  # as in DeepSeek-V3: every projection FP8, embeddings/norms/router/head not
+    fp8_names = [n for n in state if n.endswith(("proj.weight", "proj_with_mqa.weight"))
+                 and (experts_fp8 or ".experts." not in n)]
+    for name in fp8_names:
         state[name], state[name + "_scale_inv"] = weight_quant(state[name].float())
     names = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     weight_map = {}
-    for shard, members in shards.items():
+    for shard, members in (("model-00001-of-00002.safetensors", names[::2]),
+                           ("model-00002-of-00002.safetensors", names[1::2])):
         save_file({n: state[n].contiguous() for n in members}, str(src / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(members, shard))
-    assert any(weight_map[n] != weight_map[n + "_scale_inv"] for n in fp8_names)  # some scales in the other shard
+    assert any(weight_map[n] != weight_map[n + "_scale_inv"] for n in fp8_names)
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     hf_config = json.loads((src / "config.json").read_text())
     hf_config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                         "weight_block_size": [128, 128]}
     (src / "config.json").write_text(json.dumps(hf_config))
-
-    assert main(["fp8-to-bf16", str(src), str(dst)]) == 0
-    reference = tmp_path / "by-hand"  # the same model with every FP8 weight dequantized by hand
     reference.mkdir()
-    save_file({n: hand_dequant(t, state[n + "_scale_inv"]) if n in fp8_names else t
+    save_file({n: hand_dequant(t, state[n + "_scale_inv"], reference_dtype) if n in fp8_names else t
                for n, t in state.items() if not n.endswith("_scale_inv")}, str(reference / "model.safetensors"))
-    oracle.config.save_pretrained(reference)
+    config.save_pretrained(reference)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
+    return src, oracle
+
+
+def test_deepseek_v3_fp8_checkpoint_converts_and_loads(tmp_path):
+    """fp8-to-bf16 output loads in transformers and in `verse.load` with the logits of the hand-dequantized model."""
+    import transformers
+
+    import verse
+
+    src, oracle = deepseek_fp8_checkpoint(tmp_path)
+    dst = tmp_path / "bf16"
+    assert main(["fp8-to-bf16", str(src), str(dst)]) == 0
     tokens = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
-        expected = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)(tokens).logits
+        expected = oracle(tokens).logits
         converted = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)(tokens).logits
         torch.testing.assert_close(converted, expected, rtol=0, atol=0)
         torch.testing.assert_close(verse.load(dst, dtype=torch.float32)(tokens), expected, rtol=0, atol=1e-4)
+
+
+def test_deepseek_v3_fp8_weights_run_in_both_gemm_impls(tmp_path):
+    """FP8 weights load as they are (with their scales, via the DeepSeek adapter) and run in either `gemm_impl`."""
+    from verse import ReasoningLLM
+    from verse.interop import deepseek
+    from verse.interop.fp8_cast import read_weight_map
+    from verse.model import linear
+    from verse.model.linear import fp8_layers, quantize_
+
+    src, oracle = deepseek_fp8_checkpoint(tmp_path, experts_fp8=False, reference_dtype=torch.float32)
+    args = deepseek.args_from_hf(json.loads((src / "config.json").read_text())).replace(dtype="float32")
+    hf_state = {}
+    for shard in set(read_weight_map(src).values()):
+        with safe_open(str(src / shard), framework="pt") as f:
+            hf_state.update({k: f.get_tensor(k) for k in f.keys()})
+    state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in deepseek.to_verse(hf_state, args).items()}
+    assert "layers.0.attn.wq_b.scale" in state and state["layers.0.attn.wq_b.weight"].dtype == torch.float8_e4m3fn
+    with torch.device("meta"):
+        model = ReasoningLLM(args)
+    quantize_(model, fp8_layers(state))
+    model.load_state_dict(state, assign=True)
+    model.reset_buffers()
+    tokens = torch.randint(0, 96, (2, 9))
+    try:
+        with torch.no_grad():
+            expected = oracle(tokens).logits
+            linear.gemm_impl = "bf16"
+            torch.testing.assert_close(model(tokens), expected, rtol=0, atol=1e-4)
+            linear.gemm_impl = "fp8"
+            got = model(tokens)
+    finally:
+        linear.gemm_impl = "bf16"
+    # activations quantized per token and 128 channels: a few percent, as measured for fp8_gemm itself
+    rel = ((got - expected).norm() / expected.norm()).item()
+    print(f"gemm_impl=fp8 logits relative error vs the dequantized model: {rel:.4f}")
+    assert rel < 0.1
