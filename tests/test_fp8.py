@@ -187,3 +187,11 @@ def test_triton_matches_reference_on_cuda():
     c_ref = reference.fp8_gemm(y, s, w_q, w_s, dtype=torch.float32)
     print(f"Triton vs reference fp8_gemm max abs diff / max abs: {((c - c_ref).abs().max() / c_ref.abs().max()).item():.2e}")
     torch.testing.assert_close(c, c_ref, rtol=2e-3, atol=2e-3 * c_ref.abs().max().item())
+
+
+def test_dequantized_weight():
+    torch.manual_seed(7)
+    layer = Linear(200, 300)
+    assert layer.dequantized_weight() is layer.weight
+    layer.quantize_()
+    assert torch.equal(layer.dequantized_weight(torch.float32), hand_dequant(layer.weight, layer.scale))

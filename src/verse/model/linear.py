@@ -59,6 +59,17 @@ class Linear(nn.Linear):
         """Whether the weight is stored in FP8 with block scales."""
         return self.scale is not None
 
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight as a floating-point matrix (for code that uses it directly, e.g. MLA's weight absorption).
+
+        Args:
+            dtype (Optional[torch.dtype]): dtype of a dequantized FP8 weight; default the torch default dtype.
+
+        Returns:
+            torch.Tensor: [out_features, in_features]; the weight itself when it is not FP8.
+        """
+        return self.weight if self.scale is None else weight_dequant(self.weight, self.scale, block_size, dtype)
+
     @torch.no_grad()
     def quantize_(self) -> "Linear":
         """Store the weight as float8_e4m3fn with 128x128 block scales, in place (inference only: no gradients).
