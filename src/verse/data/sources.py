@@ -132,7 +132,7 @@ def parse_row(part: Part, row: Dict[str, Any], max_bytes: int) -> Any:
         if "\ufffd" in line:
             raise BadRecord("non_utf8", "bytes that are not UTF-8")
         if part.kind == "text":
-            return {"text": line} if line.strip() else None
+            return {"text": line.strip("\n")} if line.strip() else None
         if not line.strip():
             return None
         try:

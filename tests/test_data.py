@@ -1,0 +1,313 @@
+"""Data pipeline: every schema through the real `datasets` streaming path, masks, packing, mixing, resume.
+
+Fixtures are written to tmp_path in the exact Hub schemas (OpenThoughts-114k, OpenCodeReasoning split_0,
+ultrachat_200k train_sft). Oracles are the hand-written expected texts, the tokenizer's own encode, and
+plain per-example model forwards.
+"""
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import verse
+from verse.data import DataConfig, build_loader
+from verse.data.formats import think_from_openthoughts
+from verse.errors import ConfigError, VerseError
+from verse.model.masks import document_mask
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return verse.load_tokenizer("byte")
+
+
+def openthoughts_record(i):
+    return {"system": f"Think step by step {i}.",
+            "conversations": [
+                {"from": "user", "value": f"What is {i} + {i}?"},
+                {"from": "assistant", "value": f"<|begin_of_thought|>\n\nAdd {i} to itself.\n\n<|end_of_thought|>\n\n"
+                                               f"<|begin_of_solution|>\n\nThe answer is {2 * i}.\n\n<|end_of_solution|>"}]}
+
+
+def openthoughts_answer(i):  # the normalised assistant content, written out by hand
+    return f"<think>\nAdd {i} to itself.\n</think>\n\nThe answer is {2 * i}."
+
+
+def ultrachat_record(i, turns=2):
+    messages = []
+    for t in range(turns):
+        messages += [{"role": "user", "content": f"question {i}.{t}"}, {"role": "assistant", "content": f"reply {i}.{t}"}]
+    return {"prompt": f"question {i}.0", "prompt_id": f"id{i}", "messages": messages}
+
+
+def ocr_record(i):
+    return {"id": f"p{i}", "input": f"Print {i}.", "output": f"<think>\nJust print.\n</think>\n```python\nprint({i})\n```",
+            "source": "codeforces", "license": "cc-by-4.0", "dataset": "code_contests", "split": "train",
+            "difficulty": "1", "solution": f"print({i})"}
+
+
+def write_jsonl(path, records, extra_lines=()):
+    with open(path, "wb") as f:
+        for r in records:
+            f.write((json.dumps(r) + "\n").encode())
+        for line in extra_lines:
+            f.write(line + b"\n")
+    return str(path)
+
+
+def cfg(sources, **kw):
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("shuffle_buffer", 4)
+    return DataConfig.from_dict({"sources": sources, **kw})
+
+
+def documents(batch):
+    """Split each row of a batch into (input_ids, labels) per document, using position_ids resets."""
+    docs = []
+    for b in range(batch["input_ids"].size(0)):
+        starts = (batch["position_ids"][b] == 0).nonzero().flatten().tolist() + [batch["input_ids"].size(1)]
+        for s, e in zip(starts[:-1], starts[1:]):
+            docs.append((batch["input_ids"][b, s:e], batch["labels"][b, s:e]))
+    return docs
+
+
+def trained_text(tok, labels):
+    return tok.decode([t for t in labels.tolist() if t != -100])
+
+
+def all_batches(loader):
+    return [dict(b) for b in loader]
+
+
+def test_openthoughts_thought_markers_become_think():
+    assert think_from_openthoughts(openthoughts_record(3)["conversations"][1]["value"]) == openthoughts_answer(3)
+    assert think_from_openthoughts("no markers") == "no markers"
+
+
+def test_openthoughts_masks_are_exactly_the_assistant_text(tmp_path, tok):
+    path = write_jsonl(tmp_path / "ot.jsonl", [openthoughts_record(i) for i in range(12)])
+    loader = build_loader(cfg([{"path": path, "schema": "openthoughts"}], cycle=False), tok, max_seq_len=256,
+                          micro_batch_size=2, seed=0)
+    docs = [d for batch in loader for d in documents(batch)]
+    expected = {openthoughts_answer(i) + "<|im_end|>" for i in range(12)}
+    got = {trained_text(tok, labels) for ids, labels in docs if (labels != -100).any()}
+    assert got == expected
+    for ids, labels in docs:  # nothing of the system or user text carries loss
+        text = trained_text(tok, labels)
+        assert "Think step by step" not in text and "What is" not in text
+
+
+@pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant"])
+def test_ultrachat_multi_turn_train_on(tmp_path, tok, train_on):
+    path = tmp_path / "uc.json"  # a JSON array file goes through datasets' json builder
+    path.write_text(json.dumps([ultrachat_record(i, turns=3) for i in range(6)]))
+    loader = build_loader(cfg([{"path": str(path)}], cycle=False, pack=False, train_on=train_on), tok,
+                          max_seq_len=512, micro_batch_size=3, seed=1)
+    got = set()
+    for batch in loader:
+        assert "position_ids" not in batch
+        got |= {trained_text(tok, labels) for labels in batch["labels"]}
+    turns = range(3) if train_on == "all_assistant" else [2]
+    assert got == {"".join(f"reply {i}.{t}<|im_end|>" for t in turns) for i in range(6)}
+
+
+def test_labels_are_shifted_next_tokens(tmp_path, tok):
+    path = write_jsonl(tmp_path / "uc.jsonl", [ultrachat_record(i, turns=1) for i in range(3)])
+    batch = next(iter(build_loader(cfg([{"path": path}], cycle=False, pack=False, shuffle_buffer=1), tok,
+                                   max_seq_len=128, micro_batch_size=1, seed=0)))
+    enc = tok.encode_chat(ultrachat_record(0, turns=1)["messages"])
+    n = len(enc.input_ids)
+    assert batch["input_ids"][0, :n].tolist() == enc.input_ids
+    want = [enc.input_ids[t + 1] if enc.loss_mask[t + 1] else -100 for t in range(n - 1)] + [-100]
+    assert batch["labels"][0, :n].tolist() == want
+    assert (batch["labels"][0, n:] == -100).all() and (batch["input_ids"][0, n:] == tok.pad_id).all()
+
+
+def test_opencodereasoning_parquet_and_broken_records(tmp_path, tok):
+    records = [ocr_record(i) for i in range(8)]
+    records += [{**ocr_record(8), "input": "-"},  # split_1 style: problem not included
+                {**ocr_record(9), "output": None, "solution": None}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "ocr.parquet")
+    loader = build_loader(cfg([{"path": str(tmp_path / "ocr.parquet"), "schema": "opencodereasoning"}], cycle=False),
+                          tok, max_seq_len=256, micro_batch_size=4, seed=0)
+    got = set(_texts(loader, tok))
+    assert got == {f"<think>\nJust print.\n</think>\n```python\nprint({i})\n```<|im_end|>" for i in range(8)}
+    assert loader.bad_by_reason == {"missing_field": 2}
+
+
+def test_broken_records_are_skipped_and_counted(tmp_path, tok, caplog):
+    good = [ultrachat_record(i, turns=1) for i in range(5)]
+    broken = [
+        {"prompt": "x"},  # missing_field
+        {"messages": "not a list"},  # wrong_type
+        {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},  # wrong_type
+        {"messages": []},  # empty
+        {"messages": [{"role": "user", "content": "q"}]},  # not_ending_with_assistant
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                      {"role": "user", "content": "q2"}]},  # not_ending_with_assistant
+    ]
+    extra = [b'{"messages": [{"role": "user", "content": "caf\xe9"}]}',  # latin-1 byte: non_utf8
+             b'{"messages": [', b"[1, 2]",  # bad_json, wrong_type
+             json.dumps({"messages": [{"role": "user", "content": "q"},
+                                      {"role": "assistant", "content": "x" * (10 << 20)}]}).encode()]  # too_large
+    path = write_jsonl(tmp_path / "mixed.jsonl", good + broken, extra)
+    with caplog.at_level("WARNING", logger="verse.data"):
+        loader = build_loader(cfg([{"path": path, "schema": "ultrachat"}], cycle=False), tok, max_seq_len=128,
+                              micro_batch_size=2, seed=0)
+        texts = set(_texts(loader, tok))
+    assert texts == {f"reply {i}.0<|im_end|>" for i in range(5)}
+    assert loader.bad_by_reason == {"missing_field": 1, "wrong_type": 3, "empty": 1, "not_ending_with_assistant": 2,
+                                    "non_utf8": 1, "bad_json": 1, "too_large": 1}
+    assert f"{path}:6" in caplog.text  # the first reports name file and line (line 6 = first broken record)
+
+
+def test_text_schema_trains_on_every_token(tmp_path, tok):
+    (tmp_path / "corpus.txt").write_text("first document\nstill first\n\nsecond document\n\n\nthird\n")
+    loader = build_loader(cfg([{"path": str(tmp_path / "corpus.txt")}], cycle=False, shuffle_buffer=1), tok,
+                          max_seq_len=64, micro_batch_size=1, seed=0)
+    docs = [d for batch in loader for d in documents(batch) if (d[1] != -100).any()]
+    # each paragraph is bos + text + eos; every token after the first is a target
+    bos, eos = tok.decode([tok.bos_id]), tok.decode([tok.eos_id])
+    assert [tok.decode(ids.tolist()) for ids, _ in docs] == [
+        f"{bos}first document\nstill first{eos}", f"{bos}second document{eos}", f"{bos}third{eos}"]
+    for ids, labels in docs:
+        assert labels[:-1].tolist() == ids[1:].tolist() and labels[-1] == -100
+
+
+def test_truncate_and_drop_are_counted(tmp_path, tok):
+    records = [ultrachat_record(i, turns=1) for i in range(4)]
+    records[1]["messages"][1]["content"] = "y" * 300
+    path = write_jsonl(tmp_path / "long.jsonl", records)
+    n_long = len(tok.encode_chat(records[1]["messages"]).input_ids)
+    t = build_loader(cfg([{"path": path}], cycle=False, truncation="truncate"), tok, max_seq_len=100,
+                     micro_batch_size=1, seed=0)
+    rows = all_batches(t)
+    assert t.counters["truncated"] == 1 and t.counters["truncated_tokens"] == n_long - 100
+    assert t.counters["records"] == 4 and max(len(r["input_ids"][0]) for r in rows) == 100
+    d = build_loader(cfg([{"path": path}], cycle=False, truncation="drop"), tok, max_seq_len=100,
+                     micro_batch_size=1, seed=0)
+    texts = set(_texts(d, tok))
+    assert d.counters["dropped_too_long"] == 1 and d.counters["records"] == 3
+    assert texts == {f"reply {i}.0<|im_end|>" for i in (0, 2, 3)}
+
+
+def test_packed_rows_match_separate_forwards(tmp_path, tok, tiny_args):
+    """Packing with document_mask gives each example exactly the logits it has alone."""
+    path = write_jsonl(tmp_path / "uc.jsonl", [ultrachat_record(i, turns=1) for i in range(6)])
+    batch = next(iter(build_loader(cfg([{"path": path}], cycle=False), tok, max_seq_len=128,
+                                   micro_batch_size=1, seed=0)))
+    pos = batch["position_ids"]
+    assert pos[0, 0] == 0 and (pos == 0).sum() >= 3  # several documents (and maybe a padding tail)
+    model = verse.ReasoningLLM(tiny_args).eval()
+    with torch.no_grad():
+        packed = model(batch["input_ids"], position_ids=pos, attn_mask=document_mask(pos))
+        starts = (pos[0] == 0).nonzero().flatten().tolist() + [pos.size(1)]
+        for s, e in zip(starts[:-1], starts[1:]):
+            alone = model(batch["input_ids"][:, s:e])
+            torch.testing.assert_close(packed[:, s:e], alone, rtol=1e-4, atol=1e-4)
+            assert batch["labels"][0, e - 1] == -100  # no document learns the next one's first token
+
+
+def _sources(tmp_path):
+    ot = write_jsonl(tmp_path / "ot.jsonl", [openthoughts_record(i) for i in range(30)])
+    uc = write_jsonl(tmp_path / "uc.jsonl", [ultrachat_record(i) for i in range(20)])
+    pq.write_table(pa.Table.from_pylist([ocr_record(i) for i in range(25)]), tmp_path / "ocr.parquet")
+    return [{"path": ot, "weight": 50}, {"path": str(tmp_path / "ocr.parquet"), "weight": 30}, {"path": uc, "weight": 20}]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_resume_equals_straight_read(tmp_path, tok, pack):
+    c = cfg(_sources(tmp_path), pack=pack, shuffle_buffer=7)
+    kw = dict(max_seq_len=200, micro_batch_size=2, seed=3)
+    straight = build_loader(c, tok, **kw)
+    it = iter(straight)
+    want = [next(it) for _ in range(14)]
+    first = build_loader(c, tok, **kw)
+    it = iter(first)
+    got = [next(it) for _ in range(9)]
+    state = json.loads(json.dumps(first.state_dict()))  # survives JSON (and torch.save)
+    resumed = build_loader(c, tok, **kw)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    got += [next(it) for _ in range(5)]
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    different_seed = next(iter(build_loader(c, tok, **{**kw, "seed": 4})))
+    assert not torch.equal(different_seed["input_ids"], want[0]["input_ids"])
+
+
+def test_resume_counters_are_exact(tmp_path, tok):
+    c = cfg(_sources(tmp_path), shuffle_buffer=5)
+    kw = dict(max_seq_len=200, micro_batch_size=2, seed=0)
+    a = build_loader(c, tok, **kw)
+    it = iter(a)
+    for _ in range(6):
+        next(it)
+    state = a.state_dict()
+    b = build_loader(c, tok, **kw)
+    b.load_state_dict(state)
+    assert Counter(state["counters"])["records"] > 0
+    it_b = iter(b)
+    for _ in range(4):
+        next(it_b)
+    for _ in range(4):
+        next(it)
+    # both loaders have yielded the same 10 batches: their counters at those points agree
+    assert a.state_dict()["counters"] == b.state_dict()["counters"]
+
+
+def test_workers_give_the_same_batches(tmp_path, tok):
+    sources = _sources(tmp_path)
+    kw = dict(max_seq_len=200, micro_batch_size=2, seed=5)
+    it0 = iter(build_loader(cfg(sources, num_workers=0), tok, **kw))
+    it2 = iter(build_loader(cfg(sources, num_workers=2), tok, **kw))
+    for _ in range(6):
+        a, b = next(it0), next(it2)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    it2.close()
+
+
+def test_mixing_follows_weights(tmp_path, tok):
+    loader = build_loader(cfg(_sources(tmp_path), shuffle_buffer=8), tok, max_seq_len=256, micro_batch_size=8, seed=0)
+    it = iter(loader)
+    while loader.counters["records"] < 1500:
+        next(it)
+    n = loader.counters["records"]
+    for src, p in zip(loader.readers, (0.5, 0.3, 0.2)):
+        k = loader.counters[f"records/{src.src.label}"]
+        sigma = (n * p * (1 - p)) ** 0.5
+        assert abs(k - n * p) < 4 * sigma, (src.src.label, k, n * p)
+
+
+def _texts(loader, tok):
+    return [trained_text(tok, labels) for batch in loader for _, labels in documents(batch)
+            if (labels != -100).any()]
+
+
+def test_ranks_and_eval_split_are_disjoint_and_complete(tmp_path, tok):
+    path = write_jsonl(tmp_path / "ot.jsonl", [openthoughts_record(i) for i in range(40)])
+    everything = {openthoughts_answer(i) + "<|im_end|>" for i in range(40)}
+    c = cfg([{"path": path}], cycle=False, eval_fraction=0.25)
+    kw = dict(max_seq_len=256, micro_batch_size=2, seed=0)
+    train = [_texts(build_loader(c, tok, rank=r, world_size=2, **kw), tok) for r in (0, 1)]
+    evals = _texts(build_loader(c, tok, split="eval", **kw), tok)
+    parts = train + [evals]
+    assert sum(map(len, parts)) == 40 and set().union(*map(set, parts)) == everything
+    assert 0 < len(evals) < 20 and all(len(t) > 0 for t in train)
+    with pytest.raises(ConfigError):
+        build_loader(cfg([{"path": path}]), tok, split="eval", **kw)
+
+
+def test_missing_file_and_unreachable_hub_fail_at_start(tmp_path, tok):
+    with pytest.raises(VerseError, match="nothere.jsonl"):
+        build_loader(cfg([{"path": str(tmp_path / "nothere.jsonl")}]), tok, max_seq_len=64)
+    with pytest.raises(VerseError, match="OpenThoughts-114k"):  # tests run with HF_HUB_OFFLINE=1
+        build_loader(cfg(["openthoughts"]), tok, max_seq_len=64)
+    with pytest.raises(ConfigError, match="weight"):
+        cfg([{"path": "x.jsonl", "weight": -1}])
