@@ -151,3 +151,28 @@ def test_bad_inputs(tmp_path):
         load_model_parallel(tmp_path / "mp")
     with pytest.raises(CheckpointError, match="no model"):
         load_model_parallel(tmp_path)
+
+
+def test_verse_convert_hf_deepseek_to_model_parallel(tmp_path, capsys):
+    """`verse convert HF_DIR DST --model-parallel 2` on a transformers DeepseekV3 model: gathered shards give its logits."""
+    transformers = pytest.importorskip("transformers")
+    from verse.cli import main
+
+    torch.manual_seed(5)
+    config = transformers.DeepseekV3Config(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=12, max_position_embeddings=64, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=4, topk_group=2, norm_topk_prob=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    hf = transformers.DeepseekV3ForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "mp"), "--model-parallel", "2"]) == 0
+    assert "2 shards" in capsys.readouterr().out
+    shard = load_model_parallel(tmp_path / "mp", rank=1)
+    assert shard["layers.1.ffn.experts.w1"].shape[0] == 4  # experts 4..7
+    model = ReasoningLLM(ModelArgs.from_json(tmp_path / "mp" / "verse.json"))
+    model.load_state_dict(load_model_parallel(tmp_path / "mp"))
+    tokens = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(tokens), hf(tokens).logits, rtol=0, atol=1e-4)
