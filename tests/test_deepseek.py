@@ -177,3 +177,41 @@ def test_preset_parameter_counts(preset, total, active):
     # lookup, not a matmul): V3 36.63B -> "37B", V2-Lite 2.45B -> "2.4B".
     embedding = args.vocab_size * args.dim
     assert abs(count_params(args, active=True) - embedding - active) / active < 0.025
+
+
+def hand_dequant(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 weight times its 128x128 block scales, written out."""
+    full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:weight.size(0), :weight.size(1)]
+    return weight.float() * full
+
+
+def test_fp8_checkpoint_through_the_adapter(v3_dir, tmp_path, tokens):
+    """DeepSeek FP8 layout: experts dequantized on the way in, other projections stay FP8 with their scales;
+    both attn_impls then match transformers running the hand-dequantized weights."""
+    from verse.fp8 import weight_quant
+    from verse.model.linear import fp8_layers, quantize_
+
+    path = v3_dir[1]
+    state = load_file(path / "model.safetensors")
+    fp8 = {}
+    for name, tensor in state.items():
+        if name.endswith(("experts.3.up_proj.weight", "kv_b_proj.weight", "q_b_proj.weight")):
+            q, s = weight_quant(tensor)
+            fp8[name], fp8[name + "_scale_inv"] = q, s
+            state[name] = hand_dequant(q, s)  # what the FP8 file means
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    hf_ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    args = deepseek.args_from_hf(json.loads((path / "config.json").read_text())).replace(dtype="float32")
+    ours = deepseek.to_verse({**state, **fp8}, args)
+    assert ours["layers.1.attn.wkv_b.weight"].dtype == torch.float8_e4m3fn and "layers.1.attn.wkv_b.scale" in ours
+    torch.testing.assert_close(ours["layers.2.ffn.experts.w3"][3], state["model.layers.2.mlp.experts.3.up_proj.weight"])
+    with torch.no_grad():
+        expected = hf_ref(tokens).logits
+        for impl in ("naive", "absorb"):
+            with torch.device("meta"):
+                model = ReasoningLLM(args.replace(attn_impl=impl))
+            quantize_(model, fp8_layers(ours))
+            model.load_state_dict(ours, assign=True)
+            model.reset_buffers()
+            torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=0, msg=lambda m: f"{impl}: {m}")

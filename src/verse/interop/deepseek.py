@@ -7,7 +7,7 @@ Two tensor transforms besides renaming:
   `kv_a_proj_with_mqa` are permuted evens-then-odds on the way in and back on the way out, which leaves every
   attention score unchanged (the same permutation acts on queries and keys).
 - Experts: HF files keep one `mlp.experts.E.{gate,up,down}_proj.weight` per expert; Verse stacks them into
-  `ffn.experts.{w1,w3,w2}` [n_experts, ...] for grouped GEMMs.
+  `ffn.experts.{w1,w3,w2}` [n_experts, ...] for grouped GEMMs (FP8 experts are dequantized to `args.dtype` first).
 
 FP8 weights keep their block scales: HF `NAME.weight_scale_inv` <-> Verse `NAME.scale` (see `verse.model.linear`).
 """
@@ -20,6 +20,7 @@ import torch
 
 from verse.config import ModelArgs
 from verse.errors import CheckpointError, ConfigError
+from verse.fp8 import BLOCK_SIZE, weight_dequant
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
@@ -50,7 +51,7 @@ GLOBAL_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "mod
 SUFFIXES = {"weight": "weight", "scale": "weight_scale_inv", "bias": "e_score_correction_bias"}
 EXPERT_WEIGHTS = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.([a-z_]+)")
-HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|down_proj|up_proj)\.weight")
+HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|down_proj|up_proj)\.(weight|weight_scale_inv)")
 VERSE_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.([a-z_0-9]+)")
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -254,6 +255,21 @@ def _rope_target(module: str, args: ModelArgs) -> Optional[bool]:
     return None
 
 
+def _expert_weight(experts: Dict[tuple, torch.Tensor], layer: int, expert: int, hf: str,
+                   args: ModelArgs) -> torch.Tensor:
+    """Pop one expert's weight from `experts` (keyed (layer, expert, proj, suffix)), dequantized if FP8."""
+    name = f"model.layers.{layer}.mlp.experts.{expert}.{hf}.weight"
+    weight = experts.pop((layer, expert, hf, "weight"), None)
+    if weight is None:
+        raise CheckpointError(f"tensor {name} is missing (MoE layer {layer} needs {args.n_routed_experts} experts)")
+    scale = experts.pop((layer, expert, hf, "weight_scale_inv"), None)
+    if weight.element_size() == 1:
+        if scale is None:
+            raise CheckpointError(f"tensor {name} is FP8 but {name}_scale_inv is missing")
+        weight = weight_dequant(weight, scale, BLOCK_SIZE, getattr(torch, args.dtype))
+    return weight
+
+
 def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
     """Hugging Face DeepSeek tensors to Verse names: rename, stack experts, de-interleave the rotary rows.
 
@@ -288,7 +304,7 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
             continue
         expert = HF_EXPERT.fullmatch(name)
         if expert:
-            experts[int(expert.group(1)), int(expert.group(2)), expert.group(3)] = tensor
+            experts[int(expert.group(1)), int(expert.group(2)), expert.group(3), expert.group(4)] = tensor
             continue
         module, suffix = modules.get(layer.group(2)), suffixes.get(layer.group(3))
         if module is None or suffix is None:
@@ -301,15 +317,11 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
         if not args.is_moe_layer(i):
             continue
         for verse, hf in EXPERT_WEIGHTS.items():
-            missing = [e for e in range(args.n_routed_experts) if (i, e, hf) not in experts]
-            if missing:
-                raise CheckpointError(f"tensor model.layers.{i}.mlp.experts.{missing[0]}.{hf}.weight is missing "
-                                      f"(MoE layer {i} needs {args.n_routed_experts} experts)")
-            stacked = [experts.pop((i, e, hf)) for e in range(args.n_routed_experts)]
+            stacked = [_expert_weight(experts, i, e, hf, args) for e in range(args.n_routed_experts)]
             out[f"layers.{i}.ffn.experts.{verse}"] = torch.stack(stacked)
     if experts:
-        i, e, hf = next(iter(experts))
-        raise KeyError(f"model.layers.{i}.mlp.experts.{e}.{hf}.weight")
+        i, e, hf, suffix = next(iter(experts))
+        raise KeyError(f"model.layers.{i}.mlp.experts.{e}.{hf}.{suffix}")
     return out
 
 
