@@ -88,9 +88,13 @@ def test_openthoughts_thought_markers_become_think():
     assert think_from_openthoughts("no markers") == "no markers"
 
 
-def test_openthoughts_masks_are_exactly_the_assistant_text(tmp_path, tok):
+@pytest.mark.parametrize("tokenizer", ["byte", "smollm2", "o200k"])
+def test_openthoughts_masks_are_exactly_the_assistant_text(tmp_path, tokenizer):
+    from verse.assets import smollm2_gguf
+
+    tok = verse.load_tokenizer(str(smollm2_gguf()) if tokenizer == "smollm2" else tokenizer)
     path = write_jsonl(tmp_path / "ot.jsonl", [openthoughts_record(i) for i in range(12)])
-    loader = build_loader(cfg([{"path": path, "schema": "openthoughts"}], cycle=False), tok, max_seq_len=256,
+    loader = build_loader(cfg([{"path": path, "schema": "openthoughts"}], cycle=False), tok, max_seq_len=512,
                           micro_batch_size=2, seed=0)
     docs = [d for batch in loader for d in documents(batch)]
     expected = {openthoughts_answer(i) + "<|im_end|>" for i in range(12)}
