@@ -195,3 +195,28 @@ def test_dequantized_weight():
     assert layer.dequantized_weight() is layer.weight
     layer.quantize_()
     assert torch.equal(layer.dequantized_weight(torch.float32), hand_dequant(layer.weight, layer.scale))
+
+
+def test_triton_kernels_compile_for_hopper():
+    """Without a GPU, Triton still compiles the kernels to sm_90 machine code: catches kernel-language errors,
+    and checks the correctly rounded division and saturating round-to-nearest FP8 cast the reference matches."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from verse.fp8 import triton_kernels as T
+
+    def compile_ptx(fn, signature, constants):
+        signature = {**signature, **dict.fromkeys(constants, "constexpr")}
+        consts = {(list(signature).index(name),): value for name, value in constants.items()}
+        return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+    ptx = compile_ptx(T.act_quant_kernel, {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32"}, {"BLOCK_SIZE": 128})
+    assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    ptx = compile_ptx(T.weight_dequant_kernel, {"x_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32",
+                                                "N": "i32"}, {"BLOCK_SIZE": 128})
+    assert "cvt.rn.bf16.f32" in ptx
+    ptx = compile_ptx(T.fp8_gemm_kernel.fn, {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16",
+                                             "a_s_ptr": "*fp32", "b_s_ptr": "*fp32", "M": "i32"},
+                      {"N": 512, "K": 1024, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128})
+    assert ".f32.e4m3.e4m3" in ptx  # Hopper FP8 tensor-core MMA (wgmma) accumulating in float32

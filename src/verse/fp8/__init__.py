@@ -1,7 +1,8 @@
 """FP8 block quantization as in DeepSeek-V3: `act_quant`, `weight_quant`, `weight_dequant`, `fp8_gemm`.
 
-Each function runs the Triton kernel when its input lives on a CUDA GPU that has FP8 support (compute
-capability 8.9+) and Triton is installed, and the pure-PyTorch reference everywhere else.
+`act_quant`, `weight_dequant` and `fp8_gemm` run Triton kernels when their input lives on a CUDA GPU with FP8
+support (compute capability 8.9+) and Triton is installed, and the pure-PyTorch reference everywhere else;
+`weight_quant` (offline, when making FP8 weights) is PyTorch everywhere.
 """
 
 import functools

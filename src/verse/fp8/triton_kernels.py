@@ -12,6 +12,10 @@ import triton.language as tl
 
 from verse.fp8.reference import AMAX_FLOOR, BLOCK_SIZE, FP8_DTYPE, FP8_MAX, check_scale_shape
 
+# kernels may only read globals that are compile-time constants
+AMAX_FLOOR_C = tl.constexpr(AMAX_FLOOR)
+FP8_MAX_C = tl.constexpr(FP8_MAX)
+
 
 @triton.jit
 def act_quant_kernel(x_ptr, y_ptr, s_ptr, BLOCK_SIZE: tl.constexpr):
@@ -19,7 +23,7 @@ def act_quant_kernel(x_ptr, y_ptr, s_ptr, BLOCK_SIZE: tl.constexpr):
     pid = tl.program_id(axis=0)
     offs = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     x = tl.load(x_ptr + offs).to(tl.float32)
-    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x)), AMAX_FLOOR), FP8_MAX)
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x)), AMAX_FLOOR_C), FP8_MAX_C)
     y = tl.math.div_rn(x, s).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs, y)
     tl.store(s_ptr + pid, s)
