@@ -52,7 +52,8 @@ def test_dense_shards_are_deepseek_slices_and_gather_back(tmp_path):
         assert torch.equal(shard["layers.1.attn.wo.weight"],
                            state["layers.1.attn.wo.weight"][:, rank * q_rows:(rank + 1) * q_rows])
         assert torch.equal(shard["layers.0.ffn.w1.weight"], state["layers.0.ffn.w1.weight"][rank * 64:(rank + 1) * 64])
-        assert torch.equal(shard["layers.0.ffn.w2.weight"], state["layers.0.ffn.w2.weight"][:, rank * 64:(rank + 1) * 64])
+        assert torch.equal(shard["layers.0.ffn.w2.weight"],
+                           state["layers.0.ffn.w2.weight"][:, rank * 64:(rank + 1) * 64])
         assert torch.equal(shard["layers.0.attn_norm.weight"], state["layers.0.attn_norm.weight"])
     assert_same_model(tmp_path / "mp", model, torch.randint(0, 512, (2, 13)))
 
@@ -154,7 +155,8 @@ def test_bad_inputs(tmp_path):
 
 
 def test_verse_convert_hf_deepseek_to_model_parallel(tmp_path, capsys):
-    """`verse convert HF_DIR DST --model-parallel 2` on a transformers DeepseekV3 model: gathered shards give its logits."""
+    """`verse convert HF_DIR DST --model-parallel 2` of a transformers DeepseekV3 model: the gathered shards give
+    its logits."""
     transformers = pytest.importorskip("transformers")
     from verse.cli import main
 

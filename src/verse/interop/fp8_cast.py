@@ -103,9 +103,9 @@ def check_shards(src: Path, weight_map: Dict[str, str], handle: Callable[[str], 
             scale_shape = handle(weight_map[scale_name]).get_slice(scale_name).get_shape()
             expected = [-(-shape[0] // BLOCK_SIZE), -(-shape[1] // BLOCK_SIZE)] if len(shape) == 2 else None
             if list(scale_shape) != expected:
-                raise CheckpointError(f"{src / weight_map[scale_name]}: {scale_name} has shape {list(scale_shape)}, but "
-                                      f"FP8 tensor {name} {list(shape)} needs {expected} ({BLOCK_SIZE}x{BLOCK_SIZE} "
-                                      "blocks of a 2-D weight)")
+                raise CheckpointError(f"{src / weight_map[scale_name]}: {scale_name} has shape {list(scale_shape)}, "
+                                      f"but FP8 tensor {name} {list(shape)} needs {expected} "
+                                      f"({BLOCK_SIZE}x{BLOCK_SIZE} blocks of a 2-D weight)")
 
 
 def _copy_other_files(src: Path, dst: Path, dtype: torch.dtype) -> None:
