@@ -7,7 +7,8 @@ import json
 import os
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import verse
 from verse.errors import VerseError
@@ -213,7 +214,7 @@ def test_byte_special_tokens_and_export(tmp_path):
 
 # ---- loading errors --------------------------------------------------------------------------------------------
 def test_load_tokenizer_errors_are_one_line(tmp_path):
-    for bad in (tmp_path / "missing", tmp_path, "not-a-tokenizer"):
+    for bad in (tmp_path / "missing", tmp_path, "not-a-tokenizer", "nobody/no-such-tokenizer"):  # Hub is offline
         with pytest.raises(VerseError) as info:
             verse.load_tokenizer(bad)
         assert "\n" not in str(info.value)

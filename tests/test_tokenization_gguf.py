@@ -57,6 +57,8 @@ def test_gguf_matches_transformers(smol, reference):
     assert smol.encode(SPECIAL_TEXT) == reference.encode(SPECIAL_TEXT, add_special_tokens=False,
                                                          split_special_tokens=True)
     assert reference.convert_ids_to_tokens(sorted(smol.stop_ids)) == ["<|im_end|>"]
+    assert smol.add_bos is False  # tokenizer.ggml.add_bos_token; transformers adds no BOS either
+    assert reference.encode("hi") == reference.encode("hi", add_special_tokens=False)
 
 
 def test_gguf_isolates_every_number_like_llama_cpp(smol, reference):

@@ -24,6 +24,8 @@ class Tokenizer:
         name: what was loaded ("o200k", "byte", a path).
         vocab_size: embedding rows the model needs (largest id + 1, special tokens included).
         bos_id, eos_id, pad_id: ids of those tokens, or None.
+        add_bos: whether documents start with bos_id (the source's `add_bos_token`; False for o200k and byte,
+            which use bos_id only as a document separator if at all).
         stop_ids: ids that end an assistant reply (eos and the template's end-of-turn token).
         chat_template: the Jinja chat template.
         special_tokens: special token string -> id.
@@ -34,6 +36,7 @@ class Tokenizer:
     bos_id: Optional[int] = None
     eos_id: Optional[int] = None
     pad_id: Optional[int] = None
+    add_bos: bool = False
     stop_ids: Set[int]
     chat_template: str
     special_tokens: Dict[str, int]
@@ -211,7 +214,7 @@ class Tokenizer:
             dict: tokenizer class, special tokens and chat_template.
         """
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                  "add_bos_token": False, "add_eos_token": False, **self._template_context(),
+                  "add_bos_token": self.add_bos, "add_eos_token": False, **self._template_context(),
                   "chat_template": self.chat_template}
         if self.verse_kind:
             config["verse_tokenizer"] = self.verse_kind

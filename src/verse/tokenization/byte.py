@@ -5,7 +5,8 @@
 
 from typing import List
 
-from tokenizers import Tokenizer as HFBackend, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFBackend
+from tokenizers import decoders, models, pre_tokenizers
 
 from verse.tokenization.base import Tokenizer
 from verse.tokenization.chat import CHATML_TEMPLATE

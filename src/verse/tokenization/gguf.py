@@ -9,7 +9,8 @@ import struct
 from pathlib import Path
 from typing import Dict, List
 
-from tokenizers import AddedToken, Regex, Tokenizer as HFBackend, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFBackend
 
 from verse.errors import VerseError
 from verse.tokenization.hf import HFTokenizer, bytes_to_unicode
@@ -149,4 +150,5 @@ def load_gguf_tokenizer(path: Path) -> HFTokenizer:
         return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
 
     return HFTokenizer(backend, str(path), fields.get("tokenizer.chat_template"),
-                       token("bos_token_id"), token("eos_token_id"), token("padding_token_id"))
+                       token("bos_token_id"), token("eos_token_id"), token("padding_token_id"),
+                       add_bos=fields.get("tokenizer.ggml.add_bos_token", False))

@@ -1,13 +1,15 @@
 """Tokenizers in the Hugging Face `tokenizers` format: a model directory's tokenizer.json, and the export of
 tiktoken ranks to tokenizer.json (byte-level BPE with merges derived from the ranks)."""
 
+import gc
 import json
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
-from tokenizers import Regex, Tokenizer as HFBackend, decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFBackend
 
 from verse.errors import VerseError
 from verse.tokenization.base import Tokenizer
@@ -64,7 +66,7 @@ def tokenizer_json(backend: HFBackend, special_tokens: Dict[str, int], vocab: Di
         {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
          "special": True} for s, i in sorted(special_tokens.items(), key=lambda item: item[1])]
     data["model"]["vocab"] = {**vocab, **special_tokens}
-    data["model"]["merges"] = [list(pair) for pair in merges]
+    data["model"]["merges"] = merges  # tuples serialize as JSON arrays
     return json.dumps(data, ensure_ascii=False)
 
 
@@ -84,6 +86,17 @@ def tiktoken_to_tokenizer_json(ranks: Dict[bytes, int], pattern: str, special_to
     Returns:
         str: tokenizer.json text.
     """
+    # ~450k merge tuples would trigger repeated full garbage collections; none of them is cyclic.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _tiktoken_to_tokenizer_json(ranks, pattern, special_tokens)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _tiktoken_to_tokenizer_json(ranks: Dict[bytes, int], pattern: str, special_tokens: Dict[str, int]) -> str:
     spelled = byte_level_spelling(ranks)
     by_rank = {rank: spelled[token] for token, rank in ranks.items()}
     splits = []
@@ -144,11 +157,12 @@ class HFTokenizer(Tokenizer):
         chat_template: Jinja template; None uses Verse's ChatML.
         bos_token, eos_token, pad_token: token strings, or None.
         extra_stop_ids: more ids that end a reply (e.g. generation_config.json's eos_token_id list).
+        add_bos: whether documents start with the bos token (the source's `add_bos_token`).
     """
 
     def __init__(self, backend: HFBackend, name: str, chat_template: Optional[str] = None,
                  bos_token: Optional[str] = None, eos_token: Optional[str] = None, pad_token: Optional[str] = None,
-                 extra_stop_ids: Iterable[int] = ()):
+                 extra_stop_ids: Iterable[int] = (), add_bos: bool = False):
         self._backend = backend
         # Special-token strings in text are plain text unless allowed: `_encode` cuts them out itself.
         backend.encode_special_tokens = True
@@ -158,6 +172,7 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
         self.bos_id, self.eos_id, self.pad_id = (
             backend.token_to_id(t) if t else None for t in (bos_token, eos_token, pad_token))
+        self.add_bos = bool(add_bos) and self.bos_id is not None
         self.chat_template = chat_template or CHATML_TEMPLATE
         ends = {self.special_tokens[t] for t in END_OF_TURN if t in self.special_tokens and t in self.chat_template}
         self.stop_ids = ({self.eos_id} if self.eos_id is not None else set()) | ends | set(extra_stop_ids)
@@ -255,4 +270,4 @@ def load_hf_dir(directory: Path) -> HFTokenizer:
         extra_stop = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
     return HFTokenizer(backend, str(directory), read_chat_template(directory, config),
                        *(_token_content(config.get(k)) for k in ("bos_token", "eos_token", "pad_token")),
-                       extra_stop_ids=extra_stop)
+                       extra_stop_ids=extra_stop, add_bos=config.get("add_bos_token", False))
