@@ -168,7 +168,8 @@ def meta_counts(args: ModelArgs) -> tuple[int, int]:
 
 
 # published sizes: DeepSeek-V3 "671B total, 37B activated", DeepSeek-V2-Lite "15.7B total, 2.4B activated"
-@pytest.mark.parametrize("preset,total,active", [("deepseek-v3-671b", 671e9, 37e9), ("deepseek-v2-lite", 15.7e9, 2.4e9)])
+@pytest.mark.parametrize("preset,total,active",
+                         [("deepseek-v3-671b", 671e9, 37e9), ("deepseek-v2-lite", 15.7e9, 2.4e9)])
 def test_preset_parameter_counts(preset, total, active):
     args = ModelArgs.from_preset(preset)
     assert (count_params(args), count_params(args, active=True)) == meta_counts(args)

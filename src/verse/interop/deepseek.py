@@ -51,7 +51,8 @@ GLOBAL_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "mod
 SUFFIXES = {"weight": "weight", "scale": "weight_scale_inv", "bias": "e_score_correction_bias"}
 EXPERT_WEIGHTS = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.([a-z_]+)")
-HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|down_proj|up_proj)\.(weight|weight_scale_inv)")
+HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|down_proj|up_proj)\."
+                       r"(weight|weight_scale_inv)")
 VERSE_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.([a-z_0-9]+)")
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -98,6 +99,9 @@ def args_from_hf(config: Dict[str, Any]) -> ModelArgs:
         raise ConfigError(f"hidden_act {config['hidden_act']!r} is not supported (only silu, i.e. SwiGLU)")
     if model_type == "deepseek_v3" and config.get("rope_interleave", True) is False:
         raise ConfigError("rope_interleave=false is not supported (Verse reads the interleaved DeepSeek layout)")
+    if (config.get("moe_layer_freq") or 1) != 1:
+        # DeepSeek's code puts MoE where i % freq == 0, Verse where (i - n_dense_layers) % freq == 0
+        raise ConfigError("moe_layer_freq != 1 is not supported in config.json (give the layout in verse.json)")
     v3 = model_type == "deepseek_v3"
     topk_method = config.get("topk_method") or ("noaux_tc" if v3 else "greedy")
     grouped = topk_method != "greedy"
@@ -125,7 +129,6 @@ def args_from_hf(config: Dict[str, Any]) -> ModelArgs:
         n_activated_experts=config.get("num_experts_per_tok") or 0,
         moe_inter_dim=config.get("moe_intermediate_size") or 1,
         n_dense_layers=config.get("first_k_dense_replace") or 0,
-        moe_layer_freq=config.get("moe_layer_freq") or 1,
         score_func=config.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
         n_expert_groups=(config.get("n_group") or 1) if grouped else 1,
         n_limited_groups=(config.get("topk_group") or 1) if grouped else 1,
@@ -143,9 +146,10 @@ def args_from_hf(config: Dict[str, Any]) -> ModelArgs:
 def hf_config(args: ModelArgs) -> Dict[str, Any]:
     """The Hugging Face `config.json` of a DeepSeek-family Verse model.
 
-    Written in DeepSeek's spelling (`rope_theta` + `rope_scaling`), which transformers 4.x and 5.x both read;
+    Written in DeepSeek's spelling (`rope_theta` + `rope_scaling`), which transformers 4.x and 5.x both read.
     Verse-only options (`moe_layer_freq` > 1, softmax scoring under deepseek_v3, a routing bias under
-    deepseek_v2) are written too but transformers ignores them, so a warning says so (verse.json stays exact).
+    deepseek_v2) have no field there, so a warning says transformers will not load the model exactly
+    (verse.json, written beside it, keeps the full configuration for Verse).
 
     Args:
         args (ModelArgs): an MLA configuration.
@@ -187,7 +191,6 @@ def hf_config(args: ModelArgs) -> Dict[str, Any]:
         "n_shared_experts": args.n_shared_experts,
         "num_experts_per_tok": args.n_activated_experts,
         "first_k_dense_replace": args.n_dense_layers if n_routed else args.n_layers,
-        "moe_layer_freq": args.moe_layer_freq,
         "scoring_func": args.score_func,
         "n_group": args.n_expert_groups,
         "topk_group": args.n_limited_groups,

@@ -1,10 +1,10 @@
-"""Mixture of Experts of DeepSeek-V2/V3: routed + shared SwiGLU experts, group-limited top-k routing, and load balancing.
+"""Mixture of Experts of DeepSeek-V2/V3: routed + shared SwiGLU experts, group-limited top-k routing, load balancing.
 
 Balancing comes in two kinds, both optional:
 
 - the auxiliary-loss-free routing bias of DeepSeek-V3 (arXiv:2412.19437, section 2.1.2): a per-expert bias is added to
-  the scores for *selection only* and, after each optimizer step, moved by `router_bias_update_rate` against the sign
-  of the expert's load error (never by gradient);
+  the scores for *selection only* and, at the start of each training forward, moved by `router_bias_update_rate`
+  against the sign of the expert's load error since the previous one (never by gradient);
 - the sequence-wise auxiliary balance loss (DeepSeek-V3 eq. 17-20, DeepSeek-V2 eq. 23), weighted by `aux_loss_alpha`,
   attached to the layer output by `AddAuxLoss` so that any training loop's `loss.backward()` includes it.
 """
@@ -74,8 +74,8 @@ class Gate(nn.Module):
             grouped = choice.view(x.size(0), self.n_groups, -1)
             group_scores = grouped.amax(dim=-1) if self.bias is None else grouped.topk(2, dim=-1)[0].sum(dim=-1)
             kept = group_scores.topk(self.topk_groups, dim=-1)[1]
-            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
-            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+            masked = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+            choice = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).flatten(1)
         indices = choice.topk(self.topk, dim=-1)[1]
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:

@@ -199,7 +199,8 @@ class ReasoningLLM(nn.Module):
         Returns:
             Dict[str, float]: metric name -> value.
         """
-        return {f"moe/{i}/{key}": value for i, moe in self.moe_layers.items() for key, value in moe.stats(reset).items()}
+        return {f"moe/{i}/{key}": value
+                for i, moe in self.moe_layers.items() for key, value in moe.stats(reset).items()}
 
     def update_router_bias(self) -> None:
         """DeepSeek-V3 auxiliary-loss-free balancing: nudge each router's bias against its experts' load error.
