@@ -141,3 +141,26 @@ def test_bad_arguments_raise_verse_errors(model):
         generate(model, None, [[1]], top_p=0.0)
     with pytest.raises(VerseError, match="at least one token"):
         generate(model, None, [[]])
+
+
+def test_bench_generate_runs_and_matches_transformers(tmp_path, capsys):
+    import json
+
+    import verse
+    from verse.cli import main
+
+    pytest.importorskip("transformers")
+    tok = verse.load_tokenizer("byte")
+    torch.manual_seed(0)
+    model = ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32", vocab_size=tok.vocab_size))
+    with torch.no_grad():
+        model.head.weight.mul_(20)  # no near-ties between the two implementations
+    model.save_pretrained(tmp_path, tokenizer=tok)
+    assert main(["bench", "generate", "--model", str(tmp_path), "--dtype", "float32", "--new-tokens", "6",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in report["results"]] == ["verse", "transformers"]
+    assert report["greedy_tokens_identical"] == 6  # same greedy tokens as transformers' generate
+    n_params = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()  # untied: embed not read
+    assert report["weight_bytes_per_token"] == 4 * n_params
+    assert report["decode_speedup_vs_transformers"] > 0 and report["verse_fraction_of_bandwidth_limit"] > 0
