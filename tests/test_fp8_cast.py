@@ -163,6 +163,8 @@ def test_bad_paths_exit_2(tmp_path, capsys):
     (tmp_path / "busy" / "file").write_text("x")
     assert main(["fp8-to-bf16", str(src), str(tmp_path / "busy")]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert main(["fp8-to-bf16", str(src), str(tmp_path / "out"), "--device", "tpu"]) == 2
+    assert "device 'tpu'" in capsys.readouterr().err
 
 
 def deepseek_fp8_checkpoint(path: Path, experts_fp8: bool = True, reference_dtype: torch.dtype = torch.bfloat16):

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from verse.errors import CheckpointError
+from verse.errors import CheckpointError, ConfigError
 from verse.fp8 import BLOCK_SIZE, weight_dequant
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -145,6 +145,8 @@ def fp8_to_bf16(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfl
         raise CheckpointError(f"{dst}: the destination must differ from the source")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: already exists and is not empty; choose a new directory")
+    if not (device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())):
+        raise ConfigError(f"device {device!r}: use cpu, or cuda on a machine with a CUDA GPU")
     weight_map = read_weight_map(src)
     for name in weight_map:
         if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) not in weight_map:
