@@ -134,7 +134,7 @@ def test_fp8_scales_split_in_whole_blocks(tmp_path):
     assert torch.equal(shard["layers.0.attn.wq.scale"], state["layers.0.attn.wq.scale"][1:2])  # rows 128..255
     assert torch.equal(shard["layers.0.ffn.w2.scale"], state["layers.0.ffn.w2.scale"][:, 2:4])  # cols 256..511
     assert_same_model(tmp_path / "mp", model, torch.randint(0, 256, (1, 5)))
-    with pytest.raises(ConfigError, match="128-row scale block"):
+    with pytest.raises(ConfigError, match="128-row scale blocks"):
         save_model_parallel(model, tmp_path / "mp4", 4)  # 64 rows per rank would cut a scale block
 
 

@@ -47,7 +47,7 @@ def split_dim(name: str) -> Optional[int]:
 
 
 def check_parallel(args: ModelArgs, world_size: int) -> None:
-    """Raise `ConfigError` unless heads, KV heads and routed experts divide evenly among `world_size` ranks."""
+    """Raise `ConfigError` unless heads, KV heads, routed experts and vocabulary split evenly over `world_size` ranks."""
     if world_size < 1:
         raise ConfigError(f"--model-parallel must be a positive number of ranks, got {world_size}")
     counts = {"n_heads": args.n_heads, "n_routed_experts": args.n_routed_experts, "vocab_size": args.vocab_size}
@@ -77,11 +77,11 @@ def shard_state_dict(state_dict: Dict[str, torch.Tensor], rank: int, world_size:
             continue
         if name.endswith(".scale"):  # FP8 block scales: split in whole blocks, like their weight
             weight = state_dict[name.removesuffix("scale") + "weight"]
-            rows = weight.size(dim) // world_size
-            if rows % BLOCK_SIZE:
-                raise ConfigError(f"{name}: an FP8 weight split into {world_size} ranks gives {rows} rows per rank, "
-                                  f"not a multiple of the {BLOCK_SIZE}-row scale block; run `verse fp8-to-bf16` first")
-            size = rows // BLOCK_SIZE
+            part, unit = weight.size(dim) // world_size, ("rows", "columns")[dim]
+            if part % BLOCK_SIZE:
+                raise ConfigError(f"{name}: an FP8 weight split over {world_size} ranks gives {part} {unit} per rank, "
+                                  f"not whole {BLOCK_SIZE}-{unit[:-1]} scale blocks; run `verse fp8-to-bf16` first")
+            size = part // BLOCK_SIZE
         else:
             if tensor.size(dim) % world_size:
                 raise ConfigError(f"{name}: dimension {dim} ({tensor.size(dim)}) is not divisible by "
