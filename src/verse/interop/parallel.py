@@ -47,7 +47,7 @@ def split_dim(name: str) -> Optional[int]:
 
 
 def check_parallel(args: ModelArgs, world_size: int) -> None:
-    """Raise `ConfigError` unless heads, KV heads, routed experts and vocabulary split evenly over `world_size` ranks."""
+    """Raise `ConfigError` unless heads, KV heads, routed experts and vocabulary split evenly over the ranks."""
     if world_size < 1:
         raise ConfigError(f"--model-parallel must be a positive number of ranks, got {world_size}")
     counts = {"n_heads": args.n_heads, "n_routed_experts": args.n_routed_experts, "vocab_size": args.vocab_size}
