@@ -84,6 +84,11 @@ def test_gguf_chat_matches_transformers(smol, reference):
     untrained = reference.decode([i for i, m in zip(enc.input_ids, enc.loss_mask) if not m])
     assert "You are a helpful AI assistant named SmolLM" in untrained  # the template's default system turn
 
+    # SmolLM2's template knows nothing of drop_history_think: Verse strips history <think> from the messages.
+    dropped = smol.encode_chat(CONVERSATION, drop_history_think=True)
+    assert reference.decode([i for i, m in zip(dropped.input_ids, dropped.loss_mask) if m]) == (
+        "The answer is 4.<|im_end|>9<|im_end|>")
+
 
 def test_hf_directory_round_trip(smol, reference, tmp_path):
     from transformers import AutoTokenizer

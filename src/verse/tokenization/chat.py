@@ -137,6 +137,29 @@ def check_messages(messages: Sequence[Dict[str, str]]) -> None:
             raise VerseError(f"message {i} ({message['role']}): content must be a string")
 
 
+def strip_history_think(messages: Sequence[Dict[str, str]]) -> List[Dict[str, str]]:
+    """Remove the <think>...</think> section from assistant turns that are not the last message.
+
+    Args:
+        messages: the conversation.
+
+    Returns:
+        List[Dict[str, str]]: the conversation with history replies reduced to their answers.
+    """
+    last = len(messages) - 1
+    return [dict(m, content=m["content"].split("</think>")[-1].lstrip())
+            if m["role"] == "assistant" and i < last and "</think>" in m["content"] else m
+            for i, m in enumerate(messages)]
+
+
+def _prepare(source: str, messages: Sequence[Dict[str, str]], context: Dict[str, object]) -> Sequence[Dict[str, str]]:
+    """Check the messages; apply `drop_history_think` here when the template itself does not handle it."""
+    check_messages(messages)
+    if context.get("drop_history_think") and "drop_history_think" not in source:
+        return strip_history_think(messages)
+    return messages
+
+
 def _render(template: jinja2.Template, messages: Sequence[Dict[str, str]], add_generation_prompt: bool,
             context: Dict[str, object], spans: Optional[List[Tuple[int, int]]] = None) -> str:
     kwargs = dict(context, messages=list(messages), add_generation_prompt=add_generation_prompt)
@@ -160,12 +183,13 @@ def render(source: str, messages: Sequence[Dict[str, str]], add_generation_promp
         source: the Jinja chat template.
         messages: [{"role": ..., "content": ...}, ...].
         add_generation_prompt: end with the header that opens an assistant reply.
-        **context: extra template variables (bos_token, eos_token, drop_history_think, ...).
+        **context: extra template variables (bos_token, eos_token, ...). `drop_history_think=True` removes
+            <think> sections from history replies, in the template if it handles it, else from the messages.
 
     Returns:
         str: the rendered conversation.
     """
-    check_messages(messages)
+    messages = _prepare(source, messages, context)
     return _render(compile_template(source), messages, add_generation_prompt, context)
 
 
@@ -187,7 +211,7 @@ def render_with_spans(source: str, messages: Sequence[Dict[str, str]], add_gener
     Raises:
         VerseError: when the template changes a reply in a way that hides where it is.
     """
-    check_messages(messages)
+    messages = _prepare(source, messages, context)
     template = compile_template(source)
     n_assistant = sum(m["role"] == "assistant" for m in messages)
     if _GENERATION_TAG.search(source):

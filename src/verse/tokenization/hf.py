@@ -191,8 +191,8 @@ class HFTokenizer(Tokenizer):
         return [self._encode(text, allowed) for text in texts]
 
     def _decode(self, ids: List[int], skip_special: bool) -> str:
-        if not all(map(self._is_valid, ids)):
-            raise ValueError("unknown token id")  # decode() then replaces each unknown id with U+FFFD
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise ValueError("token id out of range")  # decode() then replaces each bad id with U+FFFD
         return self._backend.decode(ids, skip_special_tokens=skip_special)
 
     def _is_valid(self, token_id: int) -> bool:
