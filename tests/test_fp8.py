@@ -221,3 +221,9 @@ def test_triton_kernels_compile_for_hopper():
                                              "a_s_ptr": "*fp32", "b_s_ptr": "*fp32", "M": "i32"},
                       {"N": 512, "K": 1024, "BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128})
     assert ".f32.e4m3.e4m3" in ptx  # Hopper FP8 tensor-core MMA (wgmma) accumulating in float32
+
+
+def test_quantize_keeps_tied_head():
+    model = quantize_(ReasoningLLM(tiny_fp8_args(tie_embeddings=True)))
+    assert model.head.weight is model.embed.weight and not model.head.is_fp8
+    assert model.layers[0].ffn.w1.is_fp8

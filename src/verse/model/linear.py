@@ -44,6 +44,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 class Linear(nn.Linear):
     """`nn.Linear` without bias by default; the single place where GEMM implementations are chosen.
 
+    After `quantize_()` (or when built for an FP8 checkpoint) `weight` is float8_e4m3fn and `scale` holds its
+    float32 128x128 block scales; otherwise `scale` is None.
+
     Args:
         in_features (int): input size.
         out_features (int): output size.
@@ -126,12 +129,17 @@ def quantize_(model: nn.Module, names: Optional[Collection[str]] = None) -> nn.M
 
     Args:
         model (nn.Module): any module containing `Linear` layers.
-        names (Optional[Collection[str]]): qualified names of the layers to convert; default all of them.
+        names (Optional[Collection[str]]): qualified names of the layers to convert; default all of them but a
+            head tied to the embedding.
 
     Returns:
         nn.Module: `model`, changed in place.
     """
+    tied = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and (names is None or name in names):
-            module.quantize_()
+        if not isinstance(module, Linear) or (names is not None and name not in names):
+            continue
+        if names is None and id(module.weight) in tied:
+            continue  # an output head tied to the embedding stays as it is
+        module.quantize_()
     return model
