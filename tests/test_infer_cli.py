@@ -1,0 +1,116 @@
+"""`verse generate` and `verse chat` (terminal) on a tiny checkpoint with the byte tokenizer."""
+
+import io
+import json
+
+import pytest
+import torch
+
+import verse
+from verse import ModelArgs, ReasoningLLM
+from verse.cli import main
+from verse.infer import generate
+from verse.infer.chat import ChatSession, ThinkRenderer, render_think, split_reasoning, terminal_chat
+
+
+def reader(lines):
+    """A terminal that types `lines`, then Ctrl-D."""
+    lines = iter(lines)
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tok = verse.load_tokenizer("byte")
+    torch.manual_seed(0)
+    model = ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32", vocab_size=tok.vocab_size))
+    path = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(path, tokenizer=tok)
+    return path
+
+
+def test_generate_json_is_the_continuation(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model, tok = verse.load(checkpoint), verse.load_tokenizer(checkpoint)
+    prompt = tok.encode("Hello")
+    prompt = prompt if tok.bos_id is None else [tok.bos_id] + prompt
+    expected = generate(model, tok, [prompt], max_new_tokens=12)[0]
+    assert out["text"] == tok.decode(expected)
+    assert out["prompt_tokens"] == len(prompt) and out["new_tokens"] == len(expected)
+    assert out["time_to_first_token_s"] > 0
+    assert set(out) == {"text", "prompt_tokens", "new_tokens", "tokens_per_s", "time_to_first_token_s"}
+
+
+def test_generate_chat_uses_the_template(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--prompt", "Hi", "--chat", "--system", "Be brief.",
+                 "--max-new-tokens", "8", "--temperature", "0.9", "--top-p", "0.9", "--top-k", "50", "--seed", "1",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    tok = verse.load_tokenizer(checkpoint)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert out["prompt_tokens"] == len(tok.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def test_generate_bad_input_exits_2(checkpoint, tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert main(["generate", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
+    assert main(["generate", str(checkpoint), "--prompt", "x", "--max-new-tokens", "100000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("verse generate: error:") for line in err)
+
+
+def test_terminal_chat_history_commands_and_save(checkpoint, tmp_path):
+    model, tok = verse.load(checkpoint), verse.load_tokenizer(checkpoint)
+    session = ChatSession(model, tok, generation={"max_new_tokens": 6})
+    save = tmp_path / "chat.json"
+    lines = ["hello", "/system Be brief.", "again", f"/save {save}", "/reset", "/bogus", "/quit", "never"]
+    out = io.StringIO()
+    terminal_chat(session, think="show", read=reader(lines), out=out)
+    saved = json.loads(save.read_text())["messages"]
+    assert [m["role"] for m in saved] == ["system", "user", "assistant", "user", "assistant"]
+    assert saved[0]["content"] == "Be brief." and saved[3]["content"] == "again"
+    # the second answer was generated from the whole history, system prompt first
+    prompt = tok.apply_chat_template(saved[:4], add_generation_prompt=True)
+    assert saved[4]["content"] == tok.decode(generate(model, tok, [prompt], max_new_tokens=6)[0])
+    assert session.history == [] and "unknown command /bogus" in out.getvalue()
+
+
+def test_ctrl_c_stops_the_answer_but_not_the_chat(checkpoint):
+    model, tok = verse.load(checkpoint), verse.load_tokenizer(checkpoint)
+    session = ChatSession(model, tok, generation={"max_new_tokens": 50, "stop_ids": set()})
+
+    class Interrupting(io.StringIO):
+        writes = 0
+
+        def write(self, s):
+            Interrupting.writes += 1
+            if Interrupting.writes == 3:  # the user presses Ctrl-C while the first answer streams
+                raise KeyboardInterrupt
+            return super().write(s)
+
+    out = Interrupting()
+    terminal_chat(session, think="show", read=reader(["first", "second"]), out=out)
+    assert "(stopped)" in out.getvalue()
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+    assert len(session.history[1]["content"]) < len(session.history[3]["content"])  # cut short; second is whole
+    assert model.cache_len == 0
+
+
+def test_think_rendering_by_hand():
+    text = "<think>plan</think>Answer"
+    assert split_reasoning(text) == ("plan", "Answer")
+    assert split_reasoning("plan</think>Answer", opened=True) == ("plan", "Answer")
+    assert split_reasoning("no tags") == ("", "no tags")
+    assert render_think(text, "hide") == "Answer"
+    assert render_think(text, "dim") == "\033[2m<think>plan</think>\033[0mAnswer"
+    renderer = ThinkRenderer("hide")
+    pieces = [renderer.feed(c) for c in text] + [renderer.flush()]  # tags split across pieces
+    assert "".join(pieces) == "Answer"
