@@ -152,8 +152,13 @@ class MLA(nn.Module):
             k = torch.cat((kv.unsqueeze(1), k_rope), dim=-1)  # [B, 1, T, kv_lora_rank + rope]
             if use_cache:
                 k, _ = self.cache.update(input_pos, k, k[..., :0])
-            y = F.scaled_dot_product_attention(torch.cat((q_latent, q_rope), dim=-1), k, k[..., :self.kv_lora_rank],
-                                               attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
-                                               enable_gqa=True)
+            q = torch.cat((q_latent, q_rope), dim=-1)
+            if T == 1:
+                # decoding: the heads become the query rows of one head sharing the cached latent (no key copies)
+                y = F.scaled_dot_product_attention(q.transpose(1, 2), k, k[..., :self.kv_lora_rank], attn_mask=mask,
+                                                   scale=self.softmax_scale).transpose(1, 2)
+            else:
+                y = F.scaled_dot_product_attention(q, k, k[..., :self.kv_lora_rank], attn_mask=mask,
+                                                   is_causal=mask is None, scale=self.softmax_scale, enable_gqa=True)
             y = y @ wkv_b[:, self.qk_nope_head_dim:].transpose(-1, -2)  # latent -> per-head values (W_uv)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
