@@ -41,7 +41,7 @@ def test_generate_json_is_the_continuation(checkpoint, capsys):
     out = json.loads(capsys.readouterr().out)
     model, tok = verse.load(checkpoint), verse.load_tokenizer(checkpoint)
     prompt = tok.encode("Hello")
-    prompt = prompt if tok.bos_id is None else [tok.bos_id] + prompt
+    prompt = [tok.bos_id] + prompt if tok.add_bos else prompt
     expected = generate(model, tok, [prompt], max_new_tokens=12)[0]
     assert out["text"] == tok.decode(expected)
     assert out["prompt_tokens"] == len(prompt) and out["new_tokens"] == len(expected)

@@ -44,3 +44,21 @@ def test_greedy_equals_transformers_smollm2_gguf():
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True)
     assert generate(ours, tok, [prompt], max_new_tokens=32, stop_ids=set()) == [hf_greedy(hf, prompt, 32)]
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+def test_greedy_equals_transformers_deepseek_v3(tmp_path, attn_impl):
+    args = verse.ModelArgs(arch="deepseek_v3", vocab_size=512, dim=32, n_layers=3, n_heads=4, inter_dim=48,
+                           attention="mla", q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                           v_head_dim=12, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+                           moe_inter_dim=16, n_dense_layers=1, score_func="sigmoid", n_expert_groups=4,
+                           n_limited_groups=2, route_scale=2.5, norm_topk_prob=True, max_seq_len=128, dtype="float32")
+    torch.manual_seed(0)
+    model = verse.ReasoningLLM(args)
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = verse.load(tmp_path, dtype=torch.float32, attn_impl=attn_impl)
+    expected = [hf_greedy(hf, p, 16) for p in PROMPTS]
+    assert generate(ours, None, PROMPTS, max_new_tokens=16, stop_ids=set()) == expected

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         if args.system:
             raise VerseError("--system needs --chat (it is a chat message)")
         prompt, opened = tokenizer.encode(args.prompt), False
-        if tokenizer.bos_id is not None and (not prompt or prompt[0] != tokenizer.bos_id):
+        if getattr(tokenizer, "add_bos", False) and (not prompt or prompt[0] != tokenizer.bos_id):
             prompt = [tokenizer.bos_id] + prompt
     if not prompt:
         raise VerseError("--prompt is empty and the tokenizer has no BOS token to start from")
