@@ -86,7 +86,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> ReasoningLLM:
 def build_data(cfg: TrainConfig, model: ReasoningLLM):
     """Tokenizer, train loader and (when evaluating) eval loader from the `data:` section."""
     import verse
-    from verse.data import DataConfig, build_loader
+    from verse.data import build_loader
 
     name = cfg.tokenizer
     if name is None:
@@ -94,7 +94,7 @@ def build_data(cfg: TrainConfig, model: ReasoningLLM):
         if name == "hf":
             raise ConfigError(f"model={cfg.model}: the preset has no bundled tokenizer; set tokenizer=PATH_OR_NAME")
     tokenizer = verse.load_tokenizer(name)
-    data_cfg = cfg.data if isinstance(cfg.data, DataConfig) else DataConfig(**(cfg.data or {}))
+    data_cfg = cfg.data or {}
     common = dict(max_seq_len=cfg.max_seq_len, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
     loader = build_loader(data_cfg, tokenizer, split="train", **common)
     eval_loader = build_loader(data_cfg, tokenizer, split="eval", **common) if cfg.eval_every else None

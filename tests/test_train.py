@@ -1,0 +1,277 @@
+"""Training loop tests: learning, exact gradient accumulation, chunked loss, bitwise resume, faults, config errors."""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from verse import ModelArgs, ReasoningLLM
+from verse.cli import main
+from verse.errors import VerseError
+from verse.train import TrainConfig, train
+from verse.train.checkpoint import latest_checkpoint, load_state
+from verse.train.loss import chunked_cross_entropy
+from verse.train.optim import param_groups
+from verse.train.schedule import lr_at
+
+V, T = 512, 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two OpenMP threads on a shared 2-core machine make tiny matmuls 100x slower
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class Batches:
+    """A tiny in-memory loader in the `verse.data.build_loader` format, with exact-resume state."""
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor, batch: int, stop_after: int = 0):
+        self.data, self.labels, self.batch, self.pos = data, labels, batch, 0
+        self.stop_after, self.served = stop_after, 0
+
+    def __iter__(self):
+        while self.pos + self.batch <= len(self.data):
+            sl = slice(self.pos, self.pos + self.batch)
+            self.pos += self.batch
+            self.served += 1
+            if self.served == self.stop_after:  # a SIGTERM arrives while this step runs
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield {"input_ids": self.data[sl], "labels": self.labels[sl]}
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+def make_data(n: int = 16, seed: int = 0, masked: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, V, (n, T + 1), generator=g)
+    inputs, labels = seq[:, :-1].clone(), seq[:, 1:].clone()
+    if masked:  # a different number of loss tokens per sequence, as in SFT
+        for i in range(n):
+            labels[i, : (i * 5) % (T - 2)] = -100
+    return inputs, labels
+
+
+def config(tmp_path: Path, name: str = "run", **changes) -> TrainConfig:
+    base = dict(model="tiny", out_dir=str(tmp_path / name), max_seq_len=T, precision="fp32", plot=False,
+                tensorboard=False, lr=3e-3, max_steps=4, save_every=0)
+    return TrainConfig(**{**base, **changes})
+
+
+def test_chunked_cross_entropy_matches_full_logits():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = -100
+    ours = chunked_cross_entropy(hidden, labels, head, chunk_size=4)
+    ours.backward()
+    g_ours = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    ref = F.cross_entropy(head(hidden).reshape(-1, 50), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours[0], hidden.grad)
+    torch.testing.assert_close(g_ours[1], head.weight.grad)
+
+
+def test_schedules_hand_computed():
+    kw = dict(lr=1.0, min_lr=0.1, max_steps=10)
+    assert lr_at(0, warmup_steps=2, **kw) == 0.5 and lr_at(1, warmup_steps=2, **kw) == 1.0
+    # cosine after 2 warmup steps: progress (step - 2 + 1) / 8
+    assert math.isclose(lr_at(5, warmup_steps=2, **kw), 0.1 + 0.45 * (1 + math.cos(math.pi * 4 / 8)))
+    assert math.isclose(lr_at(9, warmup_steps=2, **kw), 0.1)
+    assert math.isclose(lr_at(5, schedule="linear", **kw), 1.0 - 0.9 * 6 / 10)
+    # wsd: constant until the last 20% (steps 8, 9), then linear to min_lr
+    assert [lr_at(s, schedule="wsd", **kw) for s in (0, 7)] == [1.0, 1.0]
+    assert math.isclose(lr_at(8, schedule="wsd", **kw), 0.55) and math.isclose(lr_at(9, schedule="wsd", **kw), 0.1)
+
+
+def test_weight_decay_groups(tiny_args):
+    model = ReasoningLLM(tiny_args)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} == {
+        n for n, _ in model.named_parameters() if "norm" in n or n.startswith("embed")}
+    assert "head.weight" in {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_tiny_model_overfits_fixed_data(tmp_path):
+    inputs, labels = make_data(4)
+    cfg = config(tmp_path, max_steps=80, micro_batch_size=4, lr=1e-2, warmup_steps=5, weight_decay=0.0)
+    result = train(cfg, loader=Batches(inputs, labels, 4), progress=False)
+    losses = [m["loss"] for m in result.metrics]
+    assert losses[0] > 5.5  # ~ln(512) at init
+    assert losses[-1] < 0.5, losses[-10:]
+
+
+def _reference_step(model: ReasoningLLM, inputs, labels, lr: float, clip: float):
+    """One plain-torch SGD step on the token-mean loss of the full batch (the oracle).
+
+    SGD keeps the comparison linear in the gradient (Adam's first step, ~sign(g), amplifies float noise)."""
+    model = copy.deepcopy(model).train()
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt.step()
+    return loss.item(), model
+
+
+def test_gradient_accumulation_equivalence(tmp_path, tiny_args):
+    inputs, labels = make_data(8, masked=True)
+    common = dict(max_steps=1, lr=1.0, optimizer="sgd", beta1=0.0, weight_decay=0.0, schedule="constant",
+                  grad_clip=0.5)
+    torch.manual_seed(0)
+    init = ReasoningLLM(tiny_args)  # the trainer seeds with cfg.seed=0 the same way
+    ref_loss, ref_model = _reference_step(init, inputs, labels, 1.0, 0.5)
+    for mb, acc in ((1, 8), (8, 1), (2, 4)):
+        cfg = config(tmp_path, f"mb{mb}", micro_batch_size=mb, gradient_accumulation_steps=acc, **common)
+        result = train(cfg, loader=Batches(inputs, labels, mb), progress=False)
+        assert math.isclose(result.metrics[0]["loss"], ref_loss, rel_tol=1e-5)
+        model = _load(result.final_dir)
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _load(path: Path) -> ReasoningLLM:
+    import verse
+
+    return verse.load(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("adamw8bit", marks=pytest.mark.slow)])
+def test_resume_after_signal_is_bitwise(tmp_path, optimizer):
+    if optimizer == "adamw8bit":
+        pytest.importorskip("torchao", reason="torchao (8-bit AdamW) is an optional dependency")
+    inputs, labels = make_data(16, masked=True)
+    cfg = config(tmp_path, "straight", max_steps=6, micro_batch_size=2, gradient_accumulation_steps=2,
+                 warmup_steps=2, optimizer=optimizer, save_every=2, keep_last=2)
+    straight = train(cfg, loader=Batches(inputs, labels, 2), progress=False)
+    cut = dataclasses.replace(cfg, out_dir=str(tmp_path / "cut"))
+    first = train(cut, loader=Batches(inputs, labels, 2, stop_after=7), progress=False)  # SIGTERM in step 4
+    assert first.stopped_by_signal and first.step == 4
+    second = train(cut, resume=True, loader=Batches(inputs, labels, 2), progress=False)
+    losses = [m["loss"] for m in first.metrics + second.metrics]
+    assert losses == [m["loss"] for m in straight.metrics]
+    steps = sorted(p.name for p in (tmp_path / "cut").glob("step-*"))
+    assert steps == ["step-0000004", "step-0000006"]  # keep_last=2
+    a, b = _load(straight.final_dir), _load(second.final_dir)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+KILL_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from test_train import Batches, make_data, config
+from verse.train import train
+from pathlib import Path
+inputs, labels = make_data(512)
+cfg = config(Path({tmp!r}), "killed", max_steps=10000, micro_batch_size=2, save_every=1, keep_last=2)
+print("started", flush=True)
+train(cfg, loader=Batches(inputs, labels, 2), progress=False)
+"""
+
+
+def test_kill_9_never_leaves_a_corrupt_latest(tmp_path):
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "killed"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(run_dir.glob("step-*"))) < 2:
+        time.sleep(0.05)
+    time.sleep(torch.rand(1).item() * 0.5)  # a random moment, most likely mid-save (it saves every step)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_dir, step = latest_checkpoint(run_dir)
+    assert step >= 1
+    state = load_state(step_dir / "train_state")
+    assert state["step"] == step
+    _load(step_dir)  # the model part is complete too
+    cfg = config(tmp_path, "killed", max_steps=step + 2, micro_batch_size=2, save_every=1, keep_last=2)
+    inputs, labels = make_data(512)
+    result = train(cfg, resume=True, loader=Batches(inputs, labels, 2), progress=False)
+    assert result.step == step + 2 and [m["step"] for m in result.metrics] == [step + 1, step + 2]
+
+
+def test_nan_loss_is_skipped_then_stops(tmp_path):
+    inputs, labels = make_data(64)
+    cfg = config(tmp_path, lr=1e30, grad_clip=0.0, schedule="constant", max_steps=30, max_bad_steps=3,
+                 micro_batch_size=2, weight_decay=0.0)
+    with pytest.raises(VerseError, match="NaN/inf for 3 steps in a row"):
+        train(cfg, loader=Batches(inputs, labels, 2), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped"] == 3 and [r["loss"] for r in records[-3:]] == [None, None, None]
+    assert math.isfinite(records[0]["loss"])
+
+
+def test_fused_backward_and_bf16_master_weights_match_plain_adamw(tmp_path):
+    inputs, labels = make_data(4)
+    common = dict(max_steps=3, micro_batch_size=2, grad_clip=0.0, schedule="constant")
+    plain = train(config(tmp_path, "plain", **common), loader=Batches(inputs, labels, 2), progress=False)
+    fused = train(config(tmp_path, "fused", fused_backward=True, **common), loader=Batches(inputs, labels, 2),
+                  progress=False)
+    for a, b in zip(plain.metrics, fused.metrics):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5) and math.isclose(a["grad_norm"], b["grad_norm"],
+                                                                                  rel_tol=1e-4)
+    bf16 = train(config(tmp_path, "bf16", param_dtype="bfloat16", precision="bf16", **common),
+                 loader=Batches(inputs, labels, 2), progress=False)
+    import verse
+
+    assert verse.load(bf16.final_dir).embed.weight.dtype == torch.bfloat16
+    for a, b in zip(plain.metrics, bf16.metrics):
+        assert abs(a["loss"] - b["loss"]) < 0.05
+
+
+@pytest.mark.parametrize("override, field", [
+    ("lr=-1", "lr"), ("optimizer=adam9", "optimizer"), ("max_seq_len=100000", "max_seq_len"),
+    ("learning_rate=1", "learning_rate"), ("micro_batch_size=0", "micro_batch_size")])
+def test_bad_config_exits_2_with_one_line(tmp_path, capsys, override, field):
+    code = main(["train", "--preset", "tiny", f"out_dir={tmp_path}/r", override, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and field in err and "Traceback" not in err
+
+
+def test_print_config_lists_every_field(capsys):
+    assert main(["train", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f"\n{f.name}:" in "\n" + out
+    assert all("#" in line for line in out.splitlines() if not line.startswith(" "))
+
+
+def test_cli_train_and_plot(tmp_path, capsys):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                                      {"role": "assistant", "content": f"{i} {i} {i}"}]}) + "\n"
+                            for i in range(24)))
+    args = ["train", "--preset", "tiny", f"out_dir={tmp_path}/run", "max_steps=3", "max_seq_len=64", "precision=fp32",
+            f"data.sources=[{{path: {data}}}]", "data.num_workers=0", "plot=false", "--no-progress"]
+    assert main(args) == 0
+    assert (tmp_path / "run" / "latest").resolve().name == "step-0000003"
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    png = tmp_path / "run" / "plot.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
