@@ -82,14 +82,17 @@ def test_routing_matches_reference(kind):
             assert got[e] == pytest.approx(w, rel=1e-5)
 
 
-@pytest.mark.parametrize("dim,inter,grouped", [(32, 16, True), (12, 6, False)])
-def test_moe_forward_matches_per_token_oracle(dim, inter, grouped):
-    """Both expert paths: grouped_mm (16-byte aligned widths) and the per-expert loop (unaligned widths)."""
+@pytest.mark.parametrize("dtype,dim,inter,grouped", [(torch.float32, 32, 16, False), (torch.float32, 12, 6, False),
+                                                   (torch.bfloat16, 32, 16, True), (torch.bfloat16, 12, 6, False)])
+def test_moe_forward_matches_per_token_oracle(dtype, dim, inter, grouped):
+    """Both expert paths: grouped_mm (bfloat16, 16-byte aligned widths) and the per-expert loop (the rest)."""
     args = moe_args(dim=dim, moe_inter_dim=inter, n_heads=2)
-    moe = random_moe(args, seed=1)
-    x = torch.randn(3, 7, dim)
+    moe = random_moe(args, seed=1).to(dtype)
+    x = torch.randn(3, 7, dim).to(dtype)
     assert moe.experts.use_grouped_mm(x) == (grouped and hasattr(F, "grouped_mm"))
-    torch.testing.assert_close(moe(x), reference_moe(moe, x), atol=1e-4, rtol=1e-4)
+    expected = reference_moe(moe, x)
+    atol = 1e-4 if dtype == torch.float32 else 1e-2 * expected.abs().max().item()  # bfloat16: 8-bit mantissa
+    torch.testing.assert_close(moe(x).float(), expected, atol=atol, rtol=1e-4 if dtype == torch.float32 else 0.0)
 
 
 def test_bias_changes_selection_not_weights():
