@@ -116,9 +116,8 @@ def fp8_layers(state_dict: Mapping[str, torch.Tensor]) -> Set[str]:
     Returns:
         Set[str]: module names, e.g. {"layers.0.attn.wq"}.
     """
-    return {name[: -len(".scale")] for name in state_dict
-            if name.endswith(".scale") and state_dict.get(name[: -len(".scale")] + ".weight", torch.empty(0)).dtype
-            == FP8_DTYPE}
+    layers = {name.removesuffix(".scale") for name in state_dict if name.endswith(".scale")}
+    return {layer for layer in layers if getattr(state_dict.get(f"{layer}.weight"), "dtype", None) == FP8_DTYPE}
 
 
 def quantize_(model: nn.Module, names: Optional[Collection[str]] = None) -> nn.Module:
