@@ -132,3 +132,60 @@ def test_gguf_decode_never_raises(smol, reference):
     assert smol.decode([81, -3, 10**12, 82, 49152]) == "a\ufffd\ufffdb\ufffd"
     lead_byte = reference.convert_tokens_to_ids(bytes_to_unicode()[0xC3])  # first byte of a 2-byte character
     assert smol.decode([81, lead_byte]) == "a\ufffd"
+
+
+# ---- SentencePiece GGUF (tokenizer.ggml.model = "llama": Llama 2, Mistral) ------------------------------------
+SPM_PIECES = ["▁", "t", "h", "e", "a", "c", "s", "i", "o", "n", "d", "g", "r", "▁t", "he", "▁the", "at", "▁c",
+              "▁cat", "▁a", "▁is", "is", "on", "▁on", "▁d", "og", "▁dog", "in", "ing", "▁s", "▁sing", "er", "▁▁",
+              "▁▁▁▁"]
+SPM_TEMPLATE = ("{% for m in messages %}{{ '<s>' + m['role'] + '\\n' + m['content'] + '</s>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(tmp_path_factory):
+    """A tiny Llama GGUF with a SentencePiece vocabulary: control, byte (<0xNN>) and scored pieces, no merges."""
+    import gguf
+
+    path = tmp_path_factory.mktemp("spm") / "tiny-spm.gguf"
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_chat_template(SPM_TEMPLATE)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_sentencepiece_gguf_matches_transformers(spm_gguf):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(spm_gguf.parent, gguf_file=spm_gguf.name)
+    tok = verse.load_tokenizer(spm_gguf)
+    texts = ["the cat is on the dog singing", "  leading", "trailing  ", "a\nb", " ", "théâtre 日本 😀", ""]
+    assert [tok.encode(t) for t in texts] == [reference.encode(t, add_special_tokens=False) for t in texts]
+    # Metaspace adds no "▁" to text that starts with a space, and decoding strips one: as transformers does.
+    assert [tok.decode(tok.encode(t)) for t in texts] == [reference.decode(tok.encode(t)) for t in texts]
+    assert tok.decode(tok.encode(texts[0])) == texts[0]
+    assert tok.encode("<s>x</s>", allowed_special="all") == reference.encode("<s>x</s>", add_special_tokens=False)
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (reference.bos_token_id, reference.eos_token_id, True)
+    assert reference.encode("the") == [tok.bos_id] + tok.encode("the")  # llama.cpp/transformers add BOS
+    messages = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "is on the dog"},
+                {"role": "user", "content": "sing"}, {"role": "assistant", "content": " a dog"}]
+    enc = tok.encode_chat(messages)
+    assert enc.input_ids == list(reference.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    assert tok.decode([i for i, m in zip(enc.input_ids, enc.loss_mask) if m]) == "is on the dog</s> a dog</s>"

@@ -55,6 +55,10 @@ class Tokenizer:
     def _is_valid(self, token_id: int) -> bool:
         raise NotImplementedError
 
+    def _encode_continuation(self, text: str, allowed: frozenset) -> List[int]:
+        """Encode text that continues earlier text: SentencePiece backends add no "▁" prefix here."""
+        return self._encode(text, allowed)
+
     def to_tokenizer_json(self) -> str:
         """The Hugging Face `tokenizers` serialization (tokenizer.json) of this tokenizer.
 
@@ -199,9 +203,10 @@ class Tokenizer:
         loss_mask: List[bool] = []
         cursor = 0
         for start, end in spans + [(len(text), len(text))]:
-            for piece, trained in ((text[cursor:start], False), (text[start:end], True)):
+            for offset, piece, trained in ((cursor, text[cursor:start], False), (start, text[start:end], True)):
                 if piece:
-                    ids = self._encode(piece, everything)
+                    encode = self._encode if offset == 0 else self._encode_continuation
+                    ids = encode(piece, everything)
                     input_ids += ids
                     loss_mask += [trained] * len(ids)
             cursor = end

@@ -1,13 +1,14 @@
 """The tokenizer embedded in a GGUF file (llama.cpp's `tokenizer.ggml.*` keys), as a `tokenizers` BPE.
 
-Supported: `tokenizer.ggml.model = "gpt2"` (byte-level BPE with merges), as in SmolLM2, Llama 3, Qwen 2.
-The pre-tokenizer follows `tokenizer.ggml.pre`, as llama.cpp does.
+Supported: `tokenizer.ggml.model = "gpt2"` (byte-level BPE with merges: SmolLM2, Llama 3, Qwen 2; the
+pre-tokenizer follows `tokenizer.ggml.pre`, as llama.cpp does) and `"llama"` (SentencePiece BPE with byte
+fallback: Llama 2, Mistral; merges from the token scores when the file lists none).
 """
 
 import mmap
 import struct
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
@@ -112,6 +113,51 @@ def read_gguf_metadata(path: Path) -> Dict[str, object]:
         raise VerseError(f"cannot read GGUF file {path}: {e}; check that it is a complete .gguf file") from None
 
 
+def _byte_level_backend(fields: Dict[str, object], tokens: List[str]) -> HFBackend:
+    """gpt2-style byte-level BPE: tokens spelled in GPT-2's byte alphabet, merges listed in the file."""
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # Some files store a token with raw characters (e.g. real spaces); spell it in the byte alphabet.
+    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
+    backend = HFBackend(models.BPE(vocab, merges))
+    backend.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"))
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _score_merges(tokens: List[str], scores: List[float]) -> List[Tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens, best score first
+    (ties: shorter left piece, then shorter right piece, then vocabulary order), as transformers derives them."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(left, right, score) for left, right in splits]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _sentencepiece_backend(fields: Dict[str, object], tokens: List[str]) -> HFBackend:
+    """SentencePiece BPE (Llama 2, Mistral): "▁" for spaces, <0xNN> byte fallback, merges from token scores."""
+    merges = ([tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]] if "tokenizer.ggml.merges" in fields
+              else _score_merges(tokens, fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)))
+    unknown = fields.get("tokenizer.ggml.unknown_token_id")
+    backend = HFBackend(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=True, byte_fallback=True,
+                                   unk_token=tokens[unknown] if isinstance(unknown, int) else None))
+    prefix = fields.get("tokenizer.ggml.add_space_prefix", True)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                     split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
+    return backend
+
+
+BUILDERS = {"gpt2": _byte_level_backend, "llama": _sentencepiece_backend}
+
+
 def load_gguf_tokenizer(path: Path) -> HFTokenizer:
     """Build the tokenizer a GGUF file describes.
 
@@ -126,29 +172,23 @@ def load_gguf_tokenizer(path: Path) -> HFTokenizer:
     """
     fields = read_gguf_metadata(path)
     kind = fields.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise VerseError(f"{path}: tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) is supported; "
-                         "load the model's tokenizer.json directory instead")
+    if kind not in BUILDERS or "tokenizer.ggml.tokens" not in fields:
+        raise VerseError(f"{path}: tokenizer.ggml.model is {kind!r}; supported: 'gpt2' (byte-level BPE) and 'llama' "
+                         "(SentencePiece BPE); load the model's tokenizer.json directory instead")
     tokens: List[str] = fields["tokenizer.ggml.tokens"]
-    alphabet = set(bytes_to_unicode().values())
-    spelling = bytes_to_unicode()
-    # Some files store a token with raw characters (e.g. real spaces); spell it in the byte alphabet.
-    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-             for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
-    backend = HFBackend(models.BPE(vocab, merges))
-    backend.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"))
-    backend.decoder = decoders.ByteLevel()
+    backend = BUILDERS[kind](fields, tokens)
+    vocab = backend.get_vocab()
     types = fields.get("tokenizer.ggml.token_type") or []
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet])
+                                for t, k in zip(tokens, types) if k == CONTROL and t in vocab])
     backend.add_tokens([AddedToken(t, special=False, normalized=False)
                         for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
 
-    def token(key: str):
+    def token(key: str) -> Optional[str]:
         index = fields.get(f"tokenizer.ggml.{key}")
         return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
 
+    # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
+    add_bos = fields.get("tokenizer.ggml.add_bos_token", kind == "llama")
     return HFTokenizer(backend, str(path), fields.get("tokenizer.chat_template"),
-                       token("bos_token_id"), token("eos_token_id"), token("padding_token_id"),
-                       add_bos=fields.get("tokenizer.ggml.add_bos_token", False))
+                       token("bos_token_id"), token("eos_token_id"), token("padding_token_id"), add_bos=add_bos)

@@ -4,7 +4,7 @@ tiktoken ranks to tokenizer.json (byte-level BPE with merges derived from the ra
 import gc
 import json
 import re
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -144,6 +144,21 @@ def encode_split(text: str, allowed: frozenset, special_tokens: Dict[str, int], 
     return ids + (encode_plain(text[cursor:]) if cursor < len(text) else [])
 
 
+def _drop_prefix_space(data: dict) -> None:
+    """Edit tokenizer.json data in place so that no "▁" is prepended to the text (Metaspace, Prepend normalizer)."""
+    for key in ("pre_tokenizer", "normalizer"):
+        component = data.get(key) or {}
+        parts = component.get("pretokenizers") or component.get("normalizers") or [component]
+        for part in parts:
+            if part.get("type") == "Metaspace":
+                part["prepend_scheme"] = "never"
+                part["add_prefix_space"] = False
+        if component.get("type") == "Prepend":
+            data[key] = None
+        elif component.get("type") == "Sequence" and key == "normalizer":
+            component["normalizers"] = [p for p in component["normalizers"] if p.get("type") != "Prepend"]
+
+
 def _token_content(value: Union[None, str, dict]) -> Optional[str]:
     return value.get("content") if isinstance(value, dict) else value
 
@@ -164,11 +179,10 @@ class HFTokenizer(Tokenizer):
                  bos_token: Optional[str] = None, eos_token: Optional[str] = None, pad_token: Optional[str] = None,
                  extra_stop_ids: Iterable[int] = (), add_bos: bool = False):
         self._backend = backend
-        # Special-token strings in text are plain text unless allowed: `_encode` cuts them out itself.
-        backend.encode_special_tokens = True
         self.name = name
         added = backend.get_added_tokens_decoder()
         self.special_tokens = {token.content: i for i, token in added.items() if token.special}
+        self._all_special = frozenset(self.special_tokens)
         self.vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
         self.bos_id, self.eos_id, self.pad_id = (
             backend.token_to_id(t) if t else None for t in (bos_token, eos_token, pad_token))
@@ -177,18 +191,43 @@ class HFTokenizer(Tokenizer):
         ends = {self.special_tokens[t] for t in END_OF_TURN if t in self.special_tokens and t in self.chat_template}
         self.stop_ids = ({self.eos_id} if self.eos_id is not None else set()) | ends | set(extra_stop_ids)
 
+    @cached_property
+    def _plain(self) -> HFBackend:
+        """A copy of the backend that reads special-token strings as text (`allowed_special="none"`)."""
+        plain = HFBackend.from_str(self._backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
     def _encode_plain(self, text: str) -> List[int]:
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def _encode(self, text: str, allowed: frozenset) -> List[int]:
         if not allowed:
             return self._encode_plain(text)
+        if allowed == self._all_special:
+            return self._backend.encode(text, add_special_tokens=False).ids
         return encode_split(text, allowed, self.special_tokens, self._encode_plain)
 
     def _encode_batch(self, texts: List[str], allowed: frozenset) -> List[List[int]]:
-        if not allowed:
-            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
-        return [self._encode(text, allowed) for text in texts]
+        if allowed and allowed != self._all_special:
+            return [self._encode(text, allowed) for text in texts]
+        backend = self._backend if allowed else self._plain
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+    @cached_property
+    def _continuation(self) -> Optional[HFBackend]:
+        """A copy that adds no prefix space ("▁", SentencePiece) at the start of the text; None when the backend
+        never adds one."""
+        if "Metaspace" not in str(self._backend.pre_tokenizer) and "Prepend" not in str(self._backend.normalizer):
+            return None
+        data = json.loads(self._backend.to_str())
+        _drop_prefix_space(data)
+        return HFBackend.from_str(json.dumps(data))
+
+    def _encode_continuation(self, text: str, allowed: frozenset) -> List[int]:
+        if self._continuation is None or allowed != self._all_special:
+            return self._encode(text, allowed)
+        return self._continuation.encode(text, add_special_tokens=False).ids
 
     def _decode(self, ids: List[int], skip_special: bool) -> str:
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
