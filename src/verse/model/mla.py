@@ -147,7 +147,7 @@ class MLA(nn.Module):
             if self.wkv_b.is_fp8:
                 wkv_b = weight_dequant(wkv_b, self.wkv_b.scale, linear.block_size, x.dtype)
             wkv_b = wkv_b.view(self.n_heads, -1, self.kv_lora_rank)
-            # q_nope . (W_uk c) = (W_uk^T q_nope) . c: queries move into the latent space (DeepSeek-V2 appendix C)
+            # q_nope . (W_uk c) = (W_uk^T q_nope) . c: queries move into the latent space (DeepSeek-V2 2.1.2)
             q_latent = q_nope @ wkv_b[:, :self.qk_nope_head_dim]  # [B, H, T, kv_lora_rank]
             k = torch.cat((kv.unsqueeze(1), k_rope), dim=-1)  # [B, 1, T, kv_lora_rank + rope]
             if use_cache:
