@@ -179,8 +179,10 @@ class Tokenizer:
 
         The render is cut at the edges of each assistant reply and every piece is tokenized on its own, so no
         token straddles a reply's edge: the mask is exact, and the reply's tokens are the ones the model
-        produces when generating after the prompt. Special-token strings in the render are recognised, as in
-        transformers.
+        produces when generating after the prompt. For the usual templates (ChatML, and any whose reply follows
+        a newline or a special token) the ids equal the tokenization of the whole render; a reply that starts
+        with whitespace merging into the header may tokenize differently at that edge. Special-token strings in
+        the render are recognised, as in transformers.
 
         Args:
             messages: the conversation.
