@@ -33,12 +33,11 @@ def hf_v3(q_lora_rank=24, rope=YARN, **kw):
     return model.eval()
 
 
-def hf_v2(q_lora_rank=None, topk_method="greedy", **kw):
+def hf_v2(q_lora_rank=None, topk_method="greedy", rope=YARN, **kw):
     """Softmax scoring, two shared experts, no query compression by default (like DeepSeek-V2-Lite)."""
     config = transformers.DeepseekV2Config(**{**COMMON, **dict(
         n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, n_group=4, topk_group=2,
-        topk_method=topk_method, routed_scaling_factor=1.0, q_lora_rank=q_lora_rank,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), **kw})
+        topk_method=topk_method, routed_scaling_factor=1.0, q_lora_rank=q_lora_rank, rope_parameters=rope), **kw})
     return transformers.DeepseekV2ForCausalLM(config).eval()
 
 
@@ -77,10 +76,11 @@ def test_v3_without_query_compression(tmp_path, tokens):
     assert_same_logits(hf, tmp_path, tokens)
 
 
-@pytest.mark.parametrize("topk_method,q_lora_rank", [("greedy", None), ("group_limited_greedy", 24)])
-def test_v2_hf_to_verse_logits(tmp_path, tokens, topk_method, q_lora_rank):
+@pytest.mark.parametrize("topk_method,q_lora_rank,rope", [
+    ("greedy", None, YARN), ("group_limited_greedy", 24, {"rope_type": "default", "rope_theta": 10000.0})])
+def test_v2_hf_to_verse_logits(tmp_path, tokens, topk_method, q_lora_rank, rope):
     torch.manual_seed(3)
-    hf = hf_v2(q_lora_rank=q_lora_rank, topk_method=topk_method)
+    hf = hf_v2(q_lora_rank=q_lora_rank, topk_method=topk_method, rope=rope)
     hf.save_pretrained(tmp_path)
     assert_same_logits(hf, tmp_path, tokens)
 
