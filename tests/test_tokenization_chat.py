@@ -2,6 +2,8 @@
 (with `return_assistant_tokens_mask`), ids against the full render's encoding, masks against the contents."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import verse
 from verse.errors import VerseError
@@ -145,3 +147,15 @@ def test_templates_without_generation_blocks():
         ByteTokenizer(chat_template=reversed_order).encode_chat(CONVERSATIONS[1])
     with pytest.raises(VerseError, match="parse"):
         ByteTokenizer(chat_template="{% for m in messages %}").encode_chat(CONVERSATIONS[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(contents=st.lists(st.text(max_size=24), min_size=2, max_size=6), name=st.sampled_from(["byte", "o200k"]))
+def test_mask_is_exact_for_any_contents(contents, name):
+    tok = verse.load_tokenizer(name)
+    roles = ["user", "assistant"] * len(contents)
+    messages = [{"role": role, "content": c} for role, c in zip(roles, contents)]
+    enc = tok.encode_chat(messages)
+    assert tok.decode(enc.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert tok.decode([i for i, m in zip(enc.input_ids, enc.loss_mask) if m]) == "".join(r + END for r in replies)
