@@ -216,3 +216,42 @@ def test_fp8_checkpoint_through_the_adapter(v3_dir, tmp_path, tokens):
             model.load_state_dict(ours, assign=True)
             model.reset_buffers()
             torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=0, msg=lambda m: f"{impl}: {m}")
+
+
+# config.json of deepseek-ai/DeepSeek-V3 and deepseek-ai/DeepSeek-V2-Lite on the Hub (fields Verse reads)
+HUB_CONFIGS = {
+    "deepseek-v3-671b": dict(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, num_nextn_predict_layers=1, num_attention_heads=128,
+        num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5,
+        kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+        topk_method="noaux_tc", n_group=8, topk_group=4, num_experts_per_tok=8, moe_layer_freq=1,
+        first_k_dense_replace=3, norm_topk_prob=True, scoring_func="sigmoid", aux_loss_alpha=0.001, seq_aux=True,
+        hidden_act="silu", max_position_embeddings=163840, rms_norm_eps=1e-06, bos_token_id=0, eos_token_id=1,
+        tie_word_embeddings=False, rope_theta=10000, attention_bias=False,
+        rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                      "original_max_position_embeddings": 4096, "type": "yarn"}),
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_shared_experts=2, n_routed_experts=64, routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+        num_experts_per_tok=6, moe_layer_freq=1, first_k_dense_replace=1, norm_topk_prob=False,
+        scoring_func="softmax", aux_loss_alpha=0.001, seq_aux=True, hidden_act="silu",
+        max_position_embeddings=163840, rms_norm_eps=1e-06, bos_token_id=100000, eos_token_id=100001,
+        tie_word_embeddings=False, rope_theta=10000, attention_bias=False,
+        rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                      "original_max_position_embeddings": 4096, "type": "yarn"}),
+}
+TRAINING_ONLY = ("aux_loss_alpha", "router_bias_update_rate")
+
+
+@pytest.mark.parametrize("preset", sorted(HUB_CONFIGS))
+def test_presets_are_the_hub_configs(preset):
+    """The adapter reads the Hub config.json into the preset (training-only balancing knobs aside), and back."""
+    from_hub = deepseek.args_from_hf(HUB_CONFIGS[preset]).to_dict()
+    ours = ModelArgs.from_preset(preset).to_dict()
+    differ = {k for k in ours if ours[k] != from_hub[k]}
+    assert differ <= set(TRAINING_ONLY), {k: (ours[k], from_hub[k]) for k in differ}
+    written = deepseek.hf_config(ModelArgs.from_preset(preset))
+    assert deepseek.args_from_hf(written).to_dict() == from_hub | {k: ours[k] for k in TRAINING_ONLY if k in written}
