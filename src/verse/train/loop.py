@@ -127,6 +127,36 @@ def _forward_loss(model: ReasoningLLM, batch: Dict[str, torch.Tensor], chunk_siz
     return chunked_cross_entropy(hidden, batch["labels"], model.head, chunk_size)
 
 
+def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[str, torch.Tensor]],
+               cfg: TrainConfig, autocast: contextlib.AbstractContextManager):
+    """One optimizer step over the micro-batches of an accumulation step.
+
+    The loss is normalised over the loss tokens of ALL micro-batches (not per micro-batch), so
+    micro-batch 1 x accumulation 8 equals micro-batch 8 x accumulation 1. A NaN/inf loss or gradient norm
+    skips the update.
+
+    Returns:
+        tuple: (summed loss or None when non-finite, loss tokens, grad norm or None, whether the update ran).
+    """
+    n_tokens = int(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro))
+    loss_sum: Optional[float] = 0.0
+    for b in micro:
+        with autocast:
+            loss = _forward_loss(model, b, cfg.loss_chunk_size)
+        if not torch.isfinite(loss):  # checked before backward: fused_backward would already have stepped
+            loss_sum = None
+            break
+        if n_tokens:
+            (loss / n_tokens).backward()
+        loss_sum += loss.item()
+    grad_norm = optimizer.clip_and_norm(cfg.grad_clip) if loss_sum is not None and n_tokens else None
+    applied = loss_sum is not None and n_tokens > 0 and bool(torch.isfinite(grad_norm))
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad()
+    return loss_sum, n_tokens, grad_norm, applied
+
+
 class _StopSignal:
     """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the end of the step and stops."""
 
@@ -255,40 +285,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                 optimizer.set_lr(lr)
                 micro = [{k: v.to(device, non_blocking=True) for k, v in batches.next().items() if torch.is_tensor(v)}
                          for _ in range(cfg.gradient_accumulation_steps)]
-                # normalise over the loss tokens of the whole accumulation step, not per micro-batch
-                n_tokens = int(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro))
-                loss_sum, finite = 0.0, True
                 try:
-                    for b in micro:
-                        with autocast:
-                            loss = _forward_loss(model, b, cfg.loss_chunk_size)
-                        if not torch.isfinite(loss):
-                            finite = False
-                            break
-                        if n_tokens:
-                            (loss / n_tokens).backward()
-                        loss_sum += loss.item()
-                    grad_norm = optimizer.clip_and_norm(cfg.grad_clip) if finite and n_tokens else None
+                    loss_sum, n_tokens, grad_norm, applied = train_step(model, optimizer, micro, cfg, autocast)
                 except (torch.OutOfMemoryError, MemoryError):
                     optimizer.zero_grad()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()  # return the cached blocks before reporting
                     raise VerseError(_oom_message(cfg, model, device)) from None
-                if grad_norm is not None and not torch.isfinite(grad_norm):
-                    finite = False
-                if finite and n_tokens:
-                    optimizer.step()
+                finite = loss_sum is not None and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+                if applied:
                     bad_in_row = 0
                 else:
                     skipped += 1
-                    bad_in_row += finite is False
+                    bad_in_row += not finite
                 optimizer.zero_grad()
                 step += 1
                 seq_tokens = sum(b["input_ids"].numel() for b in micro)
                 tokens_seen += seq_tokens
                 elapsed = time.perf_counter() - start
                 tps = seq_tokens / elapsed
-                record = {"kind": "train", "step": step, "loss": loss_sum / n_tokens if finite and n_tokens else None,
+                record = {"kind": "train", "step": step, "loss": loss_sum / n_tokens if applied else None,
                           "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                           "loss_tokens": n_tokens, "tokens": tokens_seen, "tokens_per_s": round(tps, 2),
                           "mfu": round(tps * flops_tok / peak_flops, 5), "step_time_s": round(elapsed, 4),

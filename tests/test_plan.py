@@ -1,0 +1,111 @@
+"""`verse plan`: memory components vs hand-computed values, saved-tensor bytes, the 7B goal, and (slow) measurement."""
+
+import json
+
+import pytest
+import torch
+
+from verse import ModelArgs, ReasoningLLM
+from verse.cli import main
+from verse.train.planner import PlanSettings, plan
+
+# tiny preset: vocab 512, dim 64, 2 layers, 4 heads of 16, 2 KV heads, SwiGLU 128, untied head
+P = 2 * 512 * 64 + 64 + 2 * (2 * 64 + 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)  # = 139584
+
+
+def fp32(**kw) -> PlanSettings:
+    return PlanSettings(**{"seq_len": 32, "micro_batch_size": 2, "precision": "fp32", "param_dtype": "float32", **kw})
+
+
+def test_tiny_plan_matches_hand_computed_bytes():
+    args = ModelArgs.from_preset("tiny")
+    r = plan(args, fp32(), "a100-80gb")
+    assert r["params"] == P == 139584
+    assert (r["weights_bytes"], r["grads_bytes"], r["optimizer_bytes"]) == (4 * P, 4 * P, 8 * P)
+    # saved per layer and token in fp32: 24 D + 16 I + 8 Q + 8 KV + 4 H + 8 = 4376 bytes; 64 tokens, 2 layers,
+    # plus ids (8), embedding output (4 D), final-norm input (4 D) and rstd (4) per token
+    assert r["activations_bytes"] == 2 * 64 * 4376 + 64 * (8 + 8 * 64 + 4)
+    ckpt = plan(args, fp32(activation_checkpointing=1), "a100-80gb")
+    assert ckpt["activations_bytes"] == 2 * 64 * 4 * 64 + 64 * (8 + 8 * 64 + 4)  # only each layer's input
+    assert plan(args, fp32(optimizer="sgd"), "a100-80gb")["optimizer_bytes"] == 4 * P
+    # 8-bit AdamW quantizes tensors of >= 4096 values in 256-blocks: embed, head, wq, wo, w1-3 (131072 values)
+    big = 2 * 512 * 64 + 2 * (64 * 64 * 2 + 3 * 64 * 128)
+    assert plan(args, fp32(optimizer="adamw8bit"), "a100-80gb")["optimizer_bytes"] == (
+        2 * big + 2 * 4 * big // 256 + 8 * (P - big))
+    master = plan(args, fp32(param_dtype="bfloat16", precision="bf16", bf16_update="master"), "a100-80gb")
+    assert (master["weights_bytes"], master["grads_bytes"], master["optimizer_bytes"]) == (6 * P, 4 * P, 8 * P)
+    fused = plan(args, fp32(fused_backward=True), "a100-80gb")
+    assert fused["grads_bytes"] == 4 * 512 * 64  # only the largest tensor's gradient is ever alive
+    assert r["fits"] and not plan(args, fp32(), "a100-80gb", device_memory=r["peak_bytes"] - 1)["fits"]
+
+
+def test_activation_bytes_match_saved_tensors(tiny_args):
+    """The activation estimate against what autograd really saves (unique storages; parameters and buffers, such
+    as the RoPE tables, exist anyway and are excluded)."""
+    torch.manual_seed(0)
+    model = ReasoningLLM(tiny_args).train()
+    ids = torch.randint(0, 512, (2, 32))
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.hidden_states(ids)
+    estimate = plan(tiny_args, fp32(), "a100-80gb")["activations_bytes"]
+    assert abs(estimate / sum(saved.values()) - 1) < 0.05
+
+
+def test_mistral_7b_full_finetune_fits_80gb_with_documented_setting():
+    args = ModelArgs.from_preset("mistral-7b")
+    assert abs(plan(args)["params"] / 7.24e9 - 1) < 0.001
+    naive = plan(args, PlanSettings(seq_len=2048, param_dtype="float32", precision="bf16"), "a100-80gb")
+    assert not naive["fits"]  # fp32 weights + grads + AdamW alone are 16 bytes x 7.24 B = 116 GB
+    documented = PlanSettings(seq_len=2048, micro_batch_size=1, param_dtype="bfloat16", bf16_update="stochastic",
+                              optimizer="adamw8bit", fused_backward=True, activation_checkpointing=1)
+    r = plan(args, documented, "a100-80gb")
+    assert r["fits"] and r["peak_bytes"] < 40 * 2**30
+    assert r["weights_bytes"] == 2 * r["params"]
+
+
+def test_cli_plan_json_and_suggestions(capsys):
+    assert main(["plan", "--preset", "mistral-7b", "--seq-len", "2048", "--gpu", "a100-80gb", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("params", "weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "peak_bytes",
+                "fits", "step_time_s", "tokens_per_s"):
+        assert key in out
+    assert not out["fits"] and out["suggestions"]
+    first = out["suggestions"][0]["moves"]
+    settings = {"--optimizer": None}
+    argv = ["plan", "--preset", "mistral-7b", "--seq-len", "2048", "--json"]
+    for move in " ".join(first).split():
+        key, value = move.split("=")
+        flag = "--" + {"activation_checkpointing": "checkpointing"}.get(key, key).replace("_", "-")
+        if key == "fused_backward":
+            argv.append(flag)
+        elif key != "grad_clip" and key not in settings:
+            argv += [flag, value]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["fits"]  # following the first suggestion really fits
+
+
+@pytest.mark.parametrize("argv", [["plan"], ["plan", "--preset", "nope"], ["plan", "--preset", "tiny", "--seq-len",
+                                                                          "100000"], ["plan", "/no/such/dir"]])
+def test_cli_plan_bad_input_exits_2(capsys, argv):
+    assert main(argv) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_plan_within_10_percent_of_measured_peak():
+    from verse.train.bench import BASE_MODEL, BASE_SETTINGS, PLAN_CASES, measure
+
+    for case in PLAN_CASES:
+        if case["settings"].get("optimizer") == "adamw8bit":
+            pytest.importorskip("torchao")
+        result = measure({**BASE_MODEL, **case["model"]}, {**BASE_SETTINGS, **case["settings"]})
+        ratio = result["plan"]["peak_bytes"] / result["measured"]
+        assert abs(ratio - 1) <= 0.10, (case["name"], ratio)
