@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user message")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object: text, prompt_tokens, new_tokens, tokens_per_s, time_to_first_token_s")
+                        help="print one JSON object: text, prompt_tokens, new_tokens, tokens_per_s, "
+                             "time_to_first_token_s")
 
 
 def run(args: argparse.Namespace) -> int:

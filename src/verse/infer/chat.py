@@ -142,7 +142,8 @@ def stream_text(model, tokenizer, prompt: List[int], **kwargs) -> Iterator[str]:
         yield text[len(shown):]
 
 
-def fit_messages(tokenizer, messages: List[Dict[str, str]], max_prompt_tokens: int) -> tuple[List[Dict[str, str]], List[int]]:
+def fit_messages(tokenizer, messages: List[Dict[str, str]],
+                 max_prompt_tokens: int) -> tuple[List[Dict[str, str]], List[int]]:
     """Drop the oldest turns (never the system message or the last user turn) until the prompt fits.
 
     Args:

@@ -5,7 +5,7 @@ padding (`position_ids`) and a boolean mask hides the padding keys, so every row
 it would get alone.
 """
 
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -84,8 +84,11 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
         model.clear_cache()
 
 
-def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-             stop_strings, seed):
+def _prepare(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_k: int,
+             top_p: float, repetition_penalty: float, stop_ids: Optional[Iterable[int]],
+             stop_strings: Optional[Sequence[str]], seed: Optional[int]
+             ) -> tuple[SamplingParams, set, Optional[StopStrings], Optional[torch.Generator]]:
+    """Validate the arguments of `generate` / `stream` and build what the decoding loop needs."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise VerseError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -101,8 +104,9 @@ def _prepare(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_
 
 
 def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop_ids=None,
-             stop_strings: Optional[Sequence[str]] = None, seed: Optional[int] = None) -> List[List[int]]:
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             stop_ids: Optional[Iterable[int]] = None, stop_strings: Optional[Sequence[str]] = None,
+             seed: Optional[int] = None) -> List[List[int]]:
     """Generate continuations of a batch of prompts.
 
     Args:
@@ -146,7 +150,8 @@ def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int 
 
 
 def stream(model, tokenizer, prompt: List[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop_ids=None,
+           top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+           stop_ids: Optional[Iterable[int]] = None,
            stop_strings: Optional[Sequence[str]] = None, seed: Optional[int] = None) -> Iterator[int]:
     """Generate from one prompt, yielding each new token id as soon as it is final.
 

@@ -11,7 +11,7 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has native bf16 matmuls (AVX512-BF16 / AMX); without them bf16 is emulated and slow."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def inference_dtype(name: str, device: str | torch.device) -> Optional[torch.dtype]:

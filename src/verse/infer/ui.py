@@ -79,6 +79,7 @@ def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optiona
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
+
     from verse.errors import VerseError
 
     generation = dict(generation or {})
@@ -93,7 +94,8 @@ def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optiona
             yield gr.update(), history, gr.update()
             return
         opened = backend.opened(system_prompt)
-        turn = history + [{"role": "user", "content": message[:MAX_MESSAGE_CHARS]}, {"role": "assistant", "content": ""}]
+        turn = history + [{"role": "user", "content": message[:MAX_MESSAGE_CHARS]},
+                          {"role": "assistant", "content": ""}]
         yield _display(turn, opened), turn, ""
         try:
             for piece in backend.reply(message, history, system_prompt, temp, nucleus, max_tokens):
