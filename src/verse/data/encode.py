@@ -6,6 +6,7 @@ on the assistant content and the end token of each trained assistant turn. A tex
 shifted by one (`labels[t] = ids[t + 1]` where `mask[t + 1]`).
 """
 
+import logging
 import multiprocessing
 import pickle
 import weakref
@@ -15,6 +16,8 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from verse.data.formats import Example
+
+log = logging.getLogger("verse.data")
 
 
 @dataclass
@@ -27,7 +30,7 @@ class Encoded:
         length: tokens before truncation.
         source: index of its source in the mix.
         where: file:line (or Hub row) it came from.
-        dropped: "too_long" or "no_loss_tokens" when the example is not used.
+        dropped: "too_long", "no_loss_tokens" or "tokenizer_error" when the example is not used.
     """
 
     ids: np.ndarray
@@ -59,14 +62,18 @@ def encode_example(tokenizer: Any, example: Example, *, max_seq_len: int, train_
     Returns:
         Encoded: ids and mask, or `dropped` set.
     """
-    if isinstance(example, str):
-        ids = tokenizer.encode(example)
-        ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
-        ids += [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        mask = np.ones(len(ids), dtype=bool)
-    else:
-        enc = tokenizer.encode_chat(example, train_on=train_on)
-        ids, mask = enc.input_ids, np.asarray(enc.loss_mask, dtype=bool)
+    try:
+        if isinstance(example, str):
+            ids = tokenizer.encode(example)
+            ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
+            ids += [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+            mask = np.ones(len(ids), dtype=bool)
+        else:
+            enc = tokenizer.encode_chat(example, train_on=train_on)
+            ids, mask = enc.input_ids, np.asarray(enc.loss_mask, dtype=bool)
+    except Exception as e:  # a record the template rejects is a bad record, not the end of the run
+        log.warning("skipped record at %s: the tokenizer failed (%s: %s)", where, type(e).__name__, e)
+        return Encoded(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool), 0, source, where, "tokenizer_error")
     ids = np.asarray(ids, dtype=np.int64)
     length = len(ids)
     dropped = None

@@ -125,6 +125,8 @@ class DataLoader:
         total: Counter = Counter()
         for r in self.readers:
             total.update(r.bad)
+        if self.counters["dropped_tokenizer_error"]:
+            total["tokenizer_error"] = self.counters["dropped_tokenizer_error"]
         return dict(sorted(total.items()))
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
@@ -142,9 +144,11 @@ class DataLoader:
     def _blocks(self, stream: MixedStream, skip: int) -> Iterator[Tuple[Tuple[dict, int], list]]:
         """(position tag, examples) blocks; the tag is (stream state at block start, examples before it)."""
         snap = stream.state_dict()
-        drawn = sum(1 for _ in islice(stream, skip))
+        for _ in islice(stream, skip):  # already in yielded batches (and in the restored counters)
+            pass
+        drawn = self.counters["examples"]
         while True:
-            n = BLOCK if self.limit is None else min(BLOCK, self.limit - self.counters["examples"] - drawn)
+            n = BLOCK if self.limit is None else min(BLOCK, self.limit - drawn)
             block = list(islice(stream, max(n, 0)))
             if not block:
                 return
