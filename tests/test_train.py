@@ -160,12 +160,15 @@ def _load(path: Path) -> ReasoningLLM:
     return verse.load(path, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("adamw8bit", marks=pytest.mark.slow)])
-def test_resume_after_signal_is_bitwise(tmp_path, optimizer):
+@pytest.mark.parametrize("model, optimizer", [
+    ("tiny", "adamw"), ("bytegpt-tiny", "adamw"),  # dense GQA; MLA + MoE with router-bias updates
+    pytest.param("tiny", "adamw8bit", marks=pytest.mark.slow)])
+def test_resume_after_signal_is_bitwise(tmp_path, model, optimizer):
     if optimizer == "adamw8bit":
         pytest.importorskip("torchao", reason="torchao (8-bit AdamW) is an optional dependency")
     inputs, labels = make_data(16, masked=True)
-    cfg = config(tmp_path, "straight", max_steps=6, micro_batch_size=2, gradient_accumulation_steps=2,
+    inputs, labels = inputs % 256, labels.where(labels < 0, labels % 256)  # within bytegpt-tiny's vocabulary
+    cfg = config(tmp_path, "straight", max_steps=6, micro_batch_size=2, gradient_accumulation_steps=2, model=model,
                  warmup_steps=2, optimizer=optimizer, save_every=2, keep_last=2)
     straight = train(cfg, loader=Batches(inputs, labels, 2), progress=False)
     cut = dataclasses.replace(cfg, out_dir=str(tmp_path / "cut"))

@@ -153,6 +153,8 @@ def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[
     applied = loss_sum is not None and n_tokens > 0 and bool(torch.isfinite(grad_norm))
     if applied:
         optimizer.step()
+        for moe in getattr(model, "moe_layers", {}).values():
+            moe.update_bias()  # DeepSeek-V3 auxiliary-loss-free balancing (no-op unless configured)
     optimizer.zero_grad()
     return loss_sum, n_tokens, grad_norm, applied
 

@@ -71,19 +71,23 @@ def memory_bytes(device: torch.device) -> Dict[str, int]:
 
 
 def moe_stats(model: torch.nn.Module) -> Dict[str, Any]:
-    """Expert load and aux loss from MoE layers that expose them (`expert_load` tensor, `aux_loss`)."""
-    stats: Dict[str, Any] = {}
-    for name, module in model.named_modules():
-        load = getattr(module, "expert_load", None)
-        if torch.is_tensor(load) and load.numel() > 1:
-            frac = load.float() / load.float().sum().clamp(min=1)
-            stats.setdefault("moe_max_load", []).append(round(frac.max().item() * load.numel(), 4))
-        aux = getattr(module, "aux_loss", None)
-        if torch.is_tensor(aux) and aux.numel() == 1:
-            stats["moe_aux_loss"] = stats.get("moe_aux_loss", 0.0) + aux.item()
-    if "moe_max_load" in stats:  # max expert load relative to uniform (1.0 = balanced), worst layer
-        stats["moe_max_load"] = max(stats["moe_max_load"])
-    return stats
+    """Expert load since the last call (then reset) and the balance loss, over the model's MoE layers.
+
+    Returns:
+        Dict[str, Any]: `moe_load_max` (busiest expert over the mean, worst layer), `moe_load_min`, `moe_entropy`
+        (mean over layers; 1 = balanced), `moe_dropped` (experts without tokens, all layers), `moe_aux_loss`.
+    """
+    layers = getattr(model, "moe_layers", {})
+    if not layers:
+        return {}
+    stats = [moe.stats(reset=True) for moe in layers.values()]
+    record = {"moe_load_max": max(s["load_max"] for s in stats), "moe_load_min": min(s["load_min"] for s in stats),
+              "moe_entropy": sum(s["entropy"] for s in stats) / len(stats),
+              "moe_dropped": sum(s["dropped"] for s in stats)}
+    aux = [moe.aux_loss for moe in layers.values() if moe.aux_loss is not None]
+    if aux:
+        record["moe_aux_loss"] = float(sum(a.item() for a in aux))
+    return record
 
 
 class MetricsLog:
