@@ -225,3 +225,26 @@ def test_load_tokenizer_errors_are_one_line(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(VerseError, match="tokenizer.json"):
         verse.load_tokenizer(tmp_path)
+
+
+def test_hub_repo_id_loads_downloaded_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from verse.tokenization.hf import HFTokenizer
+
+    ByteTokenizer().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["verse_tokenizer"]  # a plain Hub repo: tokenizer.json + tokenizer_config.json
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    tok = verse.load_tokenizer("some-org/some-model")
+    assert calls[0][0] == "some-org/some-model" and "tokenizer.json" in calls[0][1]
+    assert isinstance(tok, HFTokenizer)
+    assert tok.encode("héllo") == list("héllo".encode("utf-8"))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (256, 257, 258, {257, 260})
