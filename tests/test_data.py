@@ -315,3 +315,14 @@ def test_missing_file_and_unreachable_hub_fail_at_start(tmp_path, tok):
         build_loader(cfg(["openthoughts"]), tok, max_seq_len=64)
     with pytest.raises(ConfigError, match="weight"):
         cfg([{"path": "x.jsonl", "weight": -1}])
+
+
+def test_eval_iterations_restart_and_passes_repeat(tmp_path, tok):
+    path = write_jsonl(tmp_path / "ot.jsonl", [openthoughts_record(i) for i in range(20)])
+    kw = dict(max_seq_len=256, micro_batch_size=2, seed=0)
+    ev = build_loader(cfg([{"path": path}], eval_fraction=0.5), tok, split="eval", **kw)
+    first = next(iter(ev))
+    again = next(iter(ev))  # every evaluation sees the same held-out batches
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    once = build_loader(cfg([{"path": path}], cycle=False), tok, **kw)
+    assert sorted(_texts(once, tok)) == sorted(_texts(once, tok))  # a finished pass starts over

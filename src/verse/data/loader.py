@@ -100,7 +100,8 @@ class DataLoader:
         holdout = (0.0, False) if use_eval_sources else (cfg.eval_fraction, split == "eval")
         self.readers = [
             SourceReader(s, i, seed=seed, rank=rank, world_size=world_size, holdout=holdout,
-                         cycle=cfg.cycle and split == "train", shuffle_buffer=cfg.shuffle_buffer,
+                         cycle=cfg.cycle and split == "train",
+                         shuffle_buffer=cfg.shuffle_buffer if split == "train" else 1,  # eval: file order
                          max_record_bytes=cfg.max_record_bytes)
             for i, s in enumerate(sources)]
         weights = np.array([s.weight for s in sources], dtype=np.float64)
@@ -110,6 +111,7 @@ class DataLoader:
         self.lengths: Optional[List[int]] = None  # set to [] to record every example's length (stats)
         self.limit: Optional[int] = None  # stop after this many examples (dry runs)
         self._resume: Dict[str, Any] = {"stream": None, "skip": 0, "counters": {}}
+        self._start = MixedStream(self.readers, self.weights, seed).state_dict()  # nothing read yet
 
     def state_dict(self) -> Dict[str, Any]:
         """Position after the last yielded batch (plain ints, strings and dicts: JSON- and torch.save-able)."""
@@ -130,9 +132,11 @@ class DataLoader:
         return dict(sorted(total.items()))
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """Batches from the saved position on (the start for `split="eval"`, or after a finished pass)."""
+        if self.split == "eval":
+            self._resume = {"stream": None, "skip": 0, "counters": {}}
         stream = MixedStream(self.readers, self.weights, self.seed)
-        if self._resume["stream"] is not None:
-            stream.load_state_dict(self._resume["stream"])
+        stream.load_state_dict(self._resume["stream"] or self._start)
         self.counters = Counter(self._resume["counters"])
         encoder = Encoder(self.tokenizer, self.cfg.num_workers, max_seq_len=self.max_seq_len,
                           train_on=self.cfg.train_on, truncation=self.cfg.truncation)
@@ -140,6 +144,7 @@ class DataLoader:
             yield from self._batches(encoder.map(self._blocks(stream, self._resume["skip"])))
         finally:
             encoder.close()
+        self._resume = {"stream": None, "skip": 0, "counters": {}}  # a finished pass: the next one starts over
 
     def _blocks(self, stream: MixedStream, skip: int) -> Iterator[Tuple[Tuple[dict, int], list]]:
         """(position tag, examples) blocks; the tag is (stream state at block start, examples before it)."""
