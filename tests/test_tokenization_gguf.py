@@ -110,7 +110,7 @@ def test_hf_directory_config_variants(smol, tmp_path):
     config_path = tmp_path / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     template = config.pop("chat_template")
-    config["eos_token"] = {"content": "<|endoftext|>", "special": True}
+    config["eos_token"] = {"__type": "AddedToken", "content": "<|endoftext|>", "special": True}  # older schema
     config_path.write_text(json.dumps(config))
     (tmp_path / "chat_template.jinja").write_text(template)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
@@ -122,6 +122,20 @@ def test_hf_directory_config_variants(smol, tmp_path):
     config["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]
     config_path.write_text(json.dumps(config))
     assert verse.load_tokenizer(tmp_path).chat_template == template
+
+    # No add_bos_token in the config: the post-processor decides, as in Llama 3's tokenizer.json.
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer
+
+    backend = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    config.pop("add_bos_token", None)
+    config.update(bos_token="<|im_start|>", eos_token="<|endoftext|>")
+    config_path.write_text(json.dumps(config))
+    tok = verse.load_tokenizer(tmp_path)
+    assert tok.add_bos and AutoTokenizer.from_pretrained(tmp_path).encode("hi")[:1] == [tok.bos_id] == [1]
+    assert tok.encode("hi") == smol.encode("hi")  # encode itself never adds BOS
 
     config_path.write_text("{broken")
     with pytest.raises(VerseError, match="tokenizer_config.json"):

@@ -172,12 +172,13 @@ class HFTokenizer(Tokenizer):
         chat_template: Jinja template; None uses Verse's ChatML.
         bos_token, eos_token, pad_token: token strings, or None.
         extra_stop_ids: more ids that end a reply (e.g. generation_config.json's eos_token_id list).
-        add_bos: whether documents start with the bos token (the source's `add_bos_token`).
+        add_bos: whether documents start with the bos token (the source's `add_bos_token`); None asks the
+            tokenizer's post-processor.
     """
 
     def __init__(self, backend: HFBackend, name: str, chat_template: Optional[str] = None,
                  bos_token: Optional[str] = None, eos_token: Optional[str] = None, pad_token: Optional[str] = None,
-                 extra_stop_ids: Iterable[int] = (), add_bos: bool = False):
+                 extra_stop_ids: Iterable[int] = (), add_bos: Optional[bool] = False):
         self._backend = backend
         self.name = name
         added = backend.get_added_tokens_decoder()
@@ -186,6 +187,8 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
         self.bos_id, self.eos_id, self.pad_id = (
             backend.token_to_id(t) if t else None for t in (bos_token, eos_token, pad_token))
+        if add_bos is None:  # no add_bos_token setting: ask the post-processor (e.g. Llama 3's TemplateProcessing)
+            add_bos = backend.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
         self.add_bos = bool(add_bos) and self.bos_id is not None
         self.chat_template = chat_template or CHATML_TEMPLATE
         ends = {self.special_tokens[t] for t in END_OF_TURN if t in self.special_tokens and t in self.chat_template}
@@ -309,4 +312,4 @@ def load_hf_dir(directory: Path) -> HFTokenizer:
         extra_stop = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
     return HFTokenizer(backend, str(directory), read_chat_template(directory, config),
                        *(_token_content(config.get(k)) for k in ("bos_token", "eos_token", "pad_token")),
-                       extra_stop_ids=extra_stop, add_bos=config.get("add_bos_token", False))
+                       extra_stop_ids=extra_stop, add_bos=config.get("add_bos_token"))
