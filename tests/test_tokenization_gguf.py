@@ -128,7 +128,8 @@ def test_hf_directory_config_variants(smol, tmp_path):
     from transformers import AutoTokenizer
 
     backend = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                           special_tokens=[("<|im_start|>", 1)])
     backend.save(str(tmp_path / "tokenizer.json"))
     config.pop("add_bos_token", None)
     config.update(bos_token="<|im_start|>", eos_token="<|endoftext|>")
