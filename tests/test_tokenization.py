@@ -248,3 +248,12 @@ def test_hub_repo_id_loads_downloaded_files(tmp_path, monkeypatch):
     assert isinstance(tok, HFTokenizer)
     assert tok.encode("héllo") == list("héllo".encode("utf-8"))
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (256, 257, 258, {257, 260})
+
+
+def test_bench_tokenize_cli(capsys):
+    from verse.cli import main
+
+    assert main(["bench", "tokenize", "--tokenizer", "byte", "--mb", "0.05", "--repeat", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["identical_ids"] and [r["impl"] for r in report["results"]] == ["verse", "tokenizers"]
+    assert report["results"][0]["tokens"] == pytest.approx(report["megabytes"] * 1e6, rel=0.01)  # one id per byte
