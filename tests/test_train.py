@@ -117,11 +117,30 @@ def test_weight_decay_groups(tiny_args):
 
 def test_tiny_model_overfits_fixed_data(tmp_path):
     inputs, labels = make_data(4)
-    cfg = config(tmp_path, max_steps=80, micro_batch_size=4, lr=1e-2, warmup_steps=5, weight_decay=0.0)
-    result = train(cfg, loader=Batches(inputs, labels, 4), progress=False)
-    losses = [m["loss"] for m in result.metrics]
+    cfg = config(tmp_path, max_steps=80, micro_batch_size=4, lr=1e-2, warmup_steps=5, weight_decay=0.0,
+                 eval_every=40, eval_batches=1)
+    result = train(cfg, loader=Batches(inputs, labels, 4), eval_loader=Batches(inputs, labels, 4), progress=False)
+    losses = [m["loss"] for m in result.metrics if m["kind"] == "train"]
     assert losses[0] > 5.5  # ~ln(512) at init
     assert losses[-1] < 0.5, losses[-10:]
+    evals = [m for m in result.metrics if m["kind"] == "eval"]
+    assert [m["step"] for m in evals] == [40, 80] and evals[-1]["eval_loss"] < 0.5
+
+
+def test_out_of_memory_ends_with_one_message(tmp_path, monkeypatch):
+    import verse.train.loop as loop
+
+    def oom(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(loop, "train_step", oom)
+    inputs, labels = make_data(4)
+    with pytest.raises(VerseError) as info:
+        train(config(tmp_path, micro_batch_size=2), loader=Batches(inputs, labels, 2), progress=False)
+    message = str(info.value)
+    assert "measured peak" in message and "`verse plan` estimate" in message and "\n" not in message
+    moves = [message.index(m) for m in ("max_seq_len", "gradient_accumulation_steps", "activation_checkpointing")]
+    assert moves == sorted(moves)
 
 
 def _reference_step(model: ReasoningLLM, inputs, labels, lr: float, clip: float):
@@ -275,6 +294,37 @@ def test_cli_train_and_plot(tmp_path, capsys):
             f"data.sources=[{{path: {data}}}]", "data.num_workers=0", "plot=false", "--no-progress"]
     assert main(args) == 0
     assert (tmp_path / "run" / "latest").resolve().name == "step-0000003"
+    assert main(["train", "--resume", str(tmp_path / "run"), "max_steps=5", "--no-progress"]) == 0
+    assert (tmp_path / "run" / "latest").resolve().name == "step-0000005"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
     assert main(["plot", str(tmp_path / "run")]) == 0
     png = tmp_path / "run" / "plot.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sft_smollm2_lowers_held_out_assistant_loss(tmp_path):
+    """SFT of the real SmolLM2-135M (GGUF) on a small masked chat set lowers held-out loss on assistant tokens."""
+    import verse
+    from verse.assets import smollm2_gguf
+    from verse.data import build_loader
+    from verse.train.loop import evaluate
+
+    gguf = smollm2_gguf()
+    records = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                             {"role": "assistant", "content": f"<think>{a} + {b} = {a + b}</think>The answer is {a + b}."}]}
+               for a, b in ((i % 37 + 3, i * 7 % 41 + 5) for i in range(120))]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data_cfg = {"sources": [{"path": str(data)}], "eval_fraction": 0.2, "num_workers": 0}
+    tok = verse.load_tokenizer(str(gguf))
+    held_out = build_loader(data_cfg, tok, max_seq_len=128, micro_batch_size=4, seed=0, split="eval")
+    cpu = torch.device("cpu")
+    no_autocast = torch.autocast("cpu", enabled=False)
+    before = evaluate(verse.load(gguf, dtype=torch.float32).train(), held_out, 4, cpu, no_autocast, 4096)
+    cfg = config(tmp_path, "sft", model=str(gguf), data=data_cfg, max_seq_len=128, micro_batch_size=4, max_steps=12,
+                 lr=1e-4, warmup_steps=2, eval_every=12, eval_batches=4)
+    result = train(cfg, progress=False)
+    after = [m for m in result.metrics if m["kind"] == "eval"][-1]["eval_loss"]
+    assert after < 0.8 * before, (before, after)

@@ -25,9 +25,9 @@ PLAN_CASES: List[Dict[str, Any]] = [
     {"name": "dense sgd", "model": {}, "settings": {"optimizer": "sgd"}},
     {"name": "dense adamw accum=2", "model": {}, "settings": {"gradient_accumulation_steps": 2}},
     {"name": "dense fused-backward", "model": {}, "settings": {"fused_backward": True}},
-    {"name": "dense adamw8bit", "model": {}, "settings": {"optimizer": "adamw8bit"}},
     {"name": "moe adamw", "model": {"n_routed_experts": 8, "n_activated_experts": 2, "n_shared_experts": 1,
                                     "moe_inter_dim": 384, "n_dense_layers": 1}, "settings": {}},
+    {"name": "dense adamw8bit", "model": {}, "settings": {"optimizer": "adamw8bit"}},
 ]
 BASE_MODEL = dict(arch="llama", vocab_size=8192, dim=384, n_layers=4, n_heads=6, n_kv_heads=3, inter_dim=1152,
                   max_seq_len=1024, dtype="float32")
@@ -101,32 +101,29 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    """Measured peak memory of real steps vs `verse plan`, one row per configuration."""
-    from tqdm.auto import tqdm
-
+    """Measured peak memory of real steps vs `verse plan`, one row per configuration (printed as measured)."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (peak RSS)"
     rows = []
-    cases = [c for c in PLAN_CASES if not args.only or args.only in c["name"]]
-    for case in tqdm(cases, desc="bench plan", unit="config", disable=args.json):
+    if not args.json:
+        print(f"verse plan vs measured peak on {device} (model dim 384, 4 layers, vocab 8192, 2 x 256 tokens, fp32)")
+        print(f"{'config':<24}{'plan MiB':>10}{'measured MiB':>14}{'plan/meas':>11}", flush=True)
+    for case in (c for c in PLAN_CASES if not args.only or args.only in c["name"]):
         try:
             result = measure({**BASE_MODEL, **case["model"]}, {**BASE_SETTINGS, **case["settings"]})
         except RuntimeError as e:
             rows.append({"name": case["name"], "error": str(e)})
+            if not args.json:
+                print(f"{case['name']:<24}  error: {e}", flush=True)
             continue
         planned, measured = result["plan"]["peak_bytes"], result["measured"]
-        rows.append({"name": case["name"], "plan_bytes": planned, "measured_bytes": measured,
-                     "ratio": planned / measured, "ok": abs(planned / measured - 1) <= args.tolerance})
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (peak RSS)"
+        row = {"name": case["name"], "plan_bytes": planned, "measured_bytes": measured, "ratio": planned / measured,
+               "ok": abs(planned / measured - 1) <= args.tolerance}
+        rows.append(row)
+        if not args.json:
+            print(f"{row['name']:<24}{planned / 2**20:>10.0f}{measured / 2**20:>14.0f}{row['ratio']:>11.3f}"
+                  f"{'' if row['ok'] else '  (outside tolerance)'}", flush=True)
     if args.json:
         print(json.dumps({"device": device, "tolerance": args.tolerance, "rows": rows}))
-    else:
-        print(f"verse plan vs measured peak on {device} (model dim 384, 4 layers, vocab 8192, 2 x 256 tokens, fp32)")
-        print(f"{'config':<24}{'plan MiB':>10}{'measured MiB':>14}{'plan/meas':>11}")
-        for r in rows:
-            if "error" in r:
-                print(f"{r['name']:<24}  error: {r['error']}")
-            else:
-                print(f"{r['name']:<24}{r['plan_bytes'] / 2**20:>10.0f}{r['measured_bytes'] / 2**20:>14.0f}"
-                      f"{r['ratio']:>11.3f}{'' if r['ok'] else '  (outside tolerance)'}")
     return 0 if all(r.get("ok") for r in rows) else 1
 
 
