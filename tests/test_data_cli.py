@@ -74,3 +74,16 @@ def test_errors_exit_2(tmp_path, capsys):
     assert main(["data", "stats", "--config", str(bad), "--tokenizer", "byte"]) == 2
     assert "pak" in capsys.readouterr().err
     assert main(["data", "stats", "--source", "openthoughts", "--tokenizer", "byte"]) == 2  # offline in tests
+
+
+def test_shipped_fixtures_in_hub_schemas(monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).parents[1])  # the config names the fixtures relative to the repo root
+    assert main(["data", "stats", "--config", "tests/fixtures/data/mix.yaml", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["records"] == 36 and set(stats["records_by_source"].values()) == {12}
+    # one broken record of each kind was written into the fixtures
+    assert stats["bad_by_reason"] == {"bad_json": 1, "missing_field": 1, "not_ending_with_assistant": 1,
+                                      "wrong_type": 1}
+    assert set(stats) >= {"records", "bad_records", "tokens", "loss_tokens", "truncated", "padding_fraction"}

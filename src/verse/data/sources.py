@@ -170,8 +170,7 @@ class SourceReader:
         self.schema = source_schema(src)
         self.bad: Counter = Counter()
         self.reported = 0
-        self._pos = {"epoch": 0, "part": 0, "row": 0, "block": 0, "offset": 0, "records": 0, "bad": {},
-                     "exhausted": False}
+        self._pos = {"epoch": 0, "part": 0, "row": 0, "block": 0, "offset": 0, "bad": {}, "exhausted": False}
         self._block: Optional[List[Tuple[Example, str]]] = None
         self._ended = False
         self._perm = np.arange(0)
@@ -208,7 +207,6 @@ class SourceReader:
             pos["epoch"], pos["part"], pos["row"] = self._block_end
             pos["block"] += 1
             pos["offset"] = 0
-            pos["records"] += len(self._block)
             pos["bad"] = dict(self.bad)
             self._read_block()
         item = self._block[self._perm[pos["offset"]]]
@@ -239,7 +237,9 @@ class SourceReader:
                 part, row = part + 1, 0
                 continue
             except Exception as e:  # a corrupt file: count it, go on with the next part
-                self._count(BadRecord("unreadable_file", f"{type(e).__name__}: {e}"), self.parts[part].where(row))
+                log.error("cannot read %s further (%s: %s); skipping the rest of it", self.parts[part].where(row),
+                          type(e).__name__, e)
+                self.bad["unreadable_file"] += 1
                 part, row = part + 1, 0
                 continue
             here = row
@@ -270,7 +270,8 @@ class SourceReader:
         fraction, want_eval = self.holdout
         if not fraction:
             return not want_eval
-        digest = hashlib.blake2b(f"{self.src.label}/{part}/{row}".encode(), digest_size=8).digest()
+        # keyed by file name (or Hub repo) and row, so renaming the source or moving its folder keeps the split
+        digest = hashlib.blake2b(f"{Path(self.parts[part].path).name}/{row}".encode(), digest_size=8).digest()
         return (int.from_bytes(digest, "little") / 2.0**64 < fraction) == want_eval
 
     def _count(self, e: BadRecord, where: str) -> None:
