@@ -252,8 +252,10 @@ def test_hub_repo_id_loads_downloaded_files(tmp_path, monkeypatch):
 
 def test_bench_tokenize_cli(capsys):
     from verse.cli import main
+    from verse.tokenization.bench import bench_corpus
 
     assert main(["bench", "tokenize", "--tokenizer", "byte", "--mb", "0.05", "--repeat", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["identical_ids"] and [r["impl"] for r in report["results"]] == ["verse", "tokenizers"]
-    assert report["results"][0]["tokens"] == pytest.approx(report["megabytes"] * 1e6, rel=0.01)  # one id per byte
+    corpus = bench_corpus(0.05)
+    assert report["results"][0]["tokens"] == sum(len(d.encode("utf-8")) for d in corpus)  # one id per byte
