@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from verse.config import ModelArgs
-from verse.fp8 import weight_dequant
-from verse.model import linear
 from verse.model.cache import KVCache
 from verse.model.linear import Linear
 from verse.model.norm import RMSNorm
@@ -143,10 +141,7 @@ class MLA(nn.Module):
             y = F.scaled_dot_product_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, attn_mask=mask,
                                                is_causal=mask is None, scale=self.softmax_scale)
         else:
-            wkv_b = self.wkv_b.weight
-            if self.wkv_b.is_fp8:
-                wkv_b = weight_dequant(wkv_b, self.wkv_b.scale, linear.block_size, x.dtype)
-            wkv_b = wkv_b.view(self.n_heads, -1, self.kv_lora_rank)
+            wkv_b = self.wkv_b.dequantized_weight(x.dtype).view(self.n_heads, -1, self.kv_lora_rank)
             # q_nope . (W_uk c) = (W_uk^T q_nope) . c: queries move into the latent space (DeepSeek-V2 2.1.2)
             q_latent = q_nope @ wkv_b[:, :self.qk_nope_head_dim]  # [B, H, T, kv_lora_rank]
             k = torch.cat((kv.unsqueeze(1), k_rope), dim=-1)  # [B, 1, T, kv_lora_rank + rope]

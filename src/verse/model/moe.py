@@ -3,8 +3,8 @@
 Balancing comes in two kinds, both optional:
 
 - the auxiliary-loss-free routing bias of DeepSeek-V3 (arXiv:2412.19437, section 2.1.2): a per-expert bias is added to
-  the scores for *selection only* and, at the end of each training backward, moved by `router_bias_update_rate`
-  against the sign of the expert's load error in that batch (never by gradient);
+  the scores for *selection only* and, after each optimizer step (`update_bias`), moved by
+  `router_bias_update_rate` against the sign of the expert's load error over that step (never by gradient);
 - the sequence-wise auxiliary balance loss (DeepSeek-V3 eq. 17-20, DeepSeek-V2 eq. 23), weighted by `aux_loss_alpha`,
   attached to the layer output by `AddAuxLoss` so that any training loop's `loss.backward()` includes it.
 """

@@ -167,11 +167,6 @@ class ReasoningLLM(nn.Module):
         elif attn_mask is None and self.args.sliding_window is not None and T > self.args.sliding_window:
             attn_mask = causal_mask(torch.arange(T, device=input_ids.device), T, self.args.sliding_window)
         h = self.embed(input_ids)
-        if self.training and h.requires_grad and self.args.is_moe and self.args.router_bias_update_rate > 0:
-            # the gradient of the embeddings is the last one backward computes: every layer (and its activation-
-            # checkpoint recompute) has routed with the bias of this forward, and a checkpoint saved after the
-            # optimizer step includes the update
-            h.register_hook(lambda grad: self.update_router_bias())
         for i, layer in enumerate(self.layers):
             if self.training and self.args.checkpointing and i % self.args.checkpoint_every == 0:
                 h = checkpoint(layer, h, cos, sin, attn_mask, input_pos, use_reentrant=False)
@@ -208,8 +203,8 @@ class ReasoningLLM(nn.Module):
     def update_router_bias(self) -> None:
         """DeepSeek-V3 auxiliary-loss-free balancing: nudge each router's bias against its experts' load error.
 
-        Runs by itself at the end of every training backward, on the load counted in its forward; a no-op unless
-        `router_bias_update_rate` > 0.
+        Call after each optimizer step (Verse's trainer does), never between a forward and its backward: activation
+        checkpointing must recompute the routing of the forward. A no-op unless `router_bias_update_rate` > 0.
         """
         for moe in self.moe_layers.values():
             moe.update_bias()
