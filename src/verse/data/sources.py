@@ -169,7 +169,7 @@ class SourceReader:
         self.parts = resolve_parts(src)
         self.schema = source_schema(src)
         self.bad: Counter = Counter()
-        self.reported = 0
+        self.reported: set = set()  # locations already reported (a cycled source meets them every epoch)
         self._pos = {"epoch": 0, "part": 0, "row": 0, "block": 0, "offset": 0, "bad": {}, "exhausted": False}
         self._block: Optional[List[Tuple[Example, str]]] = None
         self._ended = False
@@ -276,8 +276,8 @@ class SourceReader:
 
     def _count(self, e: BadRecord, where: str) -> None:
         self.bad[e.reason] += 1
-        if self.reported < REPORT_FIRST:
-            self.reported += 1
+        if len(self.reported) < REPORT_FIRST and where not in self.reported:
+            self.reported.add(where)
             log.warning("skipped bad record at %s: %s", where, e)
 
     def _no_records_message(self) -> str:
