@@ -119,3 +119,16 @@ def test_convert_hf_to_verse_dtype_and_help(hf_dir, tmp_path, capsys):
         main(["convert", "--help"])
     assert exit_info.value.code == 0
     assert "verse convert" in capsys.readouterr().out
+
+
+def test_convert_model_parallel(hf_dir, tmp_path, capsys):
+    from verse.interop.parallel import load_model_parallel
+
+    assert main(["convert", str(hf_dir), str(tmp_path / "mp"), "--model-parallel", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "mp").glob("*.safetensors")) == ["model0-mp2.safetensors",
+                                                                               "model1-mp2.safetensors"]
+    rank1 = load_model_parallel(tmp_path / "mp", rank=1)
+    hf = load_file(hf_dir / "model.safetensors")
+    q = hf["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(rank1["layers.0.attn.wq.weight"], q[q.shape[0] // 2:])  # column parallel: second half rows
+    assert_one_line_error(capsys, [hf_dir, tmp_path / "x.gguf", "--model-parallel", "2"], "--model-parallel")
