@@ -122,16 +122,21 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 # ---- step directories ----
 
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under `path`, and the directories, to disk before the rename publishes them."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dict[str, Any], tokenizer: Any = None,
@@ -163,19 +168,11 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dic
         link_tmp.unlink()
     os.symlink(final.name, link_tmp)
     os.replace(link_tmp, run_dir / LATEST)
-    _fsync_tree_dir(run_dir)
+    _fsync_dir(run_dir)
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_tree_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(run_dir: Path) -> List[Path]:

@@ -11,11 +11,14 @@ Bytes are counted per component the way the trainer allocates them:
 - activations: what autograd saves per layer and token (measured layer by layer with saved-tensor hooks on
   this code: see `_layer_bytes_per_token`); a checkpointed layer keeps only its input, and one layer is
   recomputed at a time in backward;
-- logits/loss: one chunk of `loss_chunk_size` tokens of logits in compute dtype + fp32 + log-softmax + grad;
+- logits/loss: one chunk of `loss_chunk_size` tokens of logits in compute dtype (+ an fp32 copy) + log-softmax
+  + their gradient, and the gathered hidden states of the loss tokens;
 - temporary: the gradient flowing between layers and the recomputed layer's gradient buffers.
 
-Peak = max(start of backward, optimizer step): weights + optimizer state + (all activations + the head's
-gradient + loss chunk + temporaries) or (all gradients + optimizer temporaries).
+Peak = max(backward, optimizer step): weights + optimizer state + all activations + the head's gradient (all
+gradients when they accumulate over micro-batches) + the larger of the loss chunk (start of backward) and
+the recomputed layer with its gradient buffers (later); or weights + optimizer state + all gradients +
+optimizer temporaries.
 """
 
 import dataclasses
@@ -162,11 +165,13 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     activations += tokens * (8 + 8 * args.dim + 4)  # ids, embedding output, final-norm input and rstd
     recompute = max((full for ck, full in zip(checkpointed, layer_full) if ck), default=0)
     chunk = min(s.loss_chunk_size, tokens)
-    logits = chunk * args.vocab_size * (c + 4 + 4 + 4) + tokens * args.dim * c  # chunk logits, fp32, lse, grad
+    # one chunk: logits in compute dtype, their fp32 copy (none when computing in fp32), log-softmax, gradient
+    logits = chunk * args.vocab_size * (c + (4 if c != 4 else 0) + 4 + 4) + tokens * args.dim * c
     temp = 2 * tokens * args.dim * 4 + recompute  # grads flowing between layers, the recomputed layer
     head_grad = args.vocab_size * args.dim * grad_bytes
     persistent_grads = grads if s.gradient_accumulation_steps > 1 and not s.fused_backward else 0
-    backward_peak = (weights + autocast_copies + optimizer + activations + logits + temp
+    # the loss chunks run first in backward and are freed before any layer is recomputed
+    backward_peak = (weights + autocast_copies + optimizer + activations + max(logits, temp)
                      + max(head_grad, persistent_grads))
     step_peak = weights + optimizer + grads + optimizer_temp
     peak = max(backward_peak, step_peak)
