@@ -15,7 +15,7 @@ HUB_SOURCES = {
 }
 SCHEMAS = ("auto", "openthoughts", "opencodereasoning", "ultrachat", "messages", "text")
 TRAIN_ON = ("all_assistant", "last_assistant")
-TRUNCATION = ("truncate", "drop")
+TRUNCATION = ("truncate", "drop", "split")
 
 
 @dataclass
@@ -58,7 +58,7 @@ class DataConfig:
             - {name: ultrachat, weight: 20}         # HuggingFaceH4/ultrachat_200k, split train_sft
             - {path: data/mine.jsonl, weight: 5, schema: messages}  # local .jsonl/.json/.parquet/.txt
           max_seq_len: 2048       # tokens per sequence; the trainer's value wins when it passes one
-          truncation: truncate    # truncate | drop: what to do with longer examples (both counted)
+          truncation: truncate    # truncate | drop | split (texts cut into chunks): longer examples, counted
           pack: true              # pack several examples per sequence (position ids restart per example)
           train_on: all_assistant # all_assistant | last_assistant: which assistant turns carry loss
           eval_fraction: 0.01     # hold out this fraction of every source for split="eval" ...
@@ -76,7 +76,8 @@ class DataConfig:
         eval_fraction: fraction of each source's records held out for `split="eval"` (chosen by a
             hash of the record's position, so train and eval never share a record).
         max_seq_len: default sequence length (a loader built with an explicit `max_seq_len` uses that).
-        truncation: "truncate" keeps the first `max_seq_len` tokens, "drop" skips the example.
+        truncation: "truncate" keeps the first `max_seq_len` tokens, "drop" skips the example, "split"
+            cuts pretraining texts into consecutive `max_seq_len` chunks (conversations are truncated).
         pack: pack examples into full rows; otherwise one example per row, padded to the batch's longest.
         pad_to_multiple_of: unpacked rows are padded to a multiple of this (fewer compiled shapes).
         train_on: "all_assistant" or "last_assistant".

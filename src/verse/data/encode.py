@@ -55,7 +55,8 @@ def encode_example(tokenizer: Any, example: Example, *, max_seq_len: int, train_
         example: a conversation (list of messages) or a text.
         max_seq_len: longest sequence kept.
         train_on: "all_assistant" or "last_assistant".
-        truncation: "truncate" (keep the first max_seq_len tokens) or "drop".
+        truncation: "truncate" (keep the first max_seq_len tokens), "drop", or "split" (texts stay whole: the
+            loader cuts them into max_seq_len chunks; conversations are truncated).
         source: index of the source (carried along for stats).
         where: location of the record (carried along for reports).
 
@@ -77,7 +78,7 @@ def encode_example(tokenizer: Any, example: Example, *, max_seq_len: int, train_
     ids = np.asarray(ids, dtype=np.int64)
     length = len(ids)
     dropped = None
-    if length > max_seq_len:
+    if length > max_seq_len and not (truncation == "split" and isinstance(example, str)):
         if truncation == "drop":
             dropped = "too_long"
         ids, mask = ids[:max_seq_len], mask[:max_seq_len]

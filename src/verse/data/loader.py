@@ -8,6 +8,7 @@ yielded batches. `load_state_dict()` replays from there without tokenizing the s
 """
 
 import copy
+import dataclasses
 from collections import Counter
 from itertools import islice
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -120,6 +121,7 @@ class DataLoader:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Make the next iteration continue exactly after the batch the state was taken at."""
         self._resume = copy.deepcopy({k: state[k] for k in ("stream", "skip", "counters")})
+        self._resume["piece"] = state.get("piece", 0)
 
     @property
     def bad_by_reason(self) -> Dict[str, int]:
@@ -171,29 +173,41 @@ class DataLoader:
         rows: List[Tuple[Any, dict]] = []  # completed rows (packed dict or one Encoded) and their resume points
         cur: List[Encoded] = []  # the open (packed) row
         cur_len, cur_start = 0, {}
+        resume_piece = self._resume.get("piece", 0)
         for (snap, base), encs in encoded:
             for i, enc in enumerate(encs):
-                if pack and cur and enc.dropped is None and cur_len + len(enc.ids) > T:
-                    rows.append((self._packed(cur), cur_start))
-                    cur, cur_len = [], 0
-                point = {"stream": snap, "skip": base + i, "counters": dict(self.counters)}
-                if not self._count(enc):
+                first, resume_piece = resume_piece, 0
+                if enc.dropped is not None:
+                    self._count_example(enc)
                     continue
-                if not pack:
-                    rows.append((enc, point))
-                else:
-                    if not cur:
-                        cur_start = point
-                    cur.append(enc)
-                    cur_len += len(enc.ids)
-                    if cur_len == T:
+                pieces = self._pieces(enc)
+                for k in range(first, len(pieces)):
+                    piece = pieces[k]
+                    if pack and cur and cur_len + len(piece.ids) > T:
                         rows.append((self._packed(cur), cur_start))
                         cur, cur_len = [], 0
-                while len(rows) >= B:
-                    batch, rows = self._collate([r for r, _ in rows[:B]]), rows[B:]
-                    after = {"stream": snap, "skip": base + i + 1, "counters": dict(self.counters)}
-                    self._resume = rows[0][1] if rows else (cur_start if cur else after)
-                    yield batch
+                    point = {"stream": snap, "skip": base + i, "piece": k, "counters": dict(self.counters)}
+                    if k == 0:
+                        self._count_example(enc)
+                    self.counters["tokens"] += len(piece.ids)
+                    self.counters["loss_tokens"] += int(piece.mask[1:].sum())
+                    if not pack:
+                        rows.append((piece, point))
+                    else:
+                        if not cur:
+                            cur_start = point
+                        cur.append(piece)
+                        cur_len += len(piece.ids)
+                        if cur_len == T:
+                            rows.append((self._packed(cur), cur_start))
+                            cur, cur_len = [], 0
+                    while len(rows) >= B:
+                        batch, rows = self._collate([r for r, _ in rows[:B]]), rows[B:]
+                        more = k + 1 < len(pieces)
+                        after = {"stream": snap, "skip": base + i + (not more), "piece": k + 1 if more else 0,
+                                 "counters": dict(self.counters)}
+                        self._resume = rows[0][1] if rows else (cur_start if cur else after)
+                        yield batch
         if cur:
             rows.append((self._packed(cur), cur_start))
         for start in range(0, len(rows), B):
@@ -204,25 +218,33 @@ class DataLoader:
     def _end_point(self) -> Dict[str, Any]:
         """The position after everything: resuming from it yields nothing more."""
         return {"stream": {"draws": 0, "sources": [{**r.state_dict(), "exhausted": True} for r in self.readers]},
-                "skip": 0, "counters": dict(self.counters)}
+                "skip": 0, "piece": 0, "counters": dict(self.counters)}
 
-    def _count(self, enc: Encoded) -> bool:
-        """Update the counters with one example; return whether it goes into a batch."""
+    def _count_example(self, enc: Encoded) -> None:
+        """Count one example (its tokens are counted per piece as they go into rows)."""
         c = self.counters
         c["examples"] += 1
         if self.lengths is not None:
             self.lengths.append(enc.length)
         if enc.dropped is not None:
             c[f"dropped_{enc.dropped}"] += 1
-            return False
+            return
         c["records"] += 1
         c[f"records/{self.readers[enc.source].src.label}"] += 1
-        c["tokens"] += len(enc.ids)
-        c["loss_tokens"] += int(enc.mask[1:].sum())
         if enc.truncated:
             c["truncated"] += 1
             c["truncated_tokens"] += enc.truncated
-        return True
+        if len(enc.ids) > self.max_seq_len:
+            c["split"] += 1
+
+    def _pieces(self, enc: Encoded) -> List[Encoded]:
+        """The example, or (truncation "split", texts only) its consecutive max_seq_len chunks."""
+        T = self.max_seq_len
+        if len(enc.ids) <= T:
+            return [enc]
+        # a last chunk of one token has no target: it is left out
+        return [dataclasses.replace(enc, ids=enc.ids[j:j + T], mask=enc.mask[j:j + T])
+                for j in range(0, len(enc.ids) - 1, T)]
 
     def _packed(self, examples: List[Encoded]) -> Dict[str, np.ndarray]:
         used = sum(len(e.ids) for e in examples)

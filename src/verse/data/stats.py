@@ -28,7 +28,7 @@ def data_stats(cfg: DataConfig, tokenizer: Any, *, max_seq_len: Optional[int] = 
     Returns:
         Dict[str, Any]: records (kept), bad_records, bad_by_reason, dropped_too_long, dropped_no_loss_tokens,
         tokens, loss_tokens, loss_token_fraction, length_percentiles (tokens before truncation), truncated,
-        truncated_tokens_lost, rows, padding_fraction (padding or packing waste), records_by_source.
+        truncated_tokens_lost, split (texts cut into chunks), rows, padding_fraction (padding or packing waste), records_by_source.
     """
     loader = DataLoader(dataclasses.replace(cfg, cycle=False), tokenizer, max_seq_len=max_seq_len or cfg.max_seq_len,
                         micro_batch_size=micro_batch_size, seed=seed)
@@ -53,6 +53,7 @@ def data_stats(cfg: DataConfig, tokenizer: Any, *, max_seq_len: Optional[int] = 
         "length_percentiles": {f"p{p}": int(np.percentile(lengths, p)) for p in PERCENTILES} | {"max": int(lengths.max())},
         "truncated": c["truncated"],
         "truncated_tokens_lost": c["truncated_tokens"],
+        "split": c["split"],
         "max_seq_len": loader.max_seq_len,
         "pack": cfg.pack,
         "rows": c["rows"],
