@@ -3,8 +3,9 @@
 Pipeline: per-source readers (`sources.py`) -> weighted mix -> tokenize in worker processes
 (`encode.py`) -> pack or pad (`packing.py`) -> LongTensor batches. Everything before the tokenizer is
 a pure function of (seed, rank, position), so `state_dict()` is just a position: where the mix and each
-source stand at the start of a block of examples, plus how many examples of that block are already in
-yielded batches. `load_state_dict()` replays from there without tokenizing the skipped examples.
+source stand at the start of a block of examples, plus how many examples of that block (and chunks of a
+split text) are already in yielded batches. `load_state_dict()` replays from there without tokenizing
+the skipped examples.
 """
 
 import copy
@@ -166,8 +167,9 @@ class DataLoader:
     def _batches(self, encoded: Iterator[Tuple[Tuple[dict, int], List[Encoded]]]) -> Iterator[Dict[str, torch.Tensor]]:
         """Pack or pad encoded examples into batches, recording the resume point of each batch.
 
-        A resume point is (stream state at a block start, examples of the block to skip, counters as of
-        that example), so the counters in a checkpoint cover exactly the examples before it.
+        A resume point is (stream state at a block start, examples of the block to skip, chunks of the next
+        example to skip (split texts), counters as of that point), so the counters in a checkpoint cover
+        exactly what came before it.
         """
         T, B, pack = self.max_seq_len, self.micro_batch_size, self.cfg.pack
         rows: List[Tuple[Any, dict]] = []  # completed rows (packed dict or one Encoded) and their resume points
