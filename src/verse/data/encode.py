@@ -103,11 +103,12 @@ def _encode_chunk(items: Sequence[Tuple[int, Example, str]]) -> List[Encoded]:
 class Encoder:
     """Tokenizes blocks of examples inline (num_workers=0) or in a pool of worker processes.
 
-    The pool works one block ahead: `submit(block)` starts it, `result()` returns the earlier block's
-    encodings in order, so the order (and a resume) does not depend on the number of workers.
+    With a pool, `map` sends block k+1 to the workers before it hands out block k, so tokenizing overlaps
+    the training step; results come back in input order, so batches (and a resume) do not depend on the
+    number of workers. Reading and parsing records stays in the calling process.
 
     Args:
-        tokenizer: the tokenizer (pickled once to each worker).
+        tokenizer: the tokenizer (inherited by forked workers; pickled where only spawn exists).
         num_workers: processes; 0 tokenizes in this process.
         **options: keyword arguments of `encode_example` (max_seq_len, train_on, truncation).
     """
