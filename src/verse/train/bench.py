@@ -2,7 +2,8 @@
 
 `verse bench plan` runs real training steps of several configurations, each in a fresh process, and compares
 the measured peak with `verse.train.planner.plan`. On CPU the measure is the process's peak resident memory
-(VmHWM, reset through /proc/self/clear_refs after warm-up) minus the resident memory before the model exists,
+(VmHWM, reset through /proc/self/clear_refs after a warm-up step of the same configuration
+that was then freed) minus the resident memory before the model exists,
 with glibc told to serve every allocation above 64 KiB by mmap so that freed tensors leave the RSS at once
 (`MALLOC_MMAP_THRESHOLD_`); on CUDA it is `torch.cuda.max_memory_allocated`.
 """
@@ -62,13 +63,13 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision
 def batches():
     ids = torch.randint(0, args.vocab_size, (s.micro_batch_size, s.seq_len), device=device)
     return [{"input_ids": ids, "labels": ids} for _ in range(s.gradient_accumulation_steps)]
-# warm-up: load every kernel and lazy module with a tiny model so that it is in the baseline
-tiny = ReasoningLLM(ModelArgs(**{**spec["model"], "dim": 64, "n_heads": 4, "n_kv_heads": 2, "inter_dim": 64,
-                                 "moe_inter_dim": 64, "n_layers": 2, "vocab_size": 256},
-                              checkpointing=args.checkpointing)).to(device)
-ids = torch.randint(0, 256, (1, 16), device=device)
-train_step(tiny, TrainOptimizer(tiny, cfg), [{"input_ids": ids, "labels": ids}], cfg, autocast)
-del tiny
+# warm-up: one step of the same configuration loads every kernel and lazy module and compiles what torchao
+# compiles, so that the baseline holds them; then everything is freed
+with torch.device(device):
+    model = ReasoningLLM(args).train()
+train_step(model, TrainOptimizer(model, cfg), batches(), cfg, autocast)
+del model
+import gc; gc.collect()
 if cuda:
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
 else:
