@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from verse import ModelArgs, ReasoningLLM
 from verse.cli import main
@@ -71,7 +72,7 @@ def make_data(n: int = 16, seed: int = 0, masked: bool = False):
 
 
 def config(tmp_path: Path, name: str = "run", **changes) -> TrainConfig:
-    base = dict(model="tiny", out_dir=str(tmp_path / name), max_seq_len=T, precision="fp32", plot=False,
+    base = dict(model="tiny", mode="pretrain", out_dir=str(tmp_path / name), max_seq_len=T, precision="fp32", plot=False,
                 tensorboard=False, lr=3e-3, max_steps=4, save_every=0)
     return TrainConfig(**{**base, **changes})
 
@@ -283,6 +284,8 @@ def test_print_config_lists_every_field(capsys):
     for f in dataclasses.fields(TrainConfig):
         assert f"\n{f.name}:" in "\n" + out
     assert all("#" in line for line in out.splitlines() if not line.startswith(" "))
+    parsed = yaml.safe_load(out)  # the printout is itself a valid config
+    assert TrainConfig.from_dict(parsed).to_dict() == {**TrainConfig().to_dict(), "data": parsed["data"]}
 
 
 def test_cli_train_and_plot(tmp_path, capsys):
@@ -323,8 +326,18 @@ def test_sft_smollm2_lowers_held_out_assistant_loss(tmp_path):
     cpu = torch.device("cpu")
     no_autocast = torch.autocast("cpu", enabled=False)
     before = evaluate(verse.load(gguf, dtype=torch.float32).train(), held_out, 4, cpu, no_autocast, 4096)
-    cfg = config(tmp_path, "sft", model=str(gguf), data=data_cfg, max_seq_len=128, micro_batch_size=4, max_steps=12,
+    cfg = config(tmp_path, "sft", mode="sft", model=str(gguf), data=data_cfg, max_seq_len=128, micro_batch_size=4, max_steps=12,
                  lr=1e-4, warmup_steps=2, eval_every=12, eval_batches=4)
     result = train(cfg, progress=False)
     after = [m for m in result.metrics if m["kind"] == "eval"][-1]["eval_loss"]
     assert after < 0.8 * before, (before, after)
+
+
+def test_sft_needs_a_checkpoint_and_pretrain_sizes_the_vocab_to_the_tokenizer(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "mode=sft", f"out_dir={tmp_path}/r", "--no-progress"]) == 2
+    assert "mode=sft" in capsys.readouterr().err
+    from verse.train.loop import build_model, load_tokenizer
+
+    cfg = config(tmp_path, model="bytegpt-tiny")
+    tok = load_tokenizer(cfg)
+    assert tok.name.startswith("byte") and build_model(cfg, torch.device("cpu"), tok).args.vocab_size == tok.vocab_size

@@ -28,7 +28,8 @@ def _f(default: Any, help: str) -> Any:
 class TrainConfig:
     """Everything a training run needs. Every field has a default; `verse train --print-config` lists them."""
 
-    mode: str = _f("sft", "sft (fine-tune a checkpoint on chat data) | pretrain (from scratch on raw text)")
+    mode: str = _f("pretrain", "pretrain (a preset from scratch, or continue a checkpoint) | sft (fine-tune a "
+                               "checkpoint on chat data; needs model=PATH)")
     model: str = _f("tiny", "preset name (random init) or a checkpoint directory / .gguf file to start from")
     model_overrides: Dict[str, Any] = _f({}, "ModelArgs fields to change, e.g. {checkpointing: true}")
     tokenizer: Optional[str] = _f(None, "tokenizer name/path; default: the checkpoint's own, else the preset's")

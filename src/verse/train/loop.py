@@ -61,44 +61,63 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> ReasoningLLM:
-    """A preset name gives a freshly initialised model; a path loads a checkpoint or .gguf."""
+def is_preset(cfg: TrainConfig) -> bool:
+    """Whether `cfg.model` names a preset (a fresh model) rather than a checkpoint path."""
+    if Path(cfg.model).exists():
+        return False
+    if cfg.model in list_presets():
+        return True
+    raise ConfigError(f"model={cfg.model!r}: neither an existing path nor a preset ({', '.join(list_presets())})")
+
+
+def load_tokenizer(cfg: TrainConfig):
+    """`cfg.tokenizer`; else the checkpoint's own; else, for a preset, byte (ByteGPT presets) or o200k."""
+    import verse
+
+    if cfg.tokenizer is not None:
+        return verse.load_tokenizer(cfg.tokenizer)
+    if not is_preset(cfg):
+        return verse.load_tokenizer(cfg.model)
+    return verse.load_tokenizer("byte" if ModelArgs.from_preset(cfg.model).tokenizer == "byte" else "o200k")
+
+
+def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None) -> ReasoningLLM:
+    """A preset gives a freshly initialised model (its vocabulary sized to `tokenizer` unless overridden);
+    a path loads a checkpoint or .gguf."""
     overrides = dict(cfg.model_overrides)
     if cfg.activation_checkpointing:
         overrides.update(checkpointing=True, checkpoint_every=cfg.activation_checkpointing)
-    dtype = getattr(torch, cfg.param_dtype)
-    if Path(cfg.model).exists():
-        import verse
-
-        model = verse.load(cfg.model, device=device, dtype=dtype, **overrides)
-    elif cfg.model in list_presets():
+    if is_preset(cfg):
+        if cfg.mode == "sft":
+            raise ConfigError(f"mode=sft fine-tunes a pretrained checkpoint, but model={cfg.model} is a preset "
+                              "(random weights): give model=PATH, or mode=pretrain")
+        if tokenizer is not None and "vocab_size" not in overrides:
+            overrides.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                             eos_token_id=tokenizer.eos_id)
         args = ModelArgs.from_preset(cfg.model, **{**overrides, "dtype": cfg.param_dtype})
         with torch.device(device):
             model = ReasoningLLM(args)
     else:
-        raise ConfigError(f"model={cfg.model!r}: neither an existing path nor a preset ({', '.join(list_presets())})")
+        import verse
+
+        model = verse.load(cfg.model, device=device, dtype=getattr(torch, cfg.param_dtype), **overrides)
     if cfg.max_seq_len > model.args.max_seq_len:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's limit ({model.args.max_seq_len}); "
                           f"lower max_seq_len")
+    if tokenizer is not None and tokenizer.vocab_size > model.args.vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model only "
+                          f"{model.args.vocab_size}; set tokenizer= to the model's own")
     return model.train()
 
 
-def build_data(cfg: TrainConfig, model: ReasoningLLM):
-    """Tokenizer, train loader and (when evaluating) eval loader from the `data:` section."""
-    import verse
+def build_loaders(cfg: TrainConfig, tokenizer: Any):
+    """Train loader and (when evaluating) eval loader from the `data:` section."""
     from verse.data import build_loader
 
-    name = cfg.tokenizer
-    if name is None:
-        name = cfg.model if Path(cfg.model).exists() else model.args.tokenizer
-        if name == "hf":
-            raise ConfigError(f"model={cfg.model}: the preset has no bundled tokenizer; set tokenizer=PATH_OR_NAME")
-    tokenizer = verse.load_tokenizer(name)
-    data_cfg = cfg.data or {}
     common = dict(max_seq_len=cfg.max_seq_len, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
-    loader = build_loader(data_cfg, tokenizer, split="train", **common)
-    eval_loader = build_loader(data_cfg, tokenizer, split="eval", **common) if cfg.eval_every else None
-    return tokenizer, loader, eval_loader
+    loader = build_loader(cfg.data or {}, tokenizer, split="train", **common)
+    eval_loader = build_loader(cfg.data or {}, tokenizer, split="eval", **common) if cfg.eval_every else None
+    return loader, eval_loader
 
 
 class _Batches:
@@ -237,9 +256,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.clean_partial(run_dir)
     seed_everything(cfg.seed)
-    model = build_model(cfg, device)
+    if loader is None and tokenizer is None:
+        tokenizer = load_tokenizer(cfg)
+    model = build_model(cfg, device, tokenizer)
     if loader is None:
-        tokenizer, loader, default_eval = build_data(cfg, model)
+        loader, default_eval = build_loaders(cfg, tokenizer)
         eval_loader = eval_loader if eval_loader is not None else default_eval
     optimizer = TrainOptimizer(model, cfg)
 
