@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from tqdm import tqdm
 
 HELP = "Generation throughput: Verse vs transformers generate (and llama.cpp when llama-cpp-python is installed)."
 PROMPT = "Explain, step by step, why the sky is blue and why sunsets are red."
@@ -73,26 +74,29 @@ def bench_verse(model, prompt: List[int], new_tokens: int) -> tuple[Dict, List[i
     from verse.infer.sampling import SamplingParams
 
     list(decode_steps(model, [prompt], 4, SamplingParams()))  # warm-up
+    dtype = str(model.embed.weight.dtype).removeprefix("torch.")
     tokens, start, first = [], time.perf_counter(), None
-    for token in decode_steps(model, [prompt], new_tokens, SamplingParams()):
+    for token in tqdm(decode_steps(model, [prompt], new_tokens, SamplingParams()), f"verse {dtype}", new_tokens,
+                      leave=False):
         first = first or time.perf_counter()
         tokens.append(int(token[0]))
     end = time.perf_counter()
-    dtype = str(model.embed.weight.dtype).removeprefix("torch.")
     return _result("verse", len(prompt), len(tokens), start, first, end, dtype), tokens
 
 
 class _Clock:
-    """A transformers streamer that only records when the prompt and each new token arrive."""
+    """A transformers streamer that only records when the prompt and each new token arrive (and shows progress)."""
 
-    def __init__(self):
+    def __init__(self, total: int, desc: str):
         self.times: List[float] = []
+        self.bar = tqdm(total=total, desc=desc, leave=False)
 
     def put(self, value) -> None:
         self.times.append(time.perf_counter())
+        self.bar.update(len(self.times) > 1)
 
     def end(self) -> None:
-        pass
+        self.bar.close()
 
 
 def load_transformers(path: Path, dtype: torch.dtype):
@@ -110,7 +114,7 @@ def bench_transformers(model, prompt: List[int], new_tokens: int) -> tuple[Dict,
     ids = torch.tensor([prompt])
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
-    clock = _Clock()
+    clock = _Clock(new_tokens, f"transformers {str(model.dtype).removeprefix('torch.')}")
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, **kwargs)
     end = time.perf_counter()
