@@ -29,8 +29,9 @@ def openthoughts_record(i):
     return {"system": f"Think step by step {i}.",
             "conversations": [
                 {"from": "user", "value": f"What is {i} + {i}?"},
-                {"from": "assistant", "value": f"<|begin_of_thought|>\n\nAdd {i} to itself.\n\n<|end_of_thought|>\n\n"
-                                               f"<|begin_of_solution|>\n\nThe answer is {2 * i}.\n\n<|end_of_solution|>"}]}
+                {"from": "assistant",
+                 "value": f"<|begin_of_thought|>\n\nAdd {i} to itself.\n\n<|end_of_thought|>\n\n"
+                          f"<|begin_of_solution|>\n\nThe answer is {2 * i}.\n\n<|end_of_solution|>"}]}
 
 
 def openthoughts_answer(i):  # the normalised assistant content, written out by hand
@@ -40,12 +41,14 @@ def openthoughts_answer(i):  # the normalised assistant content, written out by 
 def ultrachat_record(i, turns=2):
     messages = []
     for t in range(turns):
-        messages += [{"role": "user", "content": f"question {i}.{t}"}, {"role": "assistant", "content": f"reply {i}.{t}"}]
+        messages += [{"role": "user", "content": f"question {i}.{t}"},
+                     {"role": "assistant", "content": f"reply {i}.{t}"}]
     return {"prompt": f"question {i}.0", "prompt_id": f"id{i}", "messages": messages}
 
 
 def ocr_record(i):
-    return {"id": f"p{i}", "input": f"Print {i}.", "output": f"<think>\nJust print.\n</think>\n```python\nprint({i})\n```",
+    return {"id": f"p{i}", "input": f"Print {i}.",
+            "output": f"<think>\nJust print.\n</think>\n```python\nprint({i})\n```",
             "source": "codeforces", "license": "cc-by-4.0", "dataset": "code_contests", "split": "train",
             "difficulty": "1", "solution": f"print({i})"}
 
@@ -220,7 +223,8 @@ def _sources(tmp_path):
     ot = write_jsonl(tmp_path / "ot.jsonl", [openthoughts_record(i) for i in range(30)])
     uc = write_jsonl(tmp_path / "uc.jsonl", [ultrachat_record(i) for i in range(20)])
     pq.write_table(pa.Table.from_pylist([ocr_record(i) for i in range(25)]), tmp_path / "ocr.parquet")
-    return [{"path": ot, "weight": 50}, {"path": str(tmp_path / "ocr.parquet"), "weight": 30}, {"path": uc, "weight": 20}]
+    return [{"path": ot, "weight": 50}, {"path": str(tmp_path / "ocr.parquet"), "weight": 30},
+            {"path": uc, "weight": 20}]
 
 
 @pytest.mark.parametrize("pack", [True, False])

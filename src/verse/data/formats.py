@@ -44,7 +44,8 @@ def detect_schema(record: Dict[str, Any]) -> str:
         return "opencodereasoning"
     if "text" in record:
         return "text"
-    raise BadRecord("unknown_schema", f"keys {sorted(record)[:8]}; expected conversations, messages, input/output or text")
+    raise BadRecord("unknown_schema",
+                    f"keys {sorted(record)[:8]}; expected conversations, messages, input/output or text")
 
 
 def to_example(record: Any, schema: str = "auto") -> Example:

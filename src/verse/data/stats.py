@@ -28,7 +28,8 @@ def data_stats(cfg: DataConfig, tokenizer: Any, *, max_seq_len: Optional[int] = 
     Returns:
         Dict[str, Any]: records (kept), bad_records, bad_by_reason, dropped_too_long, dropped_no_loss_tokens,
         tokens, loss_tokens, loss_token_fraction, length_percentiles (tokens before truncation), truncated,
-        truncated_tokens_lost, split (texts cut into chunks), rows, padding_fraction (padding or packing waste), records_by_source.
+        truncated_tokens_lost, split (texts cut into chunks), rows, padding_fraction (padding or packing
+        waste), records_by_source. With `limit`, bad records are those met while reading (whole shuffle blocks).
     """
     loader = DataLoader(dataclasses.replace(cfg, cycle=False), tokenizer, max_seq_len=max_seq_len or cfg.max_seq_len,
                         micro_batch_size=micro_batch_size, seed=seed)
@@ -50,7 +51,8 @@ def data_stats(cfg: DataConfig, tokenizer: Any, *, max_seq_len: Optional[int] = 
         "tokens": c["tokens"],
         "loss_tokens": c["loss_tokens"],
         "loss_token_fraction": c["loss_tokens"] / max(c["tokens"], 1),
-        "length_percentiles": {f"p{p}": int(np.percentile(lengths, p)) for p in PERCENTILES} | {"max": int(lengths.max())},
+        "length_percentiles": {**{f"p{p}": int(np.percentile(lengths, p)) for p in PERCENTILES},
+                               "max": int(lengths.max())},
         "truncated": c["truncated"],
         "truncated_tokens_lost": c["truncated_tokens"],
         "split": c["split"],
@@ -66,10 +68,11 @@ def format_stats(s: Dict[str, Any]) -> str:
     """The stats as aligned text lines."""
     pct = s["length_percentiles"]
     waste = "packing waste" if s["pack"] else "padding"
+    by_source = ", ".join(f"{k}: {v:,}" for k, v in s["records_by_source"].items())
+    by_reason = ", ".join(f"{k}: {v:,}" for k, v in s["bad_by_reason"].items())
     lines = [
-        f"records            {s['records']:,}  (" + ", ".join(f"{k}: {v:,}" for k, v in s["records_by_source"].items()) + ")",
-        f"bad records        {s['bad_records']:,}" + ("  (" + ", ".join(f"{k}: {v:,}" for k, v in s["bad_by_reason"].items())
-                                                  + ")" if s["bad_by_reason"] else ""),
+        f"records            {s['records']:,}  ({by_source})",
+        f"bad records        {s['bad_records']:,}" + (f"  ({by_reason})" if by_reason else ""),
         f"dropped            {s['dropped_too_long']:,} too long, {s['dropped_no_loss_tokens']:,} without loss tokens",
         f"tokens             {s['tokens']:,}",
         f"loss tokens        {s['loss_tokens']:,}  ({s['loss_token_fraction']:.1%} of tokens)",
