@@ -6,17 +6,17 @@ import re
 from verse.data.formats import to_example
 from verse.quickstart import task
 
-PHRASE = re.compile(r"(add|subtract|multiply by) (\d+)")
+
+def parse(question: str) -> tuple[str, list[str]]:
+    """Target word and items of the English question."""
+    match = re.fullmatch(r'How many times does the word "(\w+)" appear in this list\? (.+)', question)
+    return match.group(1), match.group(2).split(", ")
 
 
-def solve_from_text(question: str) -> tuple[int, list[int]]:
-    """Independent solver: parse the English question and compute the answer and every intermediate value."""
-    start = int(re.match(r"Start with (\d+)\.", question).group(1))
-    value, values = start, []
-    for verb, x in PHRASE.findall(question.lower()):
-        value = {"add": value + int(x), "subtract": value - int(x), "multiply by": value * int(x)}[verb]
-        values.append(value)
-    return value, values
+def solve_from_text(question: str) -> tuple[int, list[str]]:
+    """Independent solver: count the word with `list.count`."""
+    target, items = parse(question)
+    return items.count(target), items
 
 
 def test_answers_match_an_independent_solver():
@@ -24,16 +24,24 @@ def test_answers_match_an_independent_solver():
     for problem in train + heldout:
         record = task.to_record(problem)
         question, reply = record["conversations"][0]["value"], record["conversations"][1]["value"]
-        answer, values = solve_from_text(question)
-        assert len(values) == len(problem.steps) and 2 <= len(values) <= 3
+        answer, items = solve_from_text(question)
+        target, _ = parse(question)
+        assert 4 <= len(items) <= 8
         assert reply.endswith(f"\nAnswer: {answer}")
-        assert all(1 <= v <= task.MAX_VALUE for v in values)
-        # every trace line is true arithmetic and the lines chain into each other
-        lines = re.findall(r"^(\d+) ([-+*]) (\d+) = (\d+)$", reply, re.MULTILINE)
-        assert [int(r) for *_, r in lines] == values
-        for a, op, b, r in lines:
-            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(r)
-        assert reply.startswith("<think>\n") and "\n</think>\n" in reply
+        # the tally walks the list in order and each running count is right
+        lines = re.findall(r"^([a-z]+): (\d+)$", reply, re.MULTILINE)
+        assert [item for item, _ in lines] == items
+        assert [int(n) for _, n in lines] == [items[:i + 1].count(target)
+                                              for i in range(len(items))]
+        assert reply.startswith("<think>\n") and "\n</think>\nAnswer: " in reply
+
+
+def test_answers_are_spread_out():
+    train, _ = task.make_splits(1000, 0, seed=0)
+    counts = [solve_from_text(p.question())[0] for p in train]
+    # no single answer is a free win for a model that always says the same number
+    assert max(counts.count(n) for n in set(counts)) < 0.4 * len(counts)
+    assert min(counts) == 0 and max(counts) >= 5
 
 
 def test_splits_are_deterministic_and_disjoint():

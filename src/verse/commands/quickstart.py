@@ -2,8 +2,8 @@
 
 import argparse
 
-HELP = ("Offline demo: fine-tune SmolLM2-135M-Instruct (bundled GGUF) on chained-arithmetic problems with worked "
-        "<think> traces through `verse train`, score held-out accuracy before and after, save the model and a "
+HELP = ("Offline demo: fine-tune SmolLM2-135M-Instruct (bundled GGUF) to count words in lists with a worked "
+        "<think> tally through `verse train`, score held-out accuracy before and after, save the model and a "
         "report card. About 10 minutes on a 2-core CPU, about a minute on a GPU.")
 EXAMPLES = """  verse quickstart                              # runs/quickstart: report.md, loss_curve.png, final/
   verse quickstart --out runs/qs2 --seed 1

@@ -47,7 +47,7 @@ class QuickstartConfig:
     """
 
     out_dir: str = "runs/quickstart"
-    steps: int = 40
+    steps: int = 30
     budget_s: float = 600.0
     seed: int = 0
     n_train: int = 2000
@@ -56,7 +56,7 @@ class QuickstartConfig:
     micro_batch_size: int = 2
     max_seq_len: int = 256
     eval_batch_size: int = 32
-    max_new_tokens: int = 64
+    max_new_tokens: int = 80
     device: str = "auto"
 
 
@@ -204,7 +204,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, log=print) -> Q
     task.write_jsonl(train_records, run_dir / "data" / "train.jsonl")
     task.write_jsonl(heldout_records, run_dir / "data" / "heldout.jsonl")
     prompts, references = _problems(heldout_records)
-    log(f"task: {len(train_records)} train / {len(heldout_records)} held-out chained-arithmetic problems "
+    log(f"task: {len(train_records)} train / {len(heldout_records)} held-out word-counting problems "
         f"-> {run_dir / 'data'}")
 
     log(f"loading {Path(gguf).name} on {device} ...")

@@ -1,9 +1,11 @@
-"""The quickstart's synthetic reasoning task: chained integer arithmetic with a worked `<think>` trace.
+"""The quickstart's synthetic reasoning task: counting a word in a list, with a worked tally in `<think>`.
 
-A problem starts from a number and applies a few operations in order ("Start with 14. Add 7, then multiply
-by 3, then subtract 9."). The reference reply works each step on its own line inside `<think>...</think>`
-and ends with a fixed final-answer line, `Answer: 54`. Records use the OpenThoughts schema (`system`,
-`conversations` [{from, value}]), so the same config trains on `open-thoughts/OpenThoughts-114k` by
+A problem lists a few fruits and asks how many times one of them appears ("How many times does the word
+"fig" appear in this list? pear, fig, plum, fig, kiwi"). The reference reply walks the list inside
+`<think>...</think>`, one item per line with the running count ("fig: 2"), and ends with a fixed final-answer
+line, `Answer: 2`. SmolLM2-135M-Instruct miscounts and ignores the format; a few minutes of SFT teach it
+the procedure, which is what the quickstart measures. Records use the OpenThoughts schema (`system`,
+`conversations` [{from, value}]), so the same training config runs on `open-thoughts/OpenThoughts-114k` by
 swapping the source. Generation is deterministic for a seed, and the train and held-out splits share no
 problem.
 """
@@ -14,88 +16,69 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
-SYSTEM = "Work out each step inside <think></think>, then give the final line as 'Answer: N'."
+SYSTEM = "Count step by step inside <think></think>, then give the final line as 'Answer: N'."
 ANSWER_PATTERN = r"Answer:\s*(-?\d+)"
-
-MAX_VALUE = 100  # every intermediate result stays in 1..MAX_VALUE
-# (verb phrase, symbol) of each operation
-OPS = {"add": ("add {}", "+"), "sub": ("subtract {}", "-"), "mul": ("multiply by {}", "*")}
+WORDS = ("apple", "pear", "plum", "fig", "kiwi", "lime", "grape", "peach", "lemon", "mango", "melon", "cherry")
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One chained-arithmetic problem.
+    """One counting problem.
 
     Attributes:
-        start (int): the starting number.
-        steps (Tuple[Tuple[str, int], ...]): operations in order, each ("add" | "sub" | "mul", operand).
+        target (str): the word to count.
+        items (Tuple[str, ...]): the list, in order.
     """
 
-    start: int
-    steps: Tuple[Tuple[str, int], ...]
+    target: str
+    items: Tuple[str, ...]
 
     def question(self) -> str:
-        """The user's question, e.g. "Start with 14. Add 7, then multiply by 3. What is the result?"."""
-        phrases = [OPS[op][0].format(x) for op, x in self.steps]
-        chain = ", then ".join(phrases)
-        return f"Start with {self.start}. {chain[0].upper()}{chain[1:]}. What is the result?"
+        """The user's question."""
+        return f'How many times does the word "{self.target}" appear in this list? {", ".join(self.items)}'
 
-    def trace(self) -> List[Tuple[int, str, int, int]]:
-        """The worked steps as (left, symbol, operand, result)."""
-        rows, value = [], self.start
-        for op, x in self.steps:
-            result = value + x if op == "add" else value - x if op == "sub" else value * x
-            rows.append((value, OPS[op][1], x, result))
-            value = result
+    def trace(self) -> List[Tuple[str, int]]:
+        """The worked steps: each item with the count of `target` up to and including it."""
+        rows, count = [], 0
+        for item in self.items:
+            count += item == self.target
+            rows.append((item, count))
         return rows
 
     def answer(self) -> int:
-        """The final result."""
-        return self.trace()[-1][3]
+        """How many times `target` appears."""
+        return self.trace()[-1][1]
 
     def solution(self) -> str:
-        """The reference assistant reply: `<think>` with one line per step, then `Answer: N`."""
-        lines = "\n".join(f"{a} {sym} {x} = {r}" for a, sym, x, r in self.trace())
+        """The reference assistant reply: `<think>` with one line per item, then `Answer: N`."""
+        lines = "\n".join(f"{item}: {count}" for item, count in self.trace())
         return f"<think>\n{lines}\n</think>\nAnswer: {self.answer()}"
 
 
-def random_problem(rng: random.Random, n_steps: int) -> Problem:
-    """Draw one problem whose intermediate results all stay in 1..MAX_VALUE.
+def random_problem(rng: random.Random, length: int) -> Problem:
+    """Draw one problem: `length` items from 3 to 5 distinct words, one of which is the target.
 
     Args:
         rng (random.Random): the random stream.
-        n_steps (int): number of operations.
+        length (int): number of items in the list.
 
     Returns:
         Problem: the problem.
     """
-    value = rng.randint(2, 20)
-    start, steps = value, []
-    for _ in range(n_steps):
-        choices = ((["add"] if value + 2 <= MAX_VALUE else []) + (["sub"] if value > 1 else [])
-                   + (["mul"] if 2 * value <= MAX_VALUE else []))
-        op = rng.choice(choices)
-        if op == "add":
-            x = rng.randint(2, min(30, MAX_VALUE - value))
-        elif op == "sub":
-            x = rng.randint(1, min(value - 1, 30))
-        else:
-            x = rng.randint(2, min(5, MAX_VALUE // value))
-        value = value + x if op == "add" else value - x if op == "sub" else value * x
-        steps.append((op, x))
-    return Problem(start, tuple(steps))
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    return Problem(words[0], tuple(rng.choice(words) for _ in range(length)))
 
 
-def make_splits(n_train: int, n_eval: int, seed: int = 0, min_steps: int = 2,
-                max_steps: int = 3) -> Tuple[List[Problem], List[Problem]]:
+def make_splits(n_train: int, n_eval: int, seed: int = 0, min_items: int = 4,
+                max_items: int = 8) -> Tuple[List[Problem], List[Problem]]:
     """Draw distinct problems and split them into train and held-out sets that share none.
 
     Args:
         n_train (int): training problems.
         n_eval (int): held-out problems.
         seed (int): seed of the generator; the same seed gives the same splits.
-        min_steps (int): fewest operations per problem.
-        max_steps (int): most operations per problem.
+        min_items (int): shortest list.
+        max_items (int): longest list.
 
     Returns:
         Tuple[List[Problem], List[Problem]]: (train, held_out).
@@ -103,7 +86,7 @@ def make_splits(n_train: int, n_eval: int, seed: int = 0, min_steps: int = 2,
     rng = random.Random(seed)
     seen, problems = set(), []
     while len(problems) < n_train + n_eval:
-        problem = random_problem(rng, rng.randint(min_steps, max_steps))
+        problem = random_problem(rng, rng.randint(min_items, max_items))
         if problem not in seen:
             seen.add(problem)
             problems.append(problem)

@@ -1,0 +1,95 @@
+"""verse quickstart: the report card, the train config it writes, and (slow) a real run with its accuracy gain."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from verse.errors import VerseError
+from verse.quickstart.pipeline import QuickstartConfig, prepare_run_dir, train_config, train_summary
+from verse.quickstart.report import card_lines, write_report
+from verse.train import TrainConfig
+
+NUMBERS = {"model": "SmolLM2", "device": "cpu", "config": {"n_eval": 50}, "accuracy_before": 0.12,
+           "accuracy_after": 0.64, "load_s": 10.2, "eval_before_s": 30.0, "train_s": 250.4, "eval_after_s": 28.0,
+           "wall_s": 411.6, "steps": 40, "tokens": 20480}
+
+
+def test_card_has_the_design_lines():
+    numbers = {**NUMBERS, **train_summary([
+        {"loss": 2.0, "tokens_per_s": 1.0, "mfu": 0.5, "tokens": 512, "peak_memory_bytes": 2**30},
+        {"loss": 1.0, "tokens_per_s": 100.0, "mfu": 0.25, "tokens": 1024, "peak_memory_bytes": 3 * 2**30},
+        {"loss": 0.5, "tokens_per_s": 200.0, "mfu": 0.35, "tokens": 1536, "peak_memory_bytes": 2 * 2**30}], k=2)}
+    lines = card_lines(numbers)
+    assert "held-out accuracy: before 12.0% -> after 64.0%" in lines
+    assert "wall time: 412 s" in lines
+    text = "\n".join(lines)
+    assert "+52.0 points on 50 held-out problems" in text
+    assert "train loss: 1.500 -> 0.750" in text and "min 0.500" in text  # means of the first / last 2 steps
+    assert "throughput: 150 tokens/s, MFU 30.0%" in text  # the first (warm-up) step is left out
+    assert "peak memory: 3.00 GiB" in text
+
+
+def test_report_markdown(tmp_path):
+    samples = [{"question": "Start with 2. Add 3, then multiply by 2. What is the result?", "reference": "10",
+                "before": "It is 8.", "before_correct": False, "after": "<think>...</think>\nAnswer: 10",
+                "after_correct": True}]
+    text = write_report(tmp_path / "report.md", NUMBERS, samples).read_text()
+    assert "held-out accuracy: before 12.0% -> after 64.0%" in text and "wall time: 412 s" in text
+    assert "![loss curve](loss_curve.png)" in text
+    assert "before (wrong)" in text and "after (correct)" in text
+    assert f"verse chat {tmp_path / 'final'} --ui" in text
+    assert "openthoughts" in text
+
+
+def test_train_config_is_a_valid_verse_train_config(tmp_path):
+    cfg = QuickstartConfig(lr=1e-4, micro_batch_size=3, max_seq_len=200, seed=7)
+    mapping = train_config(cfg, tmp_path, "model.gguf", steps=12, device=torch.device("cpu"))
+    train_cfg = TrainConfig.from_dict(mapping)
+    assert (train_cfg.mode, train_cfg.model, train_cfg.max_steps, train_cfg.lr) == ("sft", "model.gguf", 12, 1e-4)
+    assert (train_cfg.micro_batch_size, train_cfg.max_seq_len, train_cfg.seed) == (3, 200, 7)
+    assert train_cfg.out_dir == str(tmp_path / "train")
+    assert train_cfg.data["sources"][0]["path"] == str(tmp_path / "data" / "train.jsonl")
+    assert train_cfg.data["eval_sources"][0]["path"] == str(tmp_path / "data" / "heldout.jsonl")
+
+
+def test_run_dir_is_replaced_only_when_it_is_a_quickstart(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep")
+    with pytest.raises(VerseError, match="not a quickstart run"):
+        prepare_run_dir(other)
+    assert (other / "precious.txt").read_text() == "keep"
+    previous = tmp_path / "qs"
+    previous.mkdir()
+    (previous / "quickstart.json").write_text("{}")
+    (previous / "old.txt").write_text("old")
+    assert prepare_run_dir(previous) == previous and not any(previous.iterdir())
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path, capsys):
+    """The real thing, smaller: SmolLM2-135M learns the task (+25 points held-out) and the report says so."""
+    from transformers import AutoModelForCausalLM
+
+    from verse.cli import main
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--n-eval", "32", "--budget-s", "0", "--steps", "30"]) == 0
+    printed = capsys.readouterr().out
+    numbers = json.loads((out / "quickstart.json").read_text())
+    assert numbers["accuracy_after"] - numbers["accuracy_before"] >= 0.25
+    line = (f"held-out accuracy: before {100 * numbers['accuracy_before']:.1f}% -> "
+            f"after {100 * numbers['accuracy_after']:.1f}%")
+    report = (out / "report.md").read_text()
+    assert line in printed and line in report
+    assert re.search(r"^wall time: \d+ s$", printed, re.MULTILINE)
+    assert numbers["loss_last"] < numbers["loss_first"]
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert TrainConfig.load(str(out / "train.yaml")).max_steps == numbers["steps"] == 30
+    assert f"verse chat {out / 'final'}" in printed
+    # the saved model is a transformers checkpoint
+    hf = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert isinstance(hf, torch.nn.Module) and Path(out / "final" / "tokenizer.json").is_file()
