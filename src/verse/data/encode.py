@@ -9,6 +9,8 @@ shifted by one (`labels[t] = ids[t + 1]` where `mask[t + 1]`).
 import logging
 import multiprocessing
 import pickle
+import queue
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -100,12 +102,55 @@ def _encode_chunk(items: Sequence[Tuple[int, Example, str]]) -> List[Encoded]:
     return [encode_example(tok, ex, source=i, where=w, **opts) for i, ex, w in items]
 
 
+def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """`items`, produced by a background thread up to `depth` ahead (reading and network waits overlap training).
+
+    Args:
+        items: any iterator; only the background thread touches it.
+        depth: items buffered ahead.
+
+    Returns:
+        Iterator[Any]: the same items in order; an exception of the producer is raised here.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+
+    threading.Thread(target=produce, name="verse-data-reader", daemon=True).start()
+    try:
+        while (item := buffer.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 class Encoder:
     """Tokenizes blocks of examples inline (num_workers=0) or in a pool of worker processes.
 
     With a pool, `map` sends block k+1 to the workers before it hands out block k, so tokenizing overlaps
     the training step; results come back in input order, so batches (and a resume) do not depend on the
-    number of workers. Reading and parsing records stays in the calling process.
+    number of workers. Records are read and parsed by a background thread of the calling process, two
+    blocks ahead.
 
     Args:
         tokenizer: the tokenizer (inherited by forked workers; pickled where only spawn exists).
@@ -147,7 +192,7 @@ class Encoder:
                             for i, ex, w in block]
             return
         pending = None
-        for tag, block in blocks:
+        for tag, block in _prefetched(blocks):
             job = self.pool.map_async(_encode_chunk, [block[i:i + CHUNK] for i in range(0, len(block), CHUNK)])
             if pending is not None:
                 yield pending[0], [e for part in pending[1].get() for e in part]
