@@ -128,39 +128,39 @@ def test_gguf_llama3_rope_freqs(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """SmolLM2 in Verse and in transformers (float32 both), and transformers' 32-token greedy continuation."""
     path = smollm2_gguf()
     model = verse.load(path, dtype=torch.float32)
     hf = hf_from_gguf(path)
     tok = verse.load_tokenizer(path)
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-    ids = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True)])
-    return model, hf, tok, ids
-
-
-def test_smollm2_gguf_matches_transformers(smollm2):
-    model, hf, tok, ids = smollm2
-    args = model.args
-    assert (args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.vocab_size) == (30, 576, 9, 3, 49152)
-    assert args.tie_embeddings
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-3, rtol=0)
-
-
-def test_smollm2_greedy_continuation_matches_transformers(smollm2):
-    model, hf, tok, ids = smollm2
+    prompt = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True)])
     # eos_token_id=-1 (never produced): run all 32 steps instead of stopping at <|im_end|>
     config = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=-1, pad_token_id=0)
     with torch.no_grad():
-        sequence = hf.generate(ids, generation_config=config)
-        assert sequence.shape[1] == ids.shape[1] + 32
-        # With causal attention, logits at position t are those of the prefix ending at t: the greedy
-        # continuation is identical iff the argmax at every position is the token that follows it.
-        targets = sequence[0, ids.shape[1]:]
-        hf_argmax = hf(sequence).logits[0, ids.shape[1] - 1:-1].argmax(-1)
-        ours = model(sequence)[0, ids.shape[1] - 1:-1].argmax(-1)
-    assert hf_argmax.tolist() == targets.tolist()  # the oracle's own generate is greedy
-    assert ours.tolist() == targets.tolist()
-    assert "Paris" in tok.decode(targets.tolist())
+        out = hf.generate(prompt, generation_config=config, output_logits=True, return_dict_in_generate=True)
+        sequence = out.sequences
+        # Causal attention: Verse's logits at position t are those of the prefix ending at t, so one forward
+        # over prompt + continuation gives the logits of every greedy step.
+        ours = model(sequence)[0, prompt.shape[1] - 1:-1]
+    return model, tok, prompt, sequence[0, prompt.shape[1]:], torch.cat(out.logits), ours
+
+
+def test_smollm2_gguf_matches_transformers(smollm2):
+    model, tok, prompt, continuation, hf_logits, ours = smollm2
+    args = model.args
+    assert (args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.vocab_size) == (30, 576, 9, 3, 49152)
+    assert args.tie_embeddings and prompt.shape[1] > 20
+    assert hf_logits.shape == ours.shape == (32, 49152)
+    torch.testing.assert_close(ours, hf_logits, atol=1e-3, rtol=0)
+
+
+def test_smollm2_greedy_continuation_matches_transformers(smollm2):
+    model, tok, prompt, continuation, hf_logits, ours = smollm2
+    assert continuation.shape == (32,)
+    assert hf_logits.argmax(-1).tolist() == continuation.tolist()  # the oracle's generate is greedy
+    assert ours.argmax(-1).tolist() == continuation.tolist()
+    assert "Paris" in tok.decode(continuation.tolist())
 
 
 @pytest.mark.parametrize("tied", [False, True])
