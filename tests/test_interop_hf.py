@@ -161,3 +161,13 @@ def test_verse_json_wins_over_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = verse.load(tmp_path)
     assert loaded.args.rope_theta == 5000.0 and loaded.args.tokenizer == "byte"
+
+
+def test_run_directory_loads_latest_checkpoint(tmp_path):
+    model = make_verse("llama")
+    model.save_pretrained(tmp_path / "run" / "step-0000005")
+    (tmp_path / "run" / "latest").symlink_to("step-0000005")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "step-0000005").float().eval()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(verse.load(tmp_path / "run")(x), hf(x).logits, atol=1e-4, rtol=0)

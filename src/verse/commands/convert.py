@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", help="output directory, or a .gguf file with --to gguf")
     parser.add_argument("--to", choices=("verse", "hf", "gguf"), default=None,
                         help="output format (default: gguf when DST ends in .gguf, else verse)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="parameter dtype of the output (default: keep the source's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, metavar="{bf16,f16,fp32}",
+                        help="parameter dtype of the output (also f32, fp16, bfloat16, float16, float32; "
+                             "default: keep the source's)")
     parser.add_argument("--model-parallel", type=int, default=None, metavar="N",
                         help="write N model-parallel shards (model0-mpN.safetensors, ...) for N ranks")
 

@@ -47,7 +47,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Opti
     """Load a Verse checkpoint directory, a Hugging Face Llama/Mistral/DeepSeek directory or Hub id, or a `.gguf`.
 
     Args:
-        path (str | Path): checkpoint directory, `.gguf` file, or Hub repo id ("org/name").
+        path (str | Path): checkpoint directory (or a training run directory: its `latest` checkpoint), `.gguf`
+            file, or Hub repo id ("org/name").
         device (torch.device | str): where the weights go.
         dtype (Optional[torch.dtype | str]): parameter dtype; None keeps the file's own (quantized GGUF -> bfloat16).
         **overrides: execution-only `ModelArgs` fields (`EXECUTION_FIELDS`).
@@ -65,6 +66,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Opti
     from verse.interop.hf import download, load_hf
 
     if path.is_dir():
+        if not any((path / name).is_file() for name in ("config.json", "verse.json")) and (path / "latest").is_dir():
+            path = path / "latest"  # a training run directory: its newest checkpoint
         return load_hf(path, device=device, dtype=dtype, **overrides)
     if path.exists():
         raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")
