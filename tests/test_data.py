@@ -356,3 +356,11 @@ def test_split_long_texts_resume_inside_a_document(tmp_path, tok, pack):
         rest = all_batches(resumed)
         assert len(rest) == len(straight) - k
         assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(straight[k:], rest))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_source_without_usable_records_stops_with_one_clear_error(tmp_path, tok, workers):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}, {"text": 3}])
+    loader = build_loader(cfg([{"path": path}], num_workers=workers), tok, max_seq_len=64)
+    with pytest.raises(VerseError, match="no usable records.*empty: 1.*wrong_type: 1"):
+        next(iter(loader))

@@ -226,7 +226,7 @@ class SourceReader:
                 if not self.cycle:
                     self._ended = True
                     break
-                if wraps and not block:
+                if not block and (wraps or (pos["part"], pos["row"]) == (0, 0)):  # a whole epoch without one
                     raise VerseError(self._no_records_message())
                 epoch, part, row, wraps = epoch + 1, 0, 0, wraps + 1
                 continue
