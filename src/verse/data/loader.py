@@ -141,7 +141,8 @@ class DataLoader:
         stream = MixedStream(self.readers, self.weights, self.seed)
         stream.load_state_dict(self._resume["stream"] or self._start)
         self.counters = Counter(self._resume["counters"])
-        encoder = Encoder(self.tokenizer, self.cfg.num_workers, max_seq_len=self.max_seq_len,
+        workers = self.cfg.num_workers if self.split == "train" else 0  # eval reads a few batches: no pool
+        encoder = Encoder(self.tokenizer, workers, max_seq_len=self.max_seq_len,
                           train_on=self.cfg.train_on, truncation=self.cfg.truncation)
         try:
             yield from self._batches(encoder.map(self._blocks(stream, self._resume["skip"])))
