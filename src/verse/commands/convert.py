@@ -1,4 +1,4 @@
-"""`verse convert SRC DST`: Hugging Face / GGUF / Verse checkpoints in; Verse (HF layout), GGUF or model-parallel out."""
+"""`verse convert SRC DST`: HF / GGUF / Verse checkpoints in; Verse (HF layout), GGUF or model-parallel shards out."""
 
 import argparse
 from pathlib import Path
@@ -8,10 +8,10 @@ HELP = ("Convert a model between formats. SRC is a Verse or Hugging Face checkpo
         "checkpoint directory (--to verse or hf: config.json + safetensors + verse.json + tokenizer, loadable by "
         "transformers and verse.load; the two are the same layout) or a .gguf file (--to gguf). The tokenizer of "
         "SRC is carried along when it has one. The source dtype is kept unless --dtype is given.")
-EXAMPLES = """  verse convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2/                 # GGUF -> HF/Verse directory (bf16)
-  verse convert smollm2/ smollm2-f16.gguf --dtype f16                   # HF/Verse directory -> GGUF
-  verse convert meta-llama/Llama-3.2-1B llama-1b/ --dtype bf16          # from the Hub
-  verse convert deepseek-v2-lite/ dsv2-mp2/ --model-parallel 2          # one safetensors file per rank
+EXAMPLES = """  verse convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2/          # GGUF -> HF/Verse directory (bf16)
+  verse convert smollm2/ smollm2-f16.gguf --dtype f16            # HF/Verse directory -> GGUF
+  verse convert meta-llama/Llama-3.2-1B llama-1b/ --dtype bf16   # from the Hub
+  verse convert deepseek-v2-lite/ dsv2-mp2/ --model-parallel 2   # one safetensors file per rank
 """
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "f32": "float32", "float32": "float32",
           "fp16": "float16", "f16": "float16", "float16": "float16"}

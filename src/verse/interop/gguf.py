@@ -19,6 +19,7 @@ from tqdm import tqdm
 from verse.config import ModelArgs
 from verse.errors import CheckpointError, ConfigError
 from verse.interop.load import build_model
+from verse.model import ReasoningLLM
 from verse.model.rope import rope_frequencies
 
 ARCH = "llama"
@@ -30,7 +31,8 @@ FILE_TYPES = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.Lla
               torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}
 ARGS_KEY = "verse.model_args"  # full ModelArgs as JSON, written by Verse; wins over the llama.* keys
 
-GLOBAL_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "head.weight": "output.weight"}
+GLOBAL_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                "head.weight": "output.weight"}
 LAYER_NAMES = {
     "attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight", "attn.wk.weight": "attn_k.weight",
     "attn.wv.weight": "attn_v.weight", "attn.wo.weight": "attn_output.weight", "ffn_norm.weight": "ffn_norm.weight",
@@ -76,7 +78,8 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({reason})") from None
 
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
@@ -182,7 +185,8 @@ def dequantize(tensor: Any, path: Path) -> torch.Tensor:
     return torch.from_numpy(data)
 
 
-def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None, **overrides: Any):
+def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
+              **overrides: Any) -> ReasoningLLM:
     """Load a Llama-architecture `.gguf` file into a `ReasoningLLM`.
 
     Args:
@@ -257,7 +261,7 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int
     return True
 
 
-def save_gguf(model, path: str | Path, tokenizer: Any = None, dtype: Optional[torch.dtype] = None,
+def save_gguf(model: ReasoningLLM, path: str | Path, tokenizer: Any = None, dtype: Optional[torch.dtype] = None,
               pre: str = "default") -> None:
     """Write a dense Verse model as a Llama-architecture GGUF file (norms in F32, matrices in `dtype`).
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from verse.config import ModelArgs
 from verse.errors import CheckpointError, ConfigError
 from verse.interop.load import build_model
+from verse.model import ReasoningLLM
 
 ADAPTERS = {"llama": "verse.interop.llama", "mistral": "verse.interop.llama",
             "deepseek_v2": "verse.interop.deepseek", "deepseek_v3": "verse.interop.deepseek"}
@@ -184,7 +185,7 @@ def read_safetensors(files: list[Path], device: torch.device | str, dtype: torch
 
 
 def load_hf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
-            **overrides: Any):
+            **overrides: Any) -> ReasoningLLM:
     """Load a Verse or Hugging Face checkpoint directory.
 
     Args:
@@ -215,7 +216,7 @@ def _publish(tmp: Path, target: Path) -> None:
         os.rename(tmp, target)
         return
     new = {p.name for p in tmp.iterdir()}
-    for stale in (*target.glob("model*.safetensors"), target / WEIGHTS_INDEX):
+    for stale in (target / WEIGHTS, *target.glob("model-*-of-*.safetensors"), target / WEIGHTS_INDEX):
         if stale.is_file() and stale.name not in new:
             stale.unlink()
     last = (CONFIG, VERSE_CONFIG)
@@ -242,7 +243,8 @@ def check_target(path: str | Path) -> Path:
     return target
 
 
-def save_pretrained(model, path: str | Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_pretrained(model: ReasoningLLM, path: str | Path, tokenizer=None,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
     """Write the checkpoint directory of DESIGN.md, loadable by `verse.load` and transformers.
 
     config.json (HF architecture), model.safetensors (or model-0000i-of-0000n.safetensors shards + index above
@@ -279,7 +281,8 @@ def save_pretrained(model, path: str | Path, tokenizer=None, max_shard_bytes: in
                                     leave=False):
             save_file({name: state[name].contiguous() for name in names}, tmp / filename, metadata={"format": "pt"})
         if split.is_sharded:
-            index = {"metadata": {"total_size": split.metadata.get("total_size")}, "weight_map": split.tensor_to_filename}
+            index = {"metadata": {"total_size": split.metadata.get("total_size")},
+                     "weight_map": split.tensor_to_filename}
             (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
