@@ -294,13 +294,16 @@ def test_cli_train_and_plot(tmp_path, capsys):
                                                       {"role": "assistant", "content": f"{i} {i} {i}"}]}) + "\n"
                             for i in range(24)))
     args = ["train", "--preset", "tiny", f"out_dir={tmp_path}/run", "max_steps=3", "max_seq_len=64", "precision=fp32",
-            f"data.sources=[{{path: {data}}}]", "data.num_workers=0", "plot=false", "--no-progress"]
+            f"data.sources=[{{path: {data}}}]", "data.num_workers=0", "data.eval_fraction=0.25", "eval_every=3",
+            "eval_batches=1", "plot=false", "--no-progress"]
     assert main(args) == 0
     assert (tmp_path / "run" / "latest").resolve().name == "step-0000003"
     assert main(["train", "--resume", str(tmp_path / "run"), "max_steps=5", "--no-progress"]) == 0
     assert (tmp_path / "run" / "latest").resolve().name == "step-0000005"
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3),
+                                                         ("train", 4), ("train", 5), ("eval", 5)]
+    assert all(math.isfinite(r["eval_loss"]) for r in records if r["kind"] == "eval")
     assert main(["plot", str(tmp_path / "run")]) == 0
     png = tmp_path / "run" / "plot.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -341,3 +344,14 @@ def test_sft_needs_a_checkpoint_and_pretrain_sizes_the_vocab_to_the_tokenizer(tm
     cfg = config(tmp_path, model="bytegpt-tiny")
     tok = load_tokenizer(cfg)
     assert tok.name.startswith("byte") and build_model(cfg, torch.device("cpu"), tok).args.vocab_size == tok.vocab_size
+
+
+@pytest.mark.slow
+def test_bf16_stochastic_rounding_and_8bit_adamw_train(tmp_path):
+    pytest.importorskip("torchao", reason="stochastic rounding and 8-bit AdamW come from torchao")
+    inputs, labels = make_data(8)
+    for name, changes in (("sr", dict(param_dtype="bfloat16", bf16_update="stochastic")),
+                          ("8bit", dict(optimizer="adamw8bit"))):
+        cfg = config(tmp_path, name, max_steps=12, micro_batch_size=4, lr=1e-2, precision="bf16", **changes)
+        losses = [m["loss"] for m in train(cfg, loader=Batches(inputs, labels, 4), progress=False).metrics]
+        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, (name, losses)
