@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from verse import ModelArgs, ReasoningLLM
+from verse import ReasoningLLM
 from verse.cli import main
 from verse.errors import VerseError
 from verse.train import TrainConfig, train

@@ -31,7 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
-    from pathlib import Path
 
     from verse.config import ModelArgs
     from verse.errors import ConfigError

@@ -166,10 +166,15 @@ def run_train(args: argparse.Namespace) -> int:
             model = ReasoningLLM(model_args).train()
         if side == "verse":
             opt = TrainOptimizer(model, cfg)
-            step = lambda: train_step(model, opt, [{"input_ids": ids, "labels": ids}], cfg, autocast)  # noqa: E731
+            batch = [{"input_ids": ids, "labels": ids}]
+
+            def step(model=model, opt=opt, batch=batch):
+                train_step(model, opt, batch, cfg, autocast)
         else:
             ref_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
-            step = lambda: _reference_step(model, ref_opt, ids)  # noqa: E731
+
+            def step(model=model, ref_opt=ref_opt):
+                _reference_step(model, ref_opt, ids)
         step()
         start = time.perf_counter()
         for _ in range(args.steps):

@@ -22,7 +22,6 @@ optimizer temporaries.
 """
 
 import dataclasses
-import math
 from typing import Any, Dict, List, Optional
 
 from verse.config import ModelArgs, _attention_params, count_params
