@@ -2,7 +2,7 @@
 
 A chat example is rendered by the tokenizer's chat template (`encode_chat`): the mask is True exactly
 on the assistant content and the end token of each trained assistant turn. A text example is
-`bos + text + eos` with every token trained. The mask marks *targets*: the loader turns it into labels
+`text + eos` (bos first when the tokenizer's `add_bos` says so) with every token trained. The mask marks *targets*: the loader turns it into labels
 shifted by one (`labels[t] = ids[t + 1]` where `mask[t + 1]`).
 """
 
@@ -68,7 +68,7 @@ def encode_example(tokenizer: Any, example: Example, *, max_seq_len: int, train_
     try:
         if isinstance(example, str):
             ids = tokenizer.encode(example)
-            ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
+            ids = ([tokenizer.bos_id] if tokenizer.add_bos else []) + ids
             ids += [tokenizer.eos_id] if tokenizer.eos_id is not None else []
             mask = np.ones(len(ids), dtype=bool)
         else:
