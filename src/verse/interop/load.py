@@ -71,7 +71,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Opti
         return load_hf(path, device=device, dtype=dtype, **overrides)
     if path.exists():
         raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")
-    if not path.is_absolute() and HUB_ID.fullmatch(str(path)) and not str(path).startswith("."):
+    if not path.is_absolute() and HUB_ID.fullmatch(str(path)) and not str(path).startswith(".") \
+            and path.suffix.lower() != ".gguf":
         return load_hf(download(str(path)), device=device, dtype=dtype, **overrides)
     raise CheckpointError(f"{path}: no such file or directory; give a checkpoint directory, a .gguf file or a Hub id")
 
