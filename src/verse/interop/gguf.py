@@ -298,6 +298,9 @@ def save_gguf(model: ReasoningLLM, path: str | Path, tokenizer: Any = None, dtyp
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the published file follows the umask
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:
         writer.add_name(path.stem)
