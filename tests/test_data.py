@@ -340,13 +340,15 @@ def test_split_long_texts_resume_inside_a_document(tmp_path, tok, pack):
     c = cfg([{"path": str(tmp_path / "pre.jsonl")}], truncation="split", pack=pack, shuffle_buffer=1, cycle=False)
     kw = dict(max_seq_len=48, micro_batch_size=1, seed=0)
     straight = all_batches(build_loader(c, tok, **kw))
-    # every text comes back whole: the chunks, concatenated, are bos + text + eos of each document in file order
+    # every text comes back whole: the chunks, concatenated, are text + eos of each document in file order
+    # (the byte tokenizer has add_bos False: no bos)
     got = [t for b in straight for t in b["input_ids"][0].tolist() if t != tok.pad_id]
     want = []
     for d in docs:
-        full = [tok.bos_id] + tok.encode(d) + [tok.eos_id]
+        assert not tok.add_bos
+        full = tok.encode(d) + [tok.eos_id]
         want += full[:-1] if len(full) % 48 == 1 else full  # a 1-token last chunk has no target: left out
-    assert got == want and max(len([tok.bos_id] + tok.encode(d)) for d in docs) > 2 * 48
+    assert got == want and max(len(tok.encode(d)) + 1 for d in docs) > 2 * 48
     for k in range(1, len(straight)):
         first = build_loader(c, tok, **kw)
         it = iter(first)
