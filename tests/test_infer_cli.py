@@ -114,3 +114,24 @@ def test_think_rendering_by_hand():
     renderer = ThinkRenderer("hide")
     pieces = [renderer.feed(c) for c in text] + [renderer.flush()]  # tags split across pieces
     assert "".join(pieces) == "Answer"
+
+
+def test_generate_mla_absorb_matches_transformers(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    tok = verse.load_tokenizer("byte")
+    args = ModelArgs(arch="deepseek_v2", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, inter_dim=48,
+                     attention="mla", kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                     max_seq_len=128, dtype="float32")
+    torch.manual_seed(0)
+    model = ReasoningLLM(args)
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+        model.head.weight[256:] = 0  # no special (stop) token wins: exactly 10 new tokens
+    model.save_pretrained(tmp_path, tokenizer=tok)
+    assert main(["generate", str(tmp_path), "--prompt", "abc", "--attn-impl", "absorb", "--max-new-tokens", "10",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompt = tok.encode("abc")
+    ids = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out["text"] == tok.decode(ids[0, len(prompt):].tolist())

@@ -33,12 +33,21 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="weights dtype; auto = the checkpoint's, but float32 on CPUs without native bf16")
+    parser.add_argument("--attn-impl", choices=("naive", "absorb"), default=None,
+                        help="MLA models: absorb caches only the latent and rope key (default: the checkpoint's)")
+    parser.add_argument("--gemm-impl", choices=("bf16", "fp8"), default=None,
+                        help="FP8 checkpoints: keep FP8 weights (fp8) or compute in bf16 (default: the checkpoint's)")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
     """Sampling/stopping keyword arguments of `verse.infer.generate` from parsed options."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, stop_strings=args.stop, seed=args.seed)
+
+
+def execution_overrides(args: argparse.Namespace) -> dict:
+    """`verse.load` overrides chosen on the command line (`attn_impl`, `gemm_impl`)."""
+    return {k: v for k, v in (("attn_impl", args.attn_impl), ("gemm_impl", args.gemm_impl)) if v is not None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from verse.infer.generate import stream
     from verse.infer.runtime import load_for_inference
 
-    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype,
+                                          **execution_overrides(args))
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})

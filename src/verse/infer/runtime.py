@@ -35,7 +35,8 @@ def inference_dtype(name: str, device: str | torch.device) -> Optional[torch.dty
     return None
 
 
-def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str = "cpu", dtype: str = "auto"):
+def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str = "cpu", dtype: str = "auto",
+                       **overrides):
     """Load a model (anything `verse.load` accepts) and its tokenizer.
 
     Args:
@@ -43,11 +44,12 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
         tokenizer (Optional[str]): tokenizer name or path; default the checkpoint's own.
         device (str): "cpu", "cuda", ...
         dtype (str): see `inference_dtype`.
+        **overrides: execution-only `ModelArgs` fields for `verse.load` (e.g. `attn_impl="absorb"`).
 
     Returns:
         tuple: (model, tokenizer).
     """
     import verse
 
-    model = verse.load(path, device=device, dtype=inference_dtype(dtype, device))
+    model = verse.load(path, device=device, dtype=inference_dtype(dtype, device), **overrides)
     return model, verse.load_tokenizer(tokenizer or path)
