@@ -30,7 +30,15 @@ def chat_prompt(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
 
 
 def opens_in_think(tokenizer, messages: List[Dict[str, str]]) -> bool:
-    """Whether the template's generation prompt already opens a `<think>` block (DeepSeek-R1 style)."""
+    """Whether the template's generation prompt already opens a `<think>` block (DeepSeek-R1 style).
+
+    Args:
+        tokenizer: a Verse tokenizer.
+        messages (List[Dict[str, str]]): the conversation.
+
+    Returns:
+        bool: True when the reply starts inside `<think>`.
+    """
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return text.rstrip().endswith(THINK_OPEN)
 
@@ -63,6 +71,14 @@ def render_think(text: str, mode: str, opened: bool = False) -> str:
 
     Rendering is prefix-monotone: the rendering of a longer reply extends that of a shorter one, as long as
     the shorter does not end inside a tag (see `ThinkRenderer`).
+
+    Args:
+        text (str): the reply so far.
+        mode (str): "show", "hide" or "dim".
+        opened (bool): the reply starts inside `<think>` (the prompt opened it).
+
+    Returns:
+        str: the text to display.
     """
     if mode == "show":
         return text
@@ -191,7 +207,14 @@ class ChatSession:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
     def reply(self, user: str) -> Iterator[str]:
-        """Add a user message and stream the assistant's reply; the reply (even a stopped one) joins history."""
+        """Add a user message and stream the assistant's reply; the reply (even a stopped one) joins history.
+
+        Args:
+            user (str): the user's message.
+
+        Yields:
+            str: pieces of the reply text.
+        """
         self.history.append({"role": "user", "content": user})
         max_new = self.generation.get("max_new_tokens", 256)
         _, prompt = fit_messages(self.tokenizer, self.messages(), self.model.args.max_seq_len - max_new)
@@ -208,7 +231,14 @@ class ChatSession:
         self.history.clear()
 
     def save(self, path: str | Path) -> Path:
-        """Write the conversation as JSON `{"messages": [...]}`."""
+        """Write the conversation as JSON `{"messages": [...]}`.
+
+        Args:
+            path (str | Path): the JSON file to write.
+
+        Returns:
+            Path: where it was written.
+        """
         path = Path(path).expanduser()
         try:
             path.write_text(json.dumps({"messages": self.messages()}, indent=2, ensure_ascii=False) + "\n")

@@ -48,7 +48,19 @@ class ChatBackend:
 
     def reply(self, message: str, history: Messages, system: str, temperature: float, top_p: float,
               max_new_tokens: int) -> Iterator[str]:
-        """Stream the assistant's reply text to `message` after `history` (inputs clamped to safe ranges)."""
+        """Stream the assistant's reply text to `message` after `history` (inputs clamped to safe ranges).
+
+        Args:
+            message (str): the user's message (cut at `MAX_MESSAGE_CHARS`).
+            history (Messages): earlier turns (oldest dropped when the prompt is too long).
+            system (str): system prompt ("" for none; cut at `MAX_MESSAGE_CHARS`).
+            temperature (float): clamped to [0, 2].
+            top_p (float): clamped to [0.01, 1].
+            max_new_tokens (int): clamped to [1, `self.max_new_tokens`].
+
+        Yields:
+            str: pieces of the reply text.
+        """
         messages = ([{"role": "system", "content": system[:MAX_MESSAGE_CHARS]}] if system.strip() else [])
         messages += history + [{"role": "user", "content": message[:MAX_MESSAGE_CHARS]}]
         max_new_tokens = max(1, min(int(max_new_tokens), self.max_new_tokens))
