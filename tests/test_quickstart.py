@@ -14,7 +14,8 @@ from verse.train import TrainConfig
 
 NUMBERS = {"model": "SmolLM2", "device": "cpu", "config": {"n_eval": 50}, "accuracy_before": 0.12,
            "accuracy_after": 0.64, "load_s": 10.2, "eval_before_s": 30.0, "train_s": 250.4, "eval_after_s": 28.0,
-           "wall_s": 411.6, "steps": 40, "tokens": 20480}
+           "wall_s": 411.6, "steps": 40, "tokens": 20480,
+           "unanswered_before": 41, "unanswered_after": 0}
 
 
 def test_card_has_the_design_lines():
@@ -30,6 +31,7 @@ def test_card_has_the_design_lines():
     assert "train loss: 1.500 -> 0.750" in text and "min 0.500" in text  # means of the first / last 2 steps
     assert "throughput: 150 tokens/s, MFU 30.0%" in text  # the first (warm-up) step is left out
     assert "peak memory: 3.00 GiB" in text
+    assert "replies without an 'Answer: N' line: before 41, after 0" in text
 
 
 def test_report_markdown(tmp_path):
@@ -46,10 +48,11 @@ def test_report_markdown(tmp_path):
 
 def test_train_config_is_a_valid_verse_train_config(tmp_path):
     cfg = QuickstartConfig(lr=1e-4, micro_batch_size=3, max_seq_len=200, seed=7)
-    mapping = train_config(cfg, tmp_path, "model.gguf", steps=12, device=torch.device("cpu"))
+    mapping = train_config(cfg, tmp_path, "model.gguf", steps=12, device=torch.device("cpu"), peak_flops=5e10)
     train_cfg = TrainConfig.from_dict(mapping)
     assert (train_cfg.mode, train_cfg.model, train_cfg.max_steps, train_cfg.lr) == ("sft", "model.gguf", 12, 1e-4)
     assert (train_cfg.micro_batch_size, train_cfg.max_seq_len, train_cfg.seed) == (3, 200, 7)
+    assert (train_cfg.precision, train_cfg.param_dtype, train_cfg.peak_flops) == ("fp32", "float32", 5e10)
     assert train_cfg.out_dir == str(tmp_path / "train")
     assert train_cfg.data["sources"][0]["path"] == str(tmp_path / "data" / "train.jsonl")
     assert train_cfg.data["eval_sources"][0]["path"] == str(tmp_path / "data" / "heldout.jsonl")

@@ -29,10 +29,11 @@ def test_answers_match_an_independent_solver():
         assert 4 <= len(items) <= 8
         assert reply.endswith(f"\nAnswer: {answer}")
         # the tally walks the list in order and each running count is right
-        lines = re.findall(r"^([a-z]+): (\d+)$", reply, re.MULTILINE)
-        assert [item for item, _ in lines] == items
-        assert [int(n) for _, n in lines] == [items[:i + 1].count(target)
-                                              for i in range(len(items))]
+        lines = re.findall(r"^([a-z]+) = ([a-z]+)\? (yes|no), (\d+)$", reply, re.MULTILINE)
+        assert [item for item, *_ in lines] == items
+        assert {t for _, t, _, _ in lines} == {target}
+        assert [hit == "yes" for _, _, hit, _ in lines] == [item == target for item in items]
+        assert [int(n) for *_, n in lines] == [items[:i + 1].count(target) for i in range(len(items))]
         assert reply.startswith("<think>\n") and "\n</think>\nAnswer: " in reply
 
 
@@ -61,7 +62,7 @@ def test_records_use_the_openthoughts_schema(tmp_path):
     path = task.write_jsonl([task.to_record(p) for p in train], tmp_path / "d" / "train.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 5
-    for row, problem in zip(rows, train):
+    for row, problem in zip(rows, train, strict=True):
         assert set(row) == {"system", "conversations"}
         assert [t["from"] for t in row["conversations"]] == ["user", "assistant"]
         messages = to_example(row, "openthoughts")

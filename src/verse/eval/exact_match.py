@@ -71,12 +71,12 @@ def exact_match(model, tokenizer, prompts: Sequence[Messages], references: Seque
             rows = order[begin:begin + batch_size]
             outputs = generate_fn(model, tokenizer, [ids[i] for i in rows], max_new_tokens=max_new_tokens,
                                   temperature=0.0)
-            for i, out in zip(rows, outputs):
+            for i, out in zip(rows, outputs, strict=True):
                 replies[i] = out
             bar.update(len(rows))
     seconds = time.perf_counter() - start
     samples = []
-    for messages, reference, reply_ids in zip(prompts, references, replies):
+    for messages, reference, reply_ids in zip(prompts, references, replies, strict=True):
         reply = tokenizer.decode(reply_ids, skip_special=True)
         prediction = extract_answer(reply, regex)
         samples.append({"question": messages[-1]["content"], "reference": normalize(reference),

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import yaml
@@ -53,10 +53,10 @@ class QuickstartConfig:
     n_train: int = 2000
     n_eval: int = 64
     lr: float = 2e-4
-    micro_batch_size: int = 2
+    micro_batch_size: int = 3
     max_seq_len: int = 256
     eval_batch_size: int = 32
-    max_new_tokens: int = 80
+    max_new_tokens: int = 112
     device: str = "auto"
 
 
@@ -92,8 +92,8 @@ def prepare_run_dir(out_dir: str | Path) -> Path:
     return run_dir
 
 
-def train_config(cfg: QuickstartConfig, run_dir: Path, model_path: str, steps: int, device: torch.device
-                 ) -> Dict[str, Any]:
+def train_config(cfg: QuickstartConfig, run_dir: Path, model_path: str, steps: int, device: torch.device,
+                 peak_flops: float = 0.0) -> Dict[str, Any]:
     """The `verse train` config of the SFT (written to RUN/train.yaml), as a plain mapping.
 
     Args:
@@ -102,6 +102,7 @@ def train_config(cfg: QuickstartConfig, run_dir: Path, model_path: str, steps: i
         model_path (str): the GGUF (or checkpoint) to start from.
         steps (int): optimizer steps.
         device (torch.device): training device; CPUs train in fp32 (their bf16 matmuls are emulated and slow).
+        peak_flops (float): the MFU denominator (0 = the trainer's default for the device).
 
     Returns:
         Dict[str, Any]: TrainConfig fields.
@@ -129,6 +130,7 @@ def train_config(cfg: QuickstartConfig, run_dir: Path, model_path: str, steps: i
         "save_every": 0,
         "keep_last": 1,
         "tensorboard": False,
+        "peak_flops": peak_flops,
         "data": {
             "sources": [{"path": str(run_dir / "data" / "train.jsonl"), "schema": "openthoughts"}],
             "eval_sources": [{"path": str(run_dir / "data" / "heldout.jsonl"), "schema": "openthoughts"}],
@@ -162,6 +164,26 @@ def measure_step_seconds(model, micro_batch_size: int, max_seq_len: int) -> floa
     model.zero_grad(set_to_none=True)
     model.eval()
     return seconds
+
+
+def cpu_matmul_flops(n: int = 1024, reps: int = 5) -> float:
+    """Best-of-`reps` fp32 matmul rate of this CPU in FLOP/s: the MFU denominator of a CPU run.
+
+    Args:
+        n (int): square matrix size.
+        reps (int): timed repetitions (the fastest counts, so momentary load on a shared machine matters less).
+
+    Returns:
+        float: FLOP/s.
+    """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def _problems(records: List[Dict[str, Any]]) -> tuple[list, list]:
@@ -220,6 +242,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, log=print) -> Q
                              batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress)
         numbers[f"accuracy_{name}"] = result.accuracy
         numbers[f"eval_{name}_s"] = result.seconds
+        numbers[f"unanswered_{name}"] = result.unanswered
         log(f"held-out accuracy {name}: {result.accuracy:.1%} ({result.correct}/{result.total}, "
             f"{result.seconds:.0f} s)")
         return result
@@ -238,7 +261,8 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, log=print) -> Q
     del model
     gc.collect()
 
-    config = train_config(cfg, run_dir, gguf, steps, device)
+    peak_flops = cpu_matmul_flops() if device.type == "cpu" else 0.0
+    config = train_config(cfg, run_dir, gguf, steps, device, peak_flops)
     (run_dir / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     log(f"fine-tuning for {steps} steps: verse train {run_dir / 'train.yaml'}")
     t = time.perf_counter()
@@ -259,7 +283,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, log=print) -> Q
     numbers["wall_s"] = time.perf_counter() - start
     samples = [{"question": b["question"], "reference": b["reference"], "before": b["reply"],
                 "before_correct": b["correct"], "after": a["reply"], "after_correct": a["correct"]}
-               for b, a in zip(before.samples, after.samples)]
+               for b, a in zip(before.samples, after.samples, strict=True)]
     (run_dir / MARKER).write_text(json.dumps(numbers, indent=2, default=str) + "\n")
     with (run_dir / "samples.jsonl").open("w") as f:
         for s in samples:

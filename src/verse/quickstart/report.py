@@ -20,6 +20,9 @@ def card_lines(numbers: Dict[str, Any]) -> List[str]:
         f"{100 * numbers['accuracy_after']:.1f}%",
         f"accuracy gain: {gain:+.1f} points on {numbers['config']['n_eval']} held-out problems (greedy, exact match)",
     ]
+    if "unanswered_before" in numbers:
+        lines.append(f"replies without an 'Answer: N' line: before {numbers['unanswered_before']}, "
+                     f"after {numbers['unanswered_after']}")
     if "loss_first" in numbers:
         lines += [
             f"train loss: {numbers['loss_first']:.3f} -> {numbers['loss_last']:.3f} (mean of first/last 5 steps; "

@@ -2,8 +2,8 @@
 
 A problem lists a few fruits and asks how many times one of them appears ("How many times does the word
 "fig" appear in this list? pear, fig, plum, fig, kiwi"). The reference reply walks the list inside
-`<think>...</think>`, one item per line with the running count ("fig: 2"), and ends with a fixed final-answer
-line, `Answer: 2`. SmolLM2-135M-Instruct miscounts and ignores the format; a few minutes of SFT teach it
+`<think>...</think>`, one item per line compared with the target, with the running count
+("fig = fig? yes, 2"), and ends with a fixed final-answer line, `Answer: 2`. SmolLM2-135M-Instruct miscounts and ignores the format; a few minutes of SFT teach it
 the procedure, which is what the quickstart measures. Records use the OpenThoughts schema (`system`,
 `conversations` [{from, value}]), so the same training config runs on `open-thoughts/OpenThoughts-114k` by
 swapping the source. Generation is deterministic for a seed, and the train and held-out splits share no
@@ -37,21 +37,26 @@ class Problem:
         """The user's question."""
         return f'How many times does the word "{self.target}" appear in this list? {", ".join(self.items)}'
 
-    def trace(self) -> List[Tuple[str, int]]:
-        """The worked steps: each item with the count of `target` up to and including it."""
+    def trace(self) -> List[Tuple[str, bool, int]]:
+        """The worked steps: each item, whether it is the target, and the count up to and including it."""
         rows, count = [], 0
         for item in self.items:
             count += item == self.target
-            rows.append((item, count))
+            rows.append((item, item == self.target, count))
         return rows
 
     def answer(self) -> int:
         """How many times `target` appears."""
-        return self.trace()[-1][1]
+        return self.trace()[-1][2]
 
     def solution(self) -> str:
-        """The reference assistant reply: `<think>` with one line per item, then `Answer: N`."""
-        lines = "\n".join(f"{item}: {count}" for item, count in self.trace())
+        """The reference assistant reply: `<think>` with one line per item, then `Answer: N`.
+
+        Each line compares the item with the target next to it ("fig = plum? no, 1"), so every step needs only
+        the line itself and the previous count, the kind of local step a small model learns quickly.
+        """
+        lines = "\n".join(f"{item} = {self.target}? {'yes' if hit else 'no'}, {count}"
+                          for item, hit, count in self.trace())
         return f"<think>\n{lines}\n</think>\nAnswer: {self.answer()}"
 
 
