@@ -72,8 +72,8 @@ def make_data(n: int = 16, seed: int = 0, masked: bool = False):
 
 
 def config(tmp_path: Path, name: str = "run", **changes) -> TrainConfig:
-    base = dict(model="tiny", mode="pretrain", out_dir=str(tmp_path / name), max_seq_len=T, precision="fp32", plot=False,
-                tensorboard=False, lr=3e-3, max_steps=4, save_every=0)
+    base = dict(model="tiny", mode="pretrain", out_dir=str(tmp_path / name), max_seq_len=T, precision="fp32",
+                plot=False, tensorboard=False, lr=3e-3, max_steps=4, save_every=0)
     return TrainConfig(**{**base, **changes})
 
 
@@ -318,9 +318,10 @@ def test_sft_smollm2_lowers_held_out_assistant_loss(tmp_path):
     from verse.train.loop import evaluate
 
     gguf = smollm2_gguf()
-    records = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                             {"role": "assistant", "content": f"<think>{a} + {b} = {a + b}</think>The answer is {a + b}."}]}
-               for a, b in ((i % 37 + 3, i * 7 % 41 + 5) for i in range(120))]
+    records = [{"messages": [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"<think>{a} + {b} = {a + b}</think>The answer is {a + b}."}]}
+        for a, b in ((i % 37 + 3, i * 7 % 41 + 5) for i in range(120))]
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     data_cfg = {"sources": [{"path": str(data)}], "eval_fraction": 0.2, "num_workers": 0}
@@ -329,8 +330,8 @@ def test_sft_smollm2_lowers_held_out_assistant_loss(tmp_path):
     cpu = torch.device("cpu")
     no_autocast = torch.autocast("cpu", enabled=False)
     before = evaluate(verse.load(gguf, dtype=torch.float32).train(), held_out, 4, cpu, no_autocast, 4096)
-    cfg = config(tmp_path, "sft", mode="sft", model=str(gguf), data=data_cfg, max_seq_len=128, micro_batch_size=4, max_steps=12,
-                 lr=1e-4, warmup_steps=2, eval_every=12, eval_batches=4)
+    cfg = config(tmp_path, "sft", mode="sft", model=str(gguf), data=data_cfg, max_seq_len=128, micro_batch_size=4,
+                 max_steps=8, lr=1e-4, warmup_steps=2, eval_every=8, eval_batches=4)
     result = train(cfg, progress=False)
     after = [m for m in result.metrics if m["kind"] == "eval"][-1]["eval_loss"]
     assert after < 0.8 * before, (before, after)

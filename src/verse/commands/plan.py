@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param-dtype", choices=["bfloat16", "float32"])
     parser.add_argument("--bf16-update", choices=["master", "stochastic", "nearest"])
     parser.add_argument("--precision", choices=["bf16", "fp32"])
-    parser.add_argument("--checkpointing", type=int, metavar="K", help="activation checkpointing every K layers (0 off)")
+    parser.add_argument("--checkpointing", type=int, metavar="K", help="checkpoint every K-th layer (0 = off)")
     parser.add_argument("--fused-backward", action="store_true", default=None, help="optimizer step inside backward")
     parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the time estimate (default 0.4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
