@@ -271,3 +271,25 @@ def test_deepseek_v3_fp8_weights_run_in_both_gemm_impls(tmp_path):
     rel = ((got - expected).norm() / expected.norm()).item()
     print(f"gemm_impl=fp8 logits relative error vs the dequantized model: {rel:.4f}")
     assert rel < 0.1
+
+
+@pytest.mark.parametrize("gemm_impl", ["bf16", "fp8"])
+def test_verse_load_opens_an_fp8_checkpoint(tmp_path, gemm_impl):
+    """`verse.load` keeps FP8 weights with their float32 block scales and runs them in the chosen `gemm_impl`."""
+    import verse
+    from verse.model import linear
+
+    src, oracle = deepseek_fp8_checkpoint(tmp_path, experts_fp8=False, reference_dtype=torch.float32)
+    tokens = torch.randint(0, 96, (2, 9))
+    try:
+        model = verse.load(src, dtype=torch.float32, gemm_impl=gemm_impl)
+        wq_b = model.layers[0].attn.wq_b
+        assert wq_b.weight.dtype == torch.float8_e4m3fn and wq_b.scale.dtype == torch.float32
+        with torch.no_grad():
+            got, expected = model(tokens), oracle(tokens).logits
+    finally:
+        linear.gemm_impl = "bf16"
+    if gemm_impl == "bf16":
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    else:  # activations quantized to e4m3 as well: the per-GEMM error of `fp8_gemm` (a few %), not more
+        assert (got - expected).norm() / expected.norm() < 0.1

@@ -159,8 +159,12 @@ def _open(file: Path, device: str = "cpu"):
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
 
 
+# tensors the model keeps in float32 whatever its dtype: FP8 block scales and the DeepSeek-V3 routing bias
+FLOAT32_TENSORS = ("weight_scale_inv", "e_score_correction_bias")
+
+
 def read_safetensors(files: list[Path], device: torch.device | str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """Read every tensor, casting floating-point ones (not float8) to `dtype` one at a time.
+    """Read every tensor, casting floating-point ones (not float8, not `FLOAT32_TENSORS`) to `dtype` one at a time.
 
     Args:
         files (list[Path]): safetensors files.
@@ -179,7 +183,8 @@ def read_safetensors(files: list[Path], device: torch.device | str, dtype: torch
                         tensor = f.get_tensor(name)
                     except (SafetensorError, OSError, RuntimeError) as e:
                         raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
-                    state[name] = tensor.to(dtype) if tensor.dtype in SAFETENSORS_DTYPES.values() else tensor
+                    keep = name.endswith(FLOAT32_TENSORS) or tensor.dtype not in SAFETENSORS_DTYPES.values()
+                    state[name] = tensor if keep else tensor.to(dtype)
                     bar.update()
     return state
 

@@ -13,6 +13,7 @@ import torch
 from verse.config import ModelArgs
 from verse.errors import CheckpointError, ConfigError
 from verse.model import ReasoningLLM
+from verse.model.linear import fp8_layers, quantize_
 
 # ModelArgs fields that change how a model runs, not its weights: the only ones `verse.load` overrides.
 EXECUTION_FIELDS = ("attn_impl", "gemm_impl", "checkpointing", "checkpoint_every", "max_seq_len")
@@ -92,6 +93,7 @@ def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: st
     """
     with torch.device("meta"):
         model = ReasoningLLM(args)
+    quantize_(model, fp8_layers(state_dict))  # FP8 checkpoints: those layers take float8 weights + block scales
     expected = model.state_dict()
     if args.tie_embeddings:
         expected.pop("head.weight", None)
