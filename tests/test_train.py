@@ -356,3 +356,10 @@ def test_bf16_stochastic_rounding_and_8bit_adamw_train(tmp_path):
         cfg = config(tmp_path, name, max_steps=12, micro_batch_size=4, lr=1e-2, precision="bf16", **changes)
         losses = [m["loss"] for m in train(cfg, loader=Batches(inputs, labels, 4), progress=False).metrics]
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, (name, losses)
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("lr: 3e-4\nmin_lr: 1e-5\nmodel: tiny\n")  # YAML 1.1 would read these as strings
+    cfg = TrainConfig.load(str(path), ["eps=1e-6"])
+    assert (cfg.lr, cfg.min_lr, cfg.eps) == (3e-4, 1e-5, 1e-6)

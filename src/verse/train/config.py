@@ -91,7 +91,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown training field(s) {', '.join(unknown)}; "
                               "see `verse train --print-config`")
-        cfg = cls(**data)
+        cfg = cls(**{k: _number(v) if _FIELD_TYPES[k] is float else v for k, v in data.items()})
         cfg.validate(source)
         return cfg
 
@@ -172,6 +172,19 @@ class TrainConfig:
                     "steps inside backward, so it needs gradient_accumulation_steps=1")
             require(self.grad_clip == 0, "fused_backward",
                     "frees each grad right after its step, so global clipping is impossible: set grad_clip=0")
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `3e-4` (no dot) as a string: accept it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def apply_override(data: Dict[str, Any], item: str) -> None:
