@@ -39,10 +39,12 @@ def test_tiny_plan_matches_hand_computed_bytes():
     assert r["fits"] and not plan(args, fp32(), "a100-80gb", device_memory=r["peak_bytes"] - 1)["fits"]
 
 
-def test_activation_bytes_match_saved_tensors(tiny_args):
+@pytest.mark.parametrize("dtype, precision", [("float32", "fp32"), ("bfloat16", "bf16")])
+def test_activation_bytes_match_saved_tensors(tiny_args, dtype, precision):
     """The activation estimate against what autograd really saves (unique storages; parameters and buffers, such
     as the RoPE tables, exist anyway and are excluded)."""
     torch.manual_seed(0)
+    tiny_args = tiny_args.replace(dtype=dtype)
     model = ReasoningLLM(tiny_args).train()
     ids = torch.randint(0, 512, (2, 32))
     params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
@@ -53,9 +55,10 @@ def test_activation_bytes_match_saved_tensors(tiny_args):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         model.hidden_states(ids)
-    estimate = plan(tiny_args, fp32(), "a100-80gb")["activations_bytes"]
+    estimate = plan(tiny_args, fp32(param_dtype=dtype, precision=precision), "a100-80gb")["activations_bytes"]
     assert abs(estimate / sum(saved.values()) - 1) < 0.05
 
 
@@ -90,6 +93,15 @@ def test_cli_plan_json_and_suggestions(capsys):
             argv += [flag, value]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["fits"]  # following the first suggestion really fits
+
+
+def test_cli_plan_reads_a_training_config(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny\nmax_seq_len: 64\nmicro_batch_size: 3\noptimizer: sgd\nactivation_checkpointing: 1\n")
+    assert main(["plan", str(path), "--json"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert (settings["seq_len"], settings["micro_batch_size"], settings["optimizer"],
+            settings["activation_checkpointing"]) == (64, 3, "sgd", 1)
 
 
 @pytest.mark.parametrize("argv", [["plan"], ["plan", "--preset", "nope"], ["plan", "--preset", "tiny", "--seq-len",
