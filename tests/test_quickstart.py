@@ -15,7 +15,7 @@ from verse.train import TrainConfig
 NUMBERS = {"model": "SmolLM2", "device": "cpu", "config": {"n_eval": 50}, "accuracy_before": 0.12,
            "accuracy_after": 0.64, "load_s": 10.2, "eval_before_s": 30.0, "train_s": 250.4, "eval_after_s": 28.0,
            "wall_s": 411.6, "steps": 40, "tokens": 20480,
-           "unanswered_before": 41, "unanswered_after": 0}
+           "unanswered_before": 41, "unanswered_after": 0, "accuracy_before_last_number": 0.18}
 
 
 def test_card_has_the_design_lines():
@@ -32,6 +32,7 @@ def test_card_has_the_design_lines():
     assert "throughput: 150 tokens/s, MFU 30.0%" in text  # the first (warm-up) step is left out
     assert "peak memory: 3.00 GiB" in text
     assert "replies without an 'Answer: N' line: before 41, after 0" in text
+    assert "last number of its reply: 18.0%" in text
 
 
 def test_report_markdown(tmp_path):
@@ -52,7 +53,9 @@ def test_train_config_is_a_valid_verse_train_config(tmp_path):
     train_cfg = TrainConfig.from_dict(mapping)
     assert (train_cfg.mode, train_cfg.model, train_cfg.max_steps, train_cfg.lr) == ("sft", "model.gguf", 12, 1e-4)
     assert (train_cfg.micro_batch_size, train_cfg.max_seq_len, train_cfg.seed) == (3, 200, 7)
-    assert (train_cfg.precision, train_cfg.param_dtype, train_cfg.peak_flops) == ("fp32", "float32", 5e10)
+    # CPUs without native bf16 (most) train in fp32: their bf16 matmuls are emulated
+    precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert (train_cfg.precision, train_cfg.param_dtype, train_cfg.peak_flops) == (precision, "float32", 5e10)
     assert train_cfg.out_dir == str(tmp_path / "train")
     assert train_cfg.data["sources"][0]["path"] == str(tmp_path / "data" / "train.jsonl")
     assert train_cfg.data["eval_sources"][0]["path"] == str(tmp_path / "data" / "heldout.jsonl")

@@ -22,7 +22,8 @@ def card_lines(numbers: Dict[str, Any]) -> List[str]:
     ]
     if "unanswered_before" in numbers:
         lines.append(f"replies without an 'Answer: N' line: before {numbers['unanswered_before']}, "
-                     f"after {numbers['unanswered_after']}")
+                     f"after {numbers['unanswered_after']}; base model scored on the last number of its reply: "
+                     f"{100 * numbers['accuracy_before_last_number']:.1f}%")
     if "loss_first" in numbers:
         lines += [
             f"train loss: {numbers['loss_first']:.3f} -> {numbers['loss_last']:.3f} (mean of first/last 5 steps; "
