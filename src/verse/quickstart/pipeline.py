@@ -86,10 +86,11 @@ def prepare_run_dir(out_dir: str | Path) -> Path:
     """
     run_dir = Path(out_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / MARKER).is_file() and not (run_dir / "train.yaml").is_file():
+        if not (run_dir / MARKER).is_file():
             raise VerseError(f"--out {run_dir}: directory exists and is not a quickstart run; choose another --out")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text('{"status": "running"}\n')  # replaced by the numbers at the end
     return run_dir
 
 
