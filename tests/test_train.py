@@ -174,6 +174,19 @@ def test_gradient_accumulation_equivalence(tmp_path, tiny_args):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_gradient_accumulation_equivalence_with_moe_balance_loss(tmp_path):
+    inputs, labels = make_data(4, masked=True)
+    inputs, labels = inputs % 256, labels.where(labels < 0, labels % 256)  # within bytegpt-tiny's vocabulary
+    common = dict(model="bytegpt-tiny", model_overrides={"aux_loss_alpha": 0.5, "dtype": "float32"}, max_steps=1,
+                  lr=1.0, optimizer="sgd", beta1=0.0, weight_decay=0.0, schedule="constant", grad_clip=0.0)
+    models = []
+    for mb, acc in ((2, 1), (1, 2)):
+        cfg = config(tmp_path, f"mb{mb}", micro_batch_size=mb, gradient_accumulation_steps=acc, **common)
+        models.append(_load(train(cfg, loader=Batches(inputs, labels, mb), progress=False).final_dir))
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def _load(path: Path) -> ReasoningLLM:
     import verse
 

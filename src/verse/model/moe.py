@@ -221,6 +221,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("bias_load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: Optional[torch.Tensor] = None
+        # weight of one forward's balance loss in the step's gradient: the trainer sets 1 / micro-batches so that
+        # an accumulated step averages it over its micro-batches, like the token-normalised language-model loss
+        self.aux_loss_scale = 1.0
 
     def reset_stats(self) -> None:
         """Zero the load counters, on the weights' device (also after a `meta`-device build)."""
@@ -247,7 +250,7 @@ class MoE(nn.Module):
                 self.bias_load += counts
             if self.aux_loss_alpha > 0:
                 self.aux_loss = self.aux_loss_alpha * balance_loss(scores.view(B, T, -1), indices.view(B, T, -1))
-                out = AddAuxLoss.apply(out, self.aux_loss)
+                out = AddAuxLoss.apply(out, self.aux_loss * self.aux_loss_scale)
         return out.view(B, T, D)
 
     def stats(self, reset: bool = True) -> Dict[str, float]:

@@ -158,6 +158,8 @@ def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[
         tuple: (summed loss or None when non-finite, loss tokens, grad norm or None, whether the update ran).
     """
     n_tokens = int(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro))
+    for moe in getattr(model, "moe_layers", {}).values():
+        moe.aux_loss_scale = 1.0 / len(micro)  # the MoE balance loss, too, is a mean over the accumulation step
     loss_sum: Optional[float] = 0.0
     for b in micro:
         with autocast:
