@@ -43,7 +43,8 @@ class Attention(nn.Module):
             x (torch.Tensor): input [B, T, dim].
             cos (torch.Tensor): RoPE cosines for these tokens [B or 1, T, head_dim].
             sin (torch.Tensor): RoPE sines [B or 1, T, head_dim].
-            mask (Optional[torch.Tensor]): bool mask broadcastable to [B, H, T, S]; None = causal.
+            mask (Optional[torch.Tensor]): bool mask broadcastable to [B, H, T, S]; None = causal. With the KV
+                cache, S (the mask's width) is how many cached positions are attended.
             input_pos (Optional[torch.Tensor]): cache positions of these tokens [T] (generation only).
 
         Returns:
@@ -55,7 +56,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and input_pos is not None:
-            k, v = self.cache.update(input_pos, k, v)
+            k, v = self.cache.update(input_pos, k, v, None if mask is None else mask.size(-1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))

@@ -1,5 +1,7 @@
 """Static, preallocated key/value cache (one per attention layer), friendly to torch.compile."""
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -25,13 +27,21 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(max_batch_size, n_heads, max_seq_len, v_dim, dtype=dtype, device=device),
                              persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `k`, `v` [B, H, T, D] at positions `input_pos` [T]; return the cache rows of this batch.
 
+        Args:
+            input_pos (torch.Tensor): cache positions of the new keys [T].
+            k (torch.Tensor): new keys [B, H, T, Dk].
+            v (torch.Tensor): new values [B, H, T, Dv].
+            kv_len (Optional[int]): return only the first `kv_len` positions (the filled part: decoding then
+                attends over the tokens so far, not the whole preallocated cache); None = all.
+
         Returns:
-            tuple[torch.Tensor, torch.Tensor]: keys and values [B, H, max_seq_len, D].
+            tuple[torch.Tensor, torch.Tensor]: views of the keys and values [B, H, kv_len, D].
         """
         B = k.size(0)
         self.k[:B, :, input_pos] = k
         self.v[:B, :, input_pos] = v
-        return self.k[:B], self.v[:B]
+        return self.k[:B, :, :kv_len], self.v[:B, :, :kv_len]

@@ -137,7 +137,7 @@ class MLA(nn.Module):
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             k = torch.cat((k_nope, k_rope.expand(-1, self.n_heads, -1, -1)), dim=-1)
             if use_cache:
-                k, v = self.cache.update(input_pos, k, v)
+                k, v = self.cache.update(input_pos, k, v, None if mask is None else mask.size(-1))
             y = F.scaled_dot_product_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, attn_mask=mask,
                                                is_causal=mask is None, scale=self.softmax_scale)
         else:
@@ -146,7 +146,7 @@ class MLA(nn.Module):
             q_latent = q_nope @ wkv_b[:, :self.qk_nope_head_dim]  # [B, H, T, kv_lora_rank]
             k = torch.cat((kv.unsqueeze(1), k_rope), dim=-1)  # [B, 1, T, kv_lora_rank + rope]
             if use_cache:
-                k, _ = self.cache.update(input_pos, k, k[..., :0])
+                k, _ = self.cache.update(input_pos, k, k[..., :0], None if mask is None else mask.size(-1))
             q = torch.cat((q_latent, q_rope), dim=-1)
             if T == 1:
                 # decoding: the heads become the query rows of one head sharing the cached latent (no key copies)
