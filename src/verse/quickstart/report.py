@@ -46,9 +46,9 @@ def next_commands(run_dir: Path) -> List[str]:
         f"verse chat {final}                # terminal chat with the fine-tuned model",
         f"verse chat {final} --ui           # Gradio web chat at http://127.0.0.1:7860",
         f"verse eval {final} --data {run_dir / 'data' / 'heldout.jsonl'} --task exact-match",
-        f"verse train {run_dir / 'train.yaml'} out_dir=runs/openthoughts \\",
-        "    'data.sources=[openthoughts]' data.eval_sources=[] max_seq_len=2048 max_steps=1000   "
-        "# same config, OpenThoughts-114k from the Hub",
+        "# the same config on OpenThoughts-114k from the Hub (a GPU: `verse plan` it first):",
+        f"verse train {run_dir / 'train.yaml'} out_dir=runs/openthoughts 'data.sources=[openthoughts]' \\",
+        "    data.eval_sources=[] max_seq_len=2048 max_steps=1000 device=auto precision=bf16",
     ]
 
 
