@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from verse import ReasoningLLM
+from verse import ModelArgs, ReasoningLLM
 from verse.cli import main
 from verse.errors import VerseError
 from verse.train import TrainConfig, train
@@ -376,3 +376,24 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     path.write_text("lr: 3e-4\nmin_lr: 1e-5\nmodel: tiny\n")  # YAML 1.1 would read these as strings
     cfg = TrainConfig.load(str(path), ["eps=1e-6"])
     assert (cfg.lr, cfg.min_lr, cfg.eps) == (3e-4, 1e-5, 1e-6)
+
+
+def test_preset_runs_as_shipped_on_the_stdlib_corpus(tmp_path):
+    """`verse train --preset bytegpt-tiny` needs no data config: the standard library's sources, the preset's
+    sequence limit, and bits per byte (= nats per byte token / ln 2) in the metrics."""
+    from verse.train.config import default_corpus
+
+    cfg = TrainConfig.load(None, [f"out_dir={tmp_path / 'run'}", "max_steps=2", "max_seq_len=64", "precision=fp32",
+                                  "plot=false", "eval_every=0"], preset="bytegpt-tiny")
+    assert cfg.mode == "pretrain" and cfg.data["sources"] == [{"path": default_corpus()}]
+    assert TrainConfig.load(None, [], preset="bytegpt-tiny").max_seq_len == ModelArgs.from_preset("bytegpt-tiny").max_seq_len
+    metrics = train(cfg, progress=False).metrics
+    assert all(math.isclose(m["bpb"], m["loss"] / math.log(2)) for m in metrics if m["kind"] == "train")
+
+
+@pytest.mark.slow
+def test_bytegpt_tiny_pretraining_lowers_bits_per_byte(tmp_path):
+    cfg = TrainConfig.load(None, [f"out_dir={tmp_path / 'run'}", "max_steps=40", "eval_every=20", "plot=false"],
+                           preset="bytegpt-tiny")
+    evals = [m["eval_bpb"] for m in train(cfg, progress=False).metrics if m["kind"] == "eval"]
+    assert len(evals) == 2 and evals[1] < evals[0]

@@ -6,6 +6,7 @@ HELP = ("Pretrain or fine-tune (SFT) a model from a YAML config plus key=value o
         "checkpoints, metrics.jsonl and plot.png go to out_dir. --print-config lists every field.")
 EXAMPLES = """  verse train --print-config > my.yaml           # every field, its default and one line of help
   verse train my.yaml lr=1e-4 max_steps=2000     # SFT as configured, two values overridden
+  verse train --preset bytegpt-tiny max_steps=200 # byte-level MLA+MoE on the stdlib's sources, bits/byte
   verse train --preset tiny max_steps=50 data.sources='[{path: corpus.txt}]'   # pretrain from scratch
   verse train --resume runs/verse                # continue after a crash, kill or Ctrl-C, exactly
   verse train my.yaml param_dtype=bfloat16 optimizer=adamw8bit activation_checkpointing=1
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig.load(config, overrides, preset=args.preset)
     result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
     last = next((m for m in reversed(result.metrics) if m.get("kind") == "train" and m.get("loss") is not None), None)
-    print(f"step {result.step}: loss {last['loss']:.4f}" if last else f"step {result.step}",
+    bpb = f" ({last['bpb']:.3f} bits/byte)" if last and "bpb" in last else ""
+    print(f"step {result.step}: loss {last['loss']:.4f}{bpb}" if last else f"step {result.step}",
           f"| checkpoint {result.final_dir} | metrics {result.run_dir / 'metrics.jsonl'}")
     return 0

@@ -28,7 +28,7 @@ from verse.errors import VerseError
 log = logging.getLogger("verse.data")
 
 LOCAL_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text",
-                  ".md": "text"}
+                  ".md": "text", ".py": "text"}
 REPORT_FIRST = 5  # bad records reported (with file and line) per source
 
 
@@ -65,7 +65,7 @@ def resolve_parts(src: SourceConfig) -> List[Part]:
         files = sorted(p for p in (path.rglob("*") if path.is_dir() else map(Path, glob.glob(str(path))))
                        if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
         if not files:
-            raise VerseError(f"data source {src.label!r}: no .jsonl/.json/.parquet/.txt file at {src.path}; "
+            raise VerseError(f"data source {src.label!r}: no .jsonl/.json/.parquet/.txt/.md/.py file at {src.path}; "
                              "check the path")
         parts = [Part(_local_kind(p), str(p)) for p in files]
         for part in parts:

@@ -126,6 +126,8 @@ class TrainConfig:
             data["model"] = preset
         for item in overrides:
             apply_override(data, item)
+        if preset is not None:
+            _preset_defaults(data, preset)
         return cls.from_dict(data, source)
 
     def validate(self, source: str = "config") -> None:
@@ -239,3 +241,23 @@ def _data_fields() -> List[str]:
         help_text = f.metadata.get("help", "")
         lines.append(f"{rendered}  # {help_text}" if help_text else rendered)
     return lines
+
+
+def default_corpus() -> str:
+    """The Python standard library's own sources: a text corpus every machine has (`verse train --preset`)."""
+    import sysconfig
+
+    return str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
+
+
+def _preset_defaults(data: Dict[str, Any], preset: str) -> None:
+    """`verse train --preset NAME` runs as is: sequences no longer than the preset allows, and the standard
+    library's sources as the pretraining corpus unless the user named data sources."""
+    from verse.config import ModelArgs
+
+    limit = ModelArgs.from_preset(preset).max_seq_len
+    data.setdefault("max_seq_len", min(TrainConfig.max_seq_len, limit))
+    data_section = data.setdefault("data", {})
+    if isinstance(data_section, dict) and not data_section.get("sources"):
+        data_section["sources"] = [{"path": default_corpus()}]
+        data_section.setdefault("eval_fraction", 0.02)  # held-out files for eval_every

@@ -260,6 +260,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
     seed_everything(cfg.seed)
     if loader is None and tokenizer is None:
         tokenizer = load_tokenizer(cfg)
+    byte_level = getattr(tokenizer, "name", None) == "byte"  # then also log bits per byte
     model = build_model(cfg, device, tokenizer)
     if loader is None:
         loader, default_eval = build_loaders(cfg, tokenizer)
@@ -334,6 +335,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                           "loss_tokens": n_tokens, "tokens": tokens_seen, "tokens_per_s": round(tps, 2),
                           "mfu": round(tps * flops_tok / peak_flops, 5), "step_time_s": round(elapsed, 4),
                           "skipped": skipped, **memory_bytes(device), **moe_stats(model)}
+                if byte_level and record["loss"] is not None:
+                    record["bpb"] = record["loss"] / math.log(2)  # byte tokens: nats/token -> bits per byte
                 metrics.append(record)
                 log.log(record)
                 if bad_in_row >= cfg.max_bad_steps:
@@ -342,12 +345,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                 if bar is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "skip",
+                                    **({"bpb": f"{record['bpb']:.3f}"} if "bpb" in record else {}),
                                     tok_s=f"{tps:.0f}", mfu=f"{record['mfu']:.1%}")
                 if eval_loader is not None and cfg.eval_every and (step % cfg.eval_every == 0
                                                                    or step == cfg.max_steps):
                     eval_loss = evaluate(model, eval_loader, cfg.eval_batches, device, autocast, cfg.loss_chunk_size)
                     record = {"kind": "eval", "step": step, "eval_loss": eval_loss,
                               "eval_ppl": math.exp(min(eval_loss, 50))}
+                    if byte_level:
+                        record["eval_bpb"] = eval_loss / math.log(2)
                     metrics.append(record)
                     log.log(record)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
