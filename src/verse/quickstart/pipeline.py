@@ -168,26 +168,6 @@ def measure_step_seconds(model, micro_batch_size: int, max_seq_len: int) -> floa
     return seconds
 
 
-def cpu_matmul_flops(n: int = 1024, reps: int = 5) -> float:
-    """Best-of-`reps` fp32 matmul rate of this CPU in FLOP/s: the MFU denominator of a CPU run.
-
-    Args:
-        n (int): square matrix size.
-        reps (int): timed repetitions (the fastest counts, so momentary load on a shared machine matters less).
-
-    Returns:
-        float: FLOP/s.
-    """
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def _problems(records: List[Dict[str, Any]]) -> tuple[list, list]:
     prompts, references = [], []
     for messages, reply in task.iter_problems(records):
@@ -266,8 +246,7 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, log=print) -> Q
     del model
     gc.collect()
 
-    peak_flops = cpu_matmul_flops() if device.type == "cpu" else 0.0
-    config = train_config(cfg, run_dir, gguf, steps, device, peak_flops)
+    config = train_config(cfg, run_dir, gguf, steps, device)
     (run_dir / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     log(f"fine-tuning for {steps} steps: verse train {run_dir / 'train.yaml'}")
     t = time.perf_counter()
