@@ -389,6 +389,12 @@ def test_preset_runs_as_shipped_on_the_stdlib_corpus(tmp_path):
     assert TrainConfig.load(None, [], preset="bytegpt-tiny").max_seq_len == ModelArgs.from_preset("bytegpt-tiny").max_seq_len
     metrics = train(cfg, progress=False).metrics
     assert all(math.isclose(m["bpb"], m["loss"] / math.log(2)) for m in metrics if m["kind"] == "train")
+    # a run directory stands for its latest checkpoint: model and tokenizer alike
+    import verse
+
+    run = tmp_path / "run"
+    assert verse.load(run).args.tokenizer == "byte" and verse.load_tokenizer(run).name == "byte"
+    assert main(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "3", "--json"]) == 0
 
 
 @pytest.mark.slow
