@@ -43,6 +43,20 @@ def check_overrides(overrides: Dict[str, Any]) -> None:
                           f"({', '.join(EXECUTION_FIELDS)}) may change at load time; pass dtype= for the dtype")
 
 
+def checkpoint_dir(path: Path) -> Path:
+    """The checkpoint a directory stands for: itself, or for a training run directory (no config.json or
+    verse.json of its own, a `latest` checkpoint inside) its newest checkpoint. Models and tokenizers both use it.
+
+    Args:
+        path (Path): a checkpoint or training run directory.
+
+    Returns:
+        Path: the checkpoint directory.
+    """
+    is_checkpoint = any((path / name).is_file() for name in ("config.json", "verse.json"))
+    return path / "latest" if not is_checkpoint and (path / "latest").is_dir() else path
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype | str] = None,
                **overrides: Any) -> ReasoningLLM:
     """Load a Verse checkpoint directory, a Hugging Face Llama/Mistral/DeepSeek directory or Hub id, or a `.gguf`.
@@ -67,9 +81,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Opti
     from verse.interop.hf import download, load_hf
 
     if path.is_dir():
-        if not any((path / name).is_file() for name in ("config.json", "verse.json")) and (path / "latest").is_dir():
-            path = path / "latest"  # a training run directory: its newest checkpoint
-        return load_hf(path, device=device, dtype=dtype, **overrides)
+        return load_hf(checkpoint_dir(path), device=device, dtype=dtype, **overrides)
     if path.exists():
         raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")
     if not path.is_absolute() and HUB_ID.fullmatch(str(path)) and not str(path).startswith(".") \

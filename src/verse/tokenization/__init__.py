@@ -13,10 +13,10 @@ HUB_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "
 
 
 def _from_dir(directory: Path) -> Tokenizer:
+    from verse.interop.load import checkpoint_dir
     from verse.tokenization.hf import load_hf_dir, read_chat_template, tokenizer_config
 
-    if not (directory / "tokenizer.json").is_file() and (directory / "latest").is_dir():
-        directory = directory / "latest"  # a training run directory: its newest checkpoint, as verse.load does
+    directory = checkpoint_dir(directory)  # a training run directory: its latest checkpoint, as for verse.load
     if not (directory / "tokenizer.json").is_file():
         raise VerseError(f"no tokenizer.json in {directory}; pass a directory saved with save_pretrained, "
                          "a .gguf file, 'o200k' or 'byte'")
