@@ -79,7 +79,7 @@ class ModelArgs:
     # execution only (never change weights)
     dtype: str = "bfloat16"
     attn_impl: str = "naive"  # MLA: naive (full K/V) | absorb (latent cache)
-    gemm_impl: str = "bf16"  # bf16 | fp8
+    gemm_impl: str = "bf16"  # bf16 | fp8 | gguf (keep a GGUF file's Q4_0/Q4_1/Q8_0 blocks)
     checkpointing: bool = False  # activation checkpointing, non-reentrant
     checkpoint_every: int = 1  # checkpoint every k-th layer when checkpointing
 
@@ -187,7 +187,8 @@ def validate(args: ModelArgs) -> None:
              f"must be >= 1 with {args.rope_scaling} scaling, got {args.rope_factor}")
     _require(args.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     _require(args.attn_impl in ("naive", "absorb"), "attn_impl", f"must be 'naive' or 'absorb', got {args.attn_impl!r}")
-    _require(args.gemm_impl in ("bf16", "fp8"), "gemm_impl", f"must be 'bf16' or 'fp8', got {args.gemm_impl!r}")
+    _require(args.gemm_impl in ("bf16", "fp8", "gguf"), "gemm_impl",
+             f"must be 'bf16', 'fp8' or 'gguf', got {args.gemm_impl!r}")
     _require(args.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {args.checkpoint_every}")
     _require(args.sliding_window is None or args.sliding_window > 0, "sliding_window", "must be positive or null")
     _require(args.tokenizer in ("o200k", "byte", "hf"), "tokenizer",

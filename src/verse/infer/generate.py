@@ -5,7 +5,8 @@ padding (`position_ids`) and a boolean mask hides the padding keys, so every row
 it would get alone.
 """
 
-from typing import Iterable, Iterator, List, Optional, Sequence
+import functools
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -25,9 +26,21 @@ def _padded_batch(prompts: Sequence[Sequence[int]], device: torch.device) -> tup
     return ids.to(device), pad.to(device)
 
 
+CACHE_BUCKET = 256  # compiled decoding: cache lengths are rounded up to this, so a new length rarely recompiles
+
+
+@functools.cache
+def compiled_forward() -> Callable:
+    """`ReasoningLLM.forward` through `torch.compile` with static shapes: one graph per model, batch size and
+    cache bucket, in which inductor fuses each layer's norms, RoPE, attention and residuals around the GEMMs."""
+    from verse.model import ReasoningLLM
+
+    return torch.compile(ReasoningLLM.forward, dynamic=False)
+
+
 @torch.inference_mode()
 def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams,
-                 generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+                 generator: Optional[torch.Generator] = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Run the model: prefill all prompts in one pass, then decode; yield the next token of every row.
 
     The caller decides when to stop (closing the iterator frees the KV cache).
@@ -38,6 +51,10 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
         max_new_tokens (int): most steps.
         params (SamplingParams): how tokens are picked.
         generator (Optional[torch.Generator]): random source for sampling.
+        compile (bool): run the decode step through `torch.compile` (`compiled_forward`): the first call for a
+            model, batch size and cache bucket compiles (about a minute on 2 CPU cores, seconds once inductor's
+            cache holds it); every later step skips the per-operator overhead of eager PyTorch. Each step then
+            attends over the whole cache bucket (the unwritten positions masked), so that shapes stay static.
 
     Yields:
         torch.Tensor: token ids [B], one per step.
@@ -49,6 +66,9 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
     if total > model.args.max_seq_len:
         raise VerseError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_seq_len ({model.args.max_seq_len}); shorten the prompt or lower max_new_tokens")
+    if compile:
+        total = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, model.args.max_seq_len)
+    forward = functools.partial(compiled_forward(), model) if compile else model
     padded = bool(pad.any())
     positions = torch.arange(total, device=device)
     seen = None
@@ -61,8 +81,8 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
     if padded:
         position_ids = (positions[:P] - pad[:, None]).clamp_(min=0)
         key_valid = positions >= pad[:, None]
-        mask = causal_mask(positions[:P], total, model.args.sliding_window) & key_valid[:, None, :]
-        mask = (mask | torch.eye(P, total, dtype=torch.bool, device=device)).unsqueeze(1)
+        mask = causal_mask(positions[:P], P, model.args.sliding_window) & key_valid[:, None, :P]
+        mask = (mask | torch.eye(P, dtype=torch.bool, device=device)).unsqueeze(1)
     model.setup_cache(B, total)
     try:
         hidden = model.hidden_states(ids, position_ids, mask, input_pos=positions[:P])
@@ -74,11 +94,16 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
             cur = P + step
+            width = total if compile else cur + 1  # cache positions attended: static when compiled
             if padded:
                 position_ids = (cur - pad)[:, None]
-                mask = causal_mask(positions[cur:cur + 1], total, model.args.sliding_window) & key_valid[:, None, :]
-                mask = mask.unsqueeze(1)
-            logits = model(token[:, None], position_ids, mask, input_pos=positions[cur:cur + 1])
+                mask = causal_mask(positions[cur:cur + 1], width, model.args.sliding_window)
+                mask = (mask & key_valid[:, None, :width]).unsqueeze(1)
+            elif compile:
+                mask = causal_mask(positions[cur:cur + 1], width, model.args.sliding_window)
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and step > 0):
+                # after the first compiled step nothing its guards check can change (shapes, dtypes, model)
+                logits = forward(token[:, None], position_ids, mask, input_pos=positions[cur:cur + 1])
             token = sample(logits[:, -1], params, seen, generator)
     finally:
         model.clear_cache()
@@ -106,7 +131,7 @@ def _prepare(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
 def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop_ids: Optional[Iterable[int]] = None, stop_strings: Optional[Sequence[str]] = None,
-             seed: Optional[int] = None) -> List[List[int]]:
+             seed: Optional[int] = None, compile: bool = False) -> List[List[int]]:
     """Generate continuations of a batch of prompts.
 
     Args:
@@ -121,6 +146,7 @@ def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int 
         stop_ids (Optional[set[int]]): ids that end a row; None = `tokenizer.stop_ids`; empty = never stop.
         stop_strings (Optional[Sequence[str]]): texts that end a row (not included in the output).
         seed (Optional[int]): seed of a private `torch.Generator` for reproducible sampling.
+        compile (bool): compile the decode step (see `decode_steps`).
 
     Returns:
         List[List[int]]: the new tokens of each prompt, without the stop token.
@@ -129,7 +155,7 @@ def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int 
                                                   top_p, repetition_penalty, stop_ids, stop_strings, seed)
     outputs: List[List[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    steps = decode_steps(model, prompts, max_new_tokens, params, generator)
+    steps = decode_steps(model, prompts, max_new_tokens, params, generator, compile)
     try:
         for tokens in steps:
             for row, token in enumerate(tokens.tolist()):
@@ -152,7 +178,8 @@ def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int 
 def stream(model, tokenizer, prompt: List[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
            stop_ids: Optional[Iterable[int]] = None,
-           stop_strings: Optional[Sequence[str]] = None, seed: Optional[int] = None) -> Iterator[int]:
+           stop_strings: Optional[Sequence[str]] = None, seed: Optional[int] = None,
+           compile: bool = False) -> Iterator[int]:
     """Generate from one prompt, yielding each new token id as soon as it is final.
 
     Takes the arguments of `generate` for a single prompt and yields exactly the tokens `generate` returns.
@@ -165,7 +192,7 @@ def stream(model, tokenizer, prompt: List[int], *, max_new_tokens: int = 256, te
                                                   top_p, repetition_penalty, stop_ids, stop_strings, seed)
     ids: List[int] = []
     emitted = 0
-    steps = decode_steps(model, [prompt], max_new_tokens, params, generator)
+    steps = decode_steps(model, [prompt], max_new_tokens, params, generator, compile)
     try:
         for tokens in steps:
             token = int(tokens[0])

@@ -26,6 +26,7 @@ ARCH = "llama"
 Q = gguf.GGMLQuantizationType
 QUANTIZED = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 SUPPORTED = (Q.F32, Q.F16, Q.BF16, *QUANTIZED)
+BLOCK_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)  # kept as they are with gemm_impl="gguf" (verse.ggml); others are dequantized
 WRITE_TYPES = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
 FILE_TYPES = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
               torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}
@@ -185,6 +186,11 @@ def dequantize(tensor: Any, path: Path) -> torch.Tensor:
     return torch.from_numpy(data)
 
 
+def file_blocks(tensor: Any) -> torch.Tensor:
+    """A quantized GGUF matrix as its raw blocks: uint8 [out, in/32 * block bytes] (see `verse.ggml`)."""
+    return torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).view(int(tensor.shape[1]), -1)
+
+
 def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
               **overrides: Any) -> ReasoningLLM:
     """Load a Llama-architecture `.gguf` file into a `ReasoningLLM`.
@@ -211,12 +217,18 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
             name = verse_name(tensor.name)
         except KeyError:
             raise CheckpointError(f"{path}: unexpected tensor {tensor.name} for the llama architecture") from None
-        w = dequantize(tensor, path)
+        keep = args.gemm_impl == "gguf" and Q(tensor.tensor_type) in BLOCK_TYPES and len(tensor.shape) == 2
+        if keep and name != "embed.weight":
+            w = file_blocks(tensor)
+        else:
+            w = dequantize(tensor, path).to(dtype)
         if name.endswith("attn.wq.weight"):
             w = unpermute_qk(w, args.n_heads)
         elif name.endswith("attn.wk.weight"):
             w = unpermute_qk(w, args.n_kv_heads)
-        state[name] = w.to(device=device, dtype=dtype)
+        state[name] = w.contiguous().to(device)
+        if keep and name == "embed.weight" and args.tie_embeddings:  # lookups use the dense table; the head, blocks
+            state["head.weight"] = file_blocks(tensor).to(device)
     return build_model(args, state, path, device)
 
 

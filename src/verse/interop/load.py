@@ -78,6 +78,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Opti
         from verse.interop.gguf import load_gguf
 
         return load_gguf(path, device=device, dtype=dtype, **overrides)
+    if overrides.get("gemm_impl") == "gguf":
+        raise ConfigError(f"gemm_impl='gguf' keeps the quantized blocks of a .gguf file, and {path} is not one; "
+                          f"use gemm_impl='bf16'")
     from verse.interop.hf import download, load_hf
 
     if path.is_dir():
@@ -106,8 +109,13 @@ def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: st
     with torch.device("meta"):
         model = ReasoningLLM(args)
     quantize_(model, fp8_layers(state_dict))  # FP8 checkpoints: those layers take float8 weights + block scales
+    for name, tensor in state_dict.items():  # gemm_impl="gguf": those layers take the file's blocks
+        if tensor.dtype == torch.uint8 and name.endswith(".weight"):
+            model.get_submodule(name.removesuffix(".weight")).ggml_(tensor.size(-1))
+    # a head in GGUF blocks is its own tensor even when tied (the embedding lookup needs the dense table)
+    tied = args.tie_embeddings and model.head.ggml_type is None
     expected = model.state_dict()
-    if args.tie_embeddings:
+    if tied:
         expected.pop("head.weight", None)
     missing = [name for name in expected if name not in state_dict]
     if missing:
@@ -125,7 +133,7 @@ def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: st
         if tensor.dtype != target.dtype or tensor.device != torch.device(device):
             state_dict[name] = tensor.to(device=device, dtype=target.dtype)
     model.load_state_dict(state_dict, strict=False, assign=True)
-    if args.tie_embeddings:
+    if tied:
         model.head.weight = model.embed.weight
     model.reset_buffers()
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]

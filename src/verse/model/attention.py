@@ -57,6 +57,32 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and input_pos is not None:
             k, v = self.cache.update(input_pos, k, v, None if mask is None else mask.size(-1))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if T == 1:
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for one query per row, written out: on CPU the fused SDPA kernel costs more to
+    launch than this work (one token against the cache), and `torch.compile` fuses these few ops.
+
+    Args:
+        q (torch.Tensor): [B, H, 1, D].
+        k (torch.Tensor): [B, Hkv, S, D] (H a multiple of Hkv: each key head serves H / Hkv query heads).
+        v (torch.Tensor): [B, Hkv, S, D].
+        mask (Optional[torch.Tensor]): bool, broadcastable to [B, 1, 1, S] (True = attend); None = all S keys.
+
+    Returns:
+        torch.Tensor: [B, H, 1, D].
+    """
+    B, H, _, D = q.shape
+    q = q.view(B, k.size(1), H // k.size(1), 1, D)  # the query heads of each key head, side by side
+    # products summed by hand rather than batched matmuls of one row: inductor fuses them into one loop
+    scores = (q * k.unsqueeze(2)).sum(-1, dtype=torch.float32) * D ** -0.5  # [B, Hkv, H/Hkv, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(-1, 1, 1, mask.size(-1)), float("-inf"))
+    y = (scores.softmax(-1).unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # [B, Hkv, H/Hkv, D]
+    return y.to(v.dtype).view(B, H, 1, D)

@@ -1,10 +1,13 @@
-"""The linear layer every projection uses, and the module-level `gemm_impl` switch ("bf16" | "fp8").
+"""The linear layer every projection uses, and the module-level `gemm_impl` switch ("bf16" | "fp8" | "gguf").
 
 A `Linear` holds a floating-point weight, or an FP8 one as in DeepSeek-V3 checkpoints: a float8_e4m3fn
 `weight` and its float32 block scales `scale` [ceil(out/128), ceil(in/128)] (`weight_scale_inv` in Hugging
 Face files), so that weight ~= fp8 * scale per 128x128 block. FP8 weights run in either `gemm_impl`:
 "bf16" dequantizes the weight and multiplies in the activations' dtype; "fp8" quantizes the activations per
 token (`act_quant`) and multiplies the FP8 operands (`fp8_gemm`).
+
+A `Linear` can also hold a GGUF file's quantized blocks (`gemm_impl="gguf"`): a uint8 `weight`
+[out, in/32 * block bytes] of Q4_0, Q4_1 or Q8_0 blocks, multiplied as they are by `verse.ggml.gemm`.
 """
 
 from typing import Collection, Mapping, Optional, Set
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from verse import ggml
 from verse.fp8 import BLOCK_SIZE, FP8_DTYPE, act_quant, fp8_gemm, weight_dequant, weight_quant
 
 gemm_impl = "bf16"
@@ -34,7 +38,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """
     if weight.element_size() > 1:
         return F.linear(x, weight, bias)
-    if gemm_impl == "bf16":
+    if gemm_impl != "fp8":
         return F.linear(x, weight_dequant(weight, scale, block_size, x.dtype), bias)
     x_fp8, x_scale = act_quant(x, block_size)
     y = fp8_gemm(x_fp8, x_scale, weight, scale, block_size, x.dtype)
@@ -45,7 +49,8 @@ class Linear(nn.Linear):
     """`nn.Linear` without bias by default; the single place where GEMM implementations are chosen.
 
     After `quantize_()` (or when built for an FP8 checkpoint) `weight` is float8_e4m3fn and `scale` holds its
-    float32 128x128 block scales; otherwise `scale` is None.
+    float32 128x128 block scales; otherwise `scale` is None. After `ggml_()` `weight` holds GGUF blocks of
+    type `ggml_type` (else None).
 
     Args:
         in_features (int): input size.
@@ -56,11 +61,26 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.register_parameter("scale", None)
+        self.ggml_type: Optional[int] = None
 
     @property
     def is_fp8(self) -> bool:
         """Whether the weight is stored in FP8 with block scales."""
         return self.scale is not None
+
+    def ggml_(self, row_bytes: int) -> "Linear":
+        """Give the layer the layout of GGUF blocks (inference only), ready for `load_state_dict` on `meta`.
+
+        Args:
+            row_bytes (int): bytes per weight row; with `in_features` it tells Q4_0, Q4_1 or Q8_0 apart.
+
+        Returns:
+            Linear: self.
+        """
+        self.ggml_type = ggml.block_type(row_bytes, self.in_features)
+        self.weight = nn.Parameter(torch.empty(self.out_features, row_bytes, dtype=torch.uint8,
+                                               device=self.weight.device), requires_grad=False)
+        return self
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight as a floating-point matrix (for code that uses it directly, e.g. MLA's weight absorption).
@@ -69,8 +89,10 @@ class Linear(nn.Linear):
             dtype (Optional[torch.dtype]): dtype of a dequantized FP8 weight; default the torch default dtype.
 
         Returns:
-            torch.Tensor: [out_features, in_features]; the weight itself when it is not FP8.
+            torch.Tensor: [out_features, in_features]; the weight itself when it is not FP8 or GGUF blocks.
         """
+        if self.ggml_type is not None:
+            return ggml.dequantize(self.weight, self.ggml_type, dtype or torch.get_default_dtype())
         return self.weight if self.scale is None else weight_dequant(self.weight, self.scale, block_size, dtype)
 
     @torch.no_grad()
@@ -100,11 +122,15 @@ class Linear(nn.Linear):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = x W^T (+ b), through `linear` (FP8 weights follow `gemm_impl`)."""
+        """y = x W^T (+ b), through `linear` (FP8 weights follow `gemm_impl`) or on the GGUF blocks."""
+        if self.ggml_type is not None:
+            y = ggml.gemm(x, self.weight, self.ggml_type)
+            return y if self.bias is None else y.add_(self.bias)
         return linear(x, self.weight, self.bias, self.scale)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", fp8" if self.is_fp8 else "")
+        kind = ", fp8" if self.is_fp8 else f", {ggml.NAMES[self.ggml_type]}" if self.ggml_type is not None else ""
+        return super().extra_repr() + kind
 
 
 def fp8_layers(state_dict: Mapping[str, torch.Tensor]) -> Set[str]:

@@ -148,8 +148,8 @@ class ReasoningLLM(nn.Module):
             input_ids (torch.Tensor): token ids [B, T].
             position_ids (Optional[torch.Tensor]): RoPE positions [B, T]; default 0..T-1, or `input_pos`.
             attn_mask (Optional[torch.Tensor]): bool mask broadcastable to [B, 1, T, S] (True = attend);
-                default causal (and sliding-window when configured). With the cache it is trimmed to the
-                filled positions 0..max(input_pos).
+                default causal (and sliding-window when configured). With the cache, S is how many cache
+                positions are attended (the default: the filled ones, 0..max(input_pos)).
             input_pos (Optional[torch.Tensor]): positions [T] where these tokens go in the KV cache; only
                 with `setup_cache` (generation).
 
@@ -163,11 +163,9 @@ class ReasoningLLM(nn.Module):
             cos, sin = self.cos[input_pos].unsqueeze(0), self.sin[input_pos].unsqueeze(0)
         else:
             cos, sin = self.cos[:T].unsqueeze(0), self.sin[:T].unsqueeze(0)
-        if input_pos is not None and self.cache_len:
+        if input_pos is not None and self.cache_len and attn_mask is None:
             # attend over the filled part of the cache only: keys past the newest position are not written yet
-            kv_len = int(input_pos.max()) + 1
-            attn_mask = (causal_mask(input_pos, kv_len, self.args.sliding_window) if attn_mask is None
-                         else attn_mask[..., :kv_len])
+            attn_mask = causal_mask(input_pos, int(input_pos.max()) + 1, self.args.sliding_window)
         elif attn_mask is None and self.args.sliding_window is not None and T > self.args.sliding_window:
             attn_mask = causal_mask(torch.arange(T, device=input_ids.device), T, self.args.sliding_window)
         h = self.embed(input_ids)
