@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -198,18 +199,27 @@ void gemv(const uint8_t* w, int64_t nb, const int8_t* xq, const float* dx, const
   }
 }
 
-template <int64_t QT>
-void gemm_impl(const uint8_t* w, int64_t nb, const int8_t* xq, const float* dx, const float* xs, int64_t M,
-               float* y, int64_t N) {
-  for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
-    const int64_t rows = std::min(MAX_ROWS, M - r0), i0 = r0 * nb;
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      if (rows == 1)
-        gemv<QT>(w, nb, xq + i0 * QK, dx + i0, xs + i0, y + r0 * N, n0, n1);
-      else
-        gemm_rows<QT>(w, nb, xq + i0 * QK, dx + i0, xs + i0, rows, y + r0 * N, N, n0, n1);
-    });
+// One weight of a product: its blocks, type, rows, first row in the joint row range, and output [M, N].
+struct Weight {
+  const uint8_t* blocks;
+  int64_t qtype, N, row0;
+  float* y;
+};
+
+// Rows n0..n1 of one weight for `rows` (<= MAX_ROWS) rows of quantized x.
+void weight_rows(const Weight& W, int64_t nb, const int8_t* xq, const float* dx, const float* xs, int64_t rows,
+                 float* y, int64_t n0, int64_t n1) {
+#define VERSE_GGML_ROWS(QT)                                                          \
+  if (rows == 1)                                                                   \
+    gemv<QT>(W.blocks, nb, xq, dx, xs, y, n0, n1);                                  \
+  else                                                                              \
+    gemm_rows<QT>(W.blocks, nb, xq, dx, xs, rows, y, W.N, n0, n1);
+  switch (W.qtype) {
+    case Q4_0: VERSE_GGML_ROWS(Q4_0) break;
+    case Q4_1: VERSE_GGML_ROWS(Q4_1) break;
+    default: VERSE_GGML_ROWS(Q8_0)
   }
+#undef VERSE_GGML_ROWS
 }
 
 template <int64_t QT>
@@ -235,29 +245,45 @@ void check_blocks(const at::Tensor& blocks, int64_t qtype) {
               " bytes is not a whole number of blocks");
 }
 
-// x [M, K] float32 times the GGML weight `blocks` [N, K/32 * block bytes]^T -> [M, N] float32.
-at::Tensor gemm(const at::Tensor& x_in, const at::Tensor& blocks, int64_t qtype) {
-  check_blocks(blocks, qtype);
+// x [M, K] float32 times each GGML weight `blocks[i]` [N_i, K/32 * block bytes]^T -> [M, N_i] float32.
+// Several weights that share x (a layer's query/key/value, gate/up) go in one call: x is rounded once, and one
+// parallel loop covers all their rows.
+std::vector<at::Tensor> gemm(const at::Tensor& x_in, at::TensorList blocks, at::IntArrayRef qtypes) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
               "verse_ggml: x must be a CPU float32 [M, K]");
+  TORCH_CHECK(blocks.size() == qtypes.size() && !blocks.empty(), "verse_ggml: one qtype per weight");
   const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
-  const int64_t nb = blocks.size(1) / block_bytes(qtype);
-  TORCH_CHECK(nb * QK == K, "verse_ggml: x has ", K, " features, the weight ", nb * QK);
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor dx = at::empty({M, nb}, x.options()), xs = at::empty({M, nb}, x.options());
-  quantize_rows(x.data_ptr<float>(), M, nb, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>());
-  const uint8_t* w = blocks.data_ptr<uint8_t>();
-  const int8_t* q = xq.data_ptr<int8_t>();
-  const float *d = dx.data_ptr<float>(), *sp = xs.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  switch (qtype) {
-    case Q4_0: gemm_impl<Q4_0>(w, nb, q, d, sp, M, yp, N); break;
-    case Q4_1: gemm_impl<Q4_1>(w, nb, q, d, sp, M, yp, N); break;
-    default: gemm_impl<Q8_0>(w, nb, q, d, sp, M, yp, N);
+  const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
+  std::vector<at::Tensor> out;
+  std::vector<Weight> weights;
+  int64_t rows_total = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    check_blocks(blocks[i], qtypes[i]);
+    TORCH_CHECK(blocks[i].size(1) / block_bytes(qtypes[i]) * QK == K, "verse_ggml: x has ", K,
+                " features, weight ", i, " has ", blocks[i].size(1) / block_bytes(qtypes[i]) * QK);
+    out.push_back(at::empty({M, blocks[i].size(0)}, x.options()));
+    weights.push_back({blocks[i].data_ptr<uint8_t>(), qtypes[i], blocks[i].size(0), rows_total,
+                       out.back().data_ptr<float>()});
+    rows_total += blocks[i].size(0);
   }
-  return y;
+  // the rounded x lives in per-thread scratch: decoding calls this ~100 times per token
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> scales;
+  xq.resize(M * K);
+  scales.resize(2 * M * nb);
+  const int8_t* q = xq.data();
+  const float *d = scales.data(), *sp = scales.data() + M * nb;
+  quantize_rows(x.data_ptr<float>(), M, nb, xq.data(), scales.data(), scales.data() + M * nb);
+  for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
+    const int64_t rows = std::min(MAX_ROWS, M - r0), i0 = r0 * nb;
+    at::parallel_for(0, rows_total, 16, [&](int64_t a, int64_t b) {
+      for (const Weight& W : weights) {
+        const int64_t n0 = std::max(a, W.row0) - W.row0, n1 = std::min(b, W.row0 + W.N) - W.row0;
+        if (n0 < n1) weight_rows(W, nb, q + i0 * QK, d + i0, sp + i0, rows, W.y + r0 * W.N, n0, n1);
+      }
+    });
+  }
+  return out;
 }
 
 // The weight as float32 [N, K] (for long prompts, where a dense GEMM on the widened weight is faster).
@@ -277,7 +303,7 @@ at::Tensor dequantize(const at::Tensor& blocks, int64_t qtype) {
 }  // namespace
 
 TORCH_LIBRARY(verse_ggml, m) {
-  m.def("gemm(Tensor x, Tensor blocks, int qtype) -> Tensor");
+  m.def("gemm(Tensor x, Tensor[] blocks, int[] qtypes) -> Tensor[]");
   m.def("dequantize(Tensor blocks, int qtype) -> Tensor");
 }
 

@@ -5,6 +5,10 @@ scale d (Q4_1: and an fp16 minimum m) followed by the quants. Nibble j of a 4-bi
 in its low half and element j + 16 in its high half. Values: Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q.
 This is the reference the CPU kernels (`verse/ggml/cpu_kernels.cpp`) are tested against; it runs on any
 device.
+
+The activations are rounded to 8 bits per block of 32 before the product, as llama.cpp does (its Q8_0/Q8_1
+"vec_dot" types): the kernels then multiply integers, 32 pairs per instruction pair, and read 4x fewer
+activation bytes. Relative to float32 activations this adds ~0.5% error per product.
 """
 
 import torch
@@ -59,8 +63,25 @@ def dequantize(blocks: torch.Tensor, qtype: int, dtype: torch.dtype = torch.floa
     return w.reshape(N, -1).to(dtype)
 
 
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """`x` [..., K] rounded to 8 bits per block of 32 values, as llama.cpp's Q8_0 activations: per block
+    dx = max|x| / 127, x ~= dx * round(x / dx) (round half to even; a block of zeros stays zero).
+
+    Args:
+        x (torch.Tensor): [..., K], K a multiple of 32.
+
+    Returns:
+        torch.Tensor: float32 [..., K], the values the kernels multiply.
+    """
+    xb = x.float().reshape(*x.shape[:-1], -1, QK)
+    dx = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(dx == 0, 0.0, torch.round(xb / dx))
+    return (q * dx).reshape(x.shape)
+
+
 def gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
-    """x W^T for a weight W stored in GGML blocks, accumulated in float32.
+    """x W^T for a weight W stored in GGML blocks, with x rounded to 8 bits per block (`round_activations`),
+    as llama.cpp multiplies these weights; accumulated in float32.
 
     Args:
         x (torch.Tensor): [M, K] any float dtype.
@@ -70,4 +91,4 @@ def gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     Returns:
         torch.Tensor: float32 [M, N].
     """
-    return x.float() @ dequantize(blocks, qtype).T
+    return round_activations(x) @ dequantize(blocks, qtype).T

@@ -26,16 +26,16 @@ def _padded_batch(prompts: Sequence[Sequence[int]], device: torch.device) -> tup
     return ids.to(device), pad.to(device)
 
 
-CACHE_BUCKET = 256  # compiled decoding: cache lengths are rounded up to this, so a new length rarely recompiles
+CACHE_BUCKET = 256  # compiled decoding allocates the cache in multiples of this, so a new length rarely recompiles
 
 
 @functools.cache
 def compiled_forward() -> Callable:
-    """`ReasoningLLM.forward` through `torch.compile` with static shapes: one graph per model, batch size and
-    cache bucket, in which inductor fuses each layer's norms, RoPE, attention and residuals around the GEMMs."""
+    """`ReasoningLLM.forward` through `torch.compile`: one graph per model, batch size and cache bucket, in which
+    inductor fuses each layer's norms, RoPE, attention and residuals around the GEMMs."""
     from verse.model import ReasoningLLM
 
-    return torch.compile(ReasoningLLM.forward, dynamic=False)
+    return torch.compile(ReasoningLLM.forward, options={"size_asserts": False})
 
 
 @torch.inference_mode()
@@ -53,8 +53,8 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
         generator (Optional[torch.Generator]): random source for sampling.
         compile (bool): run the decode step through `torch.compile` (`compiled_forward`): the first call for a
             model, batch size and cache bucket compiles (about a minute on 2 CPU cores, seconds once inductor's
-            cache holds it); every later step skips the per-operator overhead of eager PyTorch. Each step then
-            attends over the whole cache bucket (the unwritten positions masked), so that shapes stay static.
+            cache holds it); every later step skips the per-operator overhead of eager PyTorch. The number of
+            cached positions attended is the graph's one dynamic size.
 
     Yields:
         torch.Tensor: token ids [B], one per step.
@@ -94,14 +94,15 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
             cur = P + step
-            width = total if compile else cur + 1  # cache positions attended: static when compiled
             if padded:
                 position_ids = (cur - pad)[:, None]
-                mask = causal_mask(positions[cur:cur + 1], width, model.args.sliding_window)
-                mask = (mask & key_valid[:, None, :width]).unsqueeze(1)
+                mask = causal_mask(positions[cur:cur + 1], cur + 1, model.args.sliding_window)
+                mask = (mask & key_valid[:, None, :cur + 1]).unsqueeze(1)
             elif compile:
-                mask = causal_mask(positions[cur:cur + 1], width, model.args.sliding_window)
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and step > 0):
+                mask = causal_mask(positions[cur:cur + 1], cur + 1, model.args.sliding_window)
+            if compile:  # one graph for every number of cached positions
+                torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and step > 2):
                 # after the first compiled step nothing its guards check can change (shapes, dtypes, model)
                 logits = forward(token[:, None], position_ids, mask, input_pos=positions[cur:cur + 1])
             token = sample(logits[:, -1], params, seen, generator)

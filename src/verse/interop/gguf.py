@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from verse import ggml
 from verse.config import ModelArgs
 from verse.errors import CheckpointError, ConfigError
 from verse.interop.load import build_model
@@ -229,6 +230,9 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
         state[name] = w.contiguous().to(device)
         if keep and name == "embed.weight" and args.tie_embeddings:  # lookups use the dense table; the head, blocks
             state["head.weight"] = file_blocks(tensor).to(device)
+    blocks = [name for name, t in state.items() if t.dtype == torch.uint8]
+    if blocks and torch.device(device).type == "cpu":
+        state.update(zip(blocks, ggml.pack([state[name] for name in blocks])))
     return build_model(args, state, path, device)
 
 

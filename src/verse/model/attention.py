@@ -8,7 +8,7 @@ from torch import nn
 
 from verse.config import ModelArgs
 from verse.model.cache import KVCache
-from verse.model.linear import Linear
+from verse.model.linear import Linear, linears
 from verse.model.rope import apply_rope
 
 
@@ -51,9 +51,10 @@ class Attention(nn.Module):
             torch.Tensor: [B, T, dim].
         """
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = linears(x, self.wq, self.wk, self.wv)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and input_pos is not None:
             k, v = self.cache.update(input_pos, k, v, None if mask is None else mask.size(-1))

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from verse.model.linear import Linear
+from verse.model.linear import Linear, linears
 
 
 class MLP(nn.Module):
@@ -23,4 +23,5 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the FFN to `x` [..., dim]."""
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = linears(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)

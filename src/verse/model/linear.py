@@ -10,7 +10,7 @@ A `Linear` can also hold a GGUF file's quantized blocks (`gemm_impl="gguf"`): a 
 [out, in/32 * block bytes] of Q4_0, Q4_1 or Q8_0 blocks, multiplied as they are by `verse.ggml.gemm`.
 """
 
-from typing import Collection, Mapping, Optional, Set
+from typing import Collection, List, Mapping, Optional, Set
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +131,22 @@ class Linear(nn.Linear):
     def extra_repr(self) -> str:
         kind = ", fp8" if self.is_fp8 else f", {ggml.NAMES[self.ggml_type]}" if self.ggml_type is not None else ""
         return super().extra_repr() + kind
+
+
+def linears(x: torch.Tensor, *layers: "Linear") -> List[torch.Tensor]:
+    """`[layer(x) for layer in layers]`, in one kernel call when all of them hold GGUF blocks (decoding a GGUF
+    model: a layer's query/key/value or gate/up projections share the input).
+
+    Args:
+        x (torch.Tensor): input [..., in_features].
+        *layers (Linear): layers with the same `in_features`.
+
+    Returns:
+        List[torch.Tensor]: each layer's output.
+    """
+    if all(layer.ggml_type is not None and layer.bias is None for layer in layers):
+        return ggml.gemm_many(x, [layer.weight for layer in layers], [layer.ggml_type for layer in layers])
+    return [layer(x) for layer in layers]
 
 
 def fp8_layers(state_dict: Mapping[str, torch.Tensor]) -> Set[str]:
