@@ -10,6 +10,7 @@ EXAMPLES = """  verse generate model.gguf --prompt 'What is 2+2?' --chat
   verse generate runs/sft/final --prompt 'Once upon a time' --max-new-tokens 64 --temperature 0.8 --top-p 0.95 --seed 0
   verse generate model.gguf --prompt 'Solve x^2=4' --chat --system 'Think step by step.' --think hide
   verse generate model.gguf --prompt 'Hi' --chat --json     # one JSON object: text, prompt_tokens, new_tokens, ...
+  verse generate model.gguf --prompt 'Hi' --chat --gemm-impl gguf --compile   # fastest on CPU (llama.cpp's math)
 """
 
 
@@ -35,14 +36,20 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype; auto = the checkpoint's, but float32 on CPUs without native bf16")
     parser.add_argument("--attn-impl", choices=("naive", "absorb"), default=None,
                         help="MLA models: absorb caches only the latent and rope key (default: the checkpoint's)")
-    parser.add_argument("--gemm-impl", choices=("bf16", "fp8"), default=None,
-                        help="FP8 checkpoints: keep FP8 weights (fp8) or compute in bf16 (default: the checkpoint's)")
+    parser.add_argument("--gemm-impl", choices=("bf16", "fp8", "gguf"), default=None,
+                        help="FP8 checkpoints: keep FP8 weights (fp8) or compute in bf16 (default: the checkpoint's); "
+                             ".gguf files: gguf multiplies the file's Q4_0/Q4_1/Q8_0 blocks as they are, as llama.cpp "
+                             "does (fastest on CPU: several times fewer bytes per token)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile (faster per token; the first run for a "
+                             "model compiles for about a minute, later runs reuse inductor's cache)")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
     """Sampling/stopping keyword arguments of `verse.infer.generate` from parsed options."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, stop_strings=args.stop, seed=args.seed)
+                repetition_penalty=args.repetition_penalty, stop_strings=args.stop, seed=args.seed,
+                compile=args.compile)
 
 
 def execution_overrides(args: argparse.Namespace) -> dict:

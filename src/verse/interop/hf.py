@@ -265,6 +265,9 @@ def save_pretrained(model: ReasoningLLM, path: str | Path, tokenizer=None,
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
+    if any(getattr(m, "ggml_type", None) is not None for m in model.modules()):
+        raise CheckpointError(f"{path}: this model holds GGUF blocks (gemm_impl='gguf'), which a Hugging Face "
+                              f"checkpoint cannot store; load it with gemm_impl='bf16' to save it")
     target = check_target(path)
     args = model.args
     dtype = model.embed.weight.dtype
