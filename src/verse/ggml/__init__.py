@@ -18,7 +18,7 @@ from verse.ggml.reference import BLOCK_BYTES, NAMES, Q4_0, Q4_1, Q8_0, QK, block
 from verse.ggml import reference
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-PREFILL_ROWS = 16  # above this many rows, widen the weight once and use a dense GEMM
+PREFILL_ROWS = 16  # above this many rows of x, widen the weight once and use a dense float32 GEMM
 
 
 def _cpu_supported() -> bool:
@@ -76,8 +76,11 @@ def dequantize(blocks: torch.Tensor, qtype: int, dtype: torch.dtype = torch.floa
 
 
 def gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
-    """x W^T for a weight W in GGML blocks: [..., K] -> [..., N] in `x`'s dtype, accumulated in float32, with x
-    rounded to 8 bits per block of 32 first, as llama.cpp does (`reference.round_activations`).
+    """x W^T for a weight W in GGML blocks: [..., K] -> [..., N] in `x`'s dtype, accumulated in float32.
+
+    Up to `PREFILL_ROWS` rows of x (decoding) are first rounded to 8 bits per block of 32, as llama.cpp does
+    (`reference.round_activations`), so the kernels multiply integers; longer inputs (prompts) multiply the
+    widened weight in float32 with x as it is, which costs no speed there and keeps the first token exact.
 
     Args:
         x (torch.Tensor): activations [..., K].
@@ -103,13 +106,12 @@ def gemm_many(x: torch.Tensor, blocks: Sequence[torch.Tensor], qtypes: Sequence[
         List[torch.Tensor]: [..., N_i] each, in `x`'s dtype.
     """
     x2 = x.reshape(-1, x.size(-1))
-    if not _kernels_for(x):
-        ys = [reference.gemm(x2, b, t) for b, t in zip(blocks, qtypes)]
-    elif x2.size(0) > PREFILL_ROWS:
-        xr = reference.round_activations(x2)
-        ys = [xr @ torch.ops.verse_ggml.dequantize(b, t).T for b, t in zip(blocks, qtypes)]
-    else:
+    if x2.size(0) > PREFILL_ROWS:  # a prompt: widen each weight once and multiply in float32 (x not rounded)
+        ys = [x2.float() @ dequantize(b, t).T for b, t in zip(blocks, qtypes)]
+    elif _kernels_for(x):
         ys = torch.ops.verse_ggml.gemm(x2.float(), list(blocks), list(qtypes))
+    else:
+        ys = [reference.gemm(x2, b, t) for b, t in zip(blocks, qtypes)]
     return [y.to(x.dtype).view(*x.shape[:-1], b.size(0)) for y, b in zip(ys, blocks)]
 
 
