@@ -5,6 +5,7 @@ padding (`position_ids`) and a boolean mask hides the padding keys, so every row
 it would get alone.
 """
 
+import contextlib
 import functools
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
@@ -102,8 +103,10 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
                 mask = causal_mask(positions[cur:cur + 1], cur + 1, model.args.sliding_window)
             if compile:  # one graph for every number of cached positions
                 torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and step > 2):
-                # after the first compiled step nothing its guards check can change (shapes, dtypes, model)
+            # the first steps compile what they need (a graph, then `input_pos` offsets made dynamic); later steps
+            # change nothing their guards check (shapes, dtypes, the model), so evaluating them is skipped
+            skip_guards = compile and step > 2
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else contextlib.nullcontext():
                 logits = forward(token[:, None], position_ids, mask, input_pos=positions[cur:cur + 1])
             token = sample(logits[:, -1], params, seen, generator)
     finally:
