@@ -6,9 +6,11 @@
 //   Q8_0: fp16 d, 32 int8                      w = d * q
 // (nibble j of a block is element j in its low half and element j + 16 in its high half).
 // Decoding reads every weight once per token, so its speed is the bytes it reads: 0.56-1.06 bytes per
-// weight here against 2 for bf16. Each block's 32 quants are widened to fp32 once and multiplied with up
-// to MAX_ROWS activation rows in fp32; the offsets (m, -8d) use the block sums of x:
-//   sum_j w_j x_j = d * sum_j q_j x_j + m * sum_j x_j.
+// weight here against 2 for bf16. As in llama.cpp, x is first rounded to 8 bits per block of 32
+// (x ~= dx * xq), so each block is an integer dot product (maddubs/madd: 32 pairs in two instructions),
+// scaled once; the offsets (m, -8d) use the block sums of x:
+//   sum_j w_j x_j = d * dx * sum_j q_j xq_j + m * dx * sum_j xq_j.
+// Up to MAX_ROWS rows of x share each block's unpacking. `dequantize` widens a weight to fp32 (prompts).
 // torch has no CPU kernel for these layouts (its int4 kernel is a different packing and is dequant-bound
 // on AVX2), hence this file.
 
