@@ -95,12 +95,10 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
             cur = P + step
+            mask = causal_mask(positions[cur:cur + 1], cur + 1, model.args.sliding_window)  # the filled positions
             if padded:
                 position_ids = (cur - pad)[:, None]
-                mask = causal_mask(positions[cur:cur + 1], cur + 1, model.args.sliding_window)
                 mask = (mask & key_valid[:, None, :cur + 1]).unsqueeze(1)
-            elif compile:
-                mask = causal_mask(positions[cur:cur + 1], cur + 1, model.args.sliding_window)
             if compile:  # one graph for every number of cached positions
                 torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
             # the first steps compile what they need (a graph, then `input_pos` offsets made dynamic); later steps
