@@ -189,6 +189,79 @@ def test_triton_matches_reference_on_cuda():
     torch.testing.assert_close(c, c_ref, rtol=2e-3, atol=2e-3 * c_ref.abs().max().item())
 
 
+def test_reference_scales_divide_by_a_tensor_never_a_python_number():
+    """CUDA PyTorch computes `t / 448.0` as `t * (1 / 448.0)` (BinaryDivTrueKernel.cu: a CPU-scalar divisor becomes
+    a reciprocal), one bit off the Triton kernel's correctly rounded `div_rn` for about half of all scales; every
+    division in the reference must therefore have a tensor divisor, and its scales are the correctly rounded
+    float64 quotient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from verse.fp8 import reference
+
+    divisions = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.div, torch.ops.aten.div_):
+                divisions.append((str(func), type(args[1]).__name__,
+                                  getattr(args[1], "device", None) == getattr(args[0], "device", None)))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(8)
+    x, w = torch.randn(5, 256) * 3, torch.randn(200, 300)
+    with Record():
+        _, s = reference.act_quant(x)
+        _, w_s = reference.weight_quant(w)
+    assert divisions and all(kind == "Tensor" and same for _, kind, same in divisions), divisions
+    amax = x.unflatten(-1, (-1, B)).abs().amax(-1).double()
+    assert torch.equal(s, (amax / E4M3_MAX).float())
+    padded = torch.nn.functional.pad(w, (0, 84, 0, 56)).double()
+    w_amax = padded.unflatten(0, (-1, B)).unflatten(-1, (-1, B)).abs().amax(dim=(1, 3))
+    assert torch.equal(w_s, (w_amax / E4M3_MAX).float())
+
+
+TRITON_INTERPRETED = """
+import torch
+from verse.fp8 import reference as R, triton_kernels as T
+
+torch.manual_seed(6)
+x = torch.randn(33, 512, dtype=torch.bfloat16) * 4
+x[0, :128] = 0.0
+s, q = torch.empty(33, 4), torch.empty(33, 512)
+# a float32 output buffer keeps the kernel's quotients x / s before the FP8 cast (see the test's docstring)
+T.act_quant_kernel[(33 * 4,)](x, q, s, BLOCK_SIZE=128)
+y_ref, s_ref = R.act_quant(x)
+q_ref = (x.float().unflatten(-1, (-1, 128)) / s_ref.unsqueeze(-1)).flatten(-2)
+assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32)), "block scales differ"
+assert torch.equal(q.view(torch.int32), q_ref.view(torch.int32)), "quotients differ"
+assert torch.equal(q.to(torch.float8_e4m3fn).view(torch.uint8), y_ref.view(torch.uint8))
+w_q, w_s = R.weight_quant(torch.randn(300, 200))
+assert torch.equal(T.weight_dequant(w_q, w_s, dtype=torch.float32), R.weight_dequant(w_q, w_s, dtype=torch.float32))
+print("bit-exact")
+"""
+
+
+def test_triton_kernels_match_reference_bit_for_bit_in_interpreter():
+    """The Triton kernels, run on CPU by Triton's interpreter, give the reference's scales and quotients bit for bit.
+
+    The interpreter emulates two casts imprecisely (float32 -> float8 misrounds values that carry into the next
+    binade, e.g. 126.85 -> 64; float32 -> bfloat16 truncates), so the kernel writes its float32 quotients and
+    torch casts them; the compiled kernels' casts (round to nearest, saturating) are checked in the PTX by
+    `test_triton_kernels_compile_for_hopper`. `fp8_gemm` (FP8 tensor-core dot) is not run: not bit-exact by design.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", TRITON_INTERPRETED], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "bit-exact" in done.stdout, done.stderr[-3000:]
+
+
 def test_dequantized_weight():
     torch.manual_seed(7)
     layer = Linear(200, 300)

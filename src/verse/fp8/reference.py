@@ -2,6 +2,8 @@
 
 Activations are scaled per token and 128-wide block of channels, weights per 128x128 block; each scale is
 `amax / 448` (448 = largest float8_e4m3fn value), stored in float32 and multiplied back after the GEMM.
+One rounding rule everywhere (DeepSeek-V3's): `s = max(amax, 1e-4) / 448` and `y = fp8(x / s)`, both
+correctly rounded float32 divisions (never a multiplication by a reciprocal).
 The Triton kernels in `verse.fp8.triton_kernels` compute the same functions on CUDA.
 """
 
@@ -15,6 +17,22 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # all-zero blocks would give scale 0 and 0/0 = NaN; DeepSeek-V3's kernel floors amax the same way
 AMAX_FLOOR = 1e-4
+
+
+def block_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The float32 scale of blocks with absolute maxima `amax`: max(amax, AMAX_FLOOR) / 448, correctly rounded.
+
+    The divisor is a tensor on `amax`'s device, never a Python number: CUDA PyTorch turns division by a CPU scalar
+    into multiplication by its rounded reciprocal (aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu), which
+    differs from the Triton kernel's `div_rn` in the last bit for about half of all values.
+
+    Args:
+        amax (torch.Tensor): float32 block maxima of |x|.
+
+    Returns:
+        torch.Tensor: the scales (a new tensor).
+    """
+    return torch.div(amax.clamp_min(AMAX_FLOOR), torch.full((), FP8_MAX, device=amax.device))
 
 
 def check_scale_shape(weight: torch.Tensor, scale: torch.Tensor, block_size: int = BLOCK_SIZE) -> None:
@@ -41,7 +59,7 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE) -> Tuple[torch.Tens
     if x.size(-1) % block_size:
         raise ValueError(f"act_quant: last dimension {x.size(-1)} is not divisible by block size {block_size}")
     blocks = x.float().unflatten(-1, (-1, block_size))
-    s = blocks.abs().amax(-1).clamp_min_(AMAX_FLOOR).div_(FP8_MAX)
+    s = block_scale(blocks.abs().amax(-1))
     y = (blocks / s.unsqueeze(-1)).to(FP8_DTYPE).flatten(-2)
     return y, s
 
@@ -60,7 +78,7 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK_SIZE) -> Tuple[torch.T
     M, N = w.shape
     padded = F.pad(w.float(), (0, -N % block_size, 0, -M % block_size))
     blocks = padded.unflatten(0, (-1, block_size)).unflatten(-1, (-1, block_size))  # [m, b, n, b]
-    s = blocks.abs().amax(dim=(1, 3)).clamp_min_(AMAX_FLOOR).div_(FP8_MAX)
+    s = block_scale(blocks.abs().amax(dim=(1, 3)))
     y = (blocks / s[:, None, :, None]).flatten(0, 1).flatten(-2)[:M, :N].to(FP8_DTYPE)
     return y, s
 

@@ -1,7 +1,8 @@
 """Triton kernels for FP8 block quantization on CUDA (after DeepSeek-V3 inference/kernel.py).
 
-Same functions and numerics as `verse.fp8.reference` (divisions are correctly rounded, `div_rn`, so
-quantization matches the reference bit for bit). Imported only when Triton and a GPU are present.
+Same functions and numerics as `verse.fp8.reference`: `s = max(amax, 1e-4) / 448` and `y = x / s` are correctly
+rounded divisions (`div_rn`; Triton's plain `/` is approximate on CUDA), as the reference's tensor divisions are, so
+quantization matches it bit for bit. Imported only when Triton and a GPU (or `TRITON_INTERPRET=1`) are present.
 """
 
 from typing import Optional, Tuple
