@@ -7,6 +7,7 @@ plain per-example model forwards.
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -367,3 +368,45 @@ def test_source_without_usable_records_stops_with_one_clear_error(tmp_path, tok,
     loader = build_loader(cfg([{"path": path}], num_workers=workers), tok, max_seq_len=64)
     with pytest.raises(VerseError, match="no usable records.*empty: 1.*wrong_type: 1"):
         next(iter(loader))
+
+
+HUB_FIXTURES = Path(__file__).parent / "fixtures" / "data" / "hub"
+
+
+@pytest.mark.parametrize("name, repo, answers, bad", [
+    # the fixture's records, read independently with pyarrow below; bad = records skipped for each reason
+    ("opencodereasoning", "nvidia/OpenCodeReasoning", "output", {"missing_field": 2}),
+    ("ultrachat", "HuggingFaceH4/ultrachat_200k", "messages", {"empty": 2}),
+    ("openthoughts", "open-thoughts/OpenThoughts-114k", "conversations", {"empty": 1, "not_ending_with_assistant": 1}),
+])
+def test_hub_short_names_read_a_local_copy_laid_out_as_the_hub(tok, name, repo, answers, bad):
+    """A directory laid out as the Hub repo (README configs, real config and split names) goes through the same
+    config/split selection as the Hub: a wrong default split (OpenCodeReasoning's is split_0, not train) fails."""
+    directory = HUB_FIXTURES / repo
+    files = {"opencodereasoning": "split_0/train-*", "ultrachat": "data/train_sft-*", "openthoughts": "data/train-*"}
+    files = sorted(directory.glob(files[name]))
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    end = "<|im_end|>"  # every trained reply ends with the template's end-of-turn token
+    if name == "opencodereasoning":
+        want = [r["output"] + end for r in rows if r["input"].strip() not in ("", "-")]
+    elif name == "ultrachat":
+        want = ["".join(m["content"] + end for m in r["messages"] if m["role"] == "assistant") for r in rows
+                if all(m["content"].strip() for m in r["messages"])]
+    else:
+        want = ["".join(think_from_openthoughts(t["value"]) + end for t in r["conversations"] if t["from"] == "assistant")
+                for r in rows if r["conversations"][-1]["from"] == "assistant"
+                and all(t["value"].strip() for t in r["conversations"])]
+    for source in ({"name": name, "path": str(directory)}, {"path": str(directory)}):  # by name or by repo path
+        loader = build_loader(cfg([source], cycle=False), tok, max_seq_len=512, micro_batch_size=2, seed=0)
+        got = _texts(loader, tok)
+        assert sorted(got) == sorted(want) and len(want) >= 10
+        assert loader.bad_by_reason == bad
+    with pytest.raises(VerseError, match="local copy of a Hub dataset.*split nope"):
+        build_loader(cfg([{"name": name, "path": str(directory), "split": "nope"}]), tok, max_seq_len=64)
+
+
+def test_opencodereasoning_hub_defaults_are_the_hubs():
+    from verse.data.config import HUB_SOURCES
+
+    assert HUB_SOURCES["opencodereasoning"][:3] == ("nvidia/OpenCodeReasoning", "split_0", "split_0")
+    assert HUB_SOURCES["ultrachat"][2] == "train_sft" and HUB_SOURCES["openthoughts"][2] == "train"

@@ -7,10 +7,11 @@ from typing import Any, Dict, List, Optional
 
 from verse.errors import ConfigError
 
-# Short names of the Hub datasets Verse knows: (repo id, config, split, schema).
+# Short names of the Hub datasets Verse knows: (repo id, config, split, schema), as on the Hub
+# (nvidia/OpenCodeReasoning's config split_0 names its only split split_0 too).
 HUB_SOURCES = {
     "openthoughts": ("open-thoughts/OpenThoughts-114k", None, "train", "openthoughts"),
-    "opencodereasoning": ("nvidia/OpenCodeReasoning", "split_0", "train", "opencodereasoning"),
+    "opencodereasoning": ("nvidia/OpenCodeReasoning", "split_0", "split_0", "opencodereasoning"),
     "ultrachat": ("HuggingFaceH4/ultrachat_200k", None, "train_sft", "ultrachat"),
 }
 SCHEMAS = ("auto", "openthoughts", "opencodereasoning", "ultrachat", "messages", "text")
@@ -25,7 +26,10 @@ class SourceConfig:
     Args:
         name: a Hub short name (openthoughts, opencodereasoning, ultrachat), a Hub repo id
             ("owner/dataset"), or a label for a local `path`.
-        path: local file, directory or glob (.jsonl, .json, .parquet, .txt); None for Hub sources.
+        path: local file, directory or glob (.jsonl, .json, .parquet, .txt); None for Hub sources. A directory
+            laid out as a Hub dataset (a README.md with YAML front matter, e.g. from `huggingface-cli download
+            --repo-type dataset REPO --local-dir DIR`) is read as the Hub repo is, with `config` and `split`
+            (defaults from `name`, or from a directory path ending in a known repo id).
         weight: relative sampling weight in the mix (normalised over all sources).
         split: dataset split (Hub sources; default from the short name, else "train").
         config: Hub dataset configuration (e.g. "split_0"); default from the short name.

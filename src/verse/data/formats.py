@@ -81,7 +81,7 @@ def to_example(record: Any, schema: str = "auto") -> Example:
 
 
 def validate_messages(messages: Messages) -> Messages:
-    """Check a normalised conversation: known roles, system only first, ends with a non-empty assistant turn.
+    """Check a normalised conversation: system only first, no empty user/assistant turn, ends with the assistant.
 
     Args:
         messages: the conversation.
@@ -90,7 +90,8 @@ def validate_messages(messages: Messages) -> Messages:
         Messages: the same list.
 
     Raises:
-        BadRecord: empty, unknown_role or not_ending_with_assistant.
+        BadRecord: empty (no turns, an empty user or assistant turn, no user turn), unknown_role or
+            not_ending_with_assistant.
     """
     if not messages:
         raise BadRecord("empty", "conversation has no turns")
@@ -99,8 +100,10 @@ def validate_messages(messages: Messages) -> Messages:
             raise BadRecord("unknown_role", f"system turn at position {i}; only the first turn may be system")
     if messages[-1]["role"] != "assistant":
         raise BadRecord("not_ending_with_assistant", f"last turn is {messages[-1]['role']!r}")
-    if not messages[-1]["content"].strip():
-        raise BadRecord("empty", "last assistant turn is empty")
+    for i, m in enumerate(messages):
+        # an empty reply would be trained on as "end the turn at once", an empty question as noise
+        if m["role"] != "system" and not m["content"].strip():
+            raise BadRecord("empty", f"{m['role']} turn at position {i} is empty")
     if not any(m["role"] == "user" for m in messages):
         raise BadRecord("empty", "conversation has no user turn")
     return messages

@@ -62,6 +62,8 @@ def resolve_parts(src: SourceConfig) -> List[Part]:
     """
     if src.path is not None:
         path = Path(src.path).expanduser()
+        if is_hub_layout(path):
+            return [_hub_part(src, str(path))]
         files = sorted(p for p in (path.rglob("*") if path.is_dir() else map(Path, glob.glob(str(path))))
                        if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
         if not files:
@@ -72,22 +74,50 @@ def resolve_parts(src: SourceConfig) -> List[Part]:
             if part.kind == "parquet":
                 _check_parquet(part.path)
         return parts
-    repo, config, split, _ = HUB_SOURCES.get(src.name, (src.name, None, "train", "auto"))
-    part = Part("hub", repo, src.config or config, src.split or split)
+    return [_hub_part(src, None)]
+
+
+def is_hub_layout(path: Path) -> bool:
+    """Whether `path` is a directory laid out as a Hub dataset repo (a README.md dataset card with YAML header)."""
+    card = path / "README.md"
+    if not card.is_file():
+        return False
+    with open(card, "rb") as f:
+        return f.read(4).rstrip(b"\r\n") == b"---"
+
+
+def hub_defaults(src: SourceConfig) -> Tuple[str, Optional[str], str, str]:
+    """(repo id, config, split, schema) of a source: its short name's, or those of the known repo its path ends in."""
+    if src.name in HUB_SOURCES:
+        return HUB_SOURCES[src.name]
+    if src.path is not None:
+        resolved = Path(src.path).expanduser().resolve().as_posix()
+        for known in HUB_SOURCES.values():
+            if resolved.endswith("/" + known[0]):
+                return known
+    return (src.name, None, "train", "auto")
+
+
+def _hub_part(src: SourceConfig, local_dir: Optional[str]) -> Part:
+    """The one part of a Hub dataset (or of a local copy laid out as one), checked to open with its config/split."""
+    repo, config, split, _ = hub_defaults(src)
+    part = Part("hub", local_dir or repo, src.config or config, src.split or split)
     try:
         open_part(part)
     except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ...
-        raise VerseError(f"data source {src.label!r}: cannot load {repo} (config {part.config}, split "
-                         f"{part.split}) from the Hugging Face Hub: {type(e).__name__}: {str(e).splitlines()[0]}; "
-                         "check the network (HF_HUB_OFFLINE) or use a local `path:`") from None
-    return [part]
+        where = f"{local_dir} (a local copy of a Hub dataset)" if local_dir else f"{repo} from the Hugging Face Hub"
+        hint = ("check the data source's `config:` and `split:` against the dataset card's configs" if local_dir else
+                "check the network (HF_HUB_OFFLINE), the source's `config:`/`split:`, or use a local `path:`")
+        raise VerseError(f"data source {src.label!r}: cannot load {where} (config {part.config}, split {part.split}): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; {hint}") from None
+    return part
 
 
 def source_schema(src: SourceConfig) -> str:
     """The schema a source's records are read with (its own, or the Hub short name's)."""
-    if src.schema != "auto" or src.path is not None:
+    if src.schema != "auto" or (src.path is not None and not is_hub_layout(Path(src.path).expanduser())):
         return src.schema
-    return HUB_SOURCES.get(src.name, (None, None, None, "auto"))[3]
+    return hub_defaults(src)[3]
 
 
 def open_part(part: Part, skip: int = 0):
