@@ -393,8 +393,8 @@ def test_hub_short_names_read_a_local_copy_laid_out_as_the_hub(tok, name, repo, 
         want = ["".join(m["content"] + end for m in r["messages"] if m["role"] == "assistant") for r in rows
                 if all(m["content"].strip() for m in r["messages"])]
     else:
-        want = ["".join(think_from_openthoughts(t["value"]) + end for t in r["conversations"] if t["from"] == "assistant")
-                for r in rows if r["conversations"][-1]["from"] == "assistant"
+        want = ["".join(think_from_openthoughts(t["value"]) + end for t in r["conversations"]
+                        if t["from"] == "assistant") for r in rows if r["conversations"][-1]["from"] == "assistant"
                 and all(t["value"].strip() for t in r["conversations"])]
     for source in ({"name": name, "path": str(directory)}, {"path": str(directory)}):  # by name or by repo path
         loader = build_loader(cfg([source], cycle=False), tok, max_seq_len=512, micro_batch_size=2, seed=0)
@@ -410,3 +410,22 @@ def test_opencodereasoning_hub_defaults_are_the_hubs():
 
     assert HUB_SOURCES["opencodereasoning"][:3] == ("nvidia/OpenCodeReasoning", "split_0", "split_0")
     assert HUB_SOURCES["ultrachat"][2] == "train_sft" and HUB_SOURCES["openthoughts"][2] == "train"
+
+
+def test_one_ignore_index_for_data_and_loss():
+    """The label "no loss here" is defined once (data/packing.py) and is torch's cross_entropy default."""
+    import inspect
+    import re
+
+    import torch.nn.functional as F
+
+    from verse.data import packing
+    from verse.eval import loss as eval_loss
+    from verse.train import loss
+
+    assert eval_loss.IGNORE_INDEX == loss.IGNORE_INDEX == packing.IGNORE_INDEX == inspect.signature(F.cross_entropy).parameters[
+        "ignore_index"].default
+    src = Path(__file__).parents[1] / "src" / "verse"
+    definitions = [f"{p.relative_to(src)}:{line}" for p in src.rglob("*.py")
+                   for line in p.read_text().splitlines() if re.match(r"\s*[A-Z_]+\s*=\s*-100\b", line)]
+    assert len(definitions) == 1, definitions

@@ -12,13 +12,13 @@ import torch
 
 from verse.data.encode import Encoded
 
-IGNORE = -100
+IGNORE_INDEX = -100  # the label of positions without loss (torch cross_entropy's default ignore_index)
 
 
 def shifted_labels(enc: Encoded) -> np.ndarray:
     """Labels of one example: `ids[t + 1]` where `mask[t + 1]`, else -100; the last position is -100."""
-    labels = np.full(len(enc.ids), IGNORE, dtype=np.int64)
-    labels[:-1] = np.where(enc.mask[1:], enc.ids[1:], IGNORE)
+    labels = np.full(len(enc.ids), IGNORE_INDEX, dtype=np.int64)
+    labels[:-1] = np.where(enc.mask[1:], enc.ids[1:], IGNORE_INDEX)
     return labels
 
 
@@ -36,7 +36,7 @@ def packed_row(examples: List[Encoded], length: int, pad_id: int) -> Dict[str, n
     used = sum(len(e.ids) for e in examples)
     pad = length - used
     ids = np.concatenate([e.ids for e in examples] + [np.full(pad, pad_id, dtype=np.int64)])
-    labels = np.concatenate([shifted_labels(e) for e in examples] + [np.full(pad, IGNORE, dtype=np.int64)])
+    labels = np.concatenate([shifted_labels(e) for e in examples] + [np.full(pad, IGNORE_INDEX, dtype=np.int64)])
     lengths = [len(e.ids) for e in examples] + ([pad] if pad else [])
     # positions restart at 0 for every document: arange(length) minus each document's start offset
     starts = np.repeat(np.cumsum([0] + lengths[:-1]), lengths)
@@ -47,7 +47,7 @@ def padded_row(example: Encoded, length: int, pad_id: int) -> Dict[str, np.ndarr
     """One example right-padded to `length` tokens (labels -100 on the padding)."""
     pad = length - len(example.ids)
     return {"input_ids": np.concatenate([example.ids, np.full(pad, pad_id, dtype=np.int64)]),
-            "labels": np.concatenate([shifted_labels(example), np.full(pad, IGNORE, dtype=np.int64)])}
+            "labels": np.concatenate([shifted_labels(example), np.full(pad, IGNORE_INDEX, dtype=np.int64)])}
 
 
 def collate(rows: List[Dict[str, np.ndarray]]) -> Dict[str, torch.Tensor]:

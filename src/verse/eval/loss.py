@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from verse.data.packing import IGNORE_INDEX
 
 
 @dataclass
