@@ -1,0 +1,8 @@
+"""Parameter-efficient fine-tuning: LoRA, DoRA and QLoRA (NF4 base weights), applied to a model from outside,
+with adapters in PEFT's file format."""
+
+from verse.peft.adapter import is_adapter_dir, load_adapter, read_adapter_config, save_adapter
+from verse.peft.lora import LoraArgs, LoraExperts, LoraLinear, apply_lora, lora_modules, merge_lora
+
+__all__ = ["LoraArgs", "LoraExperts", "LoraLinear", "apply_lora", "is_adapter_dir", "load_adapter", "lora_modules",
+           "merge_lora", "read_adapter_config", "save_adapter"]

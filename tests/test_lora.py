@@ -1,0 +1,192 @@
+"""LoRA / DoRA adapters: PEFT (on transformers' models) is the oracle for logits and for the file format."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import verse
+from verse.errors import CheckpointError, ConfigError
+from verse.model.linear import Linear
+from verse.peft import LoraArgs, LoraExperts, LoraLinear, apply_lora, load_adapter, lora_modules, merge_lora, save_adapter
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 96
+LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+DENSE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int, only: str = "") -> torch.nn.Module:
+    """Random values for every parameter (or those whose name contains `only`): zero-initialised B would hide bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if only in name:
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if p.dim() == 1 else 0.1 * noise)
+    return model.eval()
+
+
+def tokens(B: int = 2, T: int = 13) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = randomize(LlamaForCausalLM(LlamaConfig(**LLAMA)).float(), 0)
+    path = tmp_path_factory.mktemp("llama")
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def v3_dir(tmp_path_factory):
+    from test_deepseek import hf_v3
+
+    torch.manual_seed(1)
+    hf = hf_v3(vocab_size=VOCAB)
+    path = tmp_path_factory.mktemp("v3")
+    hf.save_pretrained(path)
+    return path
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def verse_with_adapter(path, args: LoraArgs, seed: int = 5, **overrides):
+    model = verse.load(path, dtype=torch.float32, **overrides)
+    apply_lora(model, args)
+    return randomize(model, seed, only="lora_")
+
+
+@pytest.mark.parametrize("dora,rslora", [(False, False), (True, False), (False, True)])
+def test_dense_adapter_loads_in_peft_with_same_logits(llama_dir, tmp_path, dora, rslora):
+    args = LoraArgs(rank=4, alpha=8, targets=("all",), dora=dora, rslora=rslora)
+    model = verse_with_adapter(llama_dir, args)
+    save_adapter(model, tmp_path / "adapter", args, base=str(llama_dir))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["use_dora"] is dora
+    assert sorted(config["target_modules"]) == sorted(DENSE_TARGETS)
+    reference = peft.PeftModel.from_pretrained(hf_model(llama_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()), reference(tokens()).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+def test_mla_adapter_loads_in_peft_with_same_logits(v3_dir, tmp_path, attn_impl):
+    """MLA projections, the rotary rows of q_b_proj / kv_a_proj_with_mqa included (B follows their permutation)."""
+    args = LoraArgs(rank=4, alpha=8, targets=("attention",))
+    model = verse_with_adapter(v3_dir, args, attn_impl=attn_impl)
+    save_adapter(model, tmp_path / "adapter", args)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(MLA_TARGETS)
+    reference = peft.PeftModel.from_pretrained(hf_model(v3_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()), reference(tokens()).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["dense", "dense-dora", "mla"])
+def test_peft_written_adapter_loads_in_verse(llama_dir, v3_dir, tmp_path, case):
+    path, targets = (v3_dir, MLA_TARGETS) if case == "mla" else (llama_dir, DENSE_TARGETS)
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, use_dora=case == "dense-dora")
+    reference = peft.get_peft_model(hf_model(path), config)
+    randomize(reference, 7, only="lora_")
+    reference.save_pretrained(tmp_path / "adapter")
+    model = load_adapter(verse.load(path, dtype=torch.float32), tmp_path / "adapter").eval()
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()), reference(tokens()).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_model_equals_base_plus_adapter(llama_dir, tmp_path, dora):
+    args = LoraArgs(rank=4, alpha=8, dora=dora)
+    model = verse_with_adapter(llama_dir, args)
+    save_adapter(model, tmp_path / "adapter", args)
+    with torch.no_grad():
+        adapted = model(tokens())
+        merge_lora(model)
+        assert not lora_modules(model) and all(type(m) is Linear for n, m in model.named_modules() if n.endswith("wq"))
+        torch.testing.assert_close(model(tokens()), adapted, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path / "merged")
+    # PEFT's own merge of the same adapter gives the same logits as the merged directory in transformers
+    reference = peft.PeftModel.from_pretrained(hf_model(llama_dir), tmp_path / "adapter").merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tmp_path / "merged")(tokens()).logits, reference(tokens()).logits,
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset,dropout", [("tiny", 0.1), ("bytegpt-tiny", 0.0)])
+def test_training_lowers_loss_and_leaves_base_bit_identical(preset, dropout):
+    """Dense and MLA+MoE (experts included): only adapters train, the loss falls, the base does not move a bit."""
+    tiny_args = verse.ModelArgs.from_preset(preset, dtype="float32")
+    torch.manual_seed(0)
+    model = verse.ReasoningLLM(tiny_args)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoraArgs(rank=4, alpha=8, dropout=dropout))
+    assert any(isinstance(m, LoraExperts) for m in model.modules()) == (preset == "bytegpt-tiny")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(n.rsplit(".", 1)[-1].startswith("lora_") for n, p in model.named_parameters()
+                             if p.requires_grad)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, tiny_args.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
+    losses = []
+    model.train()
+    for _ in range(12):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    after = model.state_dict()
+    for k, v in base.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_moe_experts_adapter_is_per_expert_math(tmp_path):
+    """LoraExperts equals experts whose weights are W_e + s B_e A_e (plain torch math), and round-trips the file."""
+    args = verse.ModelArgs.from_preset("bytegpt-tiny", dtype="float32")
+    torch.manual_seed(0)
+    model = verse.ReasoningLLM(args).eval()
+    lora = LoraArgs(rank=2, alpha=4, targets=("experts",))
+    apply_lora(model, lora)
+    randomize(model, 1, only="lora_")
+    layer, experts = next((n, m) for n, m in lora_modules(model).items() if isinstance(m, LoraExperts))
+    x = torch.randn(10, experts.w1.size(2))
+    counts = torch.tensor([3, 0, 2, 5] + [0] * (experts.w1.size(0) - 4))
+    deltas = experts.delta_weights()
+    w1, w2, w3 = (getattr(experts, k) + deltas[k] for k in ("w1", "w2", "w3"))
+    expected, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        xe = x[start:start + n]
+        start += n
+        expected.append((torch.nn.functional.silu(xe @ w1[e].T) * (xe @ w3[e].T)) @ w2[e].T)
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, counts), torch.cat(expected), atol=1e-5, rtol=1e-5)
+        before = model(tokens())
+    save_adapter(model, tmp_path / "adapter", lora)
+    reloaded = load_adapter(verse.ReasoningLLM(args).eval(), tmp_path / "adapter")
+    reloaded.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens()), before, atol=1e-6, rtol=0)
+
+
+def test_bad_targets_and_adapters_are_one_line_errors(llama_dir, tmp_path):
+    model = verse.load(llama_dir, dtype=torch.float32)
+    with pytest.raises(ConfigError, match="lora.targets: qq_proj"):
+        apply_lora(model, LoraArgs(targets=("qq_proj",)))
+    with pytest.raises(CheckpointError, match="not a PEFT adapter"):
+        load_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(CheckpointError, match="IA3"):
+        load_adapter(model, tmp_path)
