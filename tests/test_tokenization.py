@@ -259,3 +259,43 @@ def test_bench_tokenize_cli(capsys):
     assert report["identical_ids"] and [r["impl"] for r in report["results"]] == ["verse", "tokenizers"]
     corpus = bench_corpus(0.05)
     assert report["results"][0]["tokens"] == sum(len(d.encode("utf-8")) for d in corpus)  # one id per byte
+
+
+def test_tokenizer_json_truncation_and_padding_sections_are_not_applied(tmp_path):
+    """transformers' PreTrainedTokenizerFast ignores tokenizer.json's truncation/padding unless a call asks for
+    them; Verse's encode, encode_batch, encode_chat and the data pipeline must too (and keep them when saving)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from verse.data import DataConfig, build_loader
+    from verse.tokenization.hf import HFTokenizer
+
+    ByteTokenizer().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["verse_tokenizer"]  # a plain tokenizer.json directory, run by `tokenizers`
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["truncation"] = {"direction": "Right", "max_length": 1, "strategy": "LongestFirst", "stride": 0}
+    data["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 258,
+                       "pad_type_id": 0, "pad_token": "<|pad|>"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    tok = verse.load_tokenizer(tmp_path)
+    assert isinstance(tok, HFTokenizer)
+    prompt = "Hello world!"
+    want = hf.encode(prompt, add_special_tokens=False)
+    assert len(want) == 12 and tok.encode(prompt) == want
+    assert tok.encode_batch([prompt, "ab"]) == [want, hf.encode("ab", add_special_tokens=False)]
+    assert tok.encode(prompt + "<|im_end|>", allowed_special="all") == hf.encode(prompt + "<|im_end|>",
+                                                                                 add_special_tokens=False)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert tok.encode_chat(messages).input_ids == hf.encode(text, add_special_tokens=False)
+    corpus = tmp_path / "chats.jsonl"
+    corpus.write_text(json.dumps({"messages": messages}) + "\n")
+    loader = build_loader(DataConfig.from_dict({"sources": [str(corpus)], "num_workers": 0, "pack": False,
+                                                "pad_to_multiple_of": 1, "cycle": False}), tok, max_seq_len=256)
+    batch = next(iter(loader))
+    assert batch["input_ids"][0].tolist() == tok.encode_chat(messages).input_ids  # no pad ids appended
+    tok.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    assert saved["truncation"] == data["truncation"] and saved["padding"] == data["padding"]

@@ -179,6 +179,14 @@ class HFTokenizer(Tokenizer):
     def __init__(self, backend: HFBackend, name: str, chat_template: Optional[str] = None,
                  bos_token: Optional[str] = None, eos_token: Optional[str] = None, pad_token: Optional[str] = None,
                  extra_stop_ids: Iterable[int] = (), add_bos: Optional[bool] = False):
+        # tokenizer.json's `truncation` / `padding` sections are defaults for transformers' callers, which its
+        # tokenizer classes ignore unless asked (`max_length=`, `padding=`); applied here they would cut every
+        # prompt or pad every training example. Encode without them; save the file as it came.
+        self._saved_json = None
+        if backend.truncation is not None or backend.padding is not None:
+            self._saved_json = backend.to_str()
+            backend.no_truncation()
+            backend.no_padding()
         self._backend = backend
         self.name = name
         added = backend.get_added_tokens_decoder()
@@ -241,7 +249,7 @@ class HFTokenizer(Tokenizer):
         return 0 <= token_id < self.vocab_size and self._backend.id_to_token(token_id) is not None
 
     def to_tokenizer_json(self) -> str:
-        return self._backend.to_str()
+        return self._saved_json or self._backend.to_str()
 
 
 def read_chat_template(directory: Path, config: dict) -> Optional[str]:
