@@ -1,5 +1,6 @@
 """`verse plan`: memory components vs hand-computed values, saved-tensor bytes, the 7B goal, and (slow) measurement."""
 
+import dataclasses
 import json
 
 import pytest
@@ -111,12 +112,77 @@ def test_cli_plan_bad_input_exits_2(capsys, argv):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flag,value", [("--seq-len", "-5"), ("--seq-len", "0"), ("--micro-batch", "0"),
+                                        ("--grad-accum", "-1"), ("--checkpointing", "-1"), ("--mfu", "0"),
+                                        ("--mfu", "1.5")])
+def test_cli_plan_rejects_non_positive_sizes(capsys, flag, value):
+    assert main(["plan", "--preset", "tiny", flag, value]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and f"{flag} {value}" in err
+
+
+def test_plan_api_rejects_negative_sequence(tiny_args):
+    from verse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="seq_len -5"):
+        plan(tiny_args, PlanSettings(seq_len=-5))
+
+
+# a value other than the default for every PlanSettings field; a new field must be added here (and to the cases)
+OTHER_VALUES = {"seq_len": 96, "micro_batch_size": 3, "gradient_accumulation_steps": 2, "optimizer": "sgd",
+                "param_dtype": "float32", "precision": "fp32", "bf16_update": "nearest", "activation_checkpointing": 2,
+                "fused_backward": True, "loss_chunk_size": 64}
+
+
+def test_bench_plan_forwards_every_plan_setting():
+    from verse.bench.plan_step import train_config
+    from verse.train.loop import build_model
+    from verse.train.optim import TrainOptimizer
+
+    defaults = PlanSettings()
+    assert set(OTHER_VALUES) == {f.name for f in dataclasses.fields(PlanSettings)}
+    assert all(getattr(defaults, k) != v for k, v in OTHER_VALUES.items())
+    for name, value in OTHER_VALUES.items():  # one field at a time (fused_backward excludes accumulation)
+        cfg = train_config(PlanSettings(**{name: value}), "tiny")
+        assert getattr(cfg, {"seq_len": "max_seq_len"}.get(name, name)) == value, name
+    cfg = train_config(PlanSettings(seq_len=32, activation_checkpointing=2), "tiny", {"dim": 32})
+    model = build_model(cfg, torch.device("cpu"))
+    assert (model.args.dim, model.args.checkpointing, model.args.checkpoint_every) == (32, True, 2)
+    # the update rule reaches the optimizer: fp32 master copies only with bf16_update=master
+    for rule, masters in (("master", True), ("stochastic", False), ("nearest", False)):
+        if rule == "stochastic":
+            pytest.importorskip("torchao")
+        cfg = train_config(PlanSettings(seq_len=32, param_dtype="bfloat16", bf16_update=rule), "tiny")
+        model = build_model(cfg, torch.device("cpu"))
+        assert next(model.parameters()).dtype == torch.bfloat16
+        assert (TrainOptimizer(model, cfg).masters is not None) == masters, rule
+
+
+def test_bench_plan_cases_cover_every_plan_setting():
+    from verse.bench.plan import BASE_SETTINGS, PLAN_CASES
+
+    base = {**dataclasses.asdict(PlanSettings()), **BASE_SETTINGS}
+    cases = [{**base, **case["settings"]} for case in PLAN_CASES]
+    for name in base:
+        assert any(case[name] != base[name] for case in cases), f"no case changes {name}"
+    rules = {c["bf16_update"] for c in cases if c["param_dtype"] == "bfloat16"}
+    assert rules == {"master", "stochastic", "nearest"}
+
+
+def test_bench_plan_measuring_program_is_a_module():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "verse.bench.plan_step", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "python -m verse.bench.plan_step SPEC_JSON" in out.stdout
+
+
 @pytest.mark.slow
 def test_plan_within_10_percent_of_measured_peak():
-    from verse.train.bench import BASE_MODEL, BASE_SETTINGS, PLAN_CASES, measure
+    from verse.bench.plan import BASE_MODEL, BASE_SETTINGS, PLAN_CASES, measure
 
     for case in PLAN_CASES:
-        if case["settings"].get("optimizer") == "adamw8bit":
+        if case["settings"].get("optimizer") == "adamw8bit" or case["settings"].get("bf16_update") == "stochastic":
             pytest.importorskip("torchao")
         result = measure({**BASE_MODEL, **case["model"]}, {**BASE_SETTINGS, **case["settings"]})
         ratio = result["plan"]["peak_bytes"] / result["measured"]

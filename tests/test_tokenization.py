@@ -252,7 +252,7 @@ def test_hub_repo_id_loads_downloaded_files(tmp_path, monkeypatch):
 
 def test_bench_tokenize_cli(capsys):
     from verse.cli import main
-    from verse.tokenization.bench import bench_corpus
+    from verse.bench.tokenizer import bench_corpus
 
     assert main(["bench", "tokenize", "--tokenizer", "byte", "--mb", "0.05", "--repeat", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

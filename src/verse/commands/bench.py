@@ -12,11 +12,11 @@ EXAMPLES = """  verse bench generate                    # decode/prefill tokens/
   verse bench data                        # data pipeline tokens/s vs training tokens/s
 """
 BENCHES = {
-    "generate": ("verse.infer.bench", "generation: Verse vs transformers generate (and llama.cpp when installed)"),
-    "train": ("verse.train.bench", "training step throughput vs a reference"),
-    "plan": ("verse.train.bench", "memory plan vs measured peak"),
-    "tokenize": ("verse.tokenization.bench", "encode_batch vs tiktoken and tokenizers"),
-    "data": ("verse.data.bench", "data pipeline vs training throughput"),
+    "generate": ("verse.bench.generate", "generation: Verse vs transformers generate (and llama.cpp when installed)"),
+    "train": ("verse.bench.train", "training step throughput vs a reference"),
+    "plan": ("verse.bench.plan", "memory plan vs measured peak"),
+    "tokenize": ("verse.bench.tokenizer", "encode_batch vs tiktoken and tokenizers"),
+    "data": ("verse.bench.data", "data pipeline vs training throughput"),
 }
 
 
@@ -26,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Only the chosen benchmark's module is imported; train.bench serves two (add_NAME_arguments / run_NAME).
+    # Only the chosen benchmark's module is imported (each has add_arguments / run).
     module_name, text = BENCHES[args.bench]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"verse bench {args.bench}", description=text)
-    getattr(module, f"add_{args.bench}_arguments", getattr(module, "add_arguments", None))(parser)
+    module.add_arguments(parser)
     options = parser.parse_args(args.options)
-    return int(getattr(module, f"run_{args.bench}", getattr(module, "run", None))(options) or 0)
+    return int(module.run(options) or 0)

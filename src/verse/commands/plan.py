@@ -10,6 +10,10 @@ EXAMPLES = """  verse plan --preset mistral-7b --seq-len 2048 --gpu a100-80gb
   verse plan my_train.yaml --gpu h100-80gb
 """
 
+# PlanSettings field -> the option that sets it
+FLAGS = {"seq_len": "--seq-len", "micro_batch_size": "--micro-batch", "gradient_accumulation_steps": "--grad-accum",
+         "activation_checkpointing": "--checkpointing"}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="?", help="checkpoint dir / .gguf, or a training CONFIG.yaml")
@@ -34,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     from verse.config import ModelArgs
     from verse.errors import ConfigError
-    from verse.train.planner import GPUS, PlanSettings, format_plan, plan, settings_from_config, suggestions
+    from verse.train.planner import (GPUS, PlanSettings, check_settings, format_plan, plan, settings_from_config,
+                                      suggestions)
 
     if args.gpu not in GPUS:
         raise ConfigError(f"--gpu {args.gpu}: unknown device; choose one of {', '.join(GPUS)}")
@@ -56,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
                "param_dtype": args.param_dtype, "bf16_update": args.bf16_update, "precision": args.precision,
                "activation_checkpointing": args.checkpointing, "fused_backward": args.fused_backward}
     settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+    check_settings(settings, FLAGS)
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu {args.mfu}: must be a fraction in (0, 1] (0.4 = 40 % of the peak)")
     if settings.seq_len > model_args.max_seq_len:
         raise ConfigError(f"--seq-len {settings.seq_len} exceeds the model's max_seq_len ({model_args.max_seq_len})")
     result = plan(model_args, settings, args.gpu, mfu=args.mfu)

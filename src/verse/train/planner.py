@@ -25,6 +25,7 @@ import dataclasses
 from typing import Any, Dict, List, Optional
 
 from verse.config import ModelArgs, _attention_params, count_params
+from verse.errors import ConfigError
 from verse.train.metrics import GPU_PEAK_FLOPS, flops_per_token
 
 GiB = 2**30
@@ -56,6 +57,23 @@ class PlanSettings:
     activation_checkpointing: int = 0  # 0 off, k = every k-th layer
     fused_backward: bool = False
     loss_chunk_size: int = 4096
+
+
+def check_settings(settings: PlanSettings, flags: Optional[Dict[str, str]] = None) -> None:
+    """Reject sizes a step cannot have (a negative sequence would plan negative memory that "fits").
+
+    Args:
+        settings (PlanSettings): the step.
+        flags (Optional[Dict[str, str]]): how the user spelled each field (e.g. `--seq-len`); default its name.
+
+    Raises:
+        ConfigError: naming the first bad field.
+    """
+    for f in dataclasses.fields(PlanSettings):
+        value, low = getattr(settings, f.name), 0 if f.name == "activation_checkpointing" else 1
+        if f.type in (int, "int") and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            name = (flags or {}).get(f.name, f.name)
+            raise ConfigError(f"{name} {value!r}: must be a {'non-negative' if low == 0 else 'positive'} integer")
 
 
 def _attn_widths(args: ModelArgs) -> tuple:
@@ -130,6 +148,9 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
         logits_bytes, temp_bytes, peak_bytes, device_bytes, fits, step_time_s, tokens_per_s, settings.
     """
     s = settings or PlanSettings()
+    check_settings(s)
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"mfu={mfu}: must be a fraction in (0, 1]")
     spec = GPUS.get(gpu, {"memory": 0.0, "flops": 0.0})
     device_bytes = device_memory if device_memory is not None else spec["memory"] * HEADROOM
     params = count_params(args)
@@ -227,10 +248,19 @@ def suggestions(args: ModelArgs, settings: PlanSettings, gpu: str, device_memory
     return found
 
 
+# PlanSettings fields whose TrainConfig field has another name (every other field has the same name)
+CONFIG_NAMES = {"seq_len": "max_seq_len"}
+
+
 def settings_from_config(cfg: Any) -> PlanSettings:
     """`PlanSettings` from a `TrainConfig`."""
-    return PlanSettings(**{f.name: getattr(cfg, "max_seq_len" if f.name == "seq_len" else f.name)
+    return PlanSettings(**{f.name: getattr(cfg, CONFIG_NAMES.get(f.name, f.name))
                            for f in dataclasses.fields(PlanSettings)})
+
+
+def config_fields(settings: PlanSettings) -> Dict[str, Any]:
+    """The `TrainConfig` fields of `settings` (the inverse of `settings_from_config`): every field, by name."""
+    return {CONFIG_NAMES.get(f.name, f.name): getattr(settings, f.name) for f in dataclasses.fields(PlanSettings)}
 
 
 def plan_from_config(cfg: Any, args: ModelArgs, gpu: str = "a100-80gb") -> Dict[str, Any]:

@@ -65,7 +65,8 @@ def pipeline_tokens_per_s(source: str, tokenizer: Any, args: argparse.Namespace)
 
 def train_tokens_per_s(args: argparse.Namespace) -> Dict[str, float]:
     """Tokens/s of forward + backward + AdamW steps of the preset model on random tokens."""
-    from verse import ModelArgs, ReasoningLLM
+    from verse.config import ModelArgs
+    from verse.model import ReasoningLLM
 
     device = torch.device(args.device)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -97,7 +98,7 @@ def train_tokens_per_s(args: argparse.Namespace) -> Dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verse import load_tokenizer
+    from verse.tokenization import load_tokenizer
     from verse.assets import smollm2_gguf
 
     tokenizer = load_tokenizer(args.tokenizer or str(smollm2_gguf()))
