@@ -1,5 +1,6 @@
 """`verse data preview|stats` through `verse.cli.main`: markers, JSON keys and values, exit codes."""
 
+import io
 import json
 
 import pytest
@@ -87,3 +88,28 @@ def test_shipped_fixtures_in_hub_schemas(monkeypatch, capsys):
     assert stats["bad_by_reason"] == {"bad_json": 1, "missing_field": 1, "not_ending_with_assistant": 1,
                                       "wrong_type": 1}
     assert set(stats) >= {"records", "bad_records", "tokens", "loss_tokens", "truncated", "padding_fraction"}
+
+
+class Tty(io.StringIO):
+    """A stdout that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+def test_preview_escapes_control_characters_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    import sys
+
+    hostile = "\x1b]0;pwned\x07\x1b[2J\rgone"
+    path = tmp_path / "hostile.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": hostile}]}) + "\n")
+    args = ["data", "preview", "--source", str(path), "--tokenizer", "byte", "-n", "1"]
+    assert main(args) == 0
+    assert hostile in capsys.readouterr().out  # piped: the data byte for byte
+    tty = Tty()
+    monkeypatch.setattr(sys, "stdout", tty)
+    assert main(args) == 0
+    out = tty.getvalue()
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x0dgone" in out
+    assert "\x07" not in out and "\r" not in out and "\x1b]" not in out and "\x1b[2J" not in out

@@ -154,3 +154,43 @@ def test_generate_smollm2_on_its_gguf_blocks_compiled(capsys):
     assert compiled["new_tokens"] > 4 and eager["new_tokens"] > 4
     # int8-rounded activations can flip a near-tie later on; the first words must agree
     assert compiled["text"].split()[:3] == eager["text"].split()[:3]
+
+
+class Tty(io.StringIO):
+    """A stdout that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\rok"
+
+
+def fake_stream(model, tokenizer, prompt, **kwargs):
+    yield from tokenizer.encode(HOSTILE)
+
+
+def test_generated_control_characters_escaped_only_on_a_terminal(checkpoint, capsys, monkeypatch):
+    import sys
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("verse.infer.generate"), "stream", fake_stream)
+    monkeypatch.setattr("verse.infer.chat.stream", fake_stream)
+    args = ["generate", str(checkpoint), "--prompt", "Hi", "--max-new-tokens", "4"]
+    assert main(args + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == HOSTILE
+    assert main(args) == 0
+    assert capsys.readouterr().out == HOSTILE + "\n"  # piped: raw
+    escaped = "\\x1b]0;pwned\\x07\\x1b[2J\\x0dok"
+    tty = Tty()
+    monkeypatch.setattr(sys, "stdout", tty)
+    assert main(args) == 0
+    assert tty.getvalue() == escaped + "\n"
+    session = ChatSession(verse.load(checkpoint), verse.load_tokenizer(checkpoint), generation={"max_new_tokens": 4})
+    out = Tty()
+    terminal_chat(session, think="show", read=reader(["Hi"]), out=out)
+    assert escaped in out.getvalue() and "\x1b" not in out.getvalue()
+    piped = io.StringIO()
+    terminal_chat(session, think="show", read=reader(["Hi"]), out=piped)
+    assert HOSTILE in piped.getvalue()

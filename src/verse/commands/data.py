@@ -47,12 +47,15 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "preview":
         from verse.data.preview import preview_examples, render
 
-        color = sys.stdout.isatty()
+        from verse.terminal import for_stream, is_terminal
+
+        color = is_terminal(sys.stdout)
         for k, enc in enumerate(preview_examples(cfg, tokenizer, n=args.n, max_seq_len=args.max_seq_len,
                                                  seed=args.seed), 1):
             state = f", DROPPED ({enc.dropped})" if enc.dropped else (f", truncated by {enc.truncated}"
                                                                       if enc.truncated else "")
-            print(f"=== record {k} · {enc.where} · {len(enc.ids)} tokens, {int(enc.mask[1:].sum())} trained{state} ===")
+            where = for_stream(enc.where, sys.stdout)
+            print(f"=== record {k} · {where} · {len(enc.ids)} tokens, {int(enc.mask[1:].sum())} trained{state} ===")
             print(render(tokenizer, enc, color=color))
         if not color:
             print("(trained tokens are inside [[...]])")

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from verse.infer.chat import ThinkRenderer, chat_prompt, opens_in_think
     from verse.infer.generate import stream
     from verse.infer.runtime import load_for_inference
+    from verse.terminal import for_stream, is_terminal
 
     model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype,
                                           **execution_overrides(args))
@@ -86,15 +87,16 @@ def run(args: argparse.Namespace) -> int:
             prompt = [tokenizer.bos_id] + prompt
     if not prompt:
         raise VerseError("--prompt is empty and the tokenizer has no BOS token to start from")
-    renderer = ThinkRenderer(args.think if sys.stdout.isatty() or args.think != "dim" else "show", opened)
-    ids, first = [], None
+    renderer = ThinkRenderer(args.think if is_terminal(sys.stdout) or args.think != "dim" else "show", opened)
+    ids, first, shown = [], None, 0
     start = time.perf_counter()
     for token in stream(model, tokenizer, prompt, **generation_kwargs(args)):
         first = first or time.perf_counter()
         ids.append(token)
         text = tokenizer.decode(ids)
         if not args.json and not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
-            print(renderer.feed(text[len(renderer.text):]), end="", flush=True)
+            print(renderer.feed(for_stream(text[shown:], sys.stdout)), end="", flush=True)
+            shown = len(text)
     end = time.perf_counter()
     text = tokenizer.decode(ids)
     if args.json:
@@ -108,5 +110,5 @@ def run(args: argparse.Namespace) -> int:
             "time_to_first_token_s": round((first or end) - start, 4),
         }, ensure_ascii=False))
     else:
-        print(renderer.feed(text[len(renderer.text):]) + renderer.flush())
+        print(renderer.feed(for_stream(text[shown:], sys.stdout)) + renderer.flush())
     return 0

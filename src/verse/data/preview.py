@@ -9,6 +9,7 @@ import numpy as np
 from verse.data.config import DataConfig
 from verse.data.encode import Encoded, encode_example
 from verse.data.loader import DataLoader, MixedStream
+from verse.terminal import escape_controls
 
 TRAINED_ON, TRAINED_OFF = "\033[1;32m", "\033[0m"  # bold green in a terminal
 MARK_ON, MARK_OFF = "[[", "]]"
@@ -42,7 +43,8 @@ def render(tokenizer: Any, enc: Encoded, color: bool = False) -> str:
     Args:
         tokenizer: the tokenizer that produced it.
         enc: the example.
-        color: ANSI colour (a terminal) instead of `[[...]]` markers.
+        color: for a terminal: ANSI colour instead of `[[...]]` markers, and the data's own control characters
+            escaped (`verse.terminal.escape_controls`) so that they show instead of acting on the terminal.
 
     Returns:
         str: the rendered text.
@@ -55,5 +57,6 @@ def render(tokenizer: Any, enc: Encoded, color: bool = False) -> str:
     out = []
     for start, end in zip(np.r_[0, cuts], np.r_[cuts, len(trained)]):
         text = tokenizer.decode(enc.ids[start:end].tolist())
+        text = escape_controls(text) if color else text
         out.append(f"{on}{text}{off}" if trained[start] else text)
     return "".join(out)

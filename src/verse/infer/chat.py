@@ -10,6 +10,7 @@ import torch
 
 from verse.errors import VerseError
 from verse.infer.generate import stream
+from verse.terminal import for_stream
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINK_MODES = ("show", "hide", "dim")
@@ -300,7 +301,7 @@ def _answer(session: ChatSession, line: str, think: str, out: TextIO) -> None:
     pieces = session.reply(line)
     try:
         for piece in pieces:
-            out.write(renderer.feed(piece))
+            out.write(renderer.feed(for_stream(piece, out)))
             out.flush()
     except KeyboardInterrupt:
         pieces.close()
