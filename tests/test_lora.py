@@ -190,3 +190,66 @@ def test_bad_targets_and_adapters_are_one_line_errors(llama_dir, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(CheckpointError, match="IA3"):
         load_adapter(model, tmp_path)
+
+
+def _tiny_base(tmp_path, preset: str = "tiny"):
+    torch.manual_seed(0)
+    model = verse.ReasoningLLM(verse.ModelArgs.from_preset(preset, dtype="float32"))
+    model.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _hashes(path):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_train_with_finetune_section_saves_adapters_and_resumes_exactly(tmp_path, method):
+    """`finetune.method=lora|qlora` in `verse train`: the run's checkpoints are PEFT adapters naming the base, the base
+    files never change, `verse.load(run)` is base + adapter, and a resumed run ends where a straight one does."""
+    import dataclasses
+
+    from test_train import Batches, config, make_data
+    from verse.train import train
+
+    base = _tiny_base(tmp_path)
+    before = _hashes(base)
+    inputs, labels = (t[:2].repeat(8, 1) for t in make_data(2))  # the same two sequences: learnable
+    finetune = {"method": method, "lora": {"rank": 4, "alpha": 8, "targets": ["attention", "mlp"]}}
+    cfg = config(tmp_path, "straight", model=str(base), mode="pretrain", finetune=finetune, max_steps=6,
+                 micro_batch_size=2, save_every=2, keep_last=2, lr=1e-2)
+    straight = train(cfg, loader=Batches(inputs, labels, 2), progress=False)
+    losses = [m["loss"] for m in straight.metrics]
+    assert losses[-1] < losses[0], losses
+    assert (straight.final_dir / "adapter_config.json").is_file()
+    assert not (straight.final_dir / "model.safetensors").exists()
+    config_json = json.loads((straight.final_dir / "adapter_config.json").read_text())
+    assert config_json["base_model_name_or_path"] == str(base.resolve())
+    assert _hashes(base) == before
+    cut = dataclasses.replace(cfg, out_dir=str(tmp_path / "cut"))
+    assert train(cut, loader=Batches(inputs, labels, 2, stop_after=3), progress=False).stopped_by_signal
+    resumed = train(cut, resume=True, loader=Batches(inputs, labels, 2), progress=False)
+    from safetensors.torch import load_file
+
+    a = load_file(straight.final_dir / "adapter_model.safetensors")
+    b = load_file(resumed.final_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    loaded = verse.load(tmp_path / "straight", dtype=torch.float32)
+    assert lora_modules(loaded)
+    manual = load_adapter(verse.load(base, dtype=torch.float32), straight.final_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens()), manual(tokens()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("finetune, field", [
+    ({"method": "lorax"}, "finetune.method"), ({"method": "lora", "lora": {"rank": 0}}, "finetune.lora.rank"),
+    ({"method": "lora", "lora": {"ranks": 4}}, "finetune.lora: unknown field"),
+    ({"method": "full", "lora": {"rank": 4}}, "finetune.lora"), ({"method": "qlora", "lora": {"dropout": 1.5}},
+                                                                 "finetune.lora.dropout")])
+def test_bad_finetune_section_names_the_field(finetune, field):
+    from verse.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig.from_dict({"finetune": finetune})

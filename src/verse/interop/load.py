@@ -84,13 +84,31 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Opti
     from verse.interop.hf import download, load_hf
 
     if path.is_dir():
-        return load_hf(checkpoint_dir(path), device=device, dtype=dtype, **overrides)
+        path = checkpoint_dir(path)
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return _load_with_adapter(path, device, dtype, overrides)
+        return load_hf(path, device=device, dtype=dtype, **overrides)
     if path.exists():
         raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")
     if not path.is_absolute() and HUB_ID.fullmatch(str(path)) and not str(path).startswith(".") \
             and path.suffix.lower() != ".gguf":
         return load_hf(download(str(path)), device=device, dtype=dtype, **overrides)
     raise CheckpointError(f"{path}: no such file or directory; give a checkpoint directory, a .gguf file or a Hub id")
+
+
+def _load_with_adapter(path: Path, device: torch.device | str, dtype: Optional[torch.dtype],
+                       overrides: Dict[str, Any]) -> ReasoningLLM:
+    """A PEFT adapter directory (e.g. a LoRA run's checkpoint): its base (`base_model_name_or_path`), then the
+    adapter on top, unmerged."""
+    from verse.peft import load_adapter, read_adapter_config
+
+    _, config = read_adapter_config(path)
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{path}: a LoRA adapter without base_model_name_or_path; load its base and pass "
+                              f"--adapter {path}")
+    model = load_model(base, device=device, dtype=dtype, **overrides)
+    return load_adapter(model, path).eval()
 
 
 def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: str | Path,

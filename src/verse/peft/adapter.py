@@ -202,7 +202,8 @@ def read_adapter_config(path: str | Path) -> Tuple[LoraArgs, Dict[str, Any]]:
 
 
 def load_adapter(model: nn.Module, path: str | Path, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Add the adapters of a PEFT adapter directory (written by Verse or by PEFT) to `model`, without merging.
+    """Add the adapters of a PEFT adapter directory (written by Verse or by PEFT) to `model`, without merging
+    (or, when `model` already has the same adapters, read their values).
 
     Args:
         model (nn.Module): the base `ReasoningLLM` (the one the adapter was trained on).
@@ -231,7 +232,11 @@ def load_adapter(model: nn.Module, path: str | Path, dtype: Optional[torch.dtype
             raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: tensor {key} matches no layer of this "
                                   f"{model.args.arch} model; was the adapter trained on another base?")
         names.add(name)
-    apply_lora(model, args, sorted(names), dtype)
+    present = lora_modules(model)
+    if not present:
+        apply_lora(model, args, sorted(names), dtype)
+    elif set(present) != names:  # resuming a run: the adapters exist, only their values are read
+        raise CheckpointError(f"{path}: adapts other layers than this model's adapters")
     used = set()
 
     def take(key: str, shape: torch.Size) -> torch.Tensor:

@@ -140,7 +140,7 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dict[str, Any], tokenizer: Any = None,
-                    keep_last: int = 0) -> Path:
+                    keep_last: int = 0, adapter_base: Optional[str] = None) -> Path:
     """Write `run_dir/step-NNNNNNN/` atomically, point `latest` at it, and drop checkpoints beyond `keep_last`.
 
     Args:
@@ -150,6 +150,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dic
         state (Dict[str, Any]): training state (optimizer, data position, RNG, counters) for `train_state/`.
         tokenizer: saved beside the model when given.
         keep_last (int): keep this many newest step directories (0 = all).
+        adapter_base (Optional[str]): for LoRA/QLoRA runs, the base model's path: the checkpoint then holds the
+            PEFT adapter (naming this base) instead of the full model.
 
     Returns:
         Path: the checkpoint directory.
@@ -157,7 +159,14 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dic
     final = run_dir / step_dirname(step)
     tmp = run_dir / f".tmp-{step_dirname(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer=tokenizer)
+    if adapter_base is not None:
+        from verse.peft import save_adapter
+
+        save_adapter(model, tmp, base=adapter_base)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, tokenizer=tokenizer)
     save_state(state, tmp / STATE_DIR)
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)

@@ -3,11 +3,14 @@
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import yaml
 
 from verse.errors import ConfigError
+
+if TYPE_CHECKING:
+    from verse.peft.lora import LoraArgs
 
 MODES = ("sft", "pretrain")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
@@ -15,6 +18,8 @@ SCHEDULES = ("cosine", "linear", "wsd", "constant")
 PRECISIONS = ("bf16", "fp32")
 PARAM_DTYPES = ("float32", "bfloat16")
 BF16_UPDATES = ("master", "stochastic", "nearest")
+FINETUNE_METHODS = ("full", "lora", "qlora")
+LORA_FIELDS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["all"], "dora": False, "rslora": False}
 
 
 def _f(default: Any, help: str) -> Any:
@@ -34,6 +39,9 @@ class TrainConfig:
     model_overrides: Dict[str, Any] = _f({}, "ModelArgs fields to change, e.g. {checkpointing: true}")
     tokenizer: Optional[str] = _f(None, "tokenizer name/path; default: the checkpoint's own, else the preset's")
     data: Any = _f({}, "data section (verse.data.DataConfig): sources, mix, packing, chat template, ...")
+    finetune: Dict[str, Any] = _f({}, "method: full | lora | qlora (LoRA on an NF4 base); lora: {rank: 8, alpha: "
+                                      "16, dropout: 0.0, targets: [all] (attention | mlp | all | names such as "
+                                      "q_proj), dora: false, rslora: false}")
     out_dir: str = _f("runs/verse", "run directory: step-NNNNNNN/ checkpoints, latest, metrics.jsonl, plot.png")
 
     max_steps: int = _f(1000, "optimizer steps to run")
@@ -169,11 +177,64 @@ class TrainConfig:
         require(isinstance(self.model_overrides, dict), "model_overrides", "must be a mapping of ModelArgs fields")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "device",
                 f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self.lora_args(source)
         if self.fused_backward:
             require(self.gradient_accumulation_steps == 1, "fused_backward",
                     "steps inside backward, so it needs gradient_accumulation_steps=1")
             require(self.grad_clip == 0, "fused_backward",
                     "frees each grad right after its step, so global clipping is impossible: set grad_clip=0")
+
+
+    @property
+    def finetune_method(self) -> str:
+        """`finetune.method`: full (every weight), lora or qlora."""
+        return (self.finetune or {}).get("method", "full")
+
+    def lora_args(self, source: str = "config") -> Optional["LoraArgs"]:
+        """The validated `finetune:` section as `LoraArgs` (None for a full fine-tune).
+
+        Raises:
+            ConfigError: an unknown key or a bad value, naming the field (e.g. `finetune.lora.rank`).
+        """
+        from verse.peft.lora import LoraArgs, normalize_targets
+
+        section = self.finetune or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: finetune: must be a mapping (method, lora), got {section!r}")
+        unknown = sorted(set(section) - {"method", "lora"})
+        if unknown:
+            raise ConfigError(f"{source}: finetune: unknown field(s) {', '.join(unknown)} (known: method, lora)")
+        method = section.get("method", "full")
+        if method not in FINETUNE_METHODS:
+            raise ConfigError(f"{source}: finetune.method: must be one of {', '.join(FINETUNE_METHODS)}, "
+                              f"got {method!r}")
+        lora = section.get("lora") or {}
+        if not isinstance(lora, dict):
+            raise ConfigError(f"{source}: finetune.lora: must be a mapping of {', '.join(LORA_FIELDS)}")
+        unknown = sorted(set(lora) - set(LORA_FIELDS))
+        if unknown:
+            raise ConfigError(f"{source}: finetune.lora: unknown field(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(LORA_FIELDS)})")
+        if method == "full":
+            if lora:
+                raise ConfigError(f"{source}: finetune.lora: set finetune.method=lora or qlora to use it")
+            return None
+        values = {**LORA_FIELDS, **{k: _number(v) if k in ("alpha", "dropout") else v for k, v in lora.items()}}
+
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{source}: finetune.lora.{name}: {message}, got {values[name]!r}")
+
+        check(isinstance(values["rank"], int) and not isinstance(values["rank"], bool) and values["rank"] > 0,
+              "rank", "must be a positive integer")
+        check(isinstance(values["alpha"], (int, float)) and not isinstance(values["alpha"], bool)
+              and values["alpha"] > 0, "alpha", "must be a positive number")
+        check(isinstance(values["dropout"], (int, float)) and 0 <= values["dropout"] < 1, "dropout",
+              "must be in [0, 1)")
+        for name in ("dora", "rslora"):
+            check(isinstance(values[name], bool), name, "must be true or false")
+        return LoraArgs(rank=values["rank"], alpha=float(values["alpha"]), dropout=float(values["dropout"]),
+                        targets=normalize_targets(values["targets"]), dora=values["dora"], rslora=values["rslora"])
 
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}

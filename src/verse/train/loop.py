@@ -94,13 +94,24 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None) -
         if tokenizer is not None and "vocab_size" not in overrides:
             overrides.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                              eos_token_id=tokenizer.eos_id)
+        if cfg.finetune_method != "full":
+            raise ConfigError(f"finetune.method={cfg.finetune_method} adapts a pretrained checkpoint, but "
+                              f"model={cfg.model} is a preset (random weights): give model=PATH")
         args = ModelArgs.from_preset(cfg.model, **{**overrides, "dtype": cfg.param_dtype})
         with torch.device(device):
             model = ReasoningLLM(args)
     else:
         import verse
 
-        model = verse.load(cfg.model, device=device, dtype=getattr(torch, cfg.param_dtype), **overrides)
+        base_dtype = torch.bfloat16 if cfg.finetune_method == "qlora" else getattr(torch, cfg.param_dtype)
+        model = verse.load(cfg.model, device=device, dtype=base_dtype, **overrides)
+        lora = cfg.lora_args()
+        if lora is not None:  # LoRA / QLoRA: frozen (NF4) base, trainable adapters (verse.peft)
+            from verse.peft import apply_lora, quantize_nf4_
+
+            if cfg.finetune_method == "qlora":
+                quantize_nf4_(model)
+            apply_lora(model, lora, dtype=getattr(torch, cfg.param_dtype))
     if cfg.max_seq_len > model.args.max_seq_len:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's limit ({model.args.max_seq_len}); "
                           f"lower max_seq_len")
@@ -287,7 +298,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
         state = {"step": step, "skipped": skipped, "bad_in_row": bad_in_row, "tokens_seen": tokens_seen,
                  "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state(),
                  "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
-        return ckpt.save_checkpoint(run_dir, step, model, state, tokenizer=tokenizer, keep_last=cfg.keep_last)
+        return ckpt.save_checkpoint(run_dir, step, model, state, tokenizer=tokenizer, keep_last=cfg.keep_last,
+                                    adapter_base=adapter_base(cfg))
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     flops_tok = flops_per_token(model.args, cfg.max_seq_len)
@@ -373,9 +385,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                        stopped_by_signal=stop.signum is not None)
 
 
+def adapter_base(cfg: TrainConfig) -> Optional[str]:
+    """For LoRA/QLoRA runs, the absolute path of the base checkpoint their adapters name (None when full)."""
+    return None if cfg.finetune_method == "full" else str(Path(cfg.model).resolve())
+
+
 def _load_weights(model: ReasoningLLM, step_dir: Path) -> None:
-    """Copy a checkpoint's weights into `model` (same architecture; values and dtype exact)."""
+    """Copy a checkpoint's weights into `model` (same architecture; values and dtype exact); a LoRA run's
+    checkpoint holds only the adapter."""
     import verse
+    from verse.peft import is_adapter_dir, load_adapter
+
+    if is_adapter_dir(step_dir):
+        load_adapter(model, step_dir)
+        return
 
     saved = verse.load(step_dir, dtype=model.embed.weight.dtype)
     missing = model.load_state_dict(saved.state_dict(), strict=False)
