@@ -253,3 +253,34 @@ def test_bad_finetune_section_names_the_field(finetune, field):
 
     with pytest.raises(ConfigError, match=field):
         TrainConfig.from_dict({"finetune": finetune})
+
+
+def test_cli_merge_and_adapter_flags(tmp_path, capsys):
+    """`verse merge` writes a directory transformers loads with base + adapter logits; `verse generate --adapter`
+    (unmerged) generates what the merged model generates; bad input is one line and exit code 2."""
+    from transformers import AutoModelForCausalLM
+
+    from verse.cli import main
+
+    torch.manual_seed(0)
+    model = verse.ReasoningLLM(verse.ModelArgs.from_preset("tiny", dtype="float32"))
+    model.save_pretrained(tmp_path / "base", tokenizer=verse.load_tokenizer("byte"))
+    args = LoraArgs(rank=4, alpha=8, dora=True)
+    apply_lora(model, args)
+    randomize(model, 2, only="lora_")
+    save_adapter(model, tmp_path / "adapter", args, base=str(tmp_path / "base"))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model.eval()(ids), atol=1e-5, rtol=0)
+    capsys.readouterr()
+    texts = []
+    for argv in (["generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")],
+                 ["generate", str(tmp_path / "merged")], ["generate", str(tmp_path / "adapter")]):
+        assert main(argv + ["--prompt", "ab", "--max-new-tokens", "8", "--json", "--dtype", "float32"]) == 0
+        texts.append(json.loads(capsys.readouterr().out)["text"])
+    assert texts[0] == texts[1] == texts[2]
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "adapter_config.json" in err and "Traceback" not in err

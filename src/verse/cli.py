@@ -18,6 +18,7 @@ COMMANDS = {
     "chat": "chat in the terminal, or in a Gradio web UI with --ui",
     "convert": "convert between Verse, Hugging Face, GGUF and model-parallel shards",
     "fp8-to-bf16": "convert a DeepSeek FP8 checkpoint (block scales) to BF16",
+    "merge": "fold a LoRA adapter into its base: one HF-loadable checkpoint directory",
     "plan": "memory and time of a training run before launch: does it fit?",
     "data": "preview rendered training records, or dry-run statistics of a data config",
     "eval": "held-out loss, perplexity and exact-match accuracy",

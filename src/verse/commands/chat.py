@@ -8,6 +8,7 @@ HELP = "Chat with a model in the terminal (/reset, /system, /save; Ctrl-C stops 
 EXAMPLES = """  verse chat model.gguf
   verse chat runs/sft/final --system 'You are a careful reasoner.' --temperature 0.7 --top-p 0.95
   verse chat model.gguf --ui                         # http://127.0.0.1:7860
+  verse chat base/ --adapter runs/lora/latest --ui    # a LoRA adapter on its base, unmerged
   verse chat model.gguf --ui --host 0.0.0.0 --port 8080   # reachable from other machines
 """
 
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from verse.infer.chat import ChatSession, terminal_chat
     from verse.infer.runtime import load_for_inference
 
-    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype,
+    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter,
                                           **execution_overrides(args))
     generation = generation_kwargs(args)
     if args.ui:

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit (exact-match)")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="longer records are truncated (loss)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="LoRA adapter directory (PEFT format) applied on top of CKPT without merging")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="weights dtype; auto = the checkpoint's, but float32 on CPUs without native bf16")
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         if not prompts:
             raise VerseError(f"--data {args.data}: no reference reply matches --answer-pattern "
                              f"{args.answer_pattern!r}; set the pattern of your data's final answers")
-    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter)
     if args.task == "exact-match":
         result = exact_match(model, tokenizer, prompts, references, pattern=args.answer_pattern,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.json)

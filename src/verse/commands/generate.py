@@ -11,6 +11,7 @@ EXAMPLES = """  verse generate model.gguf --prompt 'What is 2+2?' --chat
   verse generate model.gguf --prompt 'Solve x^2=4' --chat --system 'Think step by step.' --think hide
   verse generate model.gguf --prompt 'Hi' --chat --json     # one JSON object: text, prompt_tokens, new_tokens, ...
   verse generate model.gguf --prompt 'Hi' --chat --gemm-impl gguf --compile   # fastest on CPU (llama.cpp's math)
+  verse generate base/ --adapter runs/lora/latest --prompt 'Hi' --chat   # base + LoRA adapter, unmerged
 """
 
 
@@ -31,6 +32,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--think", choices=THINK_MODES, default="dim",
                         help="<think> reasoning: show as is, hide, or dim (default; plain text when not a terminal)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="LoRA adapter directory (PEFT format, e.g. a LoRA run's checkpoint) applied on top of "
+                             "CKPT without merging")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="weights dtype; auto = the checkpoint's, but float32 on CPUs without native bf16")
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from verse.infer.runtime import load_for_inference
     from verse.terminal import for_stream, is_terminal
 
-    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype,
+    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter,
                                           **execution_overrides(args))
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -36,7 +36,7 @@ def inference_dtype(name: str, device: str | torch.device) -> Optional[torch.dty
 
 
 def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str = "cpu", dtype: str = "auto",
-                       **overrides):
+                       adapter: Optional[str] = None, **overrides):
     """Load a model (anything `verse.load` accepts) and its tokenizer.
 
     Args:
@@ -44,6 +44,7 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
         tokenizer (Optional[str]): tokenizer name or path; default the checkpoint's own.
         device (str): "cpu", "cuda", ...
         dtype (str): see `inference_dtype`.
+        adapter (Optional[str]): a LoRA adapter directory (PEFT format) to apply on top, unmerged.
         **overrides: execution-only `ModelArgs` fields for `verse.load` (e.g. `attn_impl="absorb"`).
 
     Returns:
@@ -52,4 +53,21 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
     import verse
 
     model = verse.load(path, device=device, dtype=inference_dtype(dtype, device), **overrides)
-    return model, verse.load_tokenizer(tokenizer or path)
+    if adapter is not None:
+        from verse.peft import load_adapter
+
+        model = load_adapter(model, adapter).eval()
+    return model, verse.load_tokenizer(tokenizer or tokenizer_source(path))
+
+
+def tokenizer_source(path: str) -> str:
+    """Where a model's tokenizer lives: `path` itself, or for a LoRA adapter directory saved without one, its base."""
+    from pathlib import Path
+
+    from verse.interop.load import checkpoint_dir
+    from verse.peft import is_adapter_dir, read_adapter_config
+
+    directory = checkpoint_dir(Path(path)) if Path(path).is_dir() else None
+    if directory is None or not is_adapter_dir(directory) or (directory / "tokenizer.json").is_file():
+        return path
+    return read_adapter_config(directory)[1].get("base_model_name_or_path") or path

@@ -144,7 +144,8 @@ def linears(x: torch.Tensor, *layers: "Linear") -> List[torch.Tensor]:
     Returns:
         List[torch.Tensor]: each layer's output.
     """
-    if all(layer.ggml_type is not None and layer.bias is None for layer in layers):
+    # only plain `Linear`s: a subclass (e.g. a LoRA layer) adds to its output in its own forward
+    if all(type(layer) is Linear and layer.ggml_type is not None and layer.bias is None for layer in layers):
         return ggml.gemm_many(x, [layer.weight for layer in layers], [layer.ggml_type for layer in layers])
     return [layer(x) for layer in layers]
 
