@@ -284,3 +284,27 @@ def test_cli_merge_and_adapter_flags(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "base"), str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "adapter_config.json" in err and "Traceback" not in err
+
+
+def test_plan_llama_2_70b_qlora_fits_a100_80gb_with_the_named_setting(capsys):
+    """The issue's goal: 70B QLoRA at seq 2048, micro-batch 1 under 46 GB on a100-80gb, with a setting the plan
+    names (activation checkpointing); a full fine-tune does not come close."""
+    from verse.cli import main
+    from verse.train.planner import PlanSettings, plan
+
+    args = verse.ModelArgs.from_preset("llama-2-70b")
+    settings = PlanSettings(seq_len=2048, micro_batch_size=1)
+    assert main(["plan", "--preset", "llama-2-70b", "--finetune", "qlora", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert not first["fits"] and ["activation_checkpointing=1"] in [m["moves"] for m in first["suggestions"]]
+    assert main(["plan", "--preset", "llama-2-70b", "--finetune", "qlora", "--checkpointing", "1", "--json"]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["fits"] and fitted["peak_bytes"] <= 46e9
+    # hand-checked parts: NF4 base ~0.516 byte per block weight; rank-8 adapters on every projection of 80 layers
+    per_layer = 8 * ((8192 + 8192) * 2 + (8192 + 1024) * 2 + (8192 + 28672) * 3)
+    assert fitted["trainable_params"] == 80 * per_layer
+    assert 0.5 * 68e9 < fitted["weights_bytes"] < 0.55 * 68.98e9 + 2 * 0.6e9
+    lora = plan(args, settings, "a100-80gb", finetune="lora")
+    full = plan(args, settings, "a100-80gb")
+    assert fitted["peak_bytes"] < lora["peak_bytes"] < full["peak_bytes"]
+    assert main(["plan", "--preset", "tiny", "--lora-rank", "4"]) == 2

@@ -8,6 +8,7 @@ EXAMPLES = """  verse plan --preset mistral-7b --seq-len 2048 --gpu a100-80gb
   verse plan --preset mistral-7b --optimizer adamw8bit --checkpointing 1 --fused-backward --json
   verse plan runs/sft/latest --micro-batch 4
   verse plan my_train.yaml --gpu h100-80gb
+  verse plan --preset llama-2-70b --finetune qlora --lora-rank 8 --checkpointing 1   # QLoRA on one A100 80 GB
 """
 
 # PlanSettings field -> the option that sets it
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"])
     parser.add_argument("--checkpointing", type=int, metavar="K", help="checkpoint every K-th layer (0 = off)")
     parser.add_argument("--fused-backward", action="store_true", default=None, help="optimizer step inside backward")
+    parser.add_argument("--finetune", choices=["full", "lora", "qlora"],
+                        help="full (default, or the config's), lora (frozen base) or qlora (frozen NF4 base)")
+    parser.add_argument("--lora-rank", type=int, metavar="R", help="adapter rank with --finetune lora|qlora (default 8)")
     parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the time estimate (default 0.4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -38,12 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
     from verse.config import ModelArgs
     from verse.errors import ConfigError
-    from verse.train.planner import (GPUS, PlanSettings, check_settings, format_plan, plan, settings_from_config,
-                                      suggestions)
+    from verse.train.planner import (GPUS, PlanSettings, check_settings, finetune_from_config, format_plan, plan,
+                                      settings_from_config, suggestions)
 
     if args.gpu not in GPUS:
         raise ConfigError(f"--gpu {args.gpu}: unknown device; choose one of {', '.join(GPUS)}")
     settings = PlanSettings()
+    finetune: dict = {}
     if args.preset:
         model_args = ModelArgs.from_preset(args.preset)
     elif args.source and args.source.endswith((".yaml", ".yml")):
@@ -52,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig.load(args.source)
         model_args = _model_args(cfg.model, cfg.model_overrides)
         settings = settings_from_config(cfg)
+        finetune = finetune_from_config(cfg)
     elif args.source:
         model_args = _model_args(args.source, {})
     else:
@@ -66,8 +72,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--mfu {args.mfu}: must be a fraction in (0, 1] (0.4 = 40 % of the peak)")
     if settings.seq_len > model_args.max_seq_len:
         raise ConfigError(f"--seq-len {settings.seq_len} exceeds the model's max_seq_len ({model_args.max_seq_len})")
-    result = plan(model_args, settings, args.gpu, mfu=args.mfu)
-    moves = [] if result["fits"] else suggestions(model_args, settings, args.gpu)
+    if args.finetune is not None:
+        finetune["finetune"] = args.finetune
+    if args.lora_rank is not None:
+        if finetune.get("finetune", "full") == "full":
+            raise ConfigError("--lora-rank needs --finetune lora or qlora")
+        if args.lora_rank < 1:
+            raise ConfigError(f"--lora-rank {args.lora_rank}: must be a positive integer")
+        finetune["lora_rank"] = args.lora_rank
+    result = plan(model_args, settings, args.gpu, mfu=args.mfu, **finetune)
+    moves = [] if result["fits"] else suggestions(model_args, settings, args.gpu, **finetune)
     if args.json:
         print(json.dumps({**result, "suggestions": moves}))
     else:

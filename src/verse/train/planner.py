@@ -22,7 +22,7 @@ optimizer temporaries.
 """
 
 import dataclasses
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from verse.config import ModelArgs, _attention_params, count_params
 from verse.errors import ConfigError
@@ -132,8 +132,59 @@ def _param_shapes(args: ModelArgs) -> List[int]:
     return sizes
 
 
+def _lora_params(args: ModelArgs, rank: int, targets: Sequence[str] = ("all",)) -> Tuple[int, int]:
+    """(adapter parameters, frozen matmul parameters they adapt) of LoRA rank `rank` on the `targets` groups."""
+    from verse.peft.lora import ATTENTION, GROUPS
+
+    wanted = {name for t in targets for name in GROUPS.get(t, (t,))}
+    D = args.dim
+    adapter = adapted = 0
+    for i in range(args.n_layers):
+        shapes = []  # (leaf name, in, out, count)
+        if "wq" in wanted or any(t in wanted for t in ATTENTION):
+            if args.attention == "gqa":
+                Q, KV = _attn_widths(args)
+                shapes += [("wq", D, Q, 1), ("wk", D, KV, 1), ("wv", D, KV, 1), ("wo", Q, D, 1)]
+            else:
+                qk = args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim)
+                shapes += ([("wq", D, qk, 1)] if args.q_lora_rank == 0 else
+                           [("wq_a", D, args.q_lora_rank, 1), ("wq_b", args.q_lora_rank, qk, 1)])
+                shapes += [("wkv_a", D, args.kv_lora_rank + args.qk_rope_head_dim, 1),
+                           ("wkv_b", args.kv_lora_rank,
+                            args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), 1),
+                           ("wo", args.n_heads * args.v_head_dim, D, 1)]
+        if args.is_moe_layer(i):
+            inter, count = args.moe_inter_dim, args.n_shared_experts
+            if "experts" in wanted:
+                shapes += [("experts", D, inter, 2 * args.n_routed_experts), ("experts", inter, D,
+                                                                               args.n_routed_experts)]
+        else:
+            inter, count = args.inter_dim, 1
+        if count:
+            shapes += [("w1", D, inter, count), ("w3", D, inter, count), ("w2", inter, D, count)]
+        for name, n_in, n_out, n in shapes:
+            if name in wanted:
+                adapter += rank * (n_in + n_out) * n
+                adapted += n_in * n_out * n
+    return adapter, adapted
+
+
+def _layer_matmul_params(args: ModelArgs) -> int:
+    """Parameters of the `Linear` layers inside the blocks (what QLoRA stores in NF4; routed experts, stacked,
+    stay bf16)."""
+    return _lora_params(args, 1, ("attention", "w1", "w2", "w3"))[1]
+
+
+def _largest_matmul(args: ModelArgs) -> int:
+    """Numel of the largest `Linear` weight inside the blocks."""
+    Q, KV = _attn_widths(args)
+    return max(args.dim * max(Q, args.inter_dim if args.n_dense_layers or not args.is_moe else 0,
+                              args.moe_inter_dim * max(args.n_shared_experts, 1)), 1)
+
+
 def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a100-80gb",
-         mfu: float = DEFAULT_MFU, device_memory: Optional[float] = None) -> Dict[str, Any]:
+         mfu: float = DEFAULT_MFU, device_memory: Optional[float] = None, finetune: str = "full",
+         lora_rank: int = 8, lora_targets: Sequence[str] = ("all",)) -> Dict[str, Any]:
     """Estimate the memory and time of one training step.
 
     Args:
@@ -142,6 +193,11 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
         gpu (str): a key of `GPUS` (its memory and peak FLOP/s), or "cpu" with `device_memory`.
         mfu (float): model FLOPs utilisation assumed for the time estimate.
         device_memory (Optional[float]): bytes available, overriding the GPU's.
+        finetune (str): full | lora (frozen base in `param_dtype`) | qlora (frozen base matmul weights in NF4 at
+            `NF4_BYTES_PER_PARAM`, the rest bf16); with adapters only they get gradients and optimizer state,
+            and each NF4 weight is dequantized to bf16 one matmul at a time.
+        lora_rank (int): adapter rank.
+        lora_targets (Sequence[str]): adapted groups or leaf names (`verse.peft.lora.GROUPS`).
 
     Returns:
         Dict[str, Any]: params, active_params, weights_bytes, grads_bytes, optimizer_bytes, activations_bytes,
@@ -161,12 +217,34 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     master = low and s.bf16_update == "master"
     tokens = s.micro_batch_size * s.seq_len
 
-    weights = params * pbytes + (4 * params if master else 0)
+    if finetune not in ("full", "lora", "qlora"):
+        raise ConfigError(f"finetune {finetune!r}: must be full, lora or qlora")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise ConfigError(f"lora rank {lora_rank!r}: must be a positive integer")
+    frozen, dequant_temp = 0.0, 0
+    if finetune != "full":
+        adapter, adapted = _lora_params(args, lora_rank, lora_targets)
+        if finetune == "qlora":
+            from verse.peft.qlora import NF4_BYTES_PER_PARAM
+
+            layer_matmuls = _layer_matmul_params(args)
+            frozen = layer_matmuls * NF4_BYTES_PER_PARAM + (params - layer_matmuls) * 2
+            dequant_temp = 2 * 2 * _largest_matmul(args)  # one weight dequantized to bf16 (forward or backward)
+        else:
+            frozen = params * pbytes
+        params_trained, shapes = adapter, [adapter]
+    else:
+        params_trained = params
+    weights = frozen + params_trained * pbytes + (4 * params_trained if master else 0)
     matmul_params = params - args.vocab_size * args.dim - (2 * args.n_layers + 1) * args.dim  # all but embed, norms
-    autocast_copies = 2 * matmul_params if (s.precision == "bf16" and not low) else 0
+    # autocast caches bf16 copies of fp32 weights that require grad (frozen base weights are cast per use)
+    autocast_copies = (2 * (matmul_params if finetune == "full" else params_trained)
+                       if (s.precision == "bf16" and not low) else 0)
     grad_bytes = 4 if master else pbytes
     largest = max(shapes)
-    grads = largest * (grad_bytes + (4 if master else 0)) if s.fused_backward else params * grad_bytes
+    grads = (largest * (grad_bytes + (4 if master else 0)) if s.fused_backward
+             else params_trained * grad_bytes)
+    params = params_trained if finetune != "full" else params
     state_bytes = 4 if (master or not low) else pbytes
     if s.optimizer == "adamw8bit":
         big = sum(n for n in shapes if n >= 4096 and n % 256 == 0)
@@ -187,8 +265,8 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     chunk = min(s.loss_chunk_size, tokens)
     # one chunk: logits in compute dtype, their fp32 copy (none when computing in fp32), log-softmax, gradient
     logits = chunk * args.vocab_size * (c + (4 if c != 4 else 0) + 4 + 4) + tokens * args.dim * c
-    temp = 2 * tokens * args.dim * 4 + recompute  # grads flowing between layers, the recomputed layer
-    head_grad = args.vocab_size * args.dim * grad_bytes
+    temp = 2 * tokens * args.dim * 4 + recompute + dequant_temp  # grads between layers, the recomputed layer
+    head_grad = args.vocab_size * args.dim * grad_bytes if finetune == "full" else 0
     persistent_grads = grads if s.gradient_accumulation_steps > 1 and not s.fused_backward else 0
     # the loss chunks run first in backward and are freed before any layer is recomputed
     backward_peak = (weights + autocast_copies + optimizer + activations + max(logits, temp)
@@ -200,7 +278,9 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     step_tokens = tokens * s.gradient_accumulation_steps
     step_time = step_tokens * flops / (spec["flops"] * mfu) if spec["flops"] else None
     return {
-        "params": params, "active_params": count_params(args, active=True),
+        "params": count_params(args), "active_params": count_params(args, active=True),
+        "finetune": finetune, "trainable_params": params,
+        **({"lora_rank": lora_rank, "lora_targets": list(lora_targets)} if finetune != "full" else {}),
         "weights_bytes": weights + autocast_copies, "grads_bytes": grads, "optimizer_bytes": optimizer,
         "activations_bytes": activations, "logits_bytes": logits, "temp_bytes": temp + optimizer_temp,
         "peak_bytes": peak, "device_bytes": device_bytes, "fits": bool(device_bytes and peak <= device_bytes),
@@ -221,8 +301,9 @@ MOVES = [
 
 
 def suggestions(args: ModelArgs, settings: PlanSettings, gpu: str, device_memory: Optional[float] = None,
-                limit: int = 3) -> List[Dict[str, Any]]:
-    """The cheapest combinations of `MOVES` (fewest moves first) that make the run fit, with their peak."""
+                limit: int = 3, **finetune: Any) -> List[Dict[str, Any]]:
+    """The cheapest combinations of `MOVES` (fewest moves first) that make the run fit, with their peak
+    (`finetune`: `plan`'s finetune, lora_rank, lora_targets)."""
     from itertools import combinations
 
     found: List[Dict[str, Any]] = []
@@ -233,7 +314,8 @@ def suggestions(args: ModelArgs, settings: PlanSettings, gpu: str, device_memory
                 changes.update(change)
             if all(getattr(settings, key) == value for key, value in changes.items()):
                 continue
-            result = plan(args, dataclasses.replace(settings, **changes), gpu, device_memory=device_memory)
+            result = plan(args, dataclasses.replace(settings, **changes), gpu, device_memory=device_memory,
+                          **finetune)
             if result["fits"] and not any(set(f["moves"]) <= {m for m, _ in combo} for f in found):
                 found.append({"moves": [m for m, _ in combo], "peak_bytes": result["peak_bytes"]})
             if len(found) >= limit:
@@ -241,7 +323,8 @@ def suggestions(args: ModelArgs, settings: PlanSettings, gpu: str, device_memory
     seq = settings.seq_len
     while seq > 128 and len(found) < limit:
         seq //= 2
-        result = plan(args, dataclasses.replace(settings, seq_len=seq), gpu, device_memory=device_memory)
+        result = plan(args, dataclasses.replace(settings, seq_len=seq), gpu, device_memory=device_memory,
+                      **finetune)
         if result["fits"]:
             found.append({"moves": [f"max_seq_len={seq}"], "peak_bytes": result["peak_bytes"]})
             break
@@ -264,8 +347,16 @@ def config_fields(settings: PlanSettings) -> Dict[str, Any]:
 
 
 def plan_from_config(cfg: Any, args: ModelArgs, gpu: str = "a100-80gb") -> Dict[str, Any]:
-    """`plan` for a `TrainConfig` and the model it trains."""
-    return plan(args, settings_from_config(cfg), gpu)
+    """`plan` for a `TrainConfig` and the model it trains (its `finetune:` section included)."""
+    return plan(args, settings_from_config(cfg), gpu, **finetune_from_config(cfg))
+
+
+def finetune_from_config(cfg: Any) -> Dict[str, Any]:
+    """`plan`'s finetune, lora_rank and lora_targets of a `TrainConfig`."""
+    lora = cfg.lora_args() if hasattr(cfg, "lora_args") else None
+    if lora is None:
+        return {}
+    return {"finetune": cfg.finetune_method, "lora_rank": lora.rank, "lora_targets": lora.targets}
 
 
 def format_bytes(n: float) -> str:
@@ -280,6 +371,10 @@ def format_plan(args: ModelArgs, result: Dict[str, Any], moves: List[Dict[str, A
              f"{s['gradient_accumulation_steps']}; {s['param_dtype']} params, {s['precision']} compute, "
              f"{s['optimizer']}{' (fused into backward)' if s['fused_backward'] else ''}, checkpointing "
              f"{'every ' + str(s['activation_checkpointing']) if s['activation_checkpointing'] else 'off'}"]
+    if result.get("finetune", "full") != "full":
+        lines.append(f"fine-tune: {result['finetune']} rank {result['lora_rank']} on "
+                     f"{', '.join(result['lora_targets'])}: {result['trainable_params'] / 1e6:.1f} M trainable "
+                     f"parameters{', base in NF4' if result['finetune'] == 'qlora' else ', base frozen'}")
     for key in ("weights", "grads", "optimizer", "activations", "logits", "temp"):
         lines.append(f"  {key + ':':<13}{format_bytes(result[key + '_bytes']):>12}")
     lines.append(f"  {'peak:':<13}{format_bytes(result['peak_bytes']):>12}   of {format_bytes(result['device_bytes'])}"
