@@ -308,3 +308,53 @@ def test_plan_llama_2_70b_qlora_fits_a100_80gb_with_the_named_setting(capsys):
     full = plan(args, settings, "a100-80gb")
     assert fitted["peak_bytes"] < lora["peak_bytes"] < full["peak_bytes"]
     assert main(["plan", "--preset", "tiny", "--lora-rank", "4"]) == 2
+
+
+# QLoRA's NormalFloat-4 code book (Dettmers et al., 2023, appendix E), typed in from the paper
+NF4_CODES = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0]
+
+
+def test_nf4_round_trip_matches_the_paper_code_book_and_torchao():
+    """Each dequantized weight is a code-book value times its 64-block absmax (within the double quantization of
+    that absmax), the nearest one; torchao's own dequantization agrees; QLoRA's base costs ~0.516 byte/param."""
+    from torchao.quantization import NF4Tensor
+
+    from verse.peft.qlora import NF4_BYTES_PER_PARAM, to_nf4
+
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    q = to_nf4(w)
+    assert isinstance(q, NF4Tensor)
+    back = q.to(torch.float32)
+    torch.testing.assert_close(back, q.get_original_weight().float(), atol=0, rtol=0)
+    blocks, absmax = w.float().view(-1, 64), w.float().view(-1, 64).abs().amax(1, keepdim=True)
+    codes = torch.tensor(NF4_CODES)
+    nearest = codes[(blocks / absmax).unsqueeze(-1).sub(codes).abs().argmin(-1)] * absmax
+    # every value is a code-book value times its block's (double-quantized) absmax, which the block attains
+    scale = back.view(-1, 64).abs().amax(1, keepdim=True)
+    ratios = back.view(-1, 64) / scale
+    assert ratios.unsqueeze(-1).sub(codes).abs().amin(-1).max() < 1e-2
+    # and the nearest one, but where bf16 arithmetic tips a value lying on a boundary between two codes
+    close = (back.view(-1, 64) - nearest).abs() <= 0.02 * absmax
+    assert close.float().mean() > 0.99
+    assert (q.quantized_data.numel() + q.quantized_scalers.numel()) / w.numel() == pytest.approx(0.5 + 1 / 64)
+    assert NF4_BYTES_PER_PARAM == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))
+
+
+def test_qlora_model_equals_lora_on_the_dequantized_base(tiny_args):
+    """A QLoRA model (NF4 base + adapters) gives the logits of the same adapters on the NF4-rounded weights."""
+    from verse.peft import quantize_nf4_
+
+    torch.manual_seed(0)
+    model = verse.ReasoningLLM(tiny_args).eval()
+    quantize_nf4_(model)
+    apply_lora(model, LoraArgs(rank=4, alpha=8), dtype=torch.float32)
+    randomize(model, 3, only="lora_")
+    plain = verse.ReasoningLLM(tiny_args).eval()
+    apply_lora(plain, LoraArgs(rank=4, alpha=8))
+    state = {k: (v.to(torch.float32) if type(v).__name__ == "NF4Tensor" else v) for k, v in model.state_dict().items()}
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()), plain(tokens()), atol=1e-4, rtol=1e-4)
