@@ -187,3 +187,64 @@ def test_plan_within_10_percent_of_measured_peak():
         result = measure({**BASE_MODEL, **case["model"]}, {**BASE_SETTINGS, **case["settings"]})
         ratio = result["plan"]["peak_bytes"] / result["measured"]
         assert abs(ratio - 1) <= 0.10, (case["name"], ratio)
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """Any read of weights fails the test: `verse plan CKPT` reads configurations only."""
+    import gguf
+
+    import verse.interop.gguf
+    import verse.interop.hf
+
+    def fail(*args, **kwargs):
+        raise AssertionError("verse plan read weights")
+
+    monkeypatch.setattr(verse.interop.hf, "read_safetensors", fail)
+    monkeypatch.setattr(verse.interop.gguf, "dequantize", fail)
+    monkeypatch.setattr(gguf, "GGUFReader", fail)
+
+
+def plan_params(capsys, source) -> int:
+    assert main(["plan", str(source), "--seq-len", "32", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["params"]
+
+
+def test_cli_plan_reads_only_the_config_of_hf_verse_and_run_dirs(tmp_path, capsys, no_weight_reads):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    hf = transformers.LlamaForCausalLM(config)
+    hf.save_pretrained(tmp_path / "hf")  # a Hugging Face directory: no verse.json
+    assert not (tmp_path / "hf" / "verse.json").exists()
+    assert plan_params(capsys, tmp_path / "hf") == hf.num_parameters()
+    verse_dir = tmp_path / "run" / "step-0000002"  # a Verse checkpoint in a training run directory
+    verse_dir.parent.mkdir()
+    ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32")).save_pretrained(verse_dir)
+    (tmp_path / "run" / "latest").symlink_to("step-0000002")
+    assert plan_params(capsys, verse_dir) == plan_params(capsys, tmp_path / "run") == P
+
+
+def test_cli_plan_reads_only_the_config_of_deepseek_and_fp8_dirs(tmp_path, capsys, no_weight_reads):
+    from test_fp8_cast import deepseek_fp8_checkpoint
+
+    fp8_dir, oracle = deepseek_fp8_checkpoint(tmp_path)
+    # transformers keeps DeepSeek-V3's routing bias as a buffer; Verse counts it as a parameter
+    expected = oracle.num_parameters() + sum(b.numel() for name, b in oracle.named_buffers()
+                                             if name.endswith("e_score_correction_bias"))
+    assert plan_params(capsys, fp8_dir) == expected
+    assert plan_params(capsys, tmp_path / "by-hand") == expected  # the same model in bf16
+
+
+def test_cli_plan_reads_only_the_metadata_of_a_gguf(capsys, no_weight_reads):
+    import time
+
+    from verse.assets import smollm2_gguf
+    from verse.config import count_params
+
+    start = time.perf_counter()
+    params = plan_params(capsys, smollm2_gguf())
+    assert time.perf_counter() - start < 5  # loading it dequantizes for ~10 s
+    # SmolLM2-135M: 30 layers of dim 576, 9 heads of 64, 3 KV heads, SwiGLU 1536, 49152 tied embeddings
+    layer = 2 * 576 + 576 * 576 + 2 * 576 * 192 + 576 * 576 + 3 * 576 * 1536
+    assert params == 49152 * 576 + 576 + 30 * layer == count_params(ModelArgs.from_preset("smollm2-135m"))

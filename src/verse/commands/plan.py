@@ -91,21 +91,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _model_args(source: str, overrides: dict):
     """ModelArgs of a preset name or a checkpoint (reads only its config, never the weights)."""
-    from pathlib import Path
-
     from verse.config import ModelArgs, list_presets
-    from verse.errors import ConfigError
+    from verse.interop.load import load_args
 
     if source in list_presets():
         return ModelArgs.from_preset(source, **overrides)
-    path = Path(source)
-    if (path / "verse.json").is_file():
-        return ModelArgs.from_json(path / "verse.json").replace(**overrides)
-    if path.exists():
-        import torch
-
-        import verse
-
-        with torch.device("meta"):
-            return verse.load(path, device="meta").args
-    raise ConfigError(f"{source}: neither a preset nor an existing checkpoint path")
+    return load_args(source).replace(**overrides)

@@ -22,6 +22,7 @@ from verse.errors import CheckpointError, ConfigError
 from verse.interop.load import build_model
 from verse.model import ReasoningLLM
 from verse.model.rope import rope_frequencies
+from verse.tokenization.gguf import GGUFTensorInfo, read_gguf_header, read_gguf_metadata
 
 ARCH = "llama"
 Q = gguf.GGMLQuantizationType
@@ -84,11 +85,6 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({reason})") from None
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def _llama3_from_rope_freqs(args: ModelArgs, factors: torch.Tensor, path: Path) -> ModelArgs:
     """Recover Llama-3.1 RoPE scaling from llama.cpp's `rope_freqs` tensor (inv_freq / scaled_inv_freq).
 
@@ -104,61 +100,72 @@ def _llama3_from_rope_freqs(args: ModelArgs, factors: torch.Tensor, path: Path) 
     return candidate
 
 
-def args_from_gguf(reader: gguf.GGUFReader, path: Path) -> ModelArgs:
+def _header_tensor(path: Path, info: GGUFTensorInfo) -> torch.Tensor:
+    """One small tensor of a GGUF file, read at its offset (float32, PyTorch's order)."""
+    kind = Q(info.tensor_type)
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    count = int(np.prod(info.shape))
+    raw = np.fromfile(path, dtype=np.uint8, count=count // block * size, offset=info.offset)
+    data = np.require(gguf.quants.dequantize(raw, kind), np.float32, ["C", "W"])
+    return torch.from_numpy(data.reshape(tuple(reversed(info.shape))))
+
+
+def args_from_gguf(path: Path) -> ModelArgs:
     """`ModelArgs` of a Llama-architecture GGUF file from its metadata (and tensor shapes where keys are absent).
 
+    Only the header is read (`read_gguf_header`); no weight is.
+
     Args:
-        reader (gguf.GGUFReader): the open file.
-        path (Path): its path (named in errors).
+        path (Path): the file.
 
     Returns:
         ModelArgs: the configuration, `dtype` left at the default.
     """
-    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    metadata, tensors = read_gguf_header(path)
+    arch = metadata.get(gguf.Keys.General.ARCHITECTURE)
     if arch != ARCH:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only {ARCH!r})")
-    if ARGS_KEY in reader.fields:
+    if ARGS_KEY in metadata:
         try:
-            return ModelArgs.from_dict(json.loads(_field(reader, ARGS_KEY)), f"{path} ({ARGS_KEY})")
+            return ModelArgs.from_dict(json.loads(metadata.get(ARGS_KEY)), f"{path} ({ARGS_KEY})")
         except (ConfigError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: {e}") from None
 
     def required(key: str) -> Any:
-        value = _field(reader, key.format(arch=ARCH))
+        value = metadata.get(key.format(arch=ARCH))
         if value is None:
             raise CheckpointError(f"{path}: metadata key {key.format(arch=ARCH)!r} is missing")
         return value
 
-    tensors = {t.name: t for t in reader.tensors}
     if GLOBAL_NAMES["embed.weight"] not in tensors:
         raise CheckpointError(f"{path}: tensor {GLOBAL_NAMES['embed.weight']} is missing")
     n_heads = int(required(gguf.Keys.Attention.HEAD_COUNT))
     dim = int(required(gguf.Keys.LLM.EMBEDDING_LENGTH))
-    vocab = _field(reader, gguf.Keys.LLM.VOCAB_SIZE.format(arch=ARCH)) or int(tensors["token_embd.weight"].shape[1])
+    vocab = metadata.get(gguf.Keys.LLM.VOCAB_SIZE.format(arch=ARCH)) or int(tensors["token_embd.weight"].shape[1])
     context = int(required(gguf.Keys.LLM.CONTEXT_LENGTH))
-    head_dim = _field(reader, gguf.Keys.Attention.KEY_LENGTH.format(arch=ARCH))
+    head_dim = metadata.get(gguf.Keys.Attention.KEY_LENGTH.format(arch=ARCH))
     fields: Dict[str, Any] = dict(
         arch="llama",
         vocab_size=int(vocab),
         dim=dim,
         n_layers=int(required(gguf.Keys.LLM.BLOCK_COUNT)),
         n_heads=n_heads,
-        n_kv_heads=int(_field(reader, gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=ARCH), n_heads)),
+        n_kv_heads=int(metadata.get(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=ARCH), n_heads)),
         head_dim=int(head_dim) if head_dim else None,
         inter_dim=int(required(gguf.Keys.LLM.FEED_FORWARD_LENGTH)),
         norm_eps=float(required(gguf.Keys.Attention.LAYERNORM_RMS_EPS)),
         max_seq_len=context,
         original_seq_len=context,
-        rope_theta=float(_field(reader, gguf.Keys.Rope.FREQ_BASE.format(arch=ARCH), 10000.0)),
+        rope_theta=float(metadata.get(gguf.Keys.Rope.FREQ_BASE.format(arch=ARCH), 10000.0)),
         tie_embeddings=GLOBAL_NAMES["head.weight"] not in tensors,
-        bos_token_id=_field(reader, gguf.Keys.Tokenizer.BOS_ID),
-        eos_token_id=_field(reader, gguf.Keys.Tokenizer.EOS_ID),
+        bos_token_id=metadata.get(gguf.Keys.Tokenizer.BOS_ID),
+        eos_token_id=metadata.get(gguf.Keys.Tokenizer.EOS_ID),
         tokenizer="hf",
     )
-    scaling = _field(reader, gguf.Keys.Rope.SCALING_TYPE.format(arch=ARCH), "none")
+    scaling = metadata.get(gguf.Keys.Rope.SCALING_TYPE.format(arch=ARCH), "none")
     if scaling in ("linear", "yarn"):
         fields.update(rope_scaling=scaling, rope_factor=float(required(gguf.Keys.Rope.SCALING_FACTOR)))
-        original = _field(reader, gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=ARCH))
+        original = metadata.get(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=ARCH))
         if original:
             fields["original_seq_len"] = int(original)
     elif scaling != "none":
@@ -168,7 +175,7 @@ def args_from_gguf(reader: gguf.GGUFReader, path: Path) -> ModelArgs:
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if ROPE_FREQS in tensors:
-        args = _llama3_from_rope_freqs(args, dequantize(tensors[ROPE_FREQS], path), path)
+        args = _llama3_from_rope_freqs(args, _header_tensor(path, tensors[ROPE_FREQS]), path)
     return args
 
 
@@ -206,7 +213,7 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
         ReasoningLLM: the model in eval mode.
     """
     reader = open_gguf(path)
-    args = args_from_gguf(reader, path)
+    args = args_from_gguf(path)
     weights = [t for t in reader.tensors if t.name != ROPE_FREQS]
     if dtype is None:
         kinds = {Q(t.tensor_type) for t in weights if len(t.shape) > 1}
@@ -376,5 +383,5 @@ def save_gguf(model: ReasoningLLM, path: str | Path, tokenizer: Any = None, dtyp
 
 def gguf_tokenizer_pre(path: Path) -> str:
     """The llama.cpp pre-tokenizer name of a GGUF file ("default" when absent), to carry it through a conversion."""
-    return _field(open_gguf(path), gguf.Keys.Tokenizer.PRE, "default")
+    return read_gguf_metadata(path).get(gguf.Keys.Tokenizer.PRE, "default")
 

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -57,11 +57,12 @@ def adapter_for(model_type: str, source: str | Path) -> ModuleType:
         raise CheckpointError(f"{source}: model_type {model_type!r} is not supported by this Verse build") from None
 
 
-def download(repo_id: str) -> Path:
+def download(repo_id: str, patterns: Sequence[str] = ("*.json", "*.safetensors", "tokenizer*")) -> Path:
     """Download a model from the Hugging Face Hub (config, safetensors, tokenizer files) into the local cache.
 
     Args:
         repo_id (str): "org/name".
+        patterns (Sequence[str]): the files to fetch (`("*.json",)`: the configuration only).
 
     Returns:
         Path: the local snapshot directory.
@@ -69,7 +70,7 @@ def download(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except Exception as e:  # network, auth, missing repo: all one user-facing line
         raise CheckpointError(f"{repo_id}: not a local path, and downloading it from the Hugging Face Hub failed "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -43,6 +43,12 @@ def check_overrides(overrides: Dict[str, Any]) -> None:
                           f"({', '.join(EXECUTION_FIELDS)}) may change at load time; pass dtype= for the dtype")
 
 
+def is_hub_id(path: Path) -> bool:
+    """Whether a path that does not exist reads as a Hugging Face Hub repo id ("org/name")."""
+    return (not path.is_absolute() and bool(HUB_ID.fullmatch(str(path))) and not str(path).startswith(".")
+            and path.suffix.lower() != ".gguf")
+
+
 def checkpoint_dir(path: Path) -> Path:
     """The checkpoint a directory stands for: itself, or for a training run directory (no config.json or
     verse.json of its own, a `latest` checkpoint inside) its newest checkpoint. Models and tokenizers both use it.
@@ -85,13 +91,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Opti
 
     if path.is_dir():
         path = checkpoint_dir(path)
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        if _is_adapter_dir(path):
             return _load_with_adapter(path, device, dtype, overrides)
         return load_hf(path, device=device, dtype=dtype, **overrides)
     if path.exists():
         raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")
-    if not path.is_absolute() and HUB_ID.fullmatch(str(path)) and not str(path).startswith(".") \
-            and path.suffix.lower() != ".gguf":
+    if is_hub_id(path):
         return load_hf(download(str(path)), device=device, dtype=dtype, **overrides)
     raise CheckpointError(f"{path}: no such file or directory; give a checkpoint directory, a .gguf file or a Hub id")
 
@@ -100,15 +105,57 @@ def _load_with_adapter(path: Path, device: torch.device | str, dtype: Optional[t
                        overrides: Dict[str, Any]) -> ReasoningLLM:
     """A PEFT adapter directory (e.g. a LoRA run's checkpoint): its base (`base_model_name_or_path`), then the
     adapter on top, unmerged."""
-    from verse.peft import load_adapter, read_adapter_config
+    from verse.peft import load_adapter
+
+    model = load_model(_adapter_base(path), device=device, dtype=dtype, **overrides)
+    return load_adapter(model, path).eval()
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    """A PEFT adapter directory without a model of its own."""
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def _adapter_base(path: Path) -> str:
+    """The base model a PEFT adapter directory names (`base_model_name_or_path`)."""
+    from verse.peft import read_adapter_config
 
     _, config = read_adapter_config(path)
     base = config.get("base_model_name_or_path")
     if not base:
         raise CheckpointError(f"{path}: a LoRA adapter without base_model_name_or_path; load its base and pass "
                               f"--adapter {path}")
-    model = load_model(base, device=device, dtype=dtype, **overrides)
-    return load_adapter(model, path).eval()
+    return base
+
+
+def load_args(path: str | Path) -> ModelArgs:
+    """The `ModelArgs` that `load_model(path)` builds, read from the configuration alone (no weight is read).
+
+    Args:
+        path (str | Path): anything `load_model` accepts: a Verse or Hugging Face checkpoint directory (with or
+            without verse.json; DeepSeek and FP8 layouts too), a training run directory, an adapter directory (its
+            base's configuration), a `.gguf` file (its metadata), or a Hub repo id (only its JSON files are fetched).
+
+    Returns:
+        ModelArgs: the configuration (its `dtype` is the default; the weights' dtype needs the weights).
+    """
+    from verse.interop.hf import download, read_args
+
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from verse.interop.gguf import args_from_gguf
+
+        return args_from_gguf(path)
+    if path.is_dir():
+        path = checkpoint_dir(path)
+        if _is_adapter_dir(path):
+            return load_args(_adapter_base(path))
+        return read_args(path)[0]
+    if path.exists():
+        raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")
+    if is_hub_id(path):
+        return read_args(download(str(path), patterns=["*.json"]))[0]
+    raise CheckpointError(f"{path}: no such file or directory; give a checkpoint directory, a .gguf file or a Hub id")
 
 
 def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: str | Path,

@@ -8,7 +8,7 @@ fallback: Llama 2, Mistral; merges from the token scores when the file lists non
 import mmap
 import struct
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
@@ -83,18 +83,28 @@ class _Cursor:
         return self.scalar(_SCALARS[kind])
 
 
-def read_gguf_metadata(path: Path) -> Dict[str, object]:
-    """The key/value metadata of a GGUF file (v2/v3), without touching its tensors.
+class GGUFTensorInfo(NamedTuple):
+    """A tensor's entry in a GGUF header: `shape` as stored (ggml order, fastest dimension first), `tensor_type`
+    (a ggml type number) and `offset` from the start of the file."""
+
+    name: str
+    shape: Tuple[int, ...]
+    tensor_type: int
+    offset: int
+
+
+def read_gguf_header(path: Path) -> Tuple[Dict[str, object], Dict[str, GGUFTensorInfo]]:
+    """The key/value metadata and the tensor table of a GGUF file (v2/v3), without reading any tensor.
 
     gguf-py's GGUFReader maps every tensor and array element up front (about 14 s for the 135M SmolLM2 file on a
-    small CPU); the tokenizer only needs the metadata block at the start of the file, read here in a fraction
+    small CPU); the metadata and the tensor table sit at the start of the file and are read here in a fraction
     of that.
 
     Args:
         path: the .gguf file.
 
     Returns:
-        Dict[str, object]: key -> value (lists for arrays).
+        Tuple[Dict[str, object], Dict[str, GGUFTensorInfo]]: key -> value (lists for arrays), name -> tensor.
 
     Raises:
         VerseError: when the file is not a readable GGUF file.
@@ -108,10 +118,23 @@ def read_gguf_metadata(path: Path) -> Dict[str, object]:
             version = cursor.scalar("<I")
             if version not in (2, 3):
                 raise ValueError(f"GGUF version {version} (supported: 2, 3)")
-            cursor.scalar("<Q")  # tensor count
-            return {cursor.string(): cursor.value(cursor.scalar("<I")) for _ in range(cursor.scalar("<Q"))}
+            n_tensors = cursor.scalar("<Q")
+            fields = {cursor.string(): cursor.value(cursor.scalar("<I")) for _ in range(cursor.scalar("<Q"))}
+            entries = []
+            for _ in range(n_tensors):
+                name = cursor.string()
+                shape = tuple(cursor.scalar("<Q") for _ in range(cursor.scalar("<I")))
+                entries.append((name, shape, cursor.scalar("<I"), cursor.scalar("<Q")))
+            alignment = int(fields.get("general.alignment", 32))
+            start = -(-cursor.offset // alignment) * alignment  # tensor data begins at the next aligned offset
+            return fields, {e[0]: GGUFTensorInfo(e[0], e[1], e[2], start + e[3]) for e in entries}
     except (OSError, ValueError, EOFError, struct.error) as e:
         raise VerseError(f"cannot read GGUF file {path}: {e}; check that it is a complete .gguf file") from None
+
+
+def read_gguf_metadata(path: Path) -> Dict[str, object]:
+    """The key/value metadata of a GGUF file (see `read_gguf_header`)."""
+    return read_gguf_header(path)[0]
 
 
 def _byte_level_backend(fields: Dict[str, object], tokens: List[str]) -> HFBackend:
