@@ -89,14 +89,16 @@ def test_dense_adapter_loads_in_peft_with_same_logits(llama_dir, tmp_path, dora,
         torch.testing.assert_close(model(tokens()), reference(tokens()).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
-def test_mla_adapter_loads_in_peft_with_same_logits(v3_dir, tmp_path, attn_impl):
-    """MLA projections, the rotary rows of q_b_proj / kv_a_proj_with_mqa included (B follows their permutation)."""
-    args = LoraArgs(rank=4, alpha=8, targets=("attention",))
+@pytest.mark.parametrize("attn_impl,experts", [("naive", False), ("absorb", False), ("naive", True)])
+def test_mla_moe_adapter_loads_in_peft_with_same_logits(v3_dir, tmp_path, attn_impl, experts):
+    """MLA projections, the rotary rows of q_b_proj / kv_a_proj_with_mqa included (B follows their permutation),
+    and the routed experts (written per expert; PEFT fuses them into transformers 5's gate_up_proj/down_proj)."""
+    args = LoraArgs(rank=4, alpha=8, targets=("attention", "experts") if experts else ("attention",))
     model = verse_with_adapter(v3_dir, args, attn_impl=attn_impl)
     save_adapter(model, tmp_path / "adapter", args)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert sorted(config["target_modules"]) == sorted(MLA_TARGETS)
+    expert_names = ["down_proj", "gate_proj", "up_proj"] if experts else []
+    assert sorted(config["target_modules"]) == sorted(MLA_TARGETS + expert_names)
     reference = peft.PeftModel.from_pretrained(hf_model(v3_dir), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(model(tokens()), reference(tokens()).logits, atol=1e-5, rtol=0)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -149,6 +150,11 @@ def save_adapter(model: nn.Module, path: str | Path, args: Optional[LoraArgs] = 
         Path: the directory.
     """
     args = args or lora_args_of(model)
+    dense_mlp = [n for n, m in lora_modules(model).items() if isinstance(m, LoraLinear) and ".ffn." in n]
+    if dense_mlp and model.args.attention == "mla":
+        warnings.warn(f"{dense_mlp[0]}: PEFT with transformers 5 maps gate/up/down_proj adapters of DeepSeek models "
+                      f"to the routed experts only, so adapters on dense or shared-expert MLP layers load exactly in "
+                      f"Verse (and in PEFT with transformers 4), not in PEFT with transformers 5", stacklevel=2)
     target = check_target(path)
     state = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
     config = adapter_config(model, args, base)
