@@ -185,7 +185,7 @@ def test_gguf_export_round_trip(tied, tmp_path):
         expected = model(x)
         torch.testing.assert_close(hf_from_gguf(path)(x).logits, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(verse.load(path)(x), expected, atol=1e-5, rtol=0)
-        save_gguf(model, path, dtype=torch.bfloat16)
+        save_gguf(model, path, dtype=torch.bfloat16, overwrite=True)
         bf16 = verse.load(path)
         assert bf16.embed.weight.dtype == torch.bfloat16
         torch.testing.assert_close(bf16.layers[0].attn.wq.weight, model.layers[0].attn.wq.weight.bfloat16(),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from verse import ModelArgs, ReasoningLLM
-from verse.errors import CheckpointError, ConfigError
+from verse.errors import CheckpointError, ConfigError, VerseError
 from verse.interop.parallel import load_model_parallel, save_model_parallel
 from verse.model.attention import Attention
 from verse.model.linear import fp8_layers, quantize_
@@ -145,7 +145,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match="vocab_size"):
         save_model_parallel(ReasoningLLM(ModelArgs.from_preset("bytegpt-tiny", n_layers=2)), tmp_path / "b", 2)
     save_model_parallel(model, tmp_path / "mp", 2)
-    with pytest.raises(CheckpointError, match="already holds"):
+    with pytest.raises(VerseError, match="not empty; pass --overwrite"):
         save_model_parallel(model, tmp_path / "mp", 2)
     (tmp_path / "mp" / "model1-mp2.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model1-mp2.safetensors: missing"):

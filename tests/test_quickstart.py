@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from verse.errors import VerseError
-from verse.quickstart.pipeline import QuickstartConfig, prepare_run_dir, train_config, train_summary
+from verse.quickstart.pipeline import QuickstartConfig, prepare_run_dir, record_run, train_config, train_summary
 from verse.quickstart.report import card_lines, write_report
 from verse.train import TrainConfig
 
@@ -69,12 +69,25 @@ def test_run_dir_is_replaced_only_when_it_is_a_quickstart(tmp_path):
         prepare_run_dir(other)
     assert (other / "precious.txt").read_text() == "keep"
     previous = tmp_path / "qs"
-    previous.mkdir()
-    (previous / "quickstart.json").write_text("{}")
-    (previous / "old.txt").write_text("old")
     assert prepare_run_dir(previous) == previous
-    assert [p.name for p in previous.iterdir()] == ["quickstart.json"]  # the old run is gone, a new one begins
-    assert prepare_run_dir(previous) == previous  # an interrupted run can be replaced too
+    (previous / "train.yaml").write_text("old")
+    (previous / "final").mkdir()
+    (previous / "final" / "model.safetensors").write_bytes(b"old weights")
+    record_run(previous, {"status": "running"})  # as an interrupted run leaves it
+    (previous / "old.txt").write_text("mine")  # a user's files, beside and inside the run's own entries
+    (previous / "data").mkdir()
+    (previous / "data" / "notes.txt").write_text("mine too")
+    with pytest.raises(VerseError, match="notes.txt was not written by the quickstart"):
+        prepare_run_dir(previous)
+    assert (previous / "data" / "notes.txt").read_text() == "mine too"
+    (previous / "data" / "notes.txt").unlink()
+    assert prepare_run_dir(previous) == previous
+    assert sorted(p.name for p in previous.iterdir()) == ["old.txt", "quickstart.json"]  # the old run is gone
+    assert (previous / "old.txt").read_text() == "mine"
+    (previous / "quickstart.json").write_text("{}")  # a marker recording no files: nothing is deleted
+    with pytest.raises(VerseError, match="records no list of files"):
+        prepare_run_dir(previous)
+    assert (previous / "old.txt").read_text() == "mine"
 
 
 @pytest.mark.slow

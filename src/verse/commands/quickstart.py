@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from verse.quickstart.pipeline import QuickstartConfig
 
     d = QuickstartConfig()
-    parser.add_argument("--out", default=d.out_dir, help=f"run directory (default {d.out_dir})")
+    parser.add_argument("--out", default=d.out_dir,
+                        help=f"run directory (default {d.out_dir}); a rerun replaces only the files the earlier "
+                             f"quickstart recorded in its quickstart.json, never a user's")
     parser.add_argument("--budget-s", type=float, default=d.budget_s,
                         help=f"target wall time in seconds; fewer steps when they would not fit (default "
                              f"{d.budget_s:.0f}, 0 = no limit)")
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from verse.errors import VerseError
-    from verse.quickstart.pipeline import QuickstartConfig, run_quickstart
+    from verse.quickstart.pipeline import QuickstartConfig, record_run, run_quickstart
     from verse.quickstart.report import card_lines, next_commands, write_report
 
     for name in ("steps", "n_eval"):
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
                            n_eval=args.n_eval, lr=args.lr, device=args.device)
     result = run_quickstart(cfg)
     report = write_report(result.run_dir / "report.md", result.numbers, result.samples)
+    record_run(result.run_dir, result.numbers)  # the report too is the quickstart's own (a rerun replaces it)
     print("\n== Verse quickstart report card ==")
     for line in card_lines(result.numbers):
         print(line)

@@ -9,8 +9,7 @@ files (config.json without its `quantization_config`).
 import contextlib
 import json
 import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict
 
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from verse.errors import CheckpointError, ConfigError
 from verse.fp8 import BLOCK_SIZE, weight_dequant
+from verse.publish import check_destination, check_distinct, staged
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -38,6 +38,7 @@ class CastSummary:
     tensors: int
     dequantized: int
     total_bytes: int
+    skipped: list[str] = field(default_factory=list)  # files not copied: they link outside the source
 
 
 def read_weight_map(src: Path) -> Dict[str, str]:
@@ -108,9 +109,29 @@ def check_shards(src: Path, weight_map: Dict[str, str], handle: Callable[[str], 
                                       f"({BLOCK_SIZE}x{BLOCK_SIZE} blocks of a 2-D weight)")
 
 
-def _copy_other_files(src: Path, dst: Path, dtype: torch.dtype) -> None:
+def _allowed_roots(src: Path) -> list[Path]:
+    """Where the files of `src` may really live: inside it, and for a Hugging Face cache snapshot
+    (`models--ORG--NAME/snapshots/REV`, whose files link to `../../blobs/SHA`) in that repository's `blobs/`."""
+    root = src.resolve()
+    return [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+
+
+def _copy_other_files(src: Path, dst: Path, dtype: torch.dtype) -> list[str]:
+    """Copy the non-weight files of `src` to `dst` (config.json without its quantization_config).
+
+    A file whose real path lies outside `src` (a symbolic link such as `README.md -> ~/.ssh/id_rsa`) is not
+    copied: its content is no part of the checkpoint.
+
+    Returns:
+        list[str]: the names of the files skipped for that reason.
+    """
+    roots, skipped = _allowed_roots(src), []
     for path in sorted(src.iterdir()):
         if not path.is_file() or path.suffix == ".safetensors" or path.name == INDEX_NAME:
+            continue
+        real = path.resolve()
+        if not any(real.is_relative_to(root) for root in roots):
+            skipped.append(path.name)
             continue
         if path.name == "config.json":
             try:
@@ -121,19 +142,22 @@ def _copy_other_files(src: Path, dst: Path, dtype: torch.dtype) -> None:
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
             (dst / path.name).write_text(json.dumps(config, indent=2) + "\n")
         else:
-            shutil.copy2(path, dst / path.name)
+            shutil.copyfile(real, dst / path.name)
+    return skipped
 
 
 def fp8_to_bf16(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-                progress: bool = True) -> CastSummary:
+                progress: bool = True, overwrite: bool = False) -> CastSummary:
     """Convert an FP8 block-quantized checkpoint directory to `dtype`, holding at most one shard in memory.
 
     Args:
         src (str | Path): FP8 checkpoint (sharded safetensors + index, or one model.safetensors).
-        dst (str | Path): new directory (must not exist or be empty); written beside it first, then renamed.
+        dst (str | Path): new or empty directory (or any, with `overwrite`); written beside it first, then
+            published atomically (`verse.publish`): on any error `dst` stays as it was.
         dtype (torch.dtype): dtype of the dequantized weights.
         device (str): where to dequantize ("cuda" uses the Triton kernel).
         progress (bool): show a progress bar over shards.
+        overwrite (bool): replace a non-empty `dst` whole.
 
     Returns:
         CastSummary: shards, tensors and bytes written.
@@ -141,10 +165,8 @@ def fp8_to_bf16(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfl
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such checkpoint directory")
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the destination must differ from the source")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise CheckpointError(f"{dst}: already exists and is not empty; choose a new directory")
+    check_distinct(src, dst)
+    dst = check_destination(dst, overwrite=overwrite)
     if not (device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())):
         raise ConfigError(f"device {device!r}: use cpu, or cuda on a machine with a CUDA GPU")
     weight_map = read_weight_map(src)
@@ -153,43 +175,34 @@ def fp8_to_bf16(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfl
             raise CheckpointError(f"{src / weight_map[name]}: scale {name} has no weight "
                                   f"{name.removesuffix(SCALE_SUFFIX)} in the checkpoint")
     shards = sorted(set(weight_map.values()))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     new_map: Dict[str, str] = {}
     total_bytes = dequantized = 0
-    try:
-        with contextlib.ExitStack() as stack:
-            handles = {}
+    with staged(dst, replace=overwrite) as tmp, contextlib.ExitStack() as stack:
+        handles = {}
 
-            def handle(shard: str):
-                if shard not in handles:
-                    handles[shard] = stack.enter_context(_open(src / shard, device))
-                return handles[shard]
+        def handle(shard: str):
+            if shard not in handles:
+                handles[shard] = stack.enter_context(_open(src / shard, device))
+            return handles[shard]
 
-            check_shards(src, weight_map, handle)
-            for shard in tqdm(shards, desc="fp8-to-bf16", unit="shard", disable=not progress):
-                f = handle(shard)
-                out: Dict[str, torch.Tensor] = {}
-                for name in sorted(n for n, s in weight_map.items() if s == shard and not n.endswith(SCALE_SUFFIX)):
-                    tensor = f.get_tensor(name)
-                    if tensor.dtype in FP8_DTYPES:
-                        scale_name = name + SCALE_SUFFIX
-                        tensor = weight_dequant(tensor, handle(weight_map[scale_name]).get_tensor(scale_name),
-                                                dtype=dtype)
-                        dequantized += 1
-                    out[name] = tensor.cpu()
-                    new_map[name] = shard
-                    total_bytes += tensor.numel() * tensor.element_size()
-                save_file(out, str(tmp / shard), metadata={"format": "pt"})
-                del out
+        check_shards(src, weight_map, handle)
+        for shard in tqdm(shards, desc="fp8-to-bf16", unit="shard", disable=not progress):
+            f = handle(shard)
+            out: Dict[str, torch.Tensor] = {}
+            for name in sorted(n for n, s in weight_map.items() if s == shard and not n.endswith(SCALE_SUFFIX)):
+                tensor = f.get_tensor(name)
+                if tensor.dtype in FP8_DTYPES:
+                    scale_name = name + SCALE_SUFFIX
+                    tensor = weight_dequant(tensor, handle(weight_map[scale_name]).get_tensor(scale_name),
+                                            dtype=dtype)
+                    dequantized += 1
+                out[name] = tensor.cpu()
+                new_map[name] = shard
+                total_bytes += tensor.numel() * tensor.element_size()
+            save_file(out, str(tmp / shard), metadata={"format": "pt"})
+            del out
         if (src / INDEX_NAME).is_file():
             index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(new_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        _copy_other_files(src, tmp, dtype)
-        if dst.exists():
-            dst.rmdir()
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return CastSummary(dst, len(shards), len(new_map), dequantized, total_bytes)
+        skipped = _copy_other_files(src, tmp, dtype)
+    return CastSummary(dst, len(shards), len(new_map), dequantized, total_bytes, skipped)

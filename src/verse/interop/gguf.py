@@ -5,8 +5,8 @@ time. llama.cpp stores the query/key rows of each head interleaved for its RoPE 
 while Verse and Hugging Face rotate halves (x_i with x_{i + d/2}); `permute_qk`/`unpermute_qk` convert.
 """
 
+import contextlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -22,6 +22,7 @@ from verse.errors import CheckpointError, ConfigError
 from verse.interop.load import build_model
 from verse.model import ReasoningLLM
 from verse.model.rope import rope_frequencies
+from verse.publish import check_destination, staged
 from verse.tokenization.gguf import GGUFTensorInfo, read_gguf_header, read_gguf_metadata
 
 ARCH = "llama"
@@ -285,15 +286,17 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int
 
 
 def save_gguf(model: ReasoningLLM, path: str | Path, tokenizer: Any = None, dtype: Optional[torch.dtype] = None,
-              pre: str = "default") -> None:
+              pre: str = "default", overwrite: bool = False) -> None:
     """Write a dense Verse model as a Llama-architecture GGUF file (norms in F32, matrices in `dtype`).
 
     Args:
         model (ReasoningLLM): the model (dense: attention == "gqa", no MoE).
-        path (str | Path): output `.gguf` file; written to a temporary file beside it, then renamed.
+        path (str | Path): output `.gguf` file, new unless `overwrite`; written to a temporary file beside it, then
+            published atomically (`verse.publish`).
         tokenizer: optional Verse tokenizer; byte-level BPE tokenizers are stored as gpt2-style metadata.
         dtype (Optional[torch.dtype]): float32, float16 or bfloat16; None = the model's.
         pre (str): llama.cpp pre-tokenizer name stored with the tokenizer.
+        overwrite (bool): replace an existing file at `path`.
     """
     args = model.args
     if args.attention != "gqa" or args.is_moe:
@@ -301,10 +304,7 @@ def save_gguf(model: ReasoningLLM, path: str | Path, tokenizer: Any = None, dtyp
     dtype = dtype or model.embed.weight.dtype
     if dtype not in WRITE_TYPES:
         raise ConfigError(f"GGUF export dtype must be float32, float16 or bfloat16, got {dtype}")
-    path = Path(path).expanduser().absolute()
-    if path.is_dir() or path.is_symlink():
-        raise CheckpointError(f"{path}: is a directory or link; give a new .gguf file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_destination(path, overwrite=overwrite, directory=False)
     state = {k: v for k, v in model.state_dict().items() if not (args.tie_embeddings and k == "head.weight")}
 
     def kind_of(tensor: torch.Tensor) -> Any:
@@ -319,13 +319,8 @@ def save_gguf(model: ReasoningLLM, path: str | Path, tokenizer: Any = None, dtyp
         tensor = tensor.detach().to("cpu", torch.float32 if kind == Q.F32 else dtype).contiguous()
         return tensor.view(torch.uint16).numpy() if kind == Q.BF16 else tensor.numpy()
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the published file follows the umask
-    writer = gguf.GGUFWriter(tmp, ARCH)
-    try:
+    with staged(path, directory=False, replace=overwrite) as tmp, contextlib.closing(gguf.GGUFWriter(tmp, ARCH)) \
+            as writer:
         writer.add_name(path.stem)
         writer.add_file_type(FILE_TYPES[dtype])
         writer.add_vocab_size(args.vocab_size)
@@ -373,12 +368,6 @@ def save_gguf(model: ReasoningLLM, path: str | Path, tokenizer: Any = None, dtyp
             writer.write_tensor_data(as_numpy(name, tensor))
         for array in extra.values():
             writer.write_tensor_data(array)
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def gguf_tokenizer_pre(path: Path) -> str:

@@ -8,9 +8,6 @@ mistral) and `verse.interop.deepseek` (deepseek_v2, deepseek_v3). Each exposes `
 import dataclasses
 import importlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, Optional, Sequence
@@ -24,6 +21,7 @@ from verse.config import ModelArgs
 from verse.errors import CheckpointError, ConfigError
 from verse.interop.load import build_model
 from verse.model import ReasoningLLM
+from verse.publish import check_destination, staged
 
 ADAPTERS = {"llama": "verse.interop.llama", "mistral": "verse.interop.llama",
             "deepseek_v2": "verse.interop.deepseek", "deepseek_v3": "verse.interop.deepseek"}
@@ -215,61 +213,65 @@ def load_hf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torc
     return build_model(args, state, files[0] if len(files) == 1 else path, device)
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Move a fully written checkpoint from `tmp` to `target`: one rename when `target` is new, else file by file
-    (weights first, config last) so a training run's other files (e.g. `train_state/`) in `target` survive."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    new = {p.name for p in tmp.iterdir()}
-    for stale in (target / WEIGHTS, *target.glob("model-*-of-*.safetensors"), target / WEIGHTS_INDEX):
-        if stale.is_file() and stale.name not in new:
-            stale.unlink()
-    last = (CONFIG, VERSE_CONFIG)
-    for entry in sorted(tmp.iterdir(), key=lambda p: p.name in last):
-        destination = target / entry.name
-        if destination.is_dir() and not destination.is_symlink():
-            shutil.rmtree(destination)
-        os.replace(entry, destination)
-    tmp.rmdir()
+# names a checkpoint re-save replaces in an existing checkpoint directory (besides the files it writes)
+OWN_NAMES = (WEIGHTS, WEIGHTS_INDEX, CONFIG, VERSE_CONFIG, GENERATION_CONFIG)
+OWN_PATTERNS = ("model-*-of-*.safetensors", "model*-mp*.safetensors")
 
 
-def check_target(path: str | Path) -> Path:
-    """Validate an output directory: not an existing file, not a symlink, parent creatable."""
+def is_checkpoint(path: Path) -> bool:
+    """Whether a directory is a Verse or Hugging Face checkpoint: it has config.json, verse.json, safetensors
+    weights of the checkpoint's names, or a training step's `train_state/`."""
+    return (any((path / name).is_file() for name in OWN_NAMES) or (path / "train_state").is_dir()
+            or any(any(path.glob(pattern)) for pattern in OWN_PATTERNS))
+
+
+def check_target(path: str | Path, overwrite: bool = False) -> Path:
+    """Validate the output directory of `save_pretrained` (see there for the rule); create its parent."""
     target = Path(path).expanduser()
-    if target.is_symlink():
-        raise CheckpointError(f"{target}: is a symbolic link; give a real directory to write the checkpoint into")
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"{target}: exists and is not a directory; give a new or existing directory")
-    target = target.absolute()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"{target.parent}: cannot create the output directory ({e.strerror})") from None
-    return target
+    resave = target.is_dir() and not target.is_symlink() and is_checkpoint(target)
+    return check_destination(target, overwrite=overwrite or resave)
+
+
+def _kept_entries(target: Path) -> list[str]:
+    """The entries of an existing checkpoint directory a re-save keeps: all but the checkpoint's own files."""
+    kept = []
+    for entry in sorted(target.iterdir()):
+        if entry.name in OWN_NAMES or any(entry.match(p) for p in OWN_PATTERNS):
+            if entry.is_dir() and not entry.is_symlink():
+                raise CheckpointError(f"{entry}: a directory where the checkpoint has a file; move it away, "
+                                      f"or pass overwrite=True to replace the whole directory")
+            continue
+        kept.append(entry.name)
+    return kept
 
 
 def save_pretrained(model: ReasoningLLM, path: str | Path, tokenizer=None,
-                    max_shard_bytes: int = 5 * 2**30) -> None:
+                    max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
     """Write the checkpoint directory of DESIGN.md, loadable by `verse.load` and transformers.
 
     config.json (HF architecture), model.safetensors (or model-0000i-of-0000n.safetensors shards + index above
     `max_shard_bytes`), generation_config.json, verse.json (full `ModelArgs`) and, when given, the tokenizer
-    files. Everything is written to a temporary directory beside `path` first, so a crash never leaves a half
-    checkpoint.
+    files. Everything is written to a temporary directory beside `path` first and published in one atomic step
+    (`verse.publish`), so a crash or error never leaves a half checkpoint and `path` stays as it was.
+
+    `path` may be new or an empty directory, or an existing Verse/Hugging Face checkpoint (`is_checkpoint`): that
+    is re-saved, its weights, configs and tokenizer replaced and its other entries (e.g. a
+    training run's `train_state/`) kept. Any other non-empty directory is refused unless `overwrite`, which
+    replaces the whole directory.
 
     Args:
         model (ReasoningLLM): the model.
         path (str | Path): target directory.
         tokenizer: optional Verse tokenizer (its `save_pretrained(dir)` writes tokenizer.json + config).
         max_shard_bytes (int): largest shard size in bytes.
+        overwrite (bool): replace a non-empty `path` whole, whatever it holds.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
     if any(getattr(m, "ggml_type", None) is not None for m in model.modules()):
         raise CheckpointError(f"{path}: this model holds GGUF blocks (gemm_impl='gguf'), which a Hugging Face "
                               f"checkpoint cannot store; load it with gemm_impl='bf16' to save it")
-    target = check_target(path)
+    target = check_target(path, overwrite)
     args = model.args
     dtype = model.embed.weight.dtype
     args = dataclasses.replace(args, dtype=str(dtype).removeprefix("torch."))
@@ -281,11 +283,9 @@ def save_pretrained(model: ReasoningLLM, path: str | Path, tokenizer=None,
                   if v is not None}
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_bytes)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published checkpoint follows the umask
-    try:
+    replace = overwrite or (target.is_dir() and any(target.iterdir()))
+    keep = [] if overwrite or not target.is_dir() else _kept_entries(target)
+    with staged(target, replace=replace, keep=keep) as tmp:
         for filename, names in tqdm(split.filename_to_tensors.items(), desc="saving", unit="file", disable=None,
                                     leave=False):
             save_file({name: state[name].contiguous() for name in names}, tmp / filename, metadata={"format": "pt"})
@@ -298,11 +298,4 @@ def save_pretrained(model: ReasoningLLM, path: str | Path, tokenizer=None,
         (tmp / VERSE_CONFIG).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for entry in tmp.rglob("*"):
-            if entry.is_symlink():
-                raise CheckpointError(f"{entry.name}: refusing to publish a symbolic link into {target}")
-        _publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 

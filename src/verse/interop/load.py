@@ -65,7 +65,8 @@ def checkpoint_dir(path: Path) -> Path:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype | str] = None,
                **overrides: Any) -> ReasoningLLM:
-    """Load a Verse checkpoint directory, a Hugging Face Llama/Mistral/DeepSeek directory or Hub id, or a `.gguf`.
+    """Load a Verse checkpoint directory, a Hugging Face Llama/Mistral/DeepSeek directory or Hub id, a `.gguf`, or a
+    directory of model-parallel shards (`verse convert --model-parallel N`: the ranks are gathered into one model).
 
     Args:
         path (str | Path): checkpoint directory (or a training run directory: its `latest` checkpoint), `.gguf`
@@ -90,9 +91,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Opti
     from verse.interop.hf import download, load_hf
 
     if path.is_dir():
+        from verse.interop.parallel import is_model_parallel, load_parallel_model
+
         path = checkpoint_dir(path)
         if _is_adapter_dir(path):
             return _load_with_adapter(path, device, dtype, overrides)
+        if is_model_parallel(path):
+            return load_parallel_model(path, device=device, dtype=dtype, **overrides)
         return load_hf(path, device=device, dtype=dtype, **overrides)
     if path.exists():
         raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")

@@ -9,10 +9,8 @@ down-projections are replicated. FP8 block scales (`*.scale`) are split with the
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +20,7 @@ from tqdm import tqdm
 from verse.config import ModelArgs
 from verse.errors import CheckpointError, ConfigError
 from verse.fp8 import BLOCK_SIZE
+from verse.publish import check_destination, staged
 
 VERSE_CONFIG = "verse.json"
 SHARD_NAME = re.compile(r"model(\d+)-mp(\d+)\.safetensors")
@@ -107,40 +106,33 @@ def gather_state_dicts(shards: List[Dict[str, torch.Tensor]]) -> Dict[str, torch
     return out
 
 
-def save_model_parallel(model, dst: str | Path, world_size: int, tokenizer=None) -> List[Path]:
+def save_model_parallel(model, dst: str | Path, world_size: int, tokenizer=None, overwrite: bool = False) -> List[Path]:
     """Write `model` as `world_size` model-parallel shards `model{rank}-mp{world_size}.safetensors` + verse.json.
 
     Args:
         model (ReasoningLLM): the model (dense or DeepSeek MLA/MoE; FP8 weights keep their scales).
-        dst (str | Path): output directory (created; must not hold other model-parallel shards).
+        dst (str | Path): output directory: new or empty, or, with `overwrite`, replaced whole. Written beside
+            it first and published atomically (`verse.publish`).
         world_size (int): number of ranks.
         tokenizer: optional Verse tokenizer saved beside the shards.
+        overwrite (bool): replace a non-empty `dst`.
 
     Returns:
         List[Path]: the shard files, in rank order.
     """
     args = model.args.replace(dtype=str(model.embed.weight.dtype).removeprefix("torch."))
     check_parallel(args, world_size)
-    dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(SHARD_NAME.fullmatch(p.name) for p in dst.iterdir())):
-        raise CheckpointError(f"{dst}: already holds model-parallel shards (or is a file); choose a new directory")
+    dst = check_destination(dst, overwrite=overwrite)
     state = model.state_dict()
     if args.tie_embeddings:
         state.pop("head.weight")  # the same tensor as embed.weight
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with staged(dst, replace=overwrite) as tmp:
         for rank in tqdm(range(world_size), desc="model-parallel shards", unit="rank", disable=None):
             save_file(shard_state_dict(state, rank, world_size), str(tmp / shard_file_name(rank, world_size)),
                       metadata={"format": "pt", "rank": str(rank), "world_size": str(world_size)})
         (tmp / VERSE_CONFIG).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        dst.mkdir(exist_ok=True)
-        for entry in tmp.iterdir():
-            entry.replace(dst / entry.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return [dst / shard_file_name(rank, world_size) for rank in range(world_size)]
 
 
@@ -200,3 +192,41 @@ def load_model_parallel(path: str | Path, rank: Optional[int] = None) -> Dict[st
     if rank is None and config.is_file() and ModelArgs.from_json(config).tie_embeddings:
         state["head.weight"] = state["embed.weight"]
     return state
+
+
+def is_model_parallel(path: Path) -> bool:
+    """Whether a directory holds model-parallel shards and no full-model weights (`verse.load` gathers them)."""
+    return (path.is_dir() and any(SHARD_NAME.fullmatch(p.name) for p in path.iterdir())
+            and not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")))
+
+
+def load_parallel_model(path: str | Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
+                        **overrides: Any):
+    """Build the full model from a directory of model-parallel shards (`verse.load` of such a directory).
+
+    Args:
+        path (str | Path): directory written by `save_model_parallel` (shards + verse.json).
+        device (torch.device | str): where the weights go.
+        dtype (Optional[torch.dtype]): parameter dtype; None = the shards'.
+        **overrides: execution-only `ModelArgs` fields.
+
+    Returns:
+        ReasoningLLM: the model in eval mode, its weights gathered from every rank.
+    """
+    from verse.interop.load import build_model
+
+    path = Path(path)
+    config = path / VERSE_CONFIG
+    if not config.is_file():
+        raise CheckpointError(f"{config}: missing; model-parallel shards need the {VERSE_CONFIG} written beside them")
+    try:
+        args = ModelArgs.from_json(config)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{config}: {e}") from None
+    state = load_model_parallel(path)
+    if args.tie_embeddings:
+        state.pop("head.weight", None)  # build_model ties it to embed.weight
+    embed = state.get("embed.weight")
+    dtype = dtype or (embed.dtype if embed is not None else torch.float32)  # a missing tensor: build_model says so
+    args = args.replace(dtype=str(dtype).removeprefix("torch."), **overrides)
+    return build_model(args, state, path, device)

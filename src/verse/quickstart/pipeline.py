@@ -9,8 +9,10 @@ The run directory ends up with everything a user needs to repeat, edit or contin
     RUN/report.md, RUN/loss_curve.png, RUN/quickstart.json, RUN/samples.jsonl
 """
 
+import contextlib
 import gc
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,9 +23,12 @@ import torch
 import yaml
 
 from verse.errors import VerseError
+from verse.publish import staged
 from verse.quickstart import task
 
 MARKER = "quickstart.json"
+# what a quickstart writes into its run directory (besides MARKER); a rerun deletes only recorded files in these
+OWN_ENTRIES = ("data", "train.yaml", "train", "final", "report.md", "loss_curve.png", "samples.jsonl")
 LAST_NUMBER = r"(-?\d+)"
 
 
@@ -32,7 +37,7 @@ class QuickstartConfig:
     """Sizes and knobs of the quickstart (the defaults finish in about 10 minutes on a 2-core CPU).
 
     Attributes:
-        out_dir (str): run directory (replaced when it holds an earlier quickstart).
+        out_dir (str): run directory (an earlier quickstart's recorded files there are replaced, nothing else).
         steps (int): most SFT optimizer steps.
         budget_s (float): target wall time of the whole run in seconds; fewer steps are run when a measured
             step would not fit (0 = no limit).
@@ -78,19 +83,69 @@ class QuickstartResult:
     samples: List[Dict[str, Any]] = field(default_factory=list)
 
 
+def own_files(run_dir: Path) -> List[str]:
+    """Every file and link under the quickstart's own entries (`OWN_ENTRIES`), relative to `run_dir`, sorted."""
+    found = []
+    for name in OWN_ENTRIES:
+        entry = run_dir / name
+        if entry.is_symlink() or entry.is_file():
+            found.append(name)
+        elif entry.is_dir():
+            for root, dirs, files in os.walk(entry):  # links to directories are listed, not followed
+                found += [os.path.relpath(os.path.join(root, f), run_dir) for f in files]
+                found += [os.path.relpath(os.path.join(root, d), run_dir) for d in dirs
+                          if os.path.islink(os.path.join(root, d))]
+    return sorted(found)
+
+
+def record_run(run_dir: Path, numbers: Dict[str, Any]) -> None:
+    """Write the marker: `numbers` and the list of files this quickstart wrote (the only ones a rerun deletes)."""
+    text = json.dumps({**numbers, "files": own_files(run_dir)}, indent=2, default=str) + "\n"
+    with staged(run_dir / MARKER, directory=False, replace=True) as tmp:
+        tmp.write_text(text)
+
+
+def _recorded_files(run_dir: Path) -> List[str]:
+    """The files an earlier quickstart in `run_dir` recorded as its own (only relative paths in `OWN_ENTRIES`)."""
+    marker = run_dir / MARKER
+    try:
+        files = json.loads(marker.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    if not isinstance(files, list):
+        raise VerseError(f"--out {run_dir}: {MARKER} records no list of files (an interrupted or older quickstart, "
+                         f"or not Verse's); delete the directory yourself or choose another --out")
+    safe = [f for f in files if isinstance(f, str) and not Path(f).is_absolute()]
+    return [f for f in safe if Path(f).parts and Path(f).parts[0] in OWN_ENTRIES and ".." not in Path(f).parts]
+
+
 def prepare_run_dir(out_dir: str | Path) -> Path:
-    """Create the run directory; an earlier quickstart there is replaced, anything else is left alone.
+    """Create the run directory. An earlier quickstart there is removed: exactly the files it recorded in its
+    marker, then its directories left empty; anything else (a user's file, even inside `final/`) is kept.
 
     Raises:
-        VerseError: when `out_dir` exists, is not empty and is not a quickstart run.
+        VerseError: when `out_dir` exists, is not empty and is not a quickstart run, or when a user's file lies where
+            the quickstart writes (its own entries `OWN_ENTRIES`).
     """
     run_dir = Path(out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VerseError(f"--out {run_dir}: exists and is not a directory; choose another --out")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not (run_dir / MARKER).is_file():
             raise VerseError(f"--out {run_dir}: directory exists and is not a quickstart run; choose another --out")
-        shutil.rmtree(run_dir)
+        for name in _recorded_files(run_dir):
+            if (run_dir / name).is_symlink() or (run_dir / name).is_file():
+                (run_dir / name).unlink()
+        for name in OWN_ENTRIES:
+            for root, _, _ in os.walk(run_dir / name, topdown=False):  # deepest first; only empty ones go
+                with contextlib.suppress(OSError):
+                    os.rmdir(root)
+        left = own_files(run_dir) or [n for n in OWN_ENTRIES if (run_dir / n).exists()]
+        if left:
+            raise VerseError(f"--out {run_dir}: {run_dir / left[0]} was not written by the quickstart and lies "
+                             f"where it writes; move it away or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MARKER).write_text('{"status": "running"}\n')  # replaced by the numbers at the end
+    record_run(run_dir, {"status": "running"})  # replaced by the numbers at the end
     return run_dir
 
 
@@ -187,6 +242,15 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, log=print) -> Q
     Returns:
         QuickstartResult: the measured numbers and the paths.
     """
+    run_dir = prepare_run_dir(cfg.out_dir)
+    try:
+        return _run(cfg, run_dir, progress, log)
+    except BaseException:
+        record_run(run_dir, {"status": "failed"})  # what it wrote so far stays removable by a rerun
+        raise
+
+
+def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> QuickstartResult:
     import verse
     from verse.assets import smollm2_gguf
     from verse.eval import exact_match, extract_answer
@@ -196,7 +260,6 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, log=print) -> Q
     from verse.train.metrics import plot_run
 
     start = time.perf_counter()
-    run_dir = prepare_run_dir(cfg.out_dir)
     device = resolve_device(cfg.device)
     gguf = str(smollm2_gguf())
     numbers: Dict[str, Any] = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", "device": str(device),
@@ -268,10 +331,10 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, log=print) -> Q
     samples = [{"question": b["question"], "reference": b["reference"], "before": b["reply"],
                 "before_correct": b["correct"], "after": a["reply"], "after_correct": a["correct"]}
                for b, a in zip(before.samples, after.samples, strict=True)]
-    (run_dir / MARKER).write_text(json.dumps(numbers, indent=2, default=str) + "\n")
     with (run_dir / "samples.jsonl").open("w") as f:
         for s in samples:
             f.write(json.dumps(s) + "\n")
+    record_run(run_dir, numbers)
     return QuickstartResult(run_dir=run_dir, final_dir=final_dir, numbers=numbers, samples=samples)
 
 

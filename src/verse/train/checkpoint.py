@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from verse.errors import CheckpointError
+from verse.publish import fsync_dir, seal
 
 LATEST = "latest"
 STATE_DIR = "train_state"
@@ -122,23 +123,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 # ---- step directories ----
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file under `path`, and the directories, to disk before the rename publishes them."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(root))
-
-
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dict[str, Any], tokenizer: Any = None,
                     keep_last: int = 0, adapter_base: Optional[str] = None) -> Path:
     """Write `run_dir/step-NNNNNNN/` atomically, point `latest` at it, and drop checkpoints beyond `keep_last`.
@@ -168,7 +152,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dic
     else:
         model.save_pretrained(tmp, tokenizer=tokenizer)
     save_state(state, tmp / STATE_DIR)
-    _fsync_tree(tmp)
+    seal(tmp)  # normal file modes (safetensors writes 0600), flushed before the rename publishes it
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -177,7 +161,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dic
         link_tmp.unlink()
     os.symlink(final.name, link_tmp)
     os.replace(link_tmp, run_dir / LATEST)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
