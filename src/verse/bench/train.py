@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from verse.model import ReasoningLLM
     from verse.train.config import TrainConfig
     from verse.train.loop import train_step
+    from verse.train.metrics import device_peak_flops, mfu
     from verse.train.optim import TrainOptimizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,12 +65,16 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.synchronize()
         results[side] = args.steps * ids.numel() / (time.perf_counter() - start)
     ratio = results["verse"] / results["reference"]
+    peak = device_peak_flops(device, torch.float32)
+    mfus = {side: mfu(model_args, tps, 1.0, args.seq_len, peak) for side, tps in results.items()}
     if args.json:
-        print(json.dumps({"device": str(device), "tokens_per_s": results, "ratio": ratio}))
+        print(json.dumps({"device": str(device), "tokens_per_s": results, "mfu": mfus, "ratio": ratio}))
     else:
         print(f"training step, {device}, model dim 384 x 4 layers, vocab 8192, {args.micro_batch} x {args.seq_len}"
               f" tokens, fp32")
-        print(f"  reference (full logits + F.cross_entropy + AdamW): {results['reference']:>9.0f} tokens/s")
+        shown = {side: f"{value:.1%}" if value is not None else "n/a" for side, value in mfus.items()}
+        print(f"  reference (full logits + F.cross_entropy + AdamW): {results['reference']:>9.0f} tokens/s"
+              f"   MFU {shown['reference']}")
         print(f"  verse (chunked CE + fused AdamW):                  {results['verse']:>9.0f} tokens/s"
-              f"   ratio {ratio:.2f}x")
+              f"   MFU {shown['verse']}   ratio {ratio:.2f}x")
     return 0

@@ -347,14 +347,17 @@ def train_summary(metrics: List[Dict[str, Any]], k: int = 5) -> Dict[str, Any]:
 
     Returns:
         Dict[str, Any]: loss_first, loss_last (means of the first / last k steps), loss_min, tokens_per_s and mfu
-        (means over the steps after the first, which includes warm-up), tokens, peak_memory_bytes.
+        (means over the steps after the first, which includes warm-up; mfu None when a step has none), tokens,
+        peak_memory_bytes.
     """
     if not metrics:
         return {}
     losses = [m["loss"] for m in metrics]
     steady = metrics[1:] or metrics
     mean = lambda key: sum(m.get(key, 0.0) for m in steady) / len(steady)  # noqa: E731
+    # a step whose MFU came out above 100 % has none (the peak was wrong): then neither has the summary
+    mfu = mean("mfu") if all(m.get("mfu") is not None for m in steady) else None
     return {"loss_first": sum(losses[:k]) / len(losses[:k]), "loss_last": sum(losses[-k:]) / len(losses[-k:]),
-            "loss_min": min(losses), "tokens_per_s": mean("tokens_per_s"), "mfu": mean("mfu"),
+            "loss_min": min(losses), "tokens_per_s": mean("tokens_per_s"), "mfu": mfu,
             "tokens": metrics[-1].get("tokens", 0),
             "peak_memory_bytes": max(m.get("peak_memory_bytes", 0) for m in metrics)}

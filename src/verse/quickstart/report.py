@@ -28,7 +28,9 @@ def card_lines(numbers: Dict[str, Any]) -> List[str]:
         lines += [
             f"train loss: {numbers['loss_first']:.3f} -> {numbers['loss_last']:.3f} (mean of first/last 5 steps; "
             f"min {numbers['loss_min']:.3f}) over {numbers['steps']} steps, {numbers['tokens']:,} tokens",
-            f"throughput: {numbers['tokens_per_s']:.0f} tokens/s, MFU {100 * numbers['mfu']:.1f}%",
+            f"throughput: {numbers['tokens_per_s']:.0f} tokens/s, MFU "
+            + (f"{100 * numbers['mfu']:.1f}%" if numbers.get("mfu") is not None else "n/a (computed above 100 %: "
+               "the device's peak FLOP/s is underestimated; set peak_flops=)"),
             f"peak memory: {numbers['peak_memory_bytes'] / 2**30:.2f} GiB",
         ]
     lines += [

@@ -21,7 +21,8 @@ from verse.model.masks import document_mask
 from verse.train import checkpoint as ckpt
 from verse.train.config import TrainConfig
 from verse.train.loss import IGNORE_INDEX, chunked_cross_entropy
-from verse.train.metrics import MetricsLog, device_peak_flops, flops_per_token, memory_bytes, moe_stats, plot_run
+from verse.train.metrics import (MetricsLog, compute_dtype, device_peak_flops, memory_bytes, mfu, moe_stats,
+                                 plot_run)
 from verse.train.optim import TrainOptimizer
 from verse.train.schedule import lr_at
 
@@ -302,8 +303,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                                     adapter_base=adapter_base(cfg))
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    flops_tok = flops_per_token(model.args, cfg.max_seq_len)
-    peak_flops = cfg.peak_flops or device_peak_flops(device)
+    peak_flops = cfg.peak_flops or device_peak_flops(device, compute_dtype(cfg.precision, cfg.param_dtype))
     log = MetricsLog(run_dir, tensorboard=cfg.tensorboard)
     batches = _Batches(loader)
     metrics: List[Dict[str, Any]] = []
@@ -345,7 +345,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                 record = {"kind": "train", "step": step, "loss": loss_sum / n_tokens if applied else None,
                           "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                           "loss_tokens": n_tokens, "tokens": tokens_seen, "tokens_per_s": round(tps, 2),
-                          "mfu": round(tps * flops_tok / peak_flops, 5), "step_time_s": round(elapsed, 4),
+                          "mfu": mfu(model.args, seq_tokens, elapsed, cfg.max_seq_len, peak_flops),
+                          "step_time_s": round(elapsed, 4),
                           "skipped": skipped, **memory_bytes(device), **moe_stats(model)}
                 if byte_level and record["loss"] is not None:
                     record["bpb"] = record["loss"] / math.log(2)  # byte tokens: nats/token -> bits per byte
@@ -358,7 +359,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "skip",
                                     **({"bpb": f"{record['bpb']:.3f}"} if "bpb" in record else {}),
-                                    tok_s=f"{tps:.0f}", mfu=f"{record['mfu']:.1%}")
+                                    tok_s=f"{tps:.0f}",
+                                    mfu=f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a")
                 if eval_loader is not None and cfg.eval_every and (step % cfg.eval_every == 0
                                                                    or step == cfg.max_steps):
                     eval_loss = evaluate(model, eval_loader, cfg.eval_batches, device, autocast, cfg.loss_chunk_size)

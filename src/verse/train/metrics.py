@@ -1,7 +1,9 @@
 """Run visibility: FLOPs and MFU, memory, `metrics.jsonl`, TensorBoard (when installed) and the loss plot."""
 
+import functools
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -9,11 +11,30 @@ import torch
 
 from verse.config import ModelArgs, count_params
 
-# dense bf16 tensor-core peak FLOP/s (no sparsity), from the vendors' data sheets
-GPU_PEAK_FLOPS = {
-    "a100-40gb": 312e12, "a100-80gb": 312e12, "h100-80gb": 989e12, "h100-pcie": 756e12, "h200": 989e12,
-    "l4": 121e12, "l40s": 362e12, "a10g": 125e12, "rtx-4090": 165e12, "rtx-3090": 71e12, "v100": 125e12,
+GiB = 2**30
+# Every GPU Verse knows: usable memory (bytes), dense bf16 tensor-core peak FLOP/s (no sparsity; the vendors'
+# data sheets) and the words of `torch.cuda.get_device_name()` that identify it. Entries are matched in this order,
+# so a name that contains another's words comes first (A100 before A10G, L40S before L4, H100 PCIe before H100).
+GPUS: Dict[str, Dict[str, Any]] = {
+    "a100-40gb": {"memory": 40 * GiB, "flops": 312e12, "match": ("a100", "40gb")},
+    "a100-80gb": {"memory": 80 * GiB, "flops": 312e12, "match": ("a100",)},
+    "h100-pcie": {"memory": 80 * GiB, "flops": 756e12, "match": ("h100", "pcie")},
+    "h100-80gb": {"memory": 80 * GiB, "flops": 989e12, "match": ("h100",)},
+    "h200": {"memory": 141 * GiB, "flops": 989e12, "match": ("h200",)},
+    "l40s": {"memory": 48 * GiB, "flops": 362e12, "match": ("l40s",)},
+    "l4": {"memory": 24 * GiB, "flops": 121e12, "match": ("l4",)},
+    "a10g": {"memory": 24 * GiB, "flops": 125e12, "match": ("a10",)},
+    "rtx-4090": {"memory": 24 * GiB, "flops": 165e12, "match": ("4090",)},
+    "rtx-3090": {"memory": 24 * GiB, "flops": 71e12, "match": ("3090",)},
+    "v100": {"memory": 32 * GiB, "flops": 125e12, "match": ("v100",)},
 }
+UNKNOWN_GPU_FLOPS = 100e12
+
+
+def gpu_key(device_name: str) -> Optional[str]:
+    """The `GPUS` key of a CUDA device name ("NVIDIA H100 80GB HBM3" -> "h100-80gb"), None when unknown."""
+    name = device_name.lower()
+    return next((key for key, spec in GPUS.items() if all(word in name for word in spec["match"])), None)
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
@@ -37,27 +58,73 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     return 6 * n + attention
 
 
-def device_peak_flops(device: torch.device) -> float:
-    """Peak FLOP/s of `device`: the bf16 data-sheet number for known GPUs; on CPU a short fp32 matmul measurement
-    (CPUs without AMX run bf16 matmuls far below their fp32 rate)."""
+def compute_dtype(precision: str, param_dtype: str) -> torch.dtype:
+    """The dtype a training step's matmuls run in: bf16 under bf16 autocast, else the parameters' dtype."""
+    return torch.bfloat16 if precision == "bf16" else getattr(torch, param_dtype)
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Peak matmul FLOP/s of `device` in `dtype`: the bf16 data-sheet number of a known GPU; on CPU measured.
+
+    On CPU the rate is measured with square matmuls in `dtype` on the current thread count (a CPU with
+    AVX512-BF16 or AMX runs bf16 faster than fp32, one without emulates it far slower), once per dtype and thread
+    count in a process.
+
+    Args:
+        device (torch.device): where the step runs.
+        dtype (torch.dtype): the step's compute dtype (`compute_dtype`).
+
+    Returns:
+        float: FLOP/s.
+    """
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for key, flops in (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("l4", 121e12),
-                           ("a10", 125e12), ("4090", 165e12), ("3090", 71e12), ("v100", 125e12)):
-            if key in name:
-                return flops
-        return 100e12
-    # best of several runs: a shared machine only ever makes a run slower, and an underestimated peak would
-    # report MFU above 100 %
-    n = 2048  # large enough to run at the matmul kernel's full rate (1024 stays well below it on 2 cores)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        key = gpu_key(torch.cuda.get_device_name(device))
+        return GPUS[key]["flops"] if key else UNKNOWN_GPU_FLOPS
+    return _cpu_matmul_flops(dtype, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_matmul_flops(dtype: torch.dtype, threads: int, seconds: float = 0.5) -> float:
+    """Best rate of n x n matmuls (n = 1024 and 2048), each size timed for at least `seconds` and 3 runs: a
+    shared machine only ever makes a run slower, and an underestimated peak reports MFU above 100 %."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up: kernel selection, page faults
+        runs, spent, fastest = 0, 0.0, float("inf")
+        while runs < 3 or spent < seconds:
+            start = time.perf_counter()
+            a @ b
+            elapsed = time.perf_counter() - start
+            fastest, spent, runs = min(fastest, elapsed), spent + elapsed, runs + 1
+        best = max(best, 2 * n**3 / fastest)
+    return best
+
+
+def mfu(args: ModelArgs, tokens: float, seconds: float, seq_len: int, peak_flops: float) -> Optional[float]:
+    """Model FLOPs utilisation: `tokens` trained in `seconds` (`flops_per_token`: 6 N + attention) over the peak.
+
+    The one formula of the progress bar, `metrics.jsonl`, the quickstart card and `verse bench train`. A value
+    above 1 means the peak is wrong, not that the step is fast: it is reported once as a warning and returned as
+    None (never printed as a number).
+
+    Args:
+        args (ModelArgs): the model (active parameters for MoE).
+        tokens (float): tokens processed (every sequence position).
+        seconds (float): wall time they took.
+        seq_len (int): tokens per sequence (the attention term).
+        peak_flops (float): the device's peak FLOP/s in the step's dtype (`device_peak_flops`).
+
+    Returns:
+        Optional[float]: a fraction in [0, 1], or None when the measured rate exceeds the peak.
+    """
+    value = tokens * flops_per_token(args, seq_len) / (seconds * peak_flops)
+    if value > 1:
+        warnings.warn(f"MFU computed above 100 % ({value:.0%}): the peak of {peak_flops / 1e12:.3g} TFLOP/s is too "
+                      "low for this device; set peak_flops= to its real peak (MFU is left out until then)",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return value
 
 
 def memory_bytes(device: torch.device) -> Dict[str, int]:

@@ -26,18 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from verse.config import ModelArgs, _attention_params, count_params
 from verse.errors import ConfigError
-from verse.train.metrics import GPU_PEAK_FLOPS, flops_per_token
+from verse.train.metrics import GPUS, GiB, flops_per_token
 
-GiB = 2**30
-# usable memory of each device (bytes) and its dense bf16 peak FLOP/s
-GPUS: Dict[str, Dict[str, float]] = {
-    "a100-40gb": {"memory": 40 * GiB}, "a100-80gb": {"memory": 80 * GiB}, "h100-80gb": {"memory": 80 * GiB},
-    "h100-pcie": {"memory": 80 * GiB}, "h200": {"memory": 141 * GiB}, "l4": {"memory": 24 * GiB},
-    "l40s": {"memory": 48 * GiB}, "a10g": {"memory": 24 * GiB}, "rtx-4090": {"memory": 24 * GiB},
-    "rtx-3090": {"memory": 24 * GiB}, "v100": {"memory": 32 * GiB},
-}
-for _name, _spec in GPUS.items():
-    _spec["flops"] = GPU_PEAK_FLOPS[_name]
 HEADROOM = 0.95  # CUDA context, allocator fragmentation and NCCL buffers take the rest
 DEFAULT_MFU = 0.4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
