@@ -21,6 +21,7 @@ from verse.interop.fp8_cast import fp8_to_bf16
 from verse.interop.gguf import save_gguf
 from verse.interop.hf import save_pretrained
 from verse.interop.parallel import save_model_parallel
+from verse.peft import LoraArgs, apply_lora, save_adapter
 from verse.train.checkpoint import save_checkpoint
 
 
@@ -112,7 +113,8 @@ def test_every_writer_publishes_with_the_umask_modes(tmp_path, umask, capsys):
     fp8_checkpoint(tmp_path / "fp8")
     assert main(["fp8-to-bf16", str(tmp_path / "fp8"), str(tmp_path / "bf16")]) == 0
     step = save_checkpoint(tmp_path / "run", 1, model, {"step": 1, "m": torch.ones(3)})
-    for path in ("hf", "m.gguf", "mp", "bf16", "run/step-0000001"):
+    save_adapter(apply_lora(tiny_model(), LoraArgs(rank=2, alpha=4)), tmp_path / "adapter")
+    for path in ("hf", "m.gguf", "mp", "bf16", "run/step-0000001", "adapter"):
         assert_modes(tmp_path / path, umask)
     # the files safetensors and tempfile create private are public like any other new file
     assert mode(tmp_path / "hf" / "model.safetensors") == 0o666 & ~umask
@@ -239,6 +241,26 @@ def test_save_pretrained_rule(tmp_path):
     assert torch.equal(verse.load(step).embed.weight, model.embed.weight)
     save_pretrained(model, user, overwrite=True)
     assert not (user / "thesis.tex").exists() and (user / "verse.json").is_file()
+
+
+def test_save_adapter_rule(tmp_path):
+    """An adapter directory is re-saved (other entries kept); another non-empty directory needs overwrite=True."""
+    args = LoraArgs(rank=2, alpha=4)
+    model = apply_lora(tiny_model(), args)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(VerseError, match="not empty; pass --overwrite"):
+        save_adapter(model, user, args)
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, args)
+    (adapter / "README.md").write_text("card")
+    save_adapter(model, adapter, args)
+    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter_config.json",
+                                                         "adapter_model.safetensors"]
+    save_adapter(model, user, args, overwrite=True)
+    assert not (user / "notes.txt").exists()
 
 
 # ---- 3. the destination is never the source, inside it, or holding it ----

@@ -9,10 +9,7 @@ layout PEFT gives transformers' per-expert DeepSeek modules (PEFT converts it fo
 """
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -23,10 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from verse.errors import CheckpointError
-from verse.interop.hf import adapter_for, check_target, read_json
+from verse.interop.hf import adapter_for, read_json
 from verse.model.linear import Linear
 from verse.model.moe import Experts
 from verse.peft.lora import LoraArgs, LoraExperts, LoraLinear, apply_lora, lora_modules
+from verse.publish import check_destination, staged
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -136,15 +134,17 @@ def lora_args_of(model: nn.Module) -> LoraArgs:
                     dora=getattr(first, "lora_magnitude", None) is not None)
 
 
-def save_adapter(model: nn.Module, path: str | Path, args: Optional[LoraArgs] = None, base: Optional[str] = None
-                 ) -> Path:
-    """Write the adapters of `model` as a PEFT adapter directory, atomically (temporary directory, then rename).
+def save_adapter(model: nn.Module, path: str | Path, args: Optional[LoraArgs] = None, base: Optional[str] = None,
+                 overwrite: bool = False) -> Path:
+    """Write the adapters of `model` as a PEFT adapter directory, published atomically (`verse.publish`).
 
     Args:
         model (nn.Module): a `ReasoningLLM` with adapters.
-        path (str | Path): target directory (created; its adapter files replaced).
+        path (str | Path): target directory: new or empty, or an adapter directory (its adapter files replaced,
+            other entries kept); any other non-empty directory only with `overwrite`.
         args (Optional[LoraArgs]): the adapter settings (default: read back from the modules).
         base (Optional[str]): the base model's path or Hub id, recorded as `base_model_name_or_path`.
+        overwrite (bool): replace a non-empty `path` whole.
 
     Returns:
         Path: the directory.
@@ -155,22 +155,16 @@ def save_adapter(model: nn.Module, path: str | Path, args: Optional[LoraArgs] = 
         warnings.warn(f"{dense_mlp[0]}: PEFT with transformers 5 maps gate/up/down_proj adapters of DeepSeek models "
                       f"to the routed experts only, so adapters on dense or shared-expert MLP layers load exactly in "
                       f"Verse (and in PEFT with transformers 4), not in PEFT with transformers 5", stacklevel=2)
-    target = check_target(path)
+    target = Path(path).expanduser()
+    resave = target.is_dir() and not target.is_symlink() and (target / ADAPTER_CONFIG).is_file()
+    target = check_destination(target, overwrite=overwrite or resave)
     state = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
     config = adapter_config(model, args, base)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    existing = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    keep = [] if overwrite else [name for name in existing if name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
+    with staged(target, replace=bool(existing), keep=keep) as tmp:
         save_file(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if not target.exists():
-            os.rename(tmp, target)
-        else:
-            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):  # config last: a reader never sees new config, old weights
-                os.replace(tmp / name, target / name)
-            tmp.rmdir()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
