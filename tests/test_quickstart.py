@@ -90,6 +90,48 @@ def test_run_dir_is_replaced_only_when_it_is_a_quickstart(tmp_path):
     assert (previous / "old.txt").read_text() == "mine"
 
 
+def test_rerun_deletes_only_what_the_quickstart_wrote(tmp_path, monkeypatch):
+    """`verse quickstart --out DIR` twice, the first run interrupted: the second removes exactly the files the first
+    recorded (in its own entries, `train/` and `final/` included) and leaves a user's files byte for byte."""
+    import verse.quickstart.pipeline as pipeline
+    from verse.cli import main
+
+    out = tmp_path / "qs"
+
+    def interrupted(cfg, run_dir, progress, log):
+        (run_dir / "data").mkdir()
+        (run_dir / "data" / "train.jsonl").write_text("{}\n")
+        (run_dir / "train" / "step-0000001").mkdir(parents=True)
+        (run_dir / "train" / "step-0000001" / "model.safetensors").write_bytes(b"weights")
+        (run_dir / "train" / "latest").symlink_to("step-0000001")
+        (run_dir / "train.yaml").write_text("max_steps: 1\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_run", interrupted)
+    assert main(["quickstart", "--out", str(out)]) == 130
+    recorded = json.loads((out / "quickstart.json").read_text())
+    assert recorded["status"] == "failed" and recorded["files"] == [
+        "data/train.jsonl", "train.yaml", "train/latest", "train/step-0000001/model.safetensors"]
+    (out / "mine.txt").write_text("a user's notes")
+    (out / "data" / "mine").mkdir()  # a user's directory inside the quickstart's own entry
+    (out / "data" / "mine" / "x.txt").write_text("x")
+    with pytest.raises(VerseError, match="mine/x.txt was not written by the quickstart"):
+        prepare_run_dir(out)
+    assert (out / "data" / "mine" / "x.txt").read_text() == "x"
+    (out / "data" / "mine" / "x.txt").rename(out / "x.txt")
+    (out / "data" / "mine").rmdir()
+    seen = {}
+
+    def finished(cfg, run_dir, progress, log):
+        seen["entries"] = sorted(p.name for p in run_dir.iterdir())
+        raise VerseError("stop here")
+
+    monkeypatch.setattr(pipeline, "_run", finished)
+    assert main(["quickstart", "--out", str(out)]) == 2
+    assert seen["entries"] == ["mine.txt", "quickstart.json", "x.txt"]  # the old run gone, the user's files kept
+    assert (out / "mine.txt").read_text() == "a user's notes" and (out / "x.txt").read_text() == "x"
+
+
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path, capsys):
     """The real thing, smaller: SmolLM2-135M learns the task (+25 points held-out) and the report says so."""
