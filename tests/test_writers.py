@@ -123,6 +123,40 @@ def test_every_writer_publishes_with_the_umask_modes(tmp_path, umask, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_publish_replaces_atomically_or_puts_the_old_content_back(tmp_path, monkeypatch, renameat2):
+    import verse.publish as publish
+
+    if not renameat2:  # the fallback for systems without renameat2: rename aside, rename in, put back on failure
+        monkeypatch.setattr(publish, "_renameat2", lambda *args: False)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(VerseError, match="exists"):
+        with publish.staged(target) as tmp:  # replace not allowed
+            (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with publish.staged(target, replace=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    if not renameat2:
+        real, calls = os.rename, []
+
+        def failing_second_rename(src, dst):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise OSError(5, "Input/output error")
+            real(src, dst)
+
+        monkeypatch.setattr(os, "rename", failing_second_rename)
+        with pytest.raises(VerseError, match="Input/output error.*left as it was"):
+            with publish.staged(target, replace=True) as tmp:
+                (tmp / "newer.txt").write_text("newer")
+        monkeypatch.setattr(os, "rename", real)
+        assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 # ---- 2. + 4. non-empty destinations are refused without --overwrite; replacing is atomic ----
 
 def test_convert_refuses_a_non_empty_directory_and_an_existing_gguf(hf_dir, tmp_path, capsys):

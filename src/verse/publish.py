@@ -100,10 +100,12 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 
 
 def _remove(path: Path) -> None:
+    """Remove a temporary or replaced output, as far as possible (a leftover never fails a finished write)."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink()
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def publish(tmp: Path, target: Path, replace: bool = False) -> None:
