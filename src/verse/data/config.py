@@ -1,11 +1,11 @@
 """`DataConfig`: the `data:` section of a training config (sources, mixing, length policy, packing)."""
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from verse.errors import ConfigError
+from verse.schema import check_keys, check_types
 
 # Short names of the Hub datasets Verse knows: (repo id, config, split, schema), as on the Hub
 # (nvidia/OpenCodeReasoning's config split_0 names its only split split_0 too).
@@ -117,20 +117,17 @@ class DataConfig:
         Raises:
             ConfigError: on unknown keys or invalid values, naming the field.
         """
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"data: unknown key(s) {unknown}; known: {sorted(known)}")
-        for key in ("sources", "eval_sources"):
-            if key in d:
-                d[key] = [_source_from(s, f"data.{key}[{i}]") for i, s in enumerate(d[key] or [])]
+        d = check_keys(d or {}, cls, "data")
         cfg = cls(**d)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
         """Check every field; raise ConfigError naming the first bad one."""
+        for key in ("sources", "eval_sources"):  # `sources:` left empty in YAML is null
+            if getattr(self, key) is None:
+                setattr(self, key, [])
+        check_types(self, "data.")
         self.sources = [_source_from(s, f"data.sources[{i}]") for i, s in enumerate(self.sources)]
         self.eval_sources = [_source_from(s, f"data.eval_sources[{i}]") for i, s in enumerate(self.eval_sources)]
         if not self.sources and not self.eval_sources:
@@ -155,22 +152,13 @@ def _source_from(s: Any, where: str) -> SourceConfig:
     if isinstance(s, str):
         is_path = s not in HUB_SOURCES and (Path(s).exists() or bool(Path(s).suffix))
         s = {"path": s} if is_path else {"name": s}
-    if isinstance(s, dict):
-        known = {f.name for f in dataclasses.fields(SourceConfig)}
-        unknown = sorted(set(s) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-        s = SourceConfig(**s)
     if not isinstance(s, SourceConfig):
-        raise ConfigError(f"{where}: expected a mapping with name/path, got {type(s).__name__}")
+        s = SourceConfig(**check_keys(s, SourceConfig, where))
+    check_types(s, f"{where}.")
     if not s.name and not s.path:
         raise ConfigError(f"{where}: give a Hub `name` (e.g. openthoughts) or a local `path`")
     if s.schema not in SCHEMAS:
         raise ConfigError(f"{where}.schema must be one of {SCHEMAS}, got {s.schema!r}")
-    try:
-        s.weight = float(s.weight)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}.weight must be a number, got {s.weight!r}") from None
     if not s.weight > 0:
         raise ConfigError(f"{where}.weight must be > 0, got {s.weight}")
     return s

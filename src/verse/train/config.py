@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 import yaml
 
 from verse.errors import ConfigError
+from verse.schema import as_number, check_keys, check_types
 
 if TYPE_CHECKING:
     from verse.peft.lora import LoraArgs
@@ -92,14 +93,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "TrainConfig":
         """Build from a dict (a parsed YAML file), rejecting unknown keys and bad values with one clear line."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown training field(s) {', '.join(unknown)}; "
-                              "see `verse train --print-config`")
-        cfg = cls(**{k: _number(v) if _FIELD_TYPES[k] is float else v for k, v in data.items()})
+        cfg = cls(**check_keys(data, cls, source, hint="see `verse train --print-config`"))
         cfg.validate(source)
         return cfg
 
@@ -139,11 +133,26 @@ class TrainConfig:
         return cls.from_dict(data, source)
 
     def validate(self, source: str = "config") -> None:
-        """Check every value, raising `ConfigError` naming the first bad field."""
+        """Check every value (types first, then ranges; the data section too), raising `ConfigError` naming the
+        first bad field."""
 
         def require(ok: bool, name: str, message: str) -> None:
             if not ok:
                 raise ConfigError(f"{source}: {name}: {message}")
+
+        require(self.out_dir is not None, "out_dir", "is empty (YAML reads a bare ~ as null); give the run "
+                "directory to create, e.g. out_dir=runs/NAME")
+        for name in ("model_overrides", "finetune"):  # a section left empty in YAML is null
+            if getattr(self, name) is None:
+                setattr(self, name, {})
+        check_types(self, f"{source}: ")
+        require(self.out_dir.strip() != "", "out_dir", "is empty; give the run directory to create, e.g. "
+                "out_dir=runs/NAME (training never writes into the current directory)")
+        require(self.tokenizer is None or self.tokenizer.strip() != "", "tokenizer",
+                "is empty; give a tokenizer name or path, or leave it out to use the model's own")
+        require(isinstance(self.data, dict) or dataclasses.is_dataclass(self.data), "data",
+                f"must be a mapping (the data section: sources, packing, ...), got {type(self.data).__name__} "
+                f"{self.data!r}")
 
         def one_of(name: str, choices: Sequence[str]) -> None:
             value = getattr(self, name)
@@ -154,27 +163,20 @@ class TrainConfig:
                           "param_dtype": PARAM_DTYPES, "bf16_update": BF16_UPDATES}[name])
         for name in ("max_steps", "max_seq_len", "micro_batch_size", "gradient_accumulation_steps",
                      "loss_chunk_size", "max_bad_steps", "eval_batches", "log_every"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                    f"must be a positive integer, got {value!r}")
-        for name in ("activation_checkpointing", "warmup_steps", "save_every", "keep_last", "eval_every", "seed"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
-                    f"must be a non-negative integer, got {value!r}")
-        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip", "peak_flops"):
-            value = getattr(self, name)
-            require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, name,
-                    f"must be a non-negative number, got {value!r}")
+            require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("activation_checkpointing", "warmup_steps", "save_every", "keep_last", "eval_every", "seed",
+                     "lr", "min_lr", "weight_decay", "eps", "grad_clip", "peak_flops"):
+            require(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)!r}")
+        require(self.seed < 2**32, "seed", f"must be below 2**32 (NumPy's limit), got {self.seed}")
         require(self.lr > 0, "lr", f"must be positive, got {self.lr!r}")
         require(self.min_lr <= self.lr, "min_lr", f"must not exceed lr ({self.lr}), got {self.min_lr}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            require(isinstance(value, (int, float)) and 0 <= value < 1, name, f"must be in [0, 1), got {value!r}")
+            require(0 <= value < 1, name, f"must be in [0, 1), got {value!r}")
         require(0 < self.decay_fraction <= 1, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
         require(self.warmup_steps <= self.max_steps, "warmup_steps",
                 f"({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
-        require(isinstance(self.model, str) and bool(self.model), "model", "must be a preset name or a path")
-        require(isinstance(self.model_overrides, dict), "model_overrides", "must be a mapping of ModelArgs fields")
+        require(bool(self.model), "model", "must be a preset name or a path")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "device",
                 f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.lora_args(source)
@@ -183,7 +185,6 @@ class TrainConfig:
                     "steps inside backward, so it needs gradient_accumulation_steps=1")
             require(self.grad_clip == 0, "fused_backward",
                     "frees each grad right after its step, so global clipping is impossible: set grad_clip=0")
-
 
     @property
     def finetune_method(self) -> str:
@@ -219,7 +220,7 @@ class TrainConfig:
             if lora:
                 raise ConfigError(f"{source}: finetune.lora: set finetune.method=lora or qlora to use it")
             return None
-        values = {**LORA_FIELDS, **{k: _number(v) if k in ("alpha", "dropout") else v for k, v in lora.items()}}
+        values = {**LORA_FIELDS, **{k: as_number(v) if k in ("alpha", "dropout") else v for k, v in lora.items()}}
 
         def check(ok: bool, name: str, message: str) -> None:
             if not ok:
@@ -235,19 +236,6 @@ class TrainConfig:
             check(isinstance(values[name], bool), name, "must be true or false")
         return LoraArgs(rank=values["rank"], alpha=float(values["alpha"]), dropout=float(values["dropout"]),
                         targets=normalize_targets(values["targets"]), dora=values["dora"], rslora=values["rslora"])
-
-
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-
-
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads `3e-4` (no dot) as a string: accept it as the number it means."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
 
 
 def apply_override(data: Dict[str, Any], item: str) -> None:
