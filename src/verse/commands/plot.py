@@ -14,12 +14,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
     from verse.errors import VerseError
-    from verse.train.metrics import plot_run, read_metrics
+    from verse.train.metrics import count_bad_metrics, plot_run, read_metrics
 
-    if not read_metrics(Path(args.run_dir)):
+    run_dir = Path(args.run_dir).expanduser()
+    out = Path(args.out).expanduser() if args.out else run_dir / "plot.png"
+    if not read_metrics(run_dir):
         raise VerseError(f"{args.run_dir}: no metrics.jsonl with training steps; is it a run directory?")
-    print(plot_run(Path(args.run_dir), Path(args.out) if args.out else None))
+    if out.is_dir():
+        raise VerseError(f"--out {out}: is a directory; give the PNG file to write, e.g. {out / 'plot.png'}")
+    if not out.parent.is_dir():
+        raise VerseError(f"--out {out}: directory {out.parent} does not exist; create it or choose another path")
+    bad = count_bad_metrics(run_dir)
+    if bad:
+        print(f"verse plot: skipped {bad} malformed line(s) of {run_dir / 'metrics.jsonl'}", file=sys.stderr)
+    try:
+        print(plot_run(run_dir, out))
+    except OSError as e:
+        raise VerseError(f"--out {out}: cannot write it ({e.strerror or e})") from None
     return 0

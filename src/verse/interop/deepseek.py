@@ -277,6 +277,8 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
     """Hugging Face DeepSeek tensors to Verse names: rename, stack experts, de-interleave the rotary rows.
 
     Tensors of layers past `n_layers` (DeepSeek-V3's multi-token-prediction layer) are dropped, as transformers does.
+    `state_dict` may hold only some whole layers (a loader converting one layer at a time); the experts of each MoE
+    layer it has a tensor of must all be there.
 
     Args:
         state_dict (Dict[str, torch.Tensor]): HF names -> tensors.
@@ -294,6 +296,7 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
     suffixes = {hf: verse for verse, hf in SUFFIXES.items()}
     out: Dict[str, torch.Tensor] = {}
     experts: Dict[tuple, torch.Tensor] = {}
+    layers = set()
     for name, tensor in state_dict.items():
         if IGNORED.fullmatch(name) or (args.tie_embeddings and name == "lm_head.weight"):
             continue
@@ -305,6 +308,7 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
             raise KeyError(name)
         if int(layer.group(1)) >= args.n_layers:
             continue
+        layers.add(int(layer.group(1)))
         expert = HF_EXPERT.fullmatch(name)
         if expert:
             experts[int(expert.group(1)), int(expert.group(2)), expert.group(3), expert.group(4)] = tensor
@@ -316,7 +320,7 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
         if key is not None and suffix == "weight":
             tensor = _permute_rope(tensor, args, key, inverse=False, name=name)
         out[f"layers.{layer.group(1)}.{module}.{suffix}"] = tensor
-    for i in range(args.n_layers):
+    for i in sorted(layers):
         if not args.is_moe_layer(i):
             continue
         for verse, hf in EXPERT_WEIGHTS.items():

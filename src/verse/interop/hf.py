@@ -188,6 +188,61 @@ def read_safetensors(files: list[Path], device: torch.device | str, dtype: torch
     return state
 
 
+def load_into(model: ReasoningLLM, path: Path) -> None:
+    """Copy the weights of the checkpoint directory `path` into `model`'s own tensors, one layer at a time.
+
+    The file's tensors are memory-mapped views, converted (`to_verse`) a layer at a time and copied into the
+    parameters in place (cast to their dtype), so resuming a run holds the model once, as a fresh start does.
+
+    Args:
+        model (ReasoningLLM): a model of the checkpoint's architecture (e.g. built from the same config).
+        path (Path): the checkpoint directory.
+
+    Raises:
+        CheckpointError: a tensor that is missing, unexpected, unreadable or of the wrong shape.
+    """
+    adapter = adapter_for(model.args.arch, path)
+    target = model.state_dict()
+    if model.args.tie_embeddings:
+        target.pop("head.weight", None)  # the embedding's own tensor
+    groups: Dict[Optional[str], Dict[str, Path]] = {}  # layer index (None: embedding, norm, head) -> tensors
+    for file in weight_files(path):
+        with _open(file) as f:
+            for name in f.keys():
+                parts = name.split(".")
+                layer = parts[2] if name.startswith("model.layers.") and len(parts) > 3 else None
+                groups.setdefault(layer, {})[name] = file
+    loaded = set()
+    for names in groups.values():
+        tensors = {}
+        for file in dict.fromkeys(names.values()):
+            with _open(file) as f:
+                for name in (n for n, where in names.items() if where == file):
+                    try:
+                        tensors[name] = f.get_tensor(name)
+                    except (SafetensorError, OSError, RuntimeError) as e:
+                        raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
+        try:
+            state = adapter.to_verse(tensors, model.args)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: unexpected tensor {e.args[0]} for model_type {model.args.arch!r}") from None
+        del tensors
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if name not in target:
+                    raise CheckpointError(f"{path}: unexpected tensor {name} for this model")
+                if tensor.shape != target[name].shape:
+                    raise CheckpointError(f"{path}: tensor {name} has shape {list(tensor.shape)}, expected "
+                                          f"{list(target[name].shape)}")
+                target[name].copy_(tensor)
+                loaded.add(name)
+        del state  # before the next layer's tensors are mapped
+    missing = [name for name in target if name not in loaded]
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
 def load_hf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
             **overrides: Any) -> ReasoningLLM:
     """Load a Verse or Hugging Face checkpoint directory.

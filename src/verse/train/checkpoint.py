@@ -1,4 +1,9 @@
-"""Run checkpoints: `step-NNNNNNN/` = the model directory of DESIGN.md + `train_state/`, written atomically.
+"""Run directories and their checkpoints: `step-NNNNNNN/` = the model directory of DESIGN.md + `train_state/`,
+written atomically.
+
+A run directory is one `verse train` created: it holds the marker `verse-run.json`. Training writes only into a
+new (or empty) directory, which it marks, or into a marked one with `--resume`; anything else is refused, so a
+user's own files are never overwritten, appended to or deleted.
 
 `train_state/` holds `state.safetensors` (every tensor: optimizer moments, master weights, RNG states) and
 `state.json` (everything else, with references to those tensors) -- never a pickle. A checkpoint is written to
@@ -11,17 +16,20 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from verse.errors import CheckpointError
-from verse.publish import fsync_dir, seal
+from verse.errors import CheckpointError, ConfigError
+from verse.publish import fsync_dir, publish, seal
 
 LATEST = "latest"
 STATE_DIR = "train_state"
+RUN_MARKER = "verse-run.json"
+CONFIG_FILE = "config.yaml"
 
 
 def step_dirname(step: int) -> str:
@@ -90,17 +98,38 @@ def save_state(state: Dict[str, Any], directory: Path) -> None:
     (directory / "state.json").write_text(json.dumps(encoded))
 
 
-def load_state(directory: Path, device: Optional[torch.device] = None) -> Dict[str, Any]:
-    """Read what `save_state` wrote; tensors that lived on an accelerator go to `device`."""
+def load_state(directory: Path, device: Optional[torch.device] = None, required: Sequence[str] = ()
+               ) -> Dict[str, Any]:
+    """Read what `save_state` wrote; tensors that lived on an accelerator go to `device`.
+
+    Args:
+        directory (Path): the `train_state/` directory.
+        device (Optional[torch.device]): where accelerator tensors go.
+        required (Sequence[str]): top-level keys the state must have.
+
+    Raises:
+        CheckpointError: a missing, truncated or malformed file (one line naming it).
+    """
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(f"{directory}: corrupt training state ({what}); move this step-* directory away to "
+                               "resume from the one before it")
+
     try:
         tensors = load_file(str(directory / "state.safetensors"))
         encoded = json.loads((directory / "state.json").read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"{directory}: incomplete training state ({Path(e.filename).name} missing); "
-                              "resume from an earlier step-* directory") from None
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{directory}: corrupt training state ({e}); resume from an earlier step-*") from None
-    return _decode(encoded, tensors, device)
+                              "move this step-* directory away to resume from the one before it") from None
+    except (OSError, ValueError, SafetensorError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise corrupt(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    try:
+        state = _decode(encoded, tensors, device)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise corrupt(f"state.json does not match state.safetensors: {type(e).__name__} {e}") from None
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise corrupt(f"state.json lacks {', '.join(missing)}")
+    return state
 
 
 # ---- RNG states ----
@@ -153,9 +182,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dic
         model.save_pretrained(tmp, tokenizer=tokenizer)
     save_state(state, tmp / STATE_DIR)
     seal(tmp)  # normal file modes (safetensors writes 0600), flushed before the rename publishes it
-    if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # a re-saved step is exchanged for its new copy in one atomic step: a complete step is never deleted first
+    publish(tmp, final, replace=True)
     link_tmp = run_dir / f".{LATEST}.tmp"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
@@ -174,9 +202,82 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
 
 
 def clean_partial(run_dir: Path) -> None:
-    """Remove temporary directories a killed run left behind."""
+    """Remove the temporary directories a killed run left behind, and put back a step a killed re-save had moved
+    aside (when its replacement never landed)."""
     for tmp in Path(run_dir).glob(".tmp-step-*"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for aside in Path(run_dir).glob(".step-*.old-*"):  # where `publish` (without renameat2) moves a step aside
+        final = Path(run_dir) / aside.name[1:].split(".old-")[0]
+        if (aside / "old").is_dir() and not final.exists():
+            os.rename(aside / "old", final)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---- run directories ----
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a run directory `verse train` created (it holds the marker)."""
+    return (Path(path) / RUN_MARKER).is_file()
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse a run directory training must not write into; reads only, so a refusal leaves the disk as it was.
+
+    A new run needs a new or empty directory; `--resume` needs a run directory (marked, or an unmarked one from
+    before the marker with config.yaml and a complete checkpoint).
+
+    Args:
+        run_dir (Path): the `out_dir` (or `--resume` directory).
+        resume (bool): whether the run continues.
+
+    Raises:
+        ConfigError: one line saying what is wrong and what to do.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"out_dir={run_dir}: exists and is not a directory; give a new directory for the run")
+    if resume:
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume {run_dir}: no such run directory")
+        legacy = (run_dir / CONFIG_FILE).is_file() and bool(list_checkpoints(run_dir))
+        if not is_run_dir(run_dir) and not legacy:
+            raise ConfigError(f"--resume {run_dir}: not a run directory of `verse train` (no {RUN_MARKER})")
+    elif is_run_dir(run_dir):
+        raise ConfigError(f"out_dir={run_dir} is a training run already: continue it with "
+                          f"`verse train --resume {run_dir}`, or choose a new out_dir")
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        names = sorted(p.name for p in run_dir.iterdir())
+        raise ConfigError(f"out_dir={run_dir} is not empty ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                          f") and not a training run: choose a new directory (or `verse train --resume DIR` to "
+                          f"continue a run)")
+    else:
+        ancestor = run_dir.absolute()
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ConfigError(f"out_dir={run_dir}: cannot be created ({ancestor} is "
+                              f"{'not a directory' if not ancestor.is_dir() else 'not writable'}); "
+                              "give a new directory for the run")
+    latest = run_dir / LATEST
+    if latest.exists() and not latest.is_symlink():
+        raise ConfigError(f"{latest}: is not the `latest` link of the run but a "
+                          f"{'directory' if latest.is_dir() else 'file'} of yours; move it out of the run directory")
+
+
+def create_run_dir(run_dir: Path) -> None:
+    """Create (or mark the empty) directory `run_dir` as a training run directory.
+
+    Raises:
+        ConfigError: when the directory cannot be created.
+    """
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".{RUN_MARKER}.tmp"
+        tmp.write_text(json.dumps({"created_by": "verse train"}) + "\n")
+        os.replace(tmp, run_dir / RUN_MARKER)
+    except OSError as e:
+        raise ConfigError(f"out_dir={run_dir}: cannot create the run directory ({e.strerror})") from None
 
 
 def latest_checkpoint(run_dir: Path) -> Tuple[Path, int]:
@@ -193,7 +294,8 @@ def latest_checkpoint(run_dir: Path) -> Tuple[Path, int]:
     if target is None or not (target / STATE_DIR / "state.json").is_file():
         found = list_checkpoints(run_dir)
         if not found:
-            raise CheckpointError(f"{run_dir}: no complete step-* checkpoint to resume from")
+            raise CheckpointError(f"{run_dir}: no complete step-* checkpoint to resume from (the run stopped "
+                                  "before its first save); start it again in a new out_dir")
         target = found[-1]
     try:
         step = int(target.name.split("-")[1])

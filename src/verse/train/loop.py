@@ -5,6 +5,7 @@ import dataclasses
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import yaml
 
 from verse.config import ModelArgs, list_presets
-from verse.errors import ConfigError, VerseError
+from verse.errors import CheckpointError, ConfigError, VerseError
 from verse.model import ReasoningLLM
 from verse.model.masks import document_mask
 from verse.train import checkpoint as ckpt
@@ -26,7 +27,9 @@ from verse.train.metrics import (MetricsLog, compute_dtype, device_peak_flops, m
 from verse.train.optim import TrainOptimizer
 from verse.train.schedule import lr_at
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = ckpt.CONFIG_FILE
+# keys a checkpoint's train_state must hold to resume
+STATE_KEYS = ("step", "skipped", "bad_in_row", "tokens_seen", "optimizer", "rng")
 
 
 @dataclass
@@ -122,6 +125,25 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None) -
     return model.train()
 
 
+def check_data(cfg: TrainConfig) -> None:
+    """Validate the `data:` section and that its local sources exist (quick; no model, nothing written).
+
+    Raises:
+        VerseError: naming the bad field or the missing path.
+    """
+    from verse.data.config import DataConfig
+    from verse.data.sources import resolve_parts
+
+    if dataclasses.is_dataclass(cfg.data):
+        cfg.data.validate()
+        data = cfg.data
+    else:
+        data = DataConfig.from_dict(cfg.data)
+    for source in (*data.sources, *data.eval_sources):
+        if source.path is not None:  # Hub sources are reached when the loader opens them
+            resolve_parts(source)
+
+
 def build_loaders(cfg: TrainConfig, tokenizer: Any):
     """Train loader and (when evaluating) eval loader from the `data:` section."""
     from verse.data import build_loader
@@ -193,10 +215,12 @@ def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[
 
 
 class _StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the end of the step and stops."""
+    """SIGTERM / SIGINT: the first lets the step finish, then the loop saves a checkpoint and stops; a second waits
+    for that save (saying so, so a run is never lost to an impatient Ctrl-C); only a third aborts."""
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self.count = 0
         self.previous: Dict[int, Any] = {}
 
     def __enter__(self):
@@ -206,13 +230,25 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # second signal: stop now
+        self.count += 1
+        if self.count == 1:
+            self.signum = signum
+            _say("verse train: stopping: finishing this step and saving a checkpoint")
+        elif self.count == 2:
+            _say("verse train: waiting for the checkpoint to be saved so the run is not lost; "
+                 "a third interrupt aborts and loses the steps since the last checkpoint")
+        else:
             raise KeyboardInterrupt
-        self.signum = signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _say(line: str) -> None:
+    """One line on stderr from a signal handler (which may interrupt another write to stderr)."""
+    with contextlib.suppress(RuntimeError, OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def _oom_message(cfg: TrainConfig, model: ReasoningLLM, device: torch.device) -> str:
@@ -262,13 +298,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
         TrainResult: run directory, last checkpoint, per-step metrics.
     """
     cfg.validate()
+    run_dir = Path(cfg.out_dir).expanduser()
+    # everything a user can get wrong is checked before anything heavy runs or anything is written
+    if loader is None:
+        check_data(cfg)
+    ckpt.check_run_dir(run_dir, resume)
     device = resolve_device(cfg.device)
-    run_dir = Path(cfg.out_dir)
-    if not resume and ckpt.list_checkpoints(run_dir):
-        raise ConfigError(f"out_dir={run_dir} already holds checkpoints: continue it with "
-                          f"`verse train --resume {run_dir}` or choose another out_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_partial(run_dir)
+    is_preset(cfg)  # the model names a preset or an existing path
+    step, skipped, bad_in_row, tokens_seen = 0, 0, 0, 0
+    if resume:
+        ckpt.clean_partial(run_dir)
+        step_dir, step = ckpt.latest_checkpoint(run_dir)
+        if step >= cfg.max_steps:
+            print(f"{run_dir}: already finished ({step_dir.name}, max_steps={cfg.max_steps}); nothing to do. "
+                  f"To train on, give a larger max_steps: `verse train --resume {run_dir} max_steps=N`")
+            return TrainResult(run_dir=run_dir, final_dir=step_dir, step=step)
+        state = ckpt.load_state(step_dir / ckpt.STATE_DIR, device, required=STATE_KEYS)
     seed_everything(cfg.seed)
     if loader is None and tokenizer is None:
         tokenizer = load_tokenizer(cfg)
@@ -279,17 +324,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
         eval_loader = eval_loader if eval_loader is not None else default_eval
     optimizer = TrainOptimizer(model, cfg)
 
-    step, skipped, bad_in_row, tokens_seen = 0, 0, 0, 0
     if resume:
-        step_dir, step = ckpt.latest_checkpoint(run_dir)
         _load_weights(model, step_dir)
-        state = ckpt.load_state(step_dir / ckpt.STATE_DIR, device)
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("loader") is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            if state.get("loader") is not None and hasattr(loader, "load_state_dict"):
+                loader.load_state_dict(state["loader"])
+            ckpt.set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{step_dir / ckpt.STATE_DIR}: the training state does not fit this run "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume "
+                                  f"with the configuration the run was started with") from None
         skipped, bad_in_row, tokens_seen = state["skipped"], state["bad_in_row"], state["tokens_seen"]
+        del state
+        if not ckpt.is_run_dir(run_dir):  # a run from before the marker
+            ckpt.create_run_dir(run_dir)
     else:
+        ckpt.create_run_dir(run_dir)
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.compile:
         for layer in model.layers:
@@ -307,7 +358,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
     log = MetricsLog(run_dir, tensorboard=cfg.tensorboard)
     batches = _Batches(loader)
     metrics: List[Dict[str, Any]] = []
-    final_dir: Optional[Path] = None
+    final_dir: Optional[Path] = step_dir if resume else None  # never re-save a step: it is on disk already
     stop = _StopSignal()
     bar = None
     if progress:
@@ -393,25 +444,23 @@ def adapter_base(cfg: TrainConfig) -> Optional[str]:
 
 
 def _load_weights(model: ReasoningLLM, step_dir: Path) -> None:
-    """Copy a checkpoint's weights into `model` (same architecture; values and dtype exact); a LoRA run's
+    """Copy a checkpoint's weights into `model` in place (same architecture; values and dtype exact); a LoRA run's
     checkpoint holds only the adapter."""
-    import verse
+    from verse.interop.hf import load_into
     from verse.peft import is_adapter_dir, load_adapter
 
     if is_adapter_dir(step_dir):
         load_adapter(model, step_dir)
         return
 
-    saved = verse.load(step_dir, dtype=model.embed.weight.dtype)
-    missing = model.load_state_dict(saved.state_dict(), strict=False)
-    if missing.missing_keys:
-        raise VerseError(f"{step_dir}: checkpoint lacks {', '.join(missing.missing_keys[:3])}")
+    load_into(model, step_dir)
 
 
 def load_run_config(run_dir: str | Path, overrides=()) -> TrainConfig:
     """The configuration a run was started with (`RUN_DIR/config.yaml`), with `key=value` overrides applied."""
-    path = Path(run_dir) / CONFIG_FILE
+    run_dir = Path(run_dir).expanduser()
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a training run directory (no {CONFIG_FILE})")
+        raise ConfigError(f"--resume {run_dir}: not a training run directory (no {CONFIG_FILE})")
     cfg = TrainConfig.load(str(path), overrides)
     return dataclasses.replace(cfg, out_dir=str(run_dir))

@@ -5,7 +5,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -195,19 +195,43 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path, after_step: Optional[int] = None) -> List[Dict[str, Any]]:
-    """Records of `metrics.jsonl` (a resumed run may repeat steps: the last record of each step wins)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    """Records of `metrics.jsonl` (a resumed run may repeat steps: the last record of each step wins); lines that
+    are not such records (a line cut by a kill -9, a hand edit) are left out (`count_bad_metrics` counts them)."""
+    records, _ = _parse_metrics(Path(run_dir) / "metrics.jsonl")
+    return [r for r in records if after_step is None or r["step"] > after_step]
+
+
+def count_bad_metrics(run_dir: Path) -> int:
+    """How many lines of a run's `metrics.jsonl` `read_metrics` leaves out."""
+    return _parse_metrics(Path(run_dir) / "metrics.jsonl")[1]
+
+
+def _parse_metrics(path: Path) -> Tuple[List[Dict[str, Any]], int]:
     if not path.is_file():
-        return []
+        return [], 0
     by_step: Dict[Any, Dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    bad = 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill -9
+        except json.JSONDecodeError:
+            record = None
+        if not _is_record(record):
+            bad += 1
             continue
         by_step[(record.get("kind", "train"), record["step"])] = record
-    records = sorted(by_step.values(), key=lambda r: r["step"])
-    return [r for r in records if after_step is None or r["step"] > after_step]
+    return sorted(by_step.values(), key=lambda r: r["step"]), bad
+
+
+def _is_record(record: Any) -> bool:
+    """A metrics record: an object with an integer step and numbers (or null) where the plot reads them."""
+    number = (int, float, type(None))
+    return (isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
+            and isinstance(record.get("kind", "train"), str)
+            and all(isinstance(record.get(k), number) and not isinstance(record.get(k), bool)
+                    for k in ("loss", "eval_loss", "tokens_per_s")))
 
 
 def plot_run(run_dir: Path, out: Optional[Path] = None) -> Path:
