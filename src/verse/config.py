@@ -1,12 +1,14 @@
 """Model configuration: the `ModelArgs` dataclass, JSON presets, validation and parameter counts."""
 
 import dataclasses
-import json
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from verse.errors import ConfigError
+from verse.jsonio import read_json
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
@@ -84,6 +86,7 @@ class ModelArgs:
     checkpoint_every: int = 1  # checkpoint every k-th layer when checkpointing
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and self.n_heads > 0 and self.dim % self.n_heads == 0:
@@ -123,14 +126,7 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelArgs":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path, ConfigError), str(path))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelArgs":
@@ -140,6 +136,9 @@ class ModelArgs:
             raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
         args = cls.from_json(path)
         return args.replace(**overrides) if overrides else args
+
+
+FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(ModelArgs)}
 
 
 def list_presets() -> List[str]:
@@ -156,7 +155,49 @@ def check_fields(data: Dict[str, Any], source: str) -> None:
 
 def _require(ok: bool, field_name: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"ModelArgs.{field_name}: {message}")
+        raise ConfigError(f"ModelArgs.{field_name}: {message}", field_name)
+
+
+def _type_ok(value: Any, kind: Any) -> bool:
+    """Whether `value` has the annotated type `kind` (int, float, bool, str or Optional of one); bool is not int."""
+    if typing.get_origin(kind) is typing.Union:
+        return any(_type_ok(value, k) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    if kind is float:
+        try:
+            return isinstance(value, (int, float)) and math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            return False
+    return isinstance(value, kind)
+
+
+def check_type(name: str, value: Any, label: Optional[str] = None) -> None:
+    """Raise `ConfigError` unless `value` has the type of `ModelArgs` field `name`.
+
+    Args:
+        name (str): the `ModelArgs` field.
+        value (Any): its candidate value.
+        label (Optional[str]): how the error names the field (default `ModelArgs.NAME`), e.g. a config.json key.
+    """
+    kind = FIELD_TYPES[name]
+    if _type_ok(value, kind):
+        return
+    optional = typing.get_origin(kind) is typing.Union
+    base = next(k for k in typing.get_args(kind) if k is not type(None)) if optional else kind
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+    message = f"must be {names[base]}{' or null' if optional else ''}, got {value!r:.40}"
+    if label is None:
+        _require(False, name, message)
+    raise ConfigError(f"{label}: {message}", name)
+
+
+def check_types(args: "ModelArgs") -> None:
+    """Check every field's type (a finite number for floats, a true int for ints), naming the first bad field."""
+    for f in dataclasses.fields(args):
+        check_type(f.name, getattr(args, f.name))
 
 
 def validate(args: ModelArgs) -> None:
@@ -167,8 +208,14 @@ def validate(args: ModelArgs) -> None:
     _require(args.arch in ("llama", "mistral", "deepseek_v2", "deepseek_v3"), "arch",
              f"must be llama, mistral, deepseek_v2 or deepseek_v3, got {args.arch!r}")
     _require(args.attention in ("gqa", "mla"), "attention", f"must be 'gqa' or 'mla', got {args.attention!r}")
+    for name in ("n_kv_heads", "head_dim", "original_seq_len", "checkpoint_every", "sliding_window"):
+        value = getattr(args, name)
+        _require(value is None or value > 0, name, f"must be a positive integer, got {value!r}")
+    for name in ("n_routed_experts", "n_shared_experts", "n_activated_experts", "n_dense_layers", "bos_token_id",
+                 "eos_token_id"):
+        value = getattr(args, name)
+        _require(value is None or value >= 0, name, f"must be >= 0, got {value!r}")
     if args.attention == "gqa":
-        _require(args.n_kv_heads > 0, "n_kv_heads", f"must be positive, got {args.n_kv_heads}")
         _require(args.n_heads % args.n_kv_heads == 0, "n_kv_heads",
                  f"n_heads ({args.n_heads}) must be divisible by n_kv_heads ({args.n_kv_heads})")
         _require(args.head_dim is not None, "dim",
@@ -189,8 +236,6 @@ def validate(args: ModelArgs) -> None:
     _require(args.attn_impl in ("naive", "absorb"), "attn_impl", f"must be 'naive' or 'absorb', got {args.attn_impl!r}")
     _require(args.gemm_impl in ("bf16", "fp8", "gguf"), "gemm_impl",
              f"must be 'bf16', 'fp8' or 'gguf', got {args.gemm_impl!r}")
-    _require(args.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {args.checkpoint_every}")
-    _require(args.sliding_window is None or args.sliding_window > 0, "sliding_window", "must be positive or null")
     _require(args.tokenizer in ("o200k", "byte", "hf"), "tokenizer",
              f"must be 'o200k', 'byte' or 'hf', got {args.tokenizer!r}")
     if args.is_moe:

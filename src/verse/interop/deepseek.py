@@ -57,6 +57,20 @@ VERSE_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.([a-z_0-9]+)")
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
+# ModelArgs field -> the config.json key it is read from (errors name the key the user wrote)
+HF_FIELDS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+             "n_heads": "num_attention_heads", "inter_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+             "max_seq_len": "max_position_embeddings", "original_seq_len": "max_position_embeddings",
+             "tie_embeddings": "tie_word_embeddings", "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+             "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim",
+             "v_head_dim": "v_head_dim", "n_routed_experts": "n_routed_experts",
+             "n_shared_experts": "n_shared_experts", "n_activated_experts": "num_experts_per_tok",
+             "moe_inter_dim": "moe_intermediate_size", "n_dense_layers": "first_k_dense_replace",
+             "score_func": "scoring_func", "n_expert_groups": "n_group", "n_limited_groups": "topk_group",
+             "route_scale": "routed_scaling_factor", "norm_topk_prob": "norm_topk_prob",
+             "aux_loss_alpha": "aux_loss_alpha", "rope_theta": "rope_theta", "bos_token_id": "bos_token_id",
+             "eos_token_id": "eos_token_id"}
+
 def _rope_from_hf(config: Dict[str, Any]) -> Dict[str, Any]:
     """RoPE/YaRN fields from transformers 5 `rope_parameters` or DeepSeek's `rope_theta` + `rope_scaling`."""
     params = dict(config.get("rope_scaling") or {})

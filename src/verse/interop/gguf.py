@@ -17,9 +17,11 @@ import torch
 from tqdm import tqdm
 
 from verse import ggml
-from verse.config import ModelArgs
+from verse.config import ModelArgs, check_type
 from verse.errors import CheckpointError, ConfigError
-from verse.interop.load import build_model
+from verse.interop.gguf_header import GGUFFormatError, read_header
+from verse.interop.load import build_model, check_weights_fit
+from verse.jsonio import parse_json
 from verse.model import ReasoningLLM
 from verse.model.rope import rope_frequencies
 from verse.publish import check_destination, staged
@@ -80,6 +82,10 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def open_gguf(path: Path) -> gguf.GGUFReader:
     """Open a GGUF file, raising `CheckpointError` when it is truncated or not GGUF."""
     try:
+        read_header(path, keep=False)
+    except (GGUFFormatError, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({e})") from None
+    try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -122,70 +128,92 @@ def args_from_gguf(path: Path) -> ModelArgs:
     Returns:
         ModelArgs: the configuration, `dtype` left at the default.
     """
-    metadata, tensors = read_gguf_header(path)
+    return _args_from_header(*read_gguf_header(path), path)
+
+
+def _args_from_header(metadata: Dict[str, Any], tensors: Dict[str, GGUFTensorInfo], path: Path) -> ModelArgs:
+    """`args_from_gguf` on a header already read; every metadata value is type-checked and named in errors."""
     arch = metadata.get(gguf.Keys.General.ARCHITECTURE)
     if arch != ARCH:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only {ARCH!r})")
     if ARGS_KEY in metadata:
+        source = f"{path} ({ARGS_KEY})"
+        data = metadata[ARGS_KEY]
+        if not isinstance(data, str) or not isinstance(data := parse_json(data, source), dict):
+            raise CheckpointError(f"{source}: expected a JSON object")
         try:
-            return ModelArgs.from_dict(json.loads(metadata.get(ARGS_KEY)), f"{path} ({ARGS_KEY})")
-        except (ConfigError, TypeError, json.JSONDecodeError) as e:
+            return ModelArgs.from_dict(data, source)
+        except (ConfigError, TypeError) as e:
             raise CheckpointError(f"{path}: {e}") from None
+    keys: Dict[str, str] = {}  # ModelArgs field -> the metadata key it came from, to name it in errors
 
-    def required(key: str) -> Any:
-        value = metadata.get(key.format(arch=ARCH))
+    def read(name: str, key: str, default: Any = None, required: bool = False) -> Any:
+        key = key.format(arch=ARCH)
+        value = metadata.get(key)
+        if value is None and required:
+            raise CheckpointError(f"{path}: metadata key {key!r} is missing")
         if value is None:
-            raise CheckpointError(f"{path}: metadata key {key.format(arch=ARCH)!r} is missing")
+            return default
+        keys[name] = key
+        try:
+            check_type(name, value, f"metadata key {key!r}")
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         return value
 
     if GLOBAL_NAMES["embed.weight"] not in tensors:
         raise CheckpointError(f"{path}: tensor {GLOBAL_NAMES['embed.weight']} is missing")
-    n_heads = int(required(gguf.Keys.Attention.HEAD_COUNT))
-    dim = int(required(gguf.Keys.LLM.EMBEDDING_LENGTH))
-    vocab = metadata.get(gguf.Keys.LLM.VOCAB_SIZE.format(arch=ARCH)) or int(tensors["token_embd.weight"].shape[1])
-    context = int(required(gguf.Keys.LLM.CONTEXT_LENGTH))
-    head_dim = metadata.get(gguf.Keys.Attention.KEY_LENGTH.format(arch=ARCH))
+    n_heads = read("n_heads", gguf.Keys.Attention.HEAD_COUNT, required=True)
+    context = read("max_seq_len", gguf.Keys.LLM.CONTEXT_LENGTH, required=True)
     fields: Dict[str, Any] = dict(
         arch="llama",
-        vocab_size=int(vocab),
-        dim=dim,
-        n_layers=int(required(gguf.Keys.LLM.BLOCK_COUNT)),
+        vocab_size=read("vocab_size", gguf.Keys.LLM.VOCAB_SIZE, int(tensors["token_embd.weight"].shape[-1])),
+        dim=read("dim", gguf.Keys.LLM.EMBEDDING_LENGTH, required=True),
+        n_layers=read("n_layers", gguf.Keys.LLM.BLOCK_COUNT, required=True),
         n_heads=n_heads,
-        n_kv_heads=int(metadata.get(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=ARCH), n_heads)),
-        head_dim=int(head_dim) if head_dim else None,
-        inter_dim=int(required(gguf.Keys.LLM.FEED_FORWARD_LENGTH)),
-        norm_eps=float(required(gguf.Keys.Attention.LAYERNORM_RMS_EPS)),
+        n_kv_heads=read("n_kv_heads", gguf.Keys.Attention.HEAD_COUNT_KV, n_heads),
+        head_dim=read("head_dim", gguf.Keys.Attention.KEY_LENGTH) or None,
+        inter_dim=read("inter_dim", gguf.Keys.LLM.FEED_FORWARD_LENGTH, required=True),
+        norm_eps=float(read("norm_eps", gguf.Keys.Attention.LAYERNORM_RMS_EPS, required=True)),
         max_seq_len=context,
         original_seq_len=context,
-        rope_theta=float(metadata.get(gguf.Keys.Rope.FREQ_BASE.format(arch=ARCH), 10000.0)),
+        rope_theta=float(read("rope_theta", gguf.Keys.Rope.FREQ_BASE, 10000.0)),
         tie_embeddings=GLOBAL_NAMES["head.weight"] not in tensors,
-        bos_token_id=metadata.get(gguf.Keys.Tokenizer.BOS_ID),
-        eos_token_id=metadata.get(gguf.Keys.Tokenizer.EOS_ID),
+        bos_token_id=read("bos_token_id", gguf.Keys.Tokenizer.BOS_ID),
+        eos_token_id=read("eos_token_id", gguf.Keys.Tokenizer.EOS_ID),
         tokenizer="hf",
     )
-    scaling = metadata.get(gguf.Keys.Rope.SCALING_TYPE.format(arch=ARCH), "none")
+    scaling = read("rope_scaling", gguf.Keys.Rope.SCALING_TYPE, "none")
     if scaling in ("linear", "yarn"):
-        fields.update(rope_scaling=scaling, rope_factor=float(required(gguf.Keys.Rope.SCALING_FACTOR)))
-        original = metadata.get(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=ARCH))
+        fields.update(rope_scaling=scaling,
+                      rope_factor=float(read("rope_factor", gguf.Keys.Rope.SCALING_FACTOR, required=True)))
+        original = read("original_seq_len", gguf.Keys.Rope.SCALING_ORIG_CTX_LEN)
         if original:
-            fields["original_seq_len"] = int(original)
+            fields["original_seq_len"] = original
     elif scaling != "none":
         raise CheckpointError(f"{path}: RoPE scaling type {scaling!r} is not supported (none, linear, yarn, llama3)")
     try:
         args = ModelArgs(**fields)
     except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        key = keys.get(e.field)
+        raise CheckpointError(f"{path}: {e}" + (f" (metadata key {key!r})" if key else "")) from None
     if ROPE_FREQS in tensors:
         args = _llama3_from_rope_freqs(args, _header_tensor(path, tensors[ROPE_FREQS]), path)
     return args
 
 
-def dequantize(tensor: Any, path: Path) -> torch.Tensor:
-    """A GGUF tensor (F32/F16/BF16 or quantized) as a float32 torch tensor in PyTorch's [out, in] order."""
+def supported_type(tensor: Any, path: Path) -> Any:
+    """The ggml type of a tensor (a GGUFReader tensor or a header entry), raising when Verse cannot read it."""
     kind = Q(tensor.tensor_type)
     if kind not in SUPPORTED:
         raise CheckpointError(f"{path}: tensor {tensor.name} has GGUF type {kind.name}, which Verse cannot read "
                               f"(supported: {', '.join(t.name for t in SUPPORTED)})")
+    return kind
+
+
+def dequantize(tensor: Any, path: Path) -> torch.Tensor:
+    """A GGUF tensor (F32/F16/BF16 or quantized) as a float32 torch tensor in PyTorch's [out, in] order."""
+    kind = supported_type(tensor, path)
     try:
         data = gguf.quants.dequantize(np.asarray(tensor.data), kind)  # plain ndarray: memmap slicing is slow
         shape = tuple(int(n) for n in reversed(tensor.shape))
@@ -213,8 +241,13 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
     Returns:
         ReasoningLLM: the model in eval mode.
     """
-    reader = open_gguf(path)
-    args = args_from_gguf(path)
+    metadata, header = read_gguf_header(path)
+    args = _args_from_header(metadata, header, path)
+    for info in header.values():
+        supported_type(info, path)
+    embed = header[GLOBAL_NAMES["embed.weight"]].shape
+    check_weights_fit(args, (name for name in header if name != ROPE_FREQS), tuple(reversed(embed)), path)
+    reader = open_gguf(path)  # maps every tensor: only once the header is known to describe this model
     weights = [t for t in reader.tensors if t.name != ROPE_FREQS]
     if dtype is None:
         kinds = {Q(t.tensor_type) for t in weights if len(t.shape) > 1}
@@ -231,10 +264,12 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
             w = file_blocks(tensor)
         else:
             w = dequantize(tensor, path).to(dtype)
-        if name.endswith("attn.wq.weight"):
-            w = unpermute_qk(w, args.n_heads)
-        elif name.endswith("attn.wk.weight"):
-            w = unpermute_qk(w, args.n_kv_heads)
+        heads = args.n_heads if name.endswith("attn.wq.weight") else args.n_kv_heads
+        if name.endswith(("attn.wq.weight", "attn.wk.weight")):
+            if w.shape[0] != heads * args.head_dim:
+                raise CheckpointError(f"{path}: tensor {tensor.name} has {w.shape[0]} rows, but the metadata says "
+                                      f"{heads} heads of {args.head_dim}; the file does not match its metadata")
+            w = unpermute_qk(w, heads)
         state[name] = w.contiguous().to(device)
         if keep and name == "embed.weight" and args.tie_embeddings:  # lookups use the dense table; the head, blocks
             state["head.weight"] = file_blocks(tensor).to(device)

@@ -17,9 +17,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from verse.config import ModelArgs
+from verse.config import ModelArgs, check_type
 from verse.errors import CheckpointError, ConfigError
-from verse.interop.load import build_model
+from verse.interop.load import build_model, check_weights_fit
+from verse.jsonio import read_json
 from verse.model import ReasoningLLM
 from verse.publish import check_destination, staged
 
@@ -31,6 +32,7 @@ GENERATION_CONFIG = "generation_config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+LOADABLE_DTYPES = (*SAFETENSORS_DTYPES, "F8_E4M3")  # float8: DeepSeek FP8 weights (with float32 block scales)
 
 
 def adapter_for(model_type: str, source: str | Path) -> ModuleType:
@@ -74,19 +76,6 @@ def download(repo_id: str, patterns: Sequence[str] = ("*.json", "*.safetensors",
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def read_json(path: Path) -> Dict[str, Any]:
-    """Parse a JSON file, raising `CheckpointError` naming it when missing or invalid."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_args(path: Path) -> tuple[ModelArgs, ModuleType]:
     """The `ModelArgs` of a checkpoint directory and its adapter: verse.json when present, else config.json.
 
@@ -109,13 +98,23 @@ def read_args(path: Path) -> tuple[ModelArgs, ModuleType]:
     config = read_json(config_path)
     if "model_type" not in config:
         raise CheckpointError(f"{config_path}: missing field 'model_type'")
+    if not isinstance(config["model_type"], str):
+        raise CheckpointError(f"{config_path}: field 'model_type' must be a string, got {config['model_type']!r:.40}")
     adapter = adapter_for(config["model_type"], config_path)
+    hf_names = getattr(adapter, "HF_FIELDS", {})
     try:
+        for name, key in hf_names.items():
+            if config.get(key) is not None and key != "eos_token_id":  # eos may be a list: checked once chosen
+                check_type(name, config[key], f"field {key!r}")
         return adapter.args_from_hf(config), adapter
     except KeyError as e:
         raise CheckpointError(f"{config_path}: missing field {e.args[0]!r}") from None
-    except (ConfigError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
+    except ConfigError as e:
+        key = hf_names.get(e.field)
+        raise CheckpointError(f"{config_path}: {e}" + (f" (config.json field {key!r})" if key and key not in str(e)
+                                                        else "")) from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: invalid value ({e})") from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -140,14 +139,30 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {WEIGHTS} or {WEIGHTS_INDEX}")
 
 
-def file_dtype(files: list[Path]) -> torch.dtype:
-    """The dtype most tensors of the checkpoint have (float8 weights count as bfloat16)."""
-    counts: Dict[torch.dtype, int] = {}
+def tensor_headers(files: list[Path]) -> Dict[str, tuple[str, list[int]]]:
+    """Name -> (safetensors dtype, shape) of every tensor, from the files' headers alone (no tensor is read).
+
+    Raises `CheckpointError` for a dtype Verse cannot load (e.g. U8 or I64 weights).
+    """
+    headers: Dict[str, tuple[str, list[int]]] = {}
     for file in files:
         with _open(file) as f:
             for name in f.keys():
-                dtype = SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype(), torch.bfloat16)
-                counts[dtype] = counts.get(dtype, 0) + 1
+                info = f.get_slice(name)
+                dtype = info.get_dtype()
+                if dtype not in LOADABLE_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name} has dtype {dtype}, which Verse cannot load "
+                                          f"(supported: {', '.join(LOADABLE_DTYPES)})")
+                headers[name] = (dtype, list(info.get_shape()))
+    return headers
+
+
+def file_dtype(headers: Dict[str, tuple[str, list[int]]]) -> torch.dtype:
+    """The dtype most tensors of the checkpoint have (float8 weights count as bfloat16), from `tensor_headers`."""
+    counts: Dict[torch.dtype, int] = {}
+    for dtype, _ in headers.values():
+        dtype = SAFETENSORS_DTYPES.get(dtype, torch.bfloat16)
+        counts[dtype] = counts.get(dtype, 0) + 1
     return max(counts, key=counts.get) if counts else torch.bfloat16
 
 
@@ -258,7 +273,10 @@ def load_hf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torc
     """
     args, adapter = read_args(path)
     files = weight_files(path)
-    dtype = dtype or file_dtype(files)
+    headers = tensor_headers(files)
+    embed = headers.get(adapter.GLOBAL_NAMES["embed.weight"])
+    check_weights_fit(args, headers, embed and embed[1], files[0] if len(files) == 1 else path)
+    dtype = dtype or file_dtype(headers)
     args = args.replace(dtype=str(dtype).removeprefix("torch."), **overrides)
     state = read_safetensors(files, device, dtype)
     try:

@@ -28,6 +28,13 @@ LAYER_NAMES = {
 }
 GLOBAL_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                 "head.weight": "lm_head.weight"}
+# ModelArgs field -> the config.json key it is read from (errors name the key the user wrote)
+HF_FIELDS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+             "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+             "inter_dim": "intermediate_size", "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings",
+             "original_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
+             "sliding_window": "sliding_window", "rope_theta": "rope_theta", "bos_token_id": "bos_token_id",
+             "eos_token_id": "eos_token_id"}
 HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 VERSE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 # Buffers some older checkpoints saved; they are recomputed, never loaded.

@@ -6,7 +6,7 @@ never materialised twice.
 
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 
@@ -18,6 +18,8 @@ from verse.model.linear import fp8_layers, quantize_
 # ModelArgs fields that change how a model runs, not its weights: the only ones `verse.load` overrides.
 EXECUTION_FIELDS = ("attn_impl", "gemm_impl", "checkpointing", "checkpoint_every", "max_seq_len")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")  # HF/Verse "layers.N." and GGUF "blk.N."
+EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
 FILE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -161,6 +163,37 @@ def load_args(path: str | Path) -> ModelArgs:
     if is_hub_id(path):
         return read_args(download(str(path), patterns=["*.json"]))[0]
     raise CheckpointError(f"{path}: no such file or directory; give a checkpoint directory, a .gguf file or a Hub id")
+
+
+def check_weights_fit(args: ModelArgs, names: Iterable[str], embed_shape: Optional[Sequence[int]],
+                      source: str | Path) -> None:
+    """Check a config against the tensors a file holds (names and the embedding's shape, read from headers) BEFORE
+    the model is built, so a config claiming a million layers or experts fails at once instead of building them.
+
+    Args:
+        args (ModelArgs): the configuration read from the file.
+        names (Iterable[str]): every tensor name in the file(s), in the file's own naming (HF or GGUF).
+        embed_shape (Optional[Sequence[int]]): the token embedding's [vocab, dim] (None: missing).
+        source (str | Path): the file or directory (named in errors).
+    """
+    layers, experts = set(), set()
+    for name in names:
+        if match := LAYER_INDEX.search(name):
+            layers.add(int(match.group(1)))
+        if match := EXPERT_INDEX.search(name):
+            experts.add(int(match.group(1)))
+    if embed_shape is None:
+        raise CheckpointError(f"{source}: the token embedding tensor is missing")
+    if list(embed_shape) != [args.vocab_size, args.dim]:
+        raise CheckpointError(f"{source}: the token embedding is {list(embed_shape)} but the config says vocab_size "
+                              f"{args.vocab_size} x dim {args.dim}; the file does not match its config")
+    missing = [i for i in range(min(args.n_layers, max(layers, default=-1) + 2)) if i not in layers]
+    if missing:
+        raise CheckpointError(f"{source}: the config says {args.n_layers} layers but the weights hold "
+                              f"{len([i for i in layers if i < args.n_layers])} (layer {missing[0]} is missing)")
+    if args.is_moe and args.n_dense_layers < args.n_layers and args.n_routed_experts > len(experts):
+        raise CheckpointError(f"{source}: the config says {args.n_routed_experts} routed experts but the weights "
+                              f"hold {len(experts)}; the file does not match its config")
 
 
 def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: str | Path,

@@ -5,15 +5,15 @@ pre-tokenizer follows `tokenizer.ggml.pre`, as llama.cpp does) and `"llama"` (Se
 fallback: Llama 2, Mistral; merges from the token scores when the file lists none).
 """
 
-import mmap
-import struct
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
 
 from verse.errors import VerseError
+from verse.interop.gguf_header import GGUFFormatError, read_header
+from verse.interop.gguf_header import TensorInfo as GGUFTensorInfo
 from verse.tokenization.hf import HFTokenizer, bytes_to_unicode
 from verse.tokenization.o200k import O200K_PATTERN
 
@@ -41,64 +41,12 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return byte_level
 
 
-GGUF_MAGIC = b"GGUF"
-# GGUF metadata value types -> struct format (8 string and 9 array are read separately).
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-class _Cursor:
-    """Reads little-endian GGUF values from a memory-mapped file, front to back."""
-
-    def __init__(self, data: mmap.mmap):
-        self.data, self.offset = data, 0
-
-    def scalar(self, fmt: str):
-        value = struct.unpack_from(fmt, self.data, self.offset)[0]
-        self.offset += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        size = self.scalar("<Q")
-        start, self.offset = self.offset, self.offset + size
-        if self.offset > len(self.data):
-            raise EOFError("file ends inside the metadata")
-        return self.data[start:self.offset].decode("utf-8", errors="replace")
-
-    def value(self, kind: int):
-        if kind == _STRING:
-            return self.string()
-        if kind == _ARRAY:
-            item_kind, count = self.scalar("<I"), self.scalar("<Q")
-            if item_kind == _STRING:
-                return [self.string() for _ in range(count)]
-            if item_kind in _SCALARS:
-                fmt = f"<{count}{_SCALARS[item_kind][1]}"
-                values = list(struct.unpack_from(fmt, self.data, self.offset))
-                self.offset += struct.calcsize(fmt)
-                return values
-            return [self.value(item_kind) for _ in range(count)]
-        if kind not in _SCALARS:
-            raise ValueError(f"unknown metadata value type {kind}")
-        return self.scalar(_SCALARS[kind])
-
-
-class GGUFTensorInfo(NamedTuple):
-    """A tensor's entry in a GGUF header: `shape` as stored (ggml order, fastest dimension first), `tensor_type`
-    (a ggml type number) and `offset` from the start of the file."""
-
-    name: str
-    shape: Tuple[int, ...]
-    tensor_type: int
-    offset: int
-
-
 def read_gguf_header(path: Path) -> Tuple[Dict[str, object], Dict[str, GGUFTensorInfo]]:
     """The key/value metadata and the tensor table of a GGUF file (v2/v3), without reading any tensor.
 
     gguf-py's GGUFReader maps every tensor and array element up front (about 14 s for the 135M SmolLM2 file on a
-    small CPU); the metadata and the tensor table sit at the start of the file and are read here in a fraction
-    of that.
+    small CPU); the metadata and the tensor table sit at the start of the file and are read here (by the bounded
+    `verse.interop.gguf_header` reader) in a fraction of that.
 
     Args:
         path: the .gguf file.
@@ -110,31 +58,18 @@ def read_gguf_header(path: Path) -> Tuple[Dict[str, object], Dict[str, GGUFTenso
         VerseError: when the file is not a readable GGUF file.
     """
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            cursor = _Cursor(data)
-            if data[:4] != GGUF_MAGIC:
-                raise ValueError("no GGUF magic at the start")
-            cursor.offset = 4
-            version = cursor.scalar("<I")
-            if version not in (2, 3):
-                raise ValueError(f"GGUF version {version} (supported: 2, 3)")
-            n_tensors = cursor.scalar("<Q")
-            fields = {cursor.string(): cursor.value(cursor.scalar("<I")) for _ in range(cursor.scalar("<Q"))}
-            entries = []
-            for _ in range(n_tensors):
-                name = cursor.string()
-                shape = tuple(cursor.scalar("<Q") for _ in range(cursor.scalar("<I")))
-                entries.append((name, shape, cursor.scalar("<I"), cursor.scalar("<Q")))
-            alignment = int(fields.get("general.alignment", 32))
-            start = -(-cursor.offset // alignment) * alignment  # tensor data begins at the next aligned offset
-            return fields, {e[0]: GGUFTensorInfo(e[0], e[1], e[2], start + e[3]) for e in entries}
-    except (OSError, ValueError, EOFError, struct.error) as e:
+        fields, tensors = read_header(path)
+    except (OSError, GGUFFormatError) as e:
         raise VerseError(f"cannot read GGUF file {path}: {e}; check that it is a complete .gguf file") from None
+    return fields, {t.name: t for t in tensors}
 
 
 def read_gguf_metadata(path: Path) -> Dict[str, object]:
-    """The key/value metadata of a GGUF file (see `read_gguf_header`)."""
-    return read_gguf_header(path)[0]
+    """The key/value metadata of a GGUF file (see `read_gguf_header`); the tensor table is not read."""
+    try:
+        return read_header(path, tensors=False)[0]
+    except (OSError, GGUFFormatError) as e:
+        raise VerseError(f"cannot read GGUF file {path}: {e}; check that it is a complete .gguf file") from None
 
 
 def _byte_level_backend(fields: Dict[str, object], tokens: List[str]) -> HFBackend:

@@ -1,0 +1,204 @@
+"""Hostile files and arguments: each ends in one `verse CMD: error:` line with exit 2, fast; never a hang,
+a huge allocation or a traceback (issue #20 items 9, 10, 13)."""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import verse
+from verse.cli import main
+
+SRC = str(Path(verse.__file__).resolve().parents[1])  # the sources under test, for subprocesses
+
+
+def one_error(capsys, *argv, command="generate"):
+    """Run the CLI in-process; return (exit code, the error lines, all of stderr)."""
+    code = main([command, *map(str, argv)])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith(f"verse {command}: error:")], err
+
+
+def assert_one_line(capsys, *argv, expect=(), command="generate"):
+    code, errors, err = one_error(capsys, *argv, command=command)
+    assert code == 2 and len(errors) == 1, err
+    assert "Traceback" not in err, err
+    for text in expect:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama checkpoint directory (HF files + byte tokenizer), config.json only (no verse.json)."""
+    from verse import ModelArgs, ReasoningLLM
+    from verse.tokenization import load_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hostile") / "ckpt"
+    ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32")).save_pretrained(path, load_tokenizer("byte"))
+    (path / "verse.json").unlink()
+    return path
+
+
+def edited(checkpoint, tmp_path, **changes):
+    """A copy of the checkpoint whose config.json has `changes`."""
+    path = tmp_path / "edited"
+    shutil.copytree(checkpoint, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+GEN = ("--prompt", "hi", "--max-new-tokens", "2")
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"hidden_size": True}, "'hidden_size'"),  # bool is not an int
+    ({"head_dim": -16}, "head_dim"),
+    ({"model_type": ["llama"]}, "'model_type'"),
+    ({"num_attention_heads": "4"}, "'num_attention_heads'"),
+    ({"rms_norm_eps": float("nan")}, "'rms_norm_eps'"),
+    ({"num_hidden_layers": 1e6}, "'num_hidden_layers'"),  # a float, not an int
+    ({"tie_word_embeddings": "false"}, "'tie_word_embeddings'"),  # a string bool(...) took as true
+])
+def test_config_json_type_and_range_errors_name_the_field(checkpoint, tmp_path, capsys, changes, field):
+    path = edited(checkpoint, tmp_path, **changes)
+    assert_one_line(capsys, path, *GEN, expect=("config.json", field))
+
+
+def test_config_claiming_a_million_layers_is_refused_before_building(checkpoint, tmp_path, capsys):
+    """num_hidden_layers 10^6 with 2 layers of weights: refused from the safetensors header, in well under a
+    second (building a million layers, even on `meta`, took minutes)."""
+    import time
+
+    path = edited(checkpoint, tmp_path, num_hidden_layers=10**6)
+    start = time.perf_counter()
+    assert_one_line(capsys, path, *GEN, expect=("model.safetensors", "1000000 layers", "hold 2"))
+    assert time.perf_counter() - start < 5
+
+
+def test_config_vocab_that_disagrees_with_the_embedding(checkpoint, tmp_path, capsys):
+    path = edited(checkpoint, tmp_path, vocab_size=10**9)
+    assert_one_line(capsys, path, *GEN, expect=("token embedding", "vocab_size 1000000000"))
+
+
+def test_uint8_tensor_in_safetensors(checkpoint, tmp_path, capsys):
+    path = edited(checkpoint, tmp_path)
+    state = load_file(path / "model.safetensors")
+    state["model.norm.weight"] = torch.zeros(64, dtype=torch.uint8)
+    save_file(state, path / "model.safetensors")
+    assert_one_line(capsys, path, *GEN, expect=("model.safetensors", "model.norm.weight", "U8"))
+
+
+@pytest.mark.parametrize("text, why", [
+    ("{" * 100000, "not valid JSON"),
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ('{"vocab_size": ' + "1" * 5000 + "}", "not valid JSON"),
+    (b"\xff\xfe{}", "not UTF-8"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_malformed_config_json_is_one_line(checkpoint, tmp_path, capsys, text, why):
+    path = edited(checkpoint, tmp_path)
+    (path / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert_one_line(capsys, path, *GEN, expect=("config.json", why))
+
+
+# ---- GGUF ----
+
+def gguf_bytes(fields=(), n_tensors=0):
+    """A GGUF v3 header by hand: `fields` are (key, type, packed value bytes)."""
+    def string(text):
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+    body = b"".join(string(key) + struct.pack("<I", kind) + value for key, kind, value in fields)
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(fields)) + body
+
+
+def test_gguf_array_claiming_2_pow_62_items_fails_fast_in_a_subprocess(tmp_path):
+    """The 56-byte file of issue #20: gguf's reader looped over the claimed count forever."""
+    path = tmp_path / "bomb.gguf"
+    path.write_bytes(gguf_bytes([("gen.arch", 9, struct.pack("<IQ", 0, 2**62))]))
+    assert len(path.read_bytes()) == 56
+    out = subprocess.run([sys.executable, "-m", "verse.cli", "generate", str(path), "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": SRC})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "bomb.gguf" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fields, n_tensors, why", [
+    ([("k", 8, struct.pack("<Q", 2**63))], 0, "a string needs"),  # string length
+    ([], 2**60, "tensor infos"),  # tensor count
+    ([("k", 9, struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 0, 0))], 0, "nested"),
+    ([("k", 99, b"")], 0, "unknown metadata value type 99"),
+])
+def test_malformed_gguf_headers(tmp_path, capsys, fields, n_tensors, why):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(gguf_bytes(fields, n_tensors) + bytes(32))
+    assert_one_line(capsys, path, *GEN, expect=("bad.gguf", why))
+
+
+def tiny_gguf(path, **meta):
+    """A one-layer F32 Llama GGUF (dim 64, 4 heads); `meta` replaces metadata (`llama.` keys), typed by value."""
+    rng = np.random.default_rng(0)
+    values = {"context_length": 64, "embedding_length": 64, "block_count": 1, "feed_forward_length": 128,
+              "attention.head_count": 4, "attention.head_count_kv": 4, "attention.layer_norm_rms_epsilon": 1e-5,
+              **meta}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in values.items():
+        if isinstance(value, str):
+            writer.add_string(f"llama.{key}", value)
+        elif isinstance(value, float):
+            writer.add_float32(f"llama.{key}", value)
+        else:
+            writer.add_uint32(f"llama.{key}", value)
+    shapes = {"token_embd.weight": (32, 64), "output.weight": (32, 64), "output_norm.weight": (64,)}
+    for name, shape in {"attn_q": (64, 64), "attn_k": (64, 64), "attn_v": (64, 64), "attn_output": (64, 64),
+                        "ffn_gate": (128, 64), "ffn_up": (128, 64), "ffn_down": (64, 128), "attn_norm": (64,),
+                        "ffn_norm": (64,)}.items():
+        shapes[f"blk.0.{name}.weight"] = shape
+    for name, shape in shapes.items():
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_tiny_gguf_loads(tmp_path):
+    """The builder below is sound: unchanged, the file loads."""
+    from verse import load
+
+    assert load(tiny_gguf(tmp_path / "ok.gguf")).args.n_layers == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("meta, expect", [
+    ({"block_count": 10**7}, ("10000000 layers", "hold 1")),
+    ({"attention.head_count": 3, "attention.head_count_kv": 3, "attention.key_length": 16}, ("blk.0.attn_q.weight",)),
+    ({"attention.head_count": 3, "attention.head_count_kv": 3}, ("divisible by n_heads (3)",)),
+    ({"attention.head_count": "four"}, ("'llama.attention.head_count'", "must be an integer")),
+    ({"embedding_length": 65}, ("'llama.embedding_length'", "divisible")),
+    ({"embedding_length": 128}, ("token embedding",)),
+])
+def test_gguf_metadata_that_disagrees_with_its_tensors(tmp_path, capsys, meta, expect):
+    path = tiny_gguf(tmp_path / "bad.gguf", **meta)
+    assert_one_line(capsys, path, *GEN, "--tokenizer", "byte", expect=("bad.gguf", *expect))
+
+
+def test_gguf_tensor_past_the_end_of_the_file(tmp_path, capsys):
+    data = tiny_gguf(tmp_path / "ok.gguf").read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[:-100])
+    assert_one_line(capsys, path, *GEN, "--tokenizer", "byte", expect=("cut.gguf", "past the end of the file"))
