@@ -10,6 +10,7 @@ EXAMPLES = """  verse train --print-config > my.yaml           # every field, it
   verse train --preset tiny max_steps=50 data.sources='[{path: corpus.txt}]'   # pretrain from scratch
   verse train --resume runs/verse                # continue after a crash, kill or Ctrl-C, exactly
   verse train my.yaml param_dtype=bfloat16 optimizer=adamw8bit activation_checkpointing=1
+  torchrun --nproc-per-node 8 -m verse train my.yaml parallel.dp_shard=8   # FSDP2 over 8 GPUs
 """
 
 
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig.load(config, overrides, preset=args.preset)
     result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
+    if not result.is_main:  # under torchrun only rank 0 reports
+        return 0
     last = next((m for m in reversed(result.metrics) if m.get("kind") == "train" and m.get("loss") is not None), None)
     bpb = f" ({last['bpb']:.3f} bits/byte)" if last and "bpb" in last else ""
     print(f"step {result.step}: loss {last['loss']:.4f}{bpb}" if last else f"step {result.step}",

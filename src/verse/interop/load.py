@@ -94,12 +94,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Opti
 
     if path.is_dir():
         from verse.interop.parallel import is_model_parallel, load_parallel_model
+        from verse.train.checkpoint import is_sharded, load_sharded_model
 
         path = checkpoint_dir(path)
         if _is_adapter_dir(path):
             return _load_with_adapter(path, device, dtype, overrides)
         if is_model_parallel(path):
             return load_parallel_model(path, device=device, dtype=dtype, **overrides)
+        if is_sharded(path):  # written by several ranks (DCP shards): gathered here
+            return load_sharded_model(path, device=device, dtype=dtype, **overrides)
         return load_hf(path, device=device, dtype=dtype, **overrides)
     if path.exists():
         raise CheckpointError(f"{path}: not a checkpoint directory or .gguf file")

@@ -68,7 +68,11 @@ class ReasoningLLM(nn.Module):
         super().__init__()
         self.args = args
         linear.gemm_impl = args.gemm_impl
-        with default_dtype(torch_dtype(args.dtype)):
+        device = torch.get_default_device()
+        # the layers' own default inits draw from a forked RNG: the caller's seed goes to `init_weights` alone, so
+        # a model built on meta and initialised after sharding gets the same weights (verse.train.parallelize)
+        with default_dtype(torch_dtype(args.dtype)), torch.random.fork_rng(
+                devices=[device] if device.type == "cuda" else [], device_type=device.type):
             self.embed = nn.Embedding(args.vocab_size, args.dim)
             self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
             self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -103,17 +107,29 @@ class ReasoningLLM(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """GPT-2 style initialization: N(0, std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = (2 * self.args.n_layers) ** -0.5 if name.endswith(("wo", "w2")) else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, Gate):
-                module.reset_parameters(std)
-            elif isinstance(module, Experts):
-                module.reset_parameters(std, (2 * self.args.n_layers) ** -0.5)
+            self.init_module(name, module, std)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module, std: float = 0.02) -> None:
+        """Initialise one module's own weights as `init_weights` does (a sharded model is initialised module by
+        module in the same order, see `verse.train.parallelize.init_sharded`).
+
+        Args:
+            name (str): the module's name in `named_modules()`.
+            module (nn.Module): the module.
+            std (float): standard deviation of the normal init.
+        """
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            scale = (2 * self.args.n_layers) ** -0.5 if name.endswith(("wo", "w2")) else 1.0
+            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Gate):
+            module.reset_parameters(std)
+        elif isinstance(module, Experts):
+            module.reset_parameters(std, (2 * self.args.n_layers) ** -0.5)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None,
                     dtype: Optional[torch.dtype] = None) -> None:

@@ -30,6 +30,8 @@ LATEST = "latest"
 STATE_DIR = "train_state"
 RUN_MARKER = "verse-run.json"
 CONFIG_FILE = "config.yaml"
+DCP_DIR = "dcp"  # a checkpoint of several ranks: model + optimizer shards (torch.distributed.checkpoint)
+ARGS_FILE = "verse.json"  # inside DCP_DIR: the ModelArgs to rebuild the model
 
 
 def step_dirname(step: int) -> str:
@@ -169,8 +171,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dic
     Returns:
         Path: the checkpoint directory.
     """
-    final = run_dir / step_dirname(step)
-    tmp = run_dir / f".tmp-{step_dirname(step)}"
+    final, tmp = run_dir / step_dirname(step), run_dir / f".tmp-{step_dirname(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter_base is not None:
         from verse.peft import save_adapter
@@ -181,6 +182,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dic
     else:
         model.save_pretrained(tmp, tokenizer=tokenizer)
     save_state(state, tmp / STATE_DIR)
+    _publish_step(run_dir, tmp, final, keep_last)
+    return final
+
+
+def _publish_step(run_dir: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Seal `tmp`, rename it to `final`, move `latest` there, drop checkpoints beyond `keep_last`."""
     seal(tmp)  # normal file modes (safetensors writes 0600), flushed before the rename publishes it
     # a re-saved step is exchanged for its new copy in one atomic step: a complete step is never deleted first
     publish(tmp, final, replace=True)
@@ -193,7 +200,109 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dic
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 state: Dict[str, Any], dist: Any, tokenizer: Any = None, keep_last: int = 0) -> Path:
+    """Every rank writes its shards of the model and optimizer in parallel (DCP); `latest` moves only after all did.
+
+    The step directory holds `dcp/` (DCP files + `verse.json`), `train_state/` (counters, RNG, every data rank's
+    loader position) and the tokenizer. `verse.load` and `verse convert RUN_DIR OUT` read it in one process; a run
+    resumes from it on any number of ranks (DCP reshards). Like `save_checkpoint`, it is built in a hidden
+    directory and renamed: a save killed on any rank never becomes `latest`.
+
+    Args:
+        run_dir (Path): the run directory (shared by all ranks).
+        step (int): optimizer steps done.
+        model (torch.nn.Module): the (sharded) model.
+        optimizer (torch.optim.Optimizer): its optimizer.
+        state (Dict[str, Any]): this rank's training state; `loader` is gathered from every data rank.
+        dist: the `verse.train.distributed.Dist` of the job.
+        tokenizer: saved beside the shards when given.
+        keep_last (int): keep this many newest step directories (0 = all).
+
+    Returns:
+        Path: the checkpoint directory.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp = run_dir / step_dirname(step), run_dir / f".tmp-{step_dirname(step)}"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+    loaders = dist.gather_object(state.get("loader"), group="dp")
+    if dist.is_main:
+        (tmp / DCP_DIR / ARGS_FILE).write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_state({**state, "optimizer": {"in": DCP_DIR}, "loader": None, "loaders": loaders}, tmp / STATE_DIR)
+        _publish_step(run_dir, tmp, final, keep_last)
+    dist.barrier()
     return final
+
+
+def is_sharded(step_dir: Path) -> bool:
+    """Whether a step directory was written by `save_sharded`."""
+    return (Path(step_dir) / DCP_DIR / ARGS_FILE).is_file()
+
+
+def load_sharded(step_dir: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Load a `save_sharded` checkpoint into `model` (and `optimizer`), sharded any way or not at all.
+
+    Raises:
+        CheckpointError: missing or unreadable shards.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
+
+    if optimizer is None:
+        model_sd, optim_sd = get_model_state_dict(model), None
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+    target = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optimizer": optim_sd}
+    try:
+        dcp.load(target, checkpoint_id=str(Path(step_dir) / DCP_DIR), no_dist=not torch.distributed.is_initialized())
+    except Exception as e:  # DCP wraps reader errors of every rank in its own exception types
+        raise CheckpointError(f"{step_dir}: cannot read the sharded checkpoint ({str(e).splitlines()[0][:200]}); "
+                              f"resume from an earlier step-*") from None
+    if optim_sd is None:
+        set_model_state_dict(model, model_sd)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def load_sharded_model(step_dir: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
+                       **overrides: Any) -> torch.nn.Module:
+    """The full model of a `save_sharded` checkpoint, in this one process (what `verse convert` exports).
+
+    Args:
+        step_dir (Path): the step directory.
+        device (torch.device | str): where the weights go.
+        dtype (Optional[torch.dtype]): parameter dtype (None: the run's own).
+        **overrides: execution-only `ModelArgs` fields.
+
+    Returns:
+        torch.nn.Module: the `ReasoningLLM` in eval mode.
+    """
+    from verse.config import ModelArgs
+    from verse.model import ReasoningLLM
+
+    args = ModelArgs.from_dict(json.loads((Path(step_dir) / DCP_DIR / ARGS_FILE).read_text()), str(step_dir))
+    args = args.replace(**overrides) if overrides else args
+    with torch.device("meta"):
+        model = ReasoningLLM(args)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    load_sharded(step_dir, model)
+    if dtype is not None:
+        model.to(dtype)
+        model.args = args.replace(dtype=str(dtype).removeprefix("torch."))
+    return model.eval()
 
 
 def list_checkpoints(run_dir: Path) -> List[Path]:

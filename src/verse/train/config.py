@@ -43,6 +43,8 @@ class TrainConfig:
     finetune: Dict[str, Any] = _f({}, "method: full | lora | qlora (LoRA on an NF4 base); lora: {rank: 8, alpha: "
                                       "16, dropout: 0.0, targets: [all] (attention | mlp | all | names such as "
                                       "q_proj), dora: false, rslora: false}")
+    parallel: Dict[str, Any] = _f({}, "several ranks under torchrun: {dp_replicate, dp_shard (FSDP2; -1 = the "
+                                      "rest), tp, ep, cpu_offload, timeout_s}; their product is WORLD_SIZE")
     out_dir: str = _f("runs/verse", "run directory: step-NNNNNNN/ checkpoints, latest, metrics.jsonl, plot.png")
 
     max_steps: int = _f(1000, "optimizer steps to run")
@@ -180,6 +182,9 @@ class TrainConfig:
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "device",
                 f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.lora_args(source)
+        from verse.train.distributed import ParallelConfig
+
+        ParallelConfig.from_dict(self.parallel, source)
         if self.fused_backward:
             require(self.gradient_accumulation_steps == 1, "fused_backward",
                     "steps inside backward, so it needs gradient_accumulation_steps=1")

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import random
 import signal
@@ -21,6 +22,7 @@ from verse.model import ReasoningLLM
 from verse.model.masks import document_mask
 from verse.train import checkpoint as ckpt
 from verse.train.config import TrainConfig
+from verse.train.distributed import Dist, ParallelConfig, init_distributed
 from verse.train.loss import IGNORE_INDEX, chunked_cross_entropy
 from verse.train.metrics import (MetricsLog, compute_dtype, device_peak_flops, memory_bytes, mfu, moe_stats,
                                  plot_run)
@@ -49,6 +51,7 @@ class TrainResult:
     metrics: List[Dict[str, Any]] = field(default_factory=list)
     step: int = 0
     stopped_by_signal: bool = False
+    is_main: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,9 +88,11 @@ def load_tokenizer(cfg: TrainConfig):
     return verse.load_tokenizer("byte" if ModelArgs.from_preset(cfg.model).tokenizer == "byte" else "o200k")
 
 
-def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None) -> ReasoningLLM:
+def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None, dist: Optional[Dist] = None
+                ) -> ReasoningLLM:
     """A preset gives a freshly initialised model (its vocabulary sized to `tokenizer` unless overridden);
-    a path loads a checkpoint or .gguf."""
+    a path loads a checkpoint or .gguf. With several ranks the model is built on the meta device and sharded
+    (`verse.train.parallelize`) before any weight exists."""
     overrides = dict(cfg.model_overrides)
     if cfg.activation_checkpointing:
         overrides.update(checkpointing=True, checkpoint_every=cfg.activation_checkpointing)
@@ -102,8 +107,16 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None) -
             raise ConfigError(f"finetune.method={cfg.finetune_method} adapts a pretrained checkpoint, but "
                               f"model={cfg.model} is a preset (random weights): give model=PATH")
         args = ModelArgs.from_preset(cfg.model, **{**overrides, "dtype": cfg.param_dtype})
-        with torch.device(device):
-            model = ReasoningLLM(args)
+        if dist is not None and dist.enabled:
+            model = _sharded_model(cfg, args, dist)
+        else:
+            with torch.device(device):
+                model = ReasoningLLM(args)
+    elif dist is not None and dist.enabled:
+        if cfg.finetune_method != "full":
+            raise ConfigError(f"finetune.method={cfg.finetune_method} runs on one process for now (adapters are not "
+                              f"sharded): launch without torchrun, or use finetune.method=full")
+        model = _sharded_pretrained(cfg, overrides, dist)
     else:
         import verse
 
@@ -144,11 +157,49 @@ def check_data(cfg: TrainConfig) -> None:
             resolve_parts(source)
 
 
-def build_loaders(cfg: TrainConfig, tokenizer: Any):
-    """Train loader and (when evaluating) eval loader from the `data:` section."""
+def _sharded_model(cfg: TrainConfig, args: ModelArgs, dist: Dist) -> ReasoningLLM:
+    """A fresh model built on meta, sharded, then initialised shard by shard (values as on one process)."""
+    from verse.train.parallelize import apply_fsdp, init_sharded
+
+    with torch.device("meta"):
+        model = ReasoningLLM(args)
+    apply_fsdp(model, dist, param_dtype=_fsdp_param_dtype(cfg))
+    init_sharded(model, dist.device, cfg.seed)
+    return model
+
+
+def _sharded_pretrained(cfg: TrainConfig, overrides: Dict[str, Any], dist: Dist) -> ReasoningLLM:
+    """A checkpoint read on rank 0 (CPU) and scattered: every other rank only ever holds its shards."""
+    import verse
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from verse.train.parallelize import apply_fsdp
+
+    dtype = getattr(torch, cfg.param_dtype)
+    full = verse.load(cfg.model, device="cpu", dtype=dtype, **overrides) if dist.is_main else None
+    args = ModelArgs.from_dict(dist.broadcast_object(full.args.to_dict() if full is not None else None))
+    with torch.device("meta"):
+        model = ReasoningLLM(args)
+    apply_fsdp(model, dist, param_dtype=_fsdp_param_dtype(cfg))
+    model.to_empty(device=dist.device)
+    model.reset_buffers()
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def _fsdp_param_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
+    """bf16 compute with fp32 stored parameters: FSDP2 all-gathers bf16 and reduces gradients in fp32."""
+    return torch.bfloat16 if cfg.precision == "bf16" and cfg.param_dtype == "float32" else None
+
+
+def build_loaders(cfg: TrainConfig, tokenizer: Any, dist: Optional[Dist] = None):
+    """Train loader and (when evaluating) eval loader from the `data:` section; each data-parallel rank reads
+    its own share of every source."""
     from verse.data import build_loader
 
-    common = dict(max_seq_len=cfg.max_seq_len, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
+    common = dict(max_seq_len=cfg.max_seq_len, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
+                  rank=dist.dp_rank if dist else 0, world_size=dist.dp_size if dist else 1)
     loader = build_loader(cfg.data or {}, tokenizer, split="train", **common)
     eval_loader = build_loader(cfg.data or {}, tokenizer, split="eval", **common) if cfg.eval_every else None
     return loader, eval_loader
@@ -181,29 +232,36 @@ def _forward_loss(model: ReasoningLLM, batch: Dict[str, torch.Tensor], chunk_siz
 
 
 def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[str, torch.Tensor]],
-               cfg: TrainConfig, autocast: contextlib.AbstractContextManager):
-    """One optimizer step over the micro-batches of an accumulation step.
+               cfg: TrainConfig, autocast: contextlib.AbstractContextManager, dist: Optional[Dist] = None):
+    """One optimizer step over the micro-batches of an accumulation step (on every data-parallel rank).
 
-    The loss is normalised over the loss tokens of ALL micro-batches (not per micro-batch), so
-    micro-batch 1 x accumulation 8 equals micro-batch 8 x accumulation 1. A NaN/inf loss or gradient norm
-    skips the update.
+    The loss is normalised over the loss tokens of ALL micro-batches of all ranks (not per micro-batch), so
+    micro-batch 1 x accumulation 8 equals micro-batch 8 x accumulation 1, and N ranks equal one process with
+    N times the batch. A NaN/inf loss or gradient norm skips the update (on every rank).
 
     Returns:
         tuple: (summed loss or None when non-finite, loss tokens, grad norm or None, whether the update ran).
     """
-    n_tokens = int(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro))
+    dist = dist or Dist()
+    n_tokens = int(dist.sum(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)))
     for moe in getattr(model, "moe_layers", {}).values():
-        moe.aux_loss_scale = 1.0 / len(micro)  # the MoE balance loss, too, is a mean over the accumulation step
+        # the MoE balance loss, too, is a mean over the accumulation step and the data-parallel ranks
+        moe.aux_loss_scale = 1.0 / (len(micro) * dist.dp_size)
     loss_sum: Optional[float] = 0.0
-    for b in micro:
+    for i, b in enumerate(micro):
+        if dist.enabled:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(i == len(micro) - 1)
         with autocast:
             loss = _forward_loss(model, b, cfg.loss_chunk_size)
-        if not torch.isfinite(loss):  # checked before backward: fused_backward would already have stepped
+        finite = bool(torch.isfinite(loss))
+        if not finite and not dist.enabled:  # checked before backward: fused_backward would already have stepped
             loss_sum = None
             break
-        if n_tokens:
+        if n_tokens:  # several ranks: backward runs anyway (its collectives must match); the norm turns NaN
             (loss / n_tokens).backward()
-        loss_sum += loss.item()
+        loss_sum = loss_sum + loss.item() if loss_sum is not None and finite else None
+    if dist.enabled:
+        loss_sum = None if dist.any(loss_sum is None) else dist.sum(loss_sum)
     grad_norm = optimizer.clip_and_norm(cfg.grad_clip) if loss_sum is not None and n_tokens else None
     applied = loss_sum is not None and n_tokens > 0 and bool(torch.isfinite(grad_norm))
     if applied:
@@ -264,13 +322,17 @@ def _oom_message(cfg: TrainConfig, model: ReasoningLLM, device: torch.device) ->
 
 @torch.no_grad()
 def evaluate(model: ReasoningLLM, loader: Iterable, n_batches: int, device: torch.device,
-             autocast: contextlib.AbstractContextManager, chunk_size: int) -> float:
-    """Mean token loss over the first `n_batches` micro-batches of `loader` (NaN when it has no loss tokens)."""
+             autocast: contextlib.AbstractContextManager, chunk_size: int, dist: Optional[Dist] = None) -> float:
+    """Mean token loss over the first `n_batches` micro-batches of `loader` (NaN when it has no loss tokens);
+    with several ranks, over their batches together (they stop together when the shortest share ends)."""
+    dist = dist or Dist()
     model.eval()
     total, tokens = 0.0, 0
+    batches = iter(loader)
     try:
-        for i, batch in enumerate(loader):
-            if i >= n_batches:
+        for i in itertools.count():
+            batch = next(batches, None)
+            if i >= n_batches or dist.any(batch is None):  # ranks run the same forwards (FSDP all-gathers in each)
                 break
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
             with autocast:
@@ -278,6 +340,7 @@ def evaluate(model: ReasoningLLM, loader: Iterable, n_batches: int, device: torc
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
     finally:
         model.train()
+    total, tokens = dist.sum(total), dist.sum(tokens)
     return total / tokens if tokens else float("nan")
 
 
@@ -294,6 +357,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
         tokenizer: saved with each checkpoint; default loaded from `cfg.tokenizer` / the model.
         progress (bool): show a tqdm progress bar.
 
+    Under `torchrun` (WORLD_SIZE > 1) every rank runs this: the `parallel:` section lays the ranks out, `loader`
+    (when given) must yield this data-parallel rank's share of each global batch, and only rank 0 prints,
+    logs and draws the progress bar.
+
     Returns:
         TrainResult: run directory, last checkpoint, per-step metrics.
     """
@@ -305,29 +372,54 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
     ckpt.check_run_dir(run_dir, resume)
     device = resolve_device(cfg.device)
     is_preset(cfg)  # the model names a preset or an existing path
+    dist = init_distributed(ParallelConfig.from_dict(cfg.parallel), device)
+    try:
+        return _train(cfg, dist, run_dir, resume=resume, loader=loader, eval_loader=eval_loader, tokenizer=tokenizer,
+                      progress=progress)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader: Optional[Iterable],
+           eval_loader: Optional[Iterable], tokenizer: Any, progress: bool) -> TrainResult:
+    device = dist.device
     step, skipped, bad_in_row, tokens_seen = 0, 0, 0, 0
     if resume:
-        ckpt.clean_partial(run_dir)
+        dist.barrier()  # every rank has checked the run directory before rank 0 tidies it
+        if dist.is_main:
+            ckpt.clean_partial(run_dir)
+        dist.barrier()
         step_dir, step = ckpt.latest_checkpoint(run_dir)
         if step >= cfg.max_steps:
-            print(f"{run_dir}: already finished ({step_dir.name}, max_steps={cfg.max_steps}); nothing to do. "
-                  f"To train on, give a larger max_steps: `verse train --resume {run_dir} max_steps=N`")
-            return TrainResult(run_dir=run_dir, final_dir=step_dir, step=step)
+            if dist.is_main:
+                print(f"{run_dir}: already finished ({step_dir.name}, max_steps={cfg.max_steps}); nothing to do. "
+                      f"To train on, give a larger max_steps: `verse train --resume {run_dir} max_steps=N`")
+            return TrainResult(run_dir=run_dir, final_dir=step_dir, step=step, is_main=dist.is_main)
         state = ckpt.load_state(step_dir / ckpt.STATE_DIR, device, required=STATE_KEYS)
-    seed_everything(cfg.seed)
+        if ckpt.is_sharded(step_dir):
+            state["loader"] = _loader_state(state["loaders"], dist, step_dir)
+        elif dist.enabled:
+            raise ConfigError(f"{step_dir} was written by one process: resume it with one process (plain "
+                              f"`verse train --resume`), or start the distributed run from it with model={step_dir}")
+    seed_everything(cfg.seed)  # the same seed on every rank: they agree on everything random
     if loader is None and tokenizer is None:
         tokenizer = load_tokenizer(cfg)
     byte_level = getattr(tokenizer, "name", None) == "byte"  # then also log bits per byte
-    model = build_model(cfg, device, tokenizer)
+    model = build_model(cfg, device, tokenizer, dist)
     if loader is None:
-        loader, default_eval = build_loaders(cfg, tokenizer)
+        loader, default_eval = build_loaders(cfg, tokenizer, dist)
         eval_loader = eval_loader if eval_loader is not None else default_eval
     optimizer = TrainOptimizer(model, cfg)
+    if dist.enabled:
+        optimizer.torch_optimizer()  # sharded checkpoints need it: say so before the first step, not at the save
 
     if resume:
-        _load_weights(model, step_dir)
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            if ckpt.is_sharded(step_dir):
+                ckpt.load_sharded(step_dir, model, optimizer.torch_optimizer())
+            else:
+                _load_weights(model, step_dir)
+                optimizer.load_state_dict(state["optimizer"])
             if state.get("loader") is not None and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict(state["loader"])
             ckpt.set_rng_state(state["rng"])
@@ -337,9 +429,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                                   f"with the configuration the run was started with") from None
         skipped, bad_in_row, tokens_seen = state["skipped"], state["bad_in_row"], state["tokens_seen"]
         del state
-        if not ckpt.is_run_dir(run_dir):  # a run from before the marker
+        if not ckpt.is_run_dir(run_dir) and dist.is_main:  # a run from before the marker
             ckpt.create_run_dir(run_dir)
-    else:
+    elif dist.is_main:
         ckpt.create_run_dir(run_dir)
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.compile:
@@ -348,26 +440,31 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
 
     def save() -> Path:
         state = {"step": step, "skipped": skipped, "bad_in_row": bad_in_row, "tokens_seen": tokens_seen,
-                 "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state(),
-                 "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
+                 "rng": ckpt.rng_state(), "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
+        if dist.enabled:
+            return ckpt.save_sharded(run_dir, step, model, optimizer.torch_optimizer(), state, dist,
+                                     tokenizer=tokenizer, keep_last=cfg.keep_last)
+        state["optimizer"] = optimizer.state_dict()
         return ckpt.save_checkpoint(run_dir, step, model, state, tokenizer=tokenizer, keep_last=cfg.keep_last,
                                     adapter_base=adapter_base(cfg))
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    peak_flops = cfg.peak_flops or device_peak_flops(device, compute_dtype(cfg.precision, cfg.param_dtype))
-    log = MetricsLog(run_dir, tensorboard=cfg.tensorboard)
+    # tokens/s are the whole job's: the peak of all its devices
+    peak_flops = (cfg.peak_flops or device_peak_flops(device, compute_dtype(cfg.precision, cfg.param_dtype))
+                  ) * dist.world_size
+    log = MetricsLog(run_dir, tensorboard=cfg.tensorboard) if dist.is_main else _NoLog()
     batches = _Batches(loader)
     metrics: List[Dict[str, Any]] = []
     final_dir: Optional[Path] = step_dir if resume else None  # never re-save a step: it is on disk already
     stop = _StopSignal()
     bar = None
-    if progress:
+    if progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     try:
         with stop:
-            while step < cfg.max_steps and stop.signum is None:
+            while step < cfg.max_steps and not dist.any(stop.signum is not None):  # a signal stops every rank
                 start = time.perf_counter()
                 lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, max_steps=cfg.max_steps,
                            warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, decay_fraction=cfg.decay_fraction)
@@ -375,7 +472,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                 micro = [{k: v.to(device, non_blocking=True) for k, v in batches.next().items() if torch.is_tensor(v)}
                          for _ in range(cfg.gradient_accumulation_steps)]
                 try:
-                    loss_sum, n_tokens, grad_norm, applied = train_step(model, optimizer, micro, cfg, autocast)
+                    loss_sum, n_tokens, grad_norm, applied = train_step(model, optimizer, micro, cfg, autocast, dist)
                 except (torch.OutOfMemoryError, MemoryError):
                     optimizer.zero_grad()
                     if device.type == "cuda":
@@ -389,7 +486,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                     bad_in_row += not finite
                 optimizer.zero_grad()
                 step += 1
-                seq_tokens = sum(b["input_ids"].numel() for b in micro)
+                seq_tokens = int(dist.sum(sum(b["input_ids"].numel() for b in micro)))
                 tokens_seen += seq_tokens
                 elapsed = time.perf_counter() - start
                 tps = seq_tokens / elapsed
@@ -414,7 +511,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
                                     mfu=f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a")
                 if eval_loader is not None and cfg.eval_every and (step % cfg.eval_every == 0
                                                                    or step == cfg.max_steps):
-                    eval_loss = evaluate(model, eval_loader, cfg.eval_batches, device, autocast, cfg.loss_chunk_size)
+                    eval_loss = evaluate(model, eval_loader, cfg.eval_batches, device, autocast, cfg.loss_chunk_size,
+                                         dist)
                     record = {"kind": "eval", "step": step, "eval_loss": eval_loss,
                               "eval_ppl": math.exp(min(eval_loss, 50))}
                     if byte_level:
@@ -429,13 +527,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
         log.close()
         if bar is not None:
             bar.close()
-    if stop.signum is not None:
+    if stop.signum is not None and dist.is_main:
         print(f"stopped by signal {stop.signum} at step {step}; saved {final_dir}; "
               f"continue with `verse train --resume {run_dir}`")
-    if cfg.plot and metrics:
+    if cfg.plot and metrics and dist.is_main:
         plot_run(run_dir)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, step=step,
-                       stopped_by_signal=stop.signum is not None)
+                       stopped_by_signal=stop.signum is not None, is_main=dist.is_main)
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0: they compute the same numbers and write none."""
+
+    def log(self, record: Dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _loader_state(saved: List[Any], dist: Dist, step_dir: Path) -> Any:
+    """This rank's data position from the positions of the ranks that saved `step_dir`."""
+    if len(saved) == dist.dp_size:
+        return saved[dist.dp_rank]
+    if all(s == saved[0] for s in saved):  # a position that does not depend on the rank count
+        return saved[0]
+    raise ConfigError(f"{step_dir}: the data position was saved by {len(saved)} data-parallel ranks, each reading "
+                      f"its own share of the sources; resume with {len(saved)} data-parallel ranks "
+                      f"(now {dist.dp_size})")
 
 
 def adapter_base(cfg: TrainConfig) -> Optional[str]:

@@ -104,6 +104,18 @@ class TrainOptimizer:
 
         return step_param
 
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The one torch optimizer over the model's own parameters (what sharded checkpoints save).
+
+        Raises:
+            ConfigError: with fused_backward (one optimizer per parameter) or fp32 master copies.
+        """
+        if len(self.optimizers) != 1 or self.masters is not None:
+            raise ConfigError("sharded checkpoints need one optimizer over the model's parameters: set "
+                              "fused_backward=false, and param_dtype=float32 (FSDP2 computes in bf16 with "
+                              "precision=bf16) instead of bf16_update=master")
+        return self.optimizers[0]
+
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every group (torchao keeps it as a tensor)."""
         for opt in self.optimizers:
@@ -119,10 +131,13 @@ class TrainOptimizer:
             norm = self.grad_sq.sqrt()
             self.grad_sq.zero_()
             return norm
-        grads = [p for p in self.params if p.grad is not None]
+        params = [p for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # sharded (DTensor) gradients: the norm of the whole gradient
+            norm = norm.full_tensor()
         if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(grads, max_norm)
-        return torch.nn.utils.get_total_norm([p.grad for p in grads])
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
 
     def step(self) -> None:
         """Apply the accumulated gradients (a no-op with fused_backward: it happened in backward)."""

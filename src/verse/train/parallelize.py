@@ -1,0 +1,100 @@
+"""Parallelism applied to a `ReasoningLLM` from outside, after it is built on the meta device (in the spirit of
+torchtitan's `parallelize_llama`): FSDP2 `fully_shard` per block and on the root (HSDP over `dp_replicate`), then
+`to_empty` and an initialisation that gives every rank exactly its shard of what one process would have drawn.
+No rank ever holds the full model: at most one module's full parameters exist at a time.
+"""
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from verse.model import ReasoningLLM
+from verse.train.distributed import Dist
+
+
+def dp_mesh(dist: Dist):
+    """The data-parallel mesh FSDP2 shards over: `dp_shard_ep` (HSDP: `dp_replicate x dp_shard_ep`)."""
+    if dist.parallel.dp_replicate > 1:
+        return dist.mesh["dp_replicate", "dp_shard_ep"]
+    return dist.mesh["dp_shard_ep"]
+
+
+def apply_fsdp(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype = torch.float32) -> None:
+    """Shard `model` with FSDP2: one `fully_shard` per block, then the root (embedding, final norm, head).
+
+    Gradients are summed, not averaged, over ranks: the trainer divides the loss by the loss tokens of the whole
+    global batch, so the sum is the gradient one process would compute on that batch.
+
+    Args:
+        model (ReasoningLLM): the model (usually still on the meta device).
+        dist (Dist): the job.
+        param_dtype (torch.dtype | None): compute dtype of the all-gathered parameters (bf16 mixed precision);
+            None keeps the stored dtype.
+        reduce_dtype (torch.dtype): dtype of the gradient reduce-scatter (fp32).
+    """
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+
+    mesh = dp_mesh(dist)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None)
+    offload = CPUOffloadPolicy() if dist.parallel.cpu_offload else OffloadPolicy()
+    # the MoE routing bias is moved by a rule, not by gradient, from loads summed over all ranks: every rank keeps
+    # the whole (tiny) vector and applies the same update
+    ignored = {p for p in model.parameters() if not p.requires_grad}
+    for i, block in enumerate(model.layers):
+        # the last block's parameters are needed again at once by backward: keep them gathered
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored,
+                    reshard_after_forward=i < len(model.layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
+    # the trainer calls hidden_states (the chunked loss applies the head itself): run FSDP's hooks on it too
+    register_fsdp_forward_method(model, "hidden_states")
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+
+@contextlib.contextmanager
+def _full_params(module: nn.Module) -> Iterator[None]:
+    """Swap `module`'s own DTensor parameters for full-size plain tensors, then copy each rank's part back."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    swapped = {}
+    for name, p in module.named_parameters(recurse=False):
+        if isinstance(p, DTensor):
+            swapped[name] = p
+            setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device),
+                                               requires_grad=p.requires_grad))
+    try:
+        yield
+    finally:
+        for name, p in swapped.items():
+            full = getattr(module, name).data
+            # src_data_rank=None: no communication, every rank cuts its own part of the identical full tensor
+            part = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(part.to_local())
+            setattr(module, name, p)
+
+
+@torch.no_grad()
+def init_sharded(model: ReasoningLLM, device: torch.device, seed: int) -> None:
+    """Materialise a sharded meta-device model on `device` and initialise it exactly as one process would.
+
+    The RNG is consumed module by module in `ReasoningLLM.init_weights` order, each module's parameters drawn
+    full-size and then cut to this rank's shard: every rank gets the same values as `ReasoningLLM(args)` after
+    `torch.manual_seed(seed)`, never holding more than one module's full weights.
+
+    Args:
+        model (ReasoningLLM): sharded (`apply_fsdp`), on the meta device.
+        device (torch.device): this rank's device.
+        seed (int): the run seed (the same on every rank).
+    """
+    model.to_empty(device=device)
+    model.reset_buffers()
+    torch.manual_seed(seed)
+    for name, module in model.named_modules():
+        with _full_params(module):
+            model.init_module(name, module)

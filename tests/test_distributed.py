@@ -1,0 +1,132 @@
+"""Training on several processes (torchrun, gloo on CPU): the same losses as one process, sharded checkpoints that
+resume on another number of ranks, the `parallel:` section, `python -m verse`."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import verse
+from verse.cli import main
+from verse.errors import ConfigError
+from verse.train import TrainConfig
+from verse.train.distributed import ParallelConfig
+
+WORKER = Path(__file__).parent / "fixtures" / "dist_worker.py"
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=SRC + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return env
+
+
+def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node n ARGS` (a free port of its own), failing the test on a non-zero exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def one_process(out: Path, model: str, steps: int, *overrides: str) -> list:
+    """The worker's run in this process (the reference the ranks must reproduce)."""
+    spec = importlib.util.spec_from_file_location("dist_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    argv = sys.argv
+    sys.argv = [str(WORKER), str(out), model, str(steps), *overrides]
+    try:
+        worker.main()
+    finally:
+        sys.argv = argv
+    return json.loads((out / f"losses-{'resume' if overrides[:1] == ('resume',) else 'run'}-1.json").read_text())
+
+
+def losses(out: Path, world: int, tag: str = "run") -> list:
+    return json.loads((out / f"losses-{tag}-{world}.json").read_text())
+
+
+@pytest.mark.parametrize("model, layout", [
+    ("tiny", "parallel.dp_shard=2"),  # FSDP2
+    pytest.param("bytegpt-tiny", "parallel.dp_shard=2", marks=pytest.mark.slow),  # FSDP2, MLA + MoE
+    pytest.param("bytegpt-tiny", "parallel.dp_replicate=2", marks=pytest.mark.slow)])  # DDP-like (HSDP, shard 1)
+def test_two_ranks_match_one_process(tmp_path, model, layout):
+    """2 ranks with half the global batch each == 1 process with the whole batch, for 5 steps (fp32, within 1e-5):
+    same init (built on meta, initialised per shard), global token normalisation, summed gradients, global clip
+    norm, MoE balance loss and router-bias update over all ranks."""
+    ref = one_process(tmp_path / "one", model, 5)
+    torchrun(2, str(WORKER), str(tmp_path / "two"), model, "5", layout)
+    assert losses(tmp_path / "two", 2) == pytest.approx(ref, rel=1e-5, abs=1e-5)
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "two" / "run").iterdir())
+    # `verse convert RUN_DIR OUT` gathers the DCP shards into the single HF-loadable directory: the weights one
+    # process trained, and (dense: LlamaForCausalLM) the logits transformers computes from them
+    out = tmp_path / "export"
+    assert main(["convert", str(tmp_path / "two" / "run"), str(out)]) == 0
+    exported, single = verse.load(out), verse.load(tmp_path / "one" / "run")
+    for (name, p), q in zip(exported.state_dict().items(), single.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=name)  # 5 Adam steps
+    if model == "tiny":
+        from transformers import AutoModelForCausalLM
+
+        ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+        hf = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, exported(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_on_one_and_four_ranks(tmp_path):
+    """Saved by 2 FSDP2 ranks at step 3 (DCP, in parallel), resumed on 1 and on 4 ranks: steps 4-5 have the losses
+    of an uninterrupted single-process run; the checkpoint exports to an HF-loadable directory."""
+    ref = one_process(tmp_path / "one", "tiny", 5)
+    two = tmp_path / "two"
+    torchrun(2, str(WORKER), str(two), "tiny", "3", "parallel.dp_shard=2")
+    assert losses(two, 2) == pytest.approx(ref[:3], rel=1e-5, abs=1e-5)
+    step = two / "run" / "step-0000003"
+    assert (two / "run" / "latest").resolve() == step.resolve() and (step / "dcp" / ".metadata").is_file()
+    four = tmp_path / "four"
+    shutil.copytree(two, four, symlinks=True)
+    assert one_process(two, "tiny", 5, "resume") == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
+    torchrun(4, str(WORKER), str(four), "tiny", "5", "resume", timeout=400)
+    assert losses(four, 4, "resume") == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
+
+
+def test_parallel_section_is_validated():
+    assert ParallelConfig.from_dict({"dp_shard": 2, "tp": 2}).resolve(4).degrees == {
+        "dp_replicate": 1, "dp_shard": 2, "ep": 1, "tp": 2}
+    assert ParallelConfig.from_dict({}).resolve(8).dp_shard == 8  # dp_shard=-1: every rank left over
+    with pytest.raises(ConfigError, match=r"parallel\.tp: must be a positive integer, got 0"):
+        TrainConfig.load(None, ["parallel.tp=0"])
+    with pytest.raises(ConfigError, match=r"parallel: unknown key\(s\) fsdp"):
+        TrainConfig.load(None, ["parallel.fsdp=2"])
+    with pytest.raises(ConfigError, match="must equal the number of ranks.*WORLD_SIZE=4"):
+        ParallelConfig.from_dict({"dp_shard": 3}).resolve(4)
+
+
+def test_layout_that_needs_more_ranks_is_one_line(tmp_path, capsys):
+    """`verse train ... parallel.dp_shard=2` without torchrun: exit 2, one line saying how to launch."""
+    code = main(["train", "--preset", "tiny", f"out_dir={tmp_path}/r", "parallel.dp_shard=2", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "torchrun --nproc-per-node" in err
+
+
+def test_python_dash_m_verse():
+    proc = subprocess.run([sys.executable, "-m", "verse", "--version"], env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("verse ")
