@@ -123,6 +123,15 @@ def test_an_empty_directory_becomes_a_run(tmp_path):
     assert ckpt.is_run_dir(result.run_dir) and result.final_dir.name == "step-0000001"
 
 
+def test_a_run_from_before_the_marker_resumes_and_gets_marked(tmp_path):
+    inputs, labels = make_data(8)
+    cfg = config(tmp_path, max_steps=2, save_every=1, micro_batch_size=2, peak_flops=1e12)
+    train(dataclasses.replace(cfg, max_steps=1), loader=Batches(inputs, labels, 2), progress=False)
+    (tmp_path / "run" / ckpt.RUN_MARKER).unlink()  # as an older Verse left it: config.yaml + step-*
+    result = train(cfg, resume=True, loader=Batches(inputs, labels, 2), progress=False)
+    assert result.step == 2 and ckpt.is_run_dir(result.run_dir)
+
+
 # ---- item 5: the whole configuration is checked first, nothing is left behind ----
 
 @pytest.mark.parametrize("override, field", [

@@ -3,7 +3,8 @@
 import argparse
 
 HELP = ("Pretrain or fine-tune (SFT) a model from a YAML config plus key=value overrides; "
-        "checkpoints, metrics.jsonl and plot.png go to out_dir. --print-config lists every field.")
+        "checkpoints, metrics.jsonl and plot.png go to out_dir, which must be new or empty (a run directory is "
+        "continued only with --resume). --print-config lists every field.")
 EXAMPLES = """  verse train --print-config > my.yaml           # every field, its default and one line of help
   verse train my.yaml lr=1e-4 max_steps=2000     # SFT as configured, two values overridden
   verse train --preset bytegpt-tiny max_steps=200 # byte-level MLA+MoE on the stdlib's sources, bits/byte
