@@ -21,7 +21,6 @@ from verse.errors import VerseError
 
 RENAME_NOREPLACE = 1  # linux/fs.h
 RENAME_EXCHANGE = 2
-AT_FDCWD = -100
 OVERWRITE_HINT = "pass --overwrite (overwrite=True) to replace it, or choose another path"
 
 
@@ -86,12 +85,18 @@ def seal(path: Path) -> None:
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """`renameat2(2)` with `flags`; False when the C library or the filesystem does not offer it."""
+    """`renameat2(2)` of two entries of one directory with `flags`; False when the C library or the filesystem
+    does not offer it."""
     try:
         func = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
-    if func(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) == 0:
+    fd = os.open(dst.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        done = func(fd, os.fsencode(src.name), fd, os.fsencode(dst.name), flags) == 0
+    finally:
+        os.close(fd)
+    if done:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):

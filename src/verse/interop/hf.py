@@ -289,12 +289,13 @@ def load_hf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torc
 # names a checkpoint re-save replaces in an existing checkpoint directory (besides the files it writes)
 OWN_NAMES = (WEIGHTS, WEIGHTS_INDEX, CONFIG, VERSE_CONFIG, GENERATION_CONFIG)
 OWN_PATTERNS = ("model-*-of-*.safetensors", "model*-mp*.safetensors")
+TRAIN_STATE = "train_state"  # a training step's state (verse.train.checkpoint.STATE_DIR; train imports interop)
 
 
 def is_checkpoint(path: Path) -> bool:
     """Whether a directory is a Verse or Hugging Face checkpoint: it has config.json, verse.json, safetensors
     weights of the checkpoint's names, or a training step's `train_state/`."""
-    return (any((path / name).is_file() for name in OWN_NAMES) or (path / "train_state").is_dir()
+    return (any((path / name).is_file() for name in OWN_NAMES) or (path / TRAIN_STATE).is_dir()
             or any(any(path.glob(pattern)) for pattern in OWN_PATTERNS))
 
 
