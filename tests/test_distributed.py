@@ -80,7 +80,8 @@ def test_two_ranks_match_one_process(tmp_path, model, layout):
     assert main(["convert", str(tmp_path / "two" / "run"), str(out)]) == 0
     exported, single = verse.load(out), verse.load(tmp_path / "one" / "run")
     for (name, p), q in zip(exported.state_dict().items(), single.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=name)  # 5 Adam steps
+        # Adam turns float noise in near-zero gradients into ~lr-sized differences; a misplaced shard is ~0.1 off
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-3, msg=name)
     if model == "tiny":
         from transformers import AutoModelForCausalLM
 
