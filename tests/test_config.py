@@ -53,3 +53,64 @@ def test_unknown_preset_and_field():
         ModelArgs.from_preset("nope")
     with pytest.raises(ConfigError, match="unknown ModelArgs field"):
         ModelArgs.from_dict({"dimm": 3})
+
+
+@pytest.mark.parametrize("preset,named,tokenizer", [("mistral-7b", "o200k", "o200k"), ("tiny", None, "byte")])
+def test_train_plan_and_data_agree_on_a_presets_tokenizer(preset, named, tokenizer, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from verse.cli import main
+    from verse.tokenization import load_tokenizer, tokenizer_vocab
+    from verse.train.config import TrainConfig
+    from verse.train.loop import build_model
+    from verse.train.loop import load_tokenizer as train_tokenizer
+
+    # verse train --preset: the tokenizer it trains with and the model it builds (on meta: no memory)
+    cfg = TrainConfig(model=preset, tokenizer=named, max_seq_len=64)
+    tok = train_tokenizer(cfg)
+    assert tok.name.startswith(tokenizer)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == tokenizer_vocab(tokenizer)  # o200k answered without loading
+    model = build_model(cfg, torch.device("meta"), tok)
+    trained = sum(p.numel() for p in model.parameters())
+    assert model.args.vocab_size == tok.vocab_size
+    # verse plan --preset counts that model
+    assert main(["plan", "--preset", preset, "--seq-len", "64", "--json"] + (["--tokenizer", named] if named else [])) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert (planned["params"], planned["vocab_size"]) == (trained, tok.vocab_size)
+    # verse data stats with `model: PRESET` tokenizes with it: the same counts as naming the tokenizer
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                                       {"role": "assistant", "content": f"It is {2 * i}."}]})
+                              for i in range(5)) + "\n")
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: {preset}\n" + (f"tokenizer: {named}\n" if named else "")
+                      + f"data:\n  sources:\n    - {{path: {data}}}\n")
+    assert main(["data", "stats", "--config", str(config), "--max-seq-len", "64", "--json"]) == 0
+    by_model = json.loads(capsys.readouterr().out)
+    assert main(["data", "stats", "--source", str(data), "--tokenizer", tokenizer, "--max-seq-len", "64", "--json"]) == 0
+    assert by_model["tokens"] == json.loads(capsys.readouterr().out)["tokens"] > 0
+    assert max(load_tokenizer(tokenizer).encode("It is 8.")) < planned["vocab_size"]
+
+
+def test_a_published_presets_vocabulary_stays_unless_a_tokenizer_is_named(tmp_path, capsys):
+    from verse.cli import main
+
+    # the published model: 32,000 ids, 7.24 B params, for verse plan; train and data need its tokenizer named
+    published = "the preset keeps its published 32,000-id vocabulary"
+    assert abs(count_params(ModelArgs.from_preset("mistral-7b")) / 7.24e9 - 1) < 0.001
+    assert main(["plan", "--preset", "mistral-7b", "--seq-len", "2048"]) == 0
+    assert "params: 7.242 B total" in capsys.readouterr().out
+    assert main(["train", "--preset", "mistral-7b", f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert published in err and "tokenizer=o200k (then the model has 200,019 ids, 8.62 B params)" in err
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: mistral-7b\ndata:\n  sources:\n    - {{path: {tmp_path / 'x.jsonl'}}}\n")
+    assert main(["data", "stats", "--config", str(config)]) == 2
+    assert published in capsys.readouterr().err
+    # with o200k named, plan counts what train builds, and says why it is not the published count
+    assert main(["plan", "--preset", "mistral-7b", "--tokenizer", "o200k", "--seq-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "params: 8.618 B total" in out
+    assert "vocabulary: 200,019 ids of the o200k tokenizer (the published mistral-7b has 32,000, 7.24 B" in out

@@ -108,15 +108,10 @@ def _config(args: argparse.Namespace) -> Tuple[Any, Any]:
 
 
 def _model_tokenizer(model: Any) -> Any:
-    """Tokenizer spec of a config's `model:` (a checkpoint path, or a preset's tokenizer when it is named)."""
+    """Tokenizer spec of a config's `model:` as `verse train` picks it: the checkpoint's own, or the preset's
+    (`verse.config.run_tokenizer`); None when there is no model."""
     if not model:
         return None
-    if Path(str(model)).exists():
-        return str(model)
-    from verse.config import ModelArgs
+    from verse.config import run_tokenizer
 
-    try:
-        tokenizer = ModelArgs.from_preset(str(model)).tokenizer
-    except Exception:
-        return None
-    return tokenizer if tokenizer in ("o200k", "byte") else None
+    return run_tokenizer(str(model))

@@ -1,6 +1,7 @@
 """`verse plan`: memory and time of a training run before launch: does it fit?"""
 
 import argparse
+from typing import Optional
 
 HELP = ("Estimate the memory (weights, grads, optimizer, activations, logits, temporaries, peak) and the time of "
         "a training step on a GPU before launching it, and the cheapest changes that make it fit.")
@@ -22,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048, or the config's)")
     parser.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default 1)")
     parser.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
+    parser.add_argument("--tokenizer", help="with a preset: the tokenizer it trains with, whose vocabulary the model "
+                                            "takes (default: the preset's own; e.g. o200k)")
     parser.add_argument("--gpu", default="a100-80gb", help="a100-80gb, a100-40gb, h100-80gb, h200, l4, l40s, ...")
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"])
     parser.add_argument("--param-dtype", choices=["bfloat16", "float32"])
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from verse.config import ModelArgs
+    from verse.config import ModelArgs, count_params, list_presets, preset_tokenizer
     from verse.errors import ConfigError
     from verse.train.planner import (GPUS, PlanSettings, check_settings, finetune_from_config, format_plan, plan,
                                       settings_from_config, suggestions)
@@ -49,13 +52,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gpu {args.gpu}: unknown device; choose one of {', '.join(GPUS)}")
     settings = PlanSettings()
     finetune: dict = {}
+    preset, tokenizer = args.preset, args.tokenizer  # the preset trained, and the tokenizer named (if any)
     if args.preset:
-        model_args = ModelArgs.from_preset(args.preset)
+        model_args = _model_args(args.preset, {}, args.tokenizer)
     elif args.source and args.source.endswith((".yaml", ".yml")):
         from verse.train.config import TrainConfig
 
         cfg = TrainConfig.load(args.source)
-        model_args = _model_args(cfg.model, cfg.model_overrides)
+        tokenizer = args.tokenizer or cfg.tokenizer
+        model_args = _model_args(cfg.model, cfg.model_overrides, tokenizer)
+        preset = cfg.model if cfg.model in list_presets() and "vocab_size" not in cfg.model_overrides else None
         settings = settings_from_config(cfg)
         finetune = finetune_from_config(cfg)
     elif args.source:
@@ -83,17 +89,23 @@ def run(args: argparse.Namespace) -> int:
     result = plan(model_args, settings, args.gpu, mfu=args.mfu, **finetune)
     moves = [] if result["fits"] else suggestions(model_args, settings, args.gpu, **finetune)
     if args.json:
-        print(json.dumps({**result, "suggestions": moves}))
+        print(json.dumps({**result, "vocab_size": model_args.vocab_size, "suggestions": moves}))
     else:
         print(format_plan(model_args, result, moves))
+        if preset and model_args.vocab_size != ModelArgs.from_preset(preset).vocab_size:
+            published = ModelArgs.from_preset(preset)
+            print(f"vocabulary: {model_args.vocab_size:,} ids of the {tokenizer or preset_tokenizer(preset)} tokenizer "
+                  f"(the published {preset} has {published.vocab_size:,}, {count_params(published) / 1e9:.2f} B "
+                  f"params; --tokenizer names another)")
     return 0
 
 
-def _model_args(source: str, overrides: dict):
-    """ModelArgs of a preset name or a checkpoint (reads only its config, never the weights)."""
-    from verse.config import ModelArgs, list_presets
+def _model_args(source: str, overrides: dict, tokenizer: Optional[str] = None) -> "ModelArgs":  # noqa: F821
+    """ModelArgs of a preset as `verse train` builds it (its vocabulary sized to its tokenizer), or of a checkpoint
+    (reads only its config, never the weights)."""
+    from verse.config import list_presets, preset_args, preset_tokenizer
     from verse.interop.load import load_args
 
     if source in list_presets():
-        return ModelArgs.from_preset(source, **overrides)
+        return preset_args(source, tokenizer or preset_tokenizer(source), **overrides)
     return load_args(source).replace(**overrides)

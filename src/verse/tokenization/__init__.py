@@ -3,7 +3,7 @@ all behind one interface (`Tokenizer`) with chat templates and the assistant los
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Tuple, Union
 
 from verse.errors import VerseError
 from verse.tokenization.base import Tokenizer
@@ -87,4 +87,22 @@ def load_tokenizer(path_or_name: Union[str, os.PathLike, Tokenizer]) -> Tokenize
                      "or a .gguf file")
 
 
-__all__ = ["CHATML_TEMPLATE", "ChatEncoding", "Tokenizer", "load_tokenizer"]
+def tokenizer_vocab(path_or_name: Union[str, os.PathLike, Tokenizer]) -> Tuple[int, Optional[int], Optional[int]]:
+    """`vocab_size`, `bos_id` and `eos_id` of a tokenizer, or of what `load_tokenizer(path_or_name)` loads
+    (o200k is answered without reading its 200k merges).
+
+    Args:
+        path_or_name: a tokenizer, or anything `load_tokenizer` accepts.
+
+    Returns:
+        Tuple[int, Optional[int], Optional[int]]: vocabulary size, bos id, eos id.
+    """
+    from verse.tokenization.o200k import ALIASES, ENDOFTEXT, O200K_SPECIAL_TOKENS, O200K_VOCAB_SIZE
+
+    if not isinstance(path_or_name, Tokenizer) and os.fspath(path_or_name).lower() in ALIASES:
+        return O200K_VOCAB_SIZE, O200K_SPECIAL_TOKENS[ENDOFTEXT], O200K_SPECIAL_TOKENS[ENDOFTEXT]
+    tokenizer = load_tokenizer(path_or_name)
+    return tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id
+
+
+__all__ = ["CHATML_TEMPLATE", "ChatEncoding", "Tokenizer", "load_tokenizer", "tokenizer_vocab"]

@@ -38,6 +38,7 @@ O200K_PATTERN = "|".join([
 ENDOFTEXT, ENDOFPROMPT, IM_START, IM_END, PAD = (
     "<|endoftext|>", "<|endofprompt|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 O200K_SPECIAL_TOKENS = {ENDOFTEXT: 199999, IM_START: 200000, IM_END: 200001, PAD: 200002, ENDOFPROMPT: 200018}
+O200K_VOCAB_SIZE = max(O200K_SPECIAL_TOKENS.values()) + 1  # tiktoken's n_vocab: the specials come after the ranks
 ALIASES = ("o200k", "o200k_base", "xenova/gpt-4o", "gpt-4o")
 
 

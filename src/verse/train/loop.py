@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import yaml
 
-from verse.config import ModelArgs, list_presets
+from verse.config import ModelArgs, list_presets, preset_args, run_tokenizer
 from verse.errors import CheckpointError, ConfigError, VerseError
 from verse.model import ReasoningLLM
 from verse.model.masks import document_mask
@@ -78,14 +78,10 @@ def is_preset(cfg: TrainConfig) -> bool:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    """`cfg.tokenizer`; else the checkpoint's own; else, for a preset, byte (ByteGPT presets) or o200k."""
-    import verse
+    """`cfg.tokenizer`; else the checkpoint's own; else the preset's (`verse.config.run_tokenizer`)."""
+    from verse.tokenization import load_tokenizer as load
 
-    if cfg.tokenizer is not None:
-        return verse.load_tokenizer(cfg.tokenizer)
-    if not is_preset(cfg):
-        return verse.load_tokenizer(cfg.model)
-    return verse.load_tokenizer("byte" if ModelArgs.from_preset(cfg.model).tokenizer == "byte" else "o200k")
+    return load(run_tokenizer(cfg.model, cfg.tokenizer))
 
 
 def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None, dist: Optional[Dist] = None
@@ -100,13 +96,10 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None, d
         if cfg.mode == "sft":
             raise ConfigError(f"mode=sft fine-tunes a pretrained checkpoint, but model={cfg.model} is a preset "
                               "(random weights): give model=PATH, or mode=pretrain")
-        if tokenizer is not None and "vocab_size" not in overrides:
-            overrides.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                             eos_token_id=tokenizer.eos_id)
         if cfg.finetune_method != "full":
             raise ConfigError(f"finetune.method={cfg.finetune_method} adapts a pretrained checkpoint, but "
                               f"model={cfg.model} is a preset (random weights): give model=PATH")
-        args = ModelArgs.from_preset(cfg.model, **{**overrides, "dtype": cfg.param_dtype})
+        args = preset_args(cfg.model, tokenizer, **{**overrides, "dtype": cfg.param_dtype})
         if dist is not None and dist.enabled:
             model = _sharded_model(cfg, args, dist)
         else:
