@@ -152,7 +152,8 @@ def test_a_bad_data_section_fails_before_the_model_and_leaves_nothing(tmp_path, 
 @pytest.mark.parametrize("override, field", [
     ("out_dir=~", "out_dir"), ("out_dir=5", "out_dir"), ("tokenizer=5", "tokenizer"), ("seed=1e20", "seed"),
     ("seed=100000000000000000000", "seed"), ("data=[1]", "data"), ("lr=.inf", "lr"), ("compile=maybe", "compile"),
-    ("device=5", "device"), ("model_overrides=[1]", "model_overrides"), ("data.sources=[1]", "data.sources[0]")])
+    ("device=5", "device"), ("model_overrides=[1]", "model_overrides"), ("data.sources=[1]", "data.sources[0]"),
+    ("lr=" + "9" * 400, "lr")])
 def test_config_type_errors_name_the_field(tmp_path, capsys, monkeypatch, override, field):
     monkeypatch.chdir(tmp_path)
     err = one_line_error(capsys, cli_train(override))

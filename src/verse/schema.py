@@ -53,7 +53,7 @@ def check_types(obj: Any, prefix: str) -> None:
         value = getattr(obj, f.name)
         ok, value, kind = _conform(value, hints[f.name])
         if not ok:
-            raise ConfigError(f"{prefix}{f.name}: must be {kind}, got {value!r}")
+            raise ConfigError(f"{prefix}{f.name}: must be {kind}, got {value!r:.60}", f.name)
         setattr(obj, f.name, value)
 
 
@@ -74,7 +74,7 @@ def _conform(value: Any, expected: Any) -> Tuple[bool, Any, str]:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if expected is float:
         value = as_number(value)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
         return ok, float(value) if ok else value, "a finite number"
     if expected is str:
         return isinstance(value, str), value, "a string"
@@ -83,6 +83,13 @@ def _conform(value: Any, expected: Any) -> Tuple[bool, Any, str]:
     if origin in (dict, typing.Dict):
         return isinstance(value, Mapping), value, "a mapping"
     return True, value, ""
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def as_number(value: Any) -> Any:
