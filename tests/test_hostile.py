@@ -202,3 +202,57 @@ def test_gguf_tensor_past_the_end_of_the_file(tmp_path, capsys):
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[:-100])
     assert_one_line(capsys, path, *GEN, "--tokenizer", "byte", expect=("cut.gguf", "past the end of the file"))
+
+
+# ---- generate / chat arguments ----
+
+@pytest.mark.parametrize("argv, expect", [
+    (("--temperature", "nan"), "temperature"),
+    (("--temperature", "inf"), "temperature"),
+    (("--top-p", "nan"), "top_p"),
+    (("--repetition-penalty", "nan"), "repetition_penalty"),
+    (("--seed", "1e23"), "--seed"),
+    (("--seed", str(10**23)), "seed"),
+    (("--seed", "-1"), "seed"),
+    (("--device", "foo:1"), "--device='foo:1'"),
+    (("--max-new-tokens", "0"), "--max-new-tokens"),
+])
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_bad_generation_arguments_fail_before_loading(tmp_path, capsys, argv, expect, command):
+    """Checked before the model loads: the checkpoint does not even exist."""
+    extra = ("--prompt", "hi") if command == "generate" else ()
+    code = None
+    try:
+        code, errors, err = one_error(capsys, tmp_path / "missing", *extra, *argv, command=command)
+    except SystemExit as e:  # argparse's own errors
+        code, err = e.code, capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith(f"verse {command}: error:")]
+    assert code == 2 and len(errors) == 1 and err.count("\n") == 1, err
+    assert expect in errors[0] and "missing" not in errors[0]
+
+
+def test_device_cuda_without_cuda(checkpoint, capsys, monkeypatch):
+    """Was a pin_memory error from safetensors after the weights started loading."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_one_line(capsys, checkpoint, *GEN, "--device", "cuda", expect=("CUDA is not available",))
+
+
+def test_prompt_with_bytes_that_are_not_utf8(checkpoint, capsys):
+    """Python keeps undecodable argv bytes as lone surrogates: the prompt behaves as U+FFFD in their place."""
+    outputs = []
+    for prompt in ("\udcff\udcfe", "\ufffd\ufffd"):
+        assert main(["generate", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "3", "--json"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == {**outputs[1], "tokens_per_s": outputs[0]["tokens_per_s"],
+                          "time_to_first_token_s": outputs[0]["time_to_first_token_s"]}
+
+
+def test_chat_survives_stdin_bytes_that_are_not_utf8(checkpoint, tmp_path):
+    """A bad line used to end the session (UnicodeDecodeError) and lose its history."""
+    saved = tmp_path / "chat.json"
+    out = subprocess.run([sys.executable, "-m", "verse.cli", "chat", str(checkpoint), "--max-new-tokens", "2"],
+                         input=b"hi\n\xff\xfe ok\nthird\n/save " + str(saved).encode() + b"\n",
+                         capture_output=True, timeout=120, env={**os.environ, "PYTHONPATH": SRC})
+    assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr
+    users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
+    assert users == ["hi", "\ufffd\ufffd ok", "third"]

@@ -7,7 +7,7 @@ Each subcommand lives in `verse/commands/NAME.py` with `HELP`, `EXAMPLES`, `add_
 import argparse
 import importlib
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from verse.errors import VerseError
 
@@ -25,6 +25,13 @@ COMMANDS = {
     "bench": "throughput of Verse vs a reference implementation, side by side",
     "plot": "loss and throughput curves of a training run as a PNG",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (what was wrong, where to look) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def _module_name(command: str) -> str:
@@ -60,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"verse: error: unknown command {command!r}; run `verse --help` for the list", file=sys.stderr)
         return 2
     module = importlib.import_module(_module_name(command))
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=f"verse {command}", description=module.HELP, epilog="examples:\n" + module.EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)

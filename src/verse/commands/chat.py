@@ -2,7 +2,8 @@
 
 import argparse
 
-from verse.commands.generate import add_generation_arguments, execution_overrides, generation_kwargs
+from verse.commands.generate import (add_generation_arguments, check_generation_arguments, execution_overrides,
+                                     generation_kwargs)
 
 HELP = "Chat with a model in the terminal (/reset, /system, /save; Ctrl-C stops an answer), or in a web UI (--ui)."
 EXAMPLES = """  verse chat model.gguf
@@ -24,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from verse.infer.chat import ChatSession, terminal_chat
     from verse.infer.runtime import load_for_inference
 
+    check_generation_arguments(args)
     model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter,
                                           **execution_overrides(args))
     generation = generation_kwargs(args)

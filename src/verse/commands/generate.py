@@ -49,6 +49,25 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                              "model compiles for about a minute, later runs reuse inductor's cache)")
 
 
+def check_generation_arguments(args: argparse.Namespace) -> None:
+    """Check the options of `verse generate` / `verse chat` before the model loads (one line for a bad one), and
+    repair text arguments: bytes that are not UTF-8 (Python keeps them as lone surrogates) become U+FFFD."""
+    from verse.devices import resolve_device
+    from verse.errors import VerseError
+    from verse.infer.chat import valid_text
+    from verse.infer.sampling import SamplingParams, check_seed
+
+    for name in ("prompt", "system"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, valid_text(getattr(args, name)))
+    args.stop = [valid_text(text) for text in args.stop] if args.stop else args.stop
+    if args.max_new_tokens < 1:
+        raise VerseError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # raises for a bad value
+    check_seed(args.seed)
+    resolve_device(args.device, "--device")
+
+
 def generation_kwargs(args: argparse.Namespace) -> dict:
     """Sampling/stopping keyword arguments of `verse.infer.generate` from parsed options."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -77,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from verse.infer.runtime import load_for_inference
     from verse.terminal import for_stream, is_terminal
 
+    check_generation_arguments(args)
     model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter,
                                           **execution_overrides(args))
     if args.chat:

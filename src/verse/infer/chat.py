@@ -17,6 +17,15 @@ THINK_MODES = ("show", "hide", "dim")
 DIM, RESET = "\033[2m", "\033[0m"
 
 
+def valid_text(text: str) -> str:
+    """`text` with the bytes that were not UTF-8 replaced by U+FFFD.
+
+    Python keeps undecodable bytes of argv (and of streams read with `surrogateescape`) as lone surrogates, which
+    no tokenizer can encode; the replacement character stands in for each, as in `tokenizer.decode`.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def chat_prompt(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
     """Token ids of `messages` rendered with the tokenizer's chat template, ending with the assistant prompt.
 
@@ -263,12 +272,17 @@ def terminal_chat(session: ChatSession, think: str = "dim", read: Callable[[str]
         out (TextIO): where replies are written.
     """
     print(TERMINAL_HELP, file=out)
+    if read is input and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 must not end the session
     while True:
         try:
-            line = read(">>> ").strip()
+            line = valid_text(read(">>> ")).strip()
         except (EOFError, KeyboardInterrupt):
             print(file=out)
             return
+        except UnicodeDecodeError:
+            print("(that line was not valid text and was ignored)", file=out)
+            continue
         if not line:
             continue
         command, _, rest = line.partition(" ")

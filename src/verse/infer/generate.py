@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 import torch
 
 from verse.errors import VerseError
-from verse.infer.sampling import SamplingParams, sample
+from verse.infer.sampling import SamplingParams, check_seed, sample
 from verse.infer.stopping import StopStrings
 from verse.model.masks import causal_mask
 
@@ -124,6 +124,7 @@ def _prepare(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     if stop_ids is None:
         stop_ids = set(getattr(tokenizer, "stop_ids", ()) or ())
     stops = StopStrings(tokenizer, stop_strings) if stop_strings else None
+    check_seed(seed)
     generator = None
     if seed is not None:
         generator = torch.Generator(model.embed.weight.device).manual_seed(seed)

@@ -1,5 +1,6 @@
 """Next-token selection: repetition penalty, temperature, top-k and top-p (nucleus) sampling, or greedy."""
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,18 +27,27 @@ class SamplingParams:
     def __post_init__(self) -> None:
         from verse.errors import VerseError
 
-        if self.temperature < 0:
-            raise VerseError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
+        # written so that NaN fails every check (NaN compares false)
+        if not 0 <= self.temperature < math.inf:
+            raise VerseError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 <= self.top_k:
             raise VerseError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise VerseError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise VerseError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise VerseError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def check_seed(seed: Optional[int]) -> None:
+    """Raise `VerseError` unless `seed` is None or an integer `torch.Generator.manual_seed` takes (0 .. 2**64 - 1)."""
+    from verse.errors import VerseError
+
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise VerseError(f"seed must be an integer in 0 .. 2**64 - 1, got {seed!r:.40}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -256,7 +256,7 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
     from verse.eval import exact_match, extract_answer
     from verse.infer.runtime import inference_dtype
     from verse.train import TrainConfig, train
-    from verse.train.loop import resolve_device
+    from verse.devices import resolve_device
     from verse.train.metrics import plot_run
 
     start = time.perf_counter()

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from verse.config import ModelArgs, list_presets, preset_args, run_tokenizer
+from verse.devices import resolve_device
 from verse.errors import CheckpointError, ConfigError, VerseError
 from verse.model import ReasoningLLM
 from verse.model.masks import document_mask
@@ -52,14 +53,6 @@ class TrainResult:
     step: int = 0
     stopped_by_signal: bool = False
     is_main: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name}: CUDA is not available on this machine; use device=cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
