@@ -114,3 +114,27 @@ def test_a_published_presets_vocabulary_stays_unless_a_tokenizer_is_named(tmp_pa
     out = capsys.readouterr().out
     assert "params: 8.618 B total" in out
     assert "vocabulary: 200,019 ids of the o200k tokenizer (the published mistral-7b has 32,000, 7.24 B" in out
+
+
+def test_dtype_spellings_live_in_one_place():
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from verse.config import DTYPE_ALIASES, DTYPES, dtype_name
+    from verse.interop.load import resolve_dtype
+
+    assert [dtype_name(n) for n in ("bf16", "fp16", "half", "f32", "float32")] == [
+        "bfloat16", "float16", "float16", "float32", "float32"]
+    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(torch.float16) is torch.float16
+    with pytest.raises(ConfigError, match="int8"):
+        dtype_name("int8")
+    with pytest.raises(ConfigError):
+        resolve_dtype(torch.int64)
+    assert set(DTYPE_ALIASES.values()) <= set(DTYPES)
+    # no second alias map or bytes-per-dtype table in the sources
+    src = Path(__file__).resolve().parents[1] / "src" / "verse"
+    twins = [p.name for p in src.rglob("*.py") if p.name != "config.py"
+             and re.search(r"[\"']bf16[\"']\s*:\s*[\"']bfloat16[\"']|[\"']bfloat16[\"']\s*:\s*2\b", p.read_text())]
+    assert twins == []

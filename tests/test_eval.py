@@ -1,6 +1,7 @@
 """verse eval: answer extraction, held-out loss vs a hand-computed cross-entropy, exact match on a fake generator."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,32 @@ def test_heldout_loss_matches_hand_computed_cross_entropy():
     assert result.perplexity == pytest.approx(torch.exp(nll.mean()).item(), rel=1e-5)
     limited = heldout_loss(model, batches, limit=1)
     assert limited.sequences == 1 and limited.loss == pytest.approx(nll[:19 - 7].mean().item(), rel=1e-5)
+
+
+def test_heldout_loss_is_the_trainers_eval_loss_on_packed_batches():
+    """`verse eval` and training's eval_every compute one held-out loss (verse.train.loss.batch_loss): equal on
+    packed rows (document mask from position_ids), and equal to the two documents scored apart by hand."""
+    import contextlib
+
+    from verse.train.loop import evaluate
+
+    model = _tiny_model()
+    ids = torch.randint(0, 261, (1, 16))
+    labels = ids.roll(-1, dims=1)
+    labels[0, [7, 15]] = -100  # each document's last position has no next token
+    position_ids = torch.cat([torch.arange(8), torch.arange(8)])[None]
+    batches = [{"input_ids": ids, "labels": labels, "position_ids": position_ids}]
+    ours = heldout_loss(model, batches)
+    trainers = evaluate(model, batches, 1, torch.device("cpu"), contextlib.nullcontext(), 4)
+    with torch.no_grad():  # the two documents as separate sequences: packing must not leak attention
+        nll = torch.cat([torch.nn.functional.cross_entropy(model(ids[:, a:b])[0, :-1].double(), ids[0, a + 1:b],
+                                                           reduction="none") for a, b in ((0, 8), (8, 16))])
+    assert ours.tokens == 14 and ours.loss == pytest.approx(trainers, rel=1e-6)
+    assert ours.loss == pytest.approx(nll.mean().item(), rel=1e-5)
+    source = Path(__file__).resolve().parents[1] / "src" / "verse"
+    assert "batch_loss(" in (source / "eval" / "loss.py").read_text()
+    assert "batch_loss(" in (source / "train" / "loop.py").read_text()
+    assert "cross_entropy" not in (source / "eval" / "loss.py").read_text()
 
 
 class FakeGenerator:

@@ -13,6 +13,9 @@ from verse.jsonio import read_json
 PRESETS_DIR = Path(__file__).parent / "presets"
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 DTYPES = ("bfloat16", "float16", "float32")
+# other spellings of the DTYPES users type (CLI options, configs): short names and the GGUF/safetensors style
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16", "fp32": "float32",
+                 "f32": "float32"}
 BUNDLED_TOKENIZERS = ("byte", "o200k")  # tokenizers Verse ships (a preset's "hf" is its model's own tokenizer.json)
 DEFAULT_TOKENIZER = "o200k"  # Verse Mini's tokenizer: the one to name when a preset's own is not bundled
 
@@ -141,6 +144,18 @@ class ModelArgs:
 
 
 FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(ModelArgs)}
+
+
+def dtype_name(name: str) -> str:
+    """The canonical name (one of `DTYPES`) of a dtype spelling: "bf16" -> "bfloat16", "float32" -> "float32".
+
+    Raises:
+        ConfigError: for a dtype Verse does not store parameters in.
+    """
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported; use {', '.join(DTYPES)} (or bf16, fp16, fp32)")
+    return canonical
 
 
 def preset_tokenizer(name: str) -> Optional[str]:

@@ -67,11 +67,12 @@ def train_tokens_per_s(args: argparse.Namespace) -> Dict[str, float]:
     """Tokens/s of forward + backward + AdamW steps of the preset model on random tokens."""
     from verse.config import ModelArgs
     from verse.model import ReasoningLLM
+    from verse.model.transformer import torch_dtype
 
     device = torch.device(args.device)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     model_args = ModelArgs.from_preset(args.preset, dtype=dtype, max_seq_len=max(args.seq_len, 2048))
-    model = ReasoningLLM(model_args).to(device=device, dtype=getattr(torch, dtype)).train()
+    model = ReasoningLLM(model_args).to(device=device, dtype=torch_dtype(dtype)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batch = 1 if device.type == "cpu" else args.micro_batch
     seq_len = args.train_seq_len or (args.seq_len if device.type == "cuda" else min(args.seq_len, 256))

@@ -17,17 +17,17 @@ EXAMPLES = """  verse convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2/          
   verse convert deepseek-v2-lite/ dsv2-mp2/ --model-parallel 2   # one safetensors file per rank
   verse convert smollm2/ smollm2.gguf --overwrite                # replace an earlier smollm2.gguf
 """
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "f32": "float32", "float32": "float32",
-          "fp16": "float16", "f16": "float16", "float16": "float16"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `verse convert`."""
+    from verse.config import DTYPE_ALIASES, DTYPES
+
     parser.add_argument("src", help="checkpoint directory, Hub id, or .gguf file")
     parser.add_argument("dst", help="output directory, or a .gguf file with --to gguf")
     parser.add_argument("--to", choices=("verse", "hf", "gguf"), default=None,
                         help="output format (default: gguf when DST ends in .gguf, else verse)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, metavar="{bf16,f16,fp32}",
+    parser.add_argument("--dtype", choices=sorted({*DTYPES, *DTYPE_ALIASES}), default=None, metavar="{bf16,f16,fp32}",
                         help="parameter dtype of the output (also f32, fp16, bfloat16, float16, float32; "
                              "default: keep the source's)")
     parser.add_argument("--model-parallel", type=int, default=None, metavar="N",
@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise VerseError("--model-parallel is not available in this Verse build (verse.interop.parallel "
                              "is missing)") from None
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    from verse.interop.load import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype)
     start = time.perf_counter()
     model = verse.load(args.src, dtype=dtype)
     try:

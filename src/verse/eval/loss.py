@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from verse.data.packing import IGNORE_INDEX
 
@@ -42,7 +41,7 @@ def heldout_loss(model, batches, limit: Optional[int] = None, progress: bool = F
     """
     from tqdm.auto import tqdm
 
-    from verse.model.masks import document_mask
+    from verse.train.loss import batch_loss
 
     device = model.embed.weight.device
     total, tokens, sequences = 0.0, 0, 0
@@ -51,17 +50,10 @@ def heldout_loss(model, batches, limit: Optional[int] = None, progress: bool = F
             if limit is not None and sequences >= limit:
                 break
             take = batch["input_ids"].size(0) if limit is None else min(batch["input_ids"].size(0), limit - sequences)
-            input_ids, labels = batch["input_ids"][:take].to(device), batch["labels"][:take].to(device)
-            position_ids = batch.get("position_ids")
-            mask = None
-            if position_ids is not None:
-                position_ids = position_ids[:take].to(device)
-                mask = document_mask(position_ids)
-            keep = labels != IGNORE_INDEX
-            hidden = model.hidden_states(input_ids, position_ids=position_ids, attn_mask=mask)[keep]
-            logits = model.head(hidden).float()
-            total += F.cross_entropy(logits, labels[keep], reduction="sum").item()
-            tokens += int(keep.sum())
+            rows = {k: v[:take].to(device) for k, v in batch.items()
+                    if k in ("input_ids", "labels", "position_ids") and torch.is_tensor(v)}
+            total += batch_loss(model, rows).item()
+            tokens += int((rows["labels"] != IGNORE_INDEX).sum())
             sequences += take
             bar.update(take)
     loss = total / tokens if tokens else float("nan")

@@ -10,9 +10,10 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 
-from verse.config import ModelArgs
+from verse.config import ModelArgs, dtype_name
 from verse.errors import CheckpointError, ConfigError
 from verse.model import ReasoningLLM
+from verse.model.transformer import torch_dtype
 from verse.model.linear import fp8_layers, quantize_
 
 # ModelArgs fields that change how a model runs, not its weights: the only ones `verse.load` overrides.
@@ -20,21 +21,16 @@ EXECUTION_FIELDS = ("attn_impl", "gemm_impl", "checkpointing", "checkpoint_every
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")  # HF/Verse "layers.N." and GGUF "blk.N."
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
-FILE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_dtype(dtype: Optional[torch.dtype | str]) -> Optional[torch.dtype]:
     """torch.float32 / "float32" / "fp32" / "f32" -> torch.float32 (None stays None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in FILE_DTYPES.values():
-            raise ConfigError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        dtype_name(str(dtype).removeprefix("torch."))  # rejects the dtypes parameters are never stored in
         return dtype
-    aliases = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
-               "bf16": "bfloat16"}
-    name = aliases.get(dtype, dtype)
-    if name not in FILE_DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; use float32, float16 or bfloat16")
-    return FILE_DTYPES[name]
+    return torch_dtype(dtype_name(dtype))
 
 
 def check_overrides(overrides: Dict[str, Any]) -> None:

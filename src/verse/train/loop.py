@@ -20,11 +20,10 @@ from verse.config import ModelArgs, list_presets, preset_args, run_tokenizer
 from verse.devices import resolve_device
 from verse.errors import CheckpointError, ConfigError, VerseError
 from verse.model import ReasoningLLM
-from verse.model.masks import document_mask
 from verse.train import checkpoint as ckpt
 from verse.train.config import TrainConfig
 from verse.train.distributed import Dist, ParallelConfig, init_distributed
-from verse.train.loss import IGNORE_INDEX, chunked_cross_entropy
+from verse.train.loss import IGNORE_INDEX, batch_loss
 from verse.train.metrics import (MetricsLog, compute_dtype, device_peak_flops, memory_bytes, mfu, moe_stats,
                                  plot_run)
 from verse.train.optim import TrainOptimizer
@@ -209,14 +208,6 @@ class _Batches:
         raise VerseError("the data loader yielded no batches: check the data sources and max_seq_len")
 
 
-def _forward_loss(model: ReasoningLLM, batch: Dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Summed token loss of one micro-batch (packed batches get a document mask)."""
-    position_ids = batch.get("position_ids")
-    mask = document_mask(position_ids) if position_ids is not None else None
-    hidden = model.hidden_states(batch["input_ids"], position_ids=position_ids, attn_mask=mask)
-    return chunked_cross_entropy(hidden, batch["labels"], model.head, chunk_size)
-
-
 def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[str, torch.Tensor]],
                cfg: TrainConfig, autocast: contextlib.AbstractContextManager, dist: Optional[Dist] = None):
     """One optimizer step over the micro-batches of an accumulation step (on every data-parallel rank).
@@ -238,7 +229,7 @@ def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[
         if dist.enabled:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro) - 1)
         with autocast:
-            loss = _forward_loss(model, b, cfg.loss_chunk_size)
+            loss = batch_loss(model, b, cfg.loss_chunk_size)
         finite = bool(torch.isfinite(loss))
         if not finite and not dist.enabled:  # checked before backward: fused_backward would already have stepped
             loss_sum = None
@@ -322,7 +313,7 @@ def evaluate(model: ReasoningLLM, loader: Iterable, n_batches: int, device: torc
                 break
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
             with autocast:
-                total += _forward_loss(model, batch, chunk_size).item()
+                total += batch_loss(model, batch, chunk_size).item()
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
     finally:
         model.train()

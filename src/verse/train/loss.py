@@ -5,12 +5,15 @@ gradient). Here the head and the loss run on `chunk_size` tokens at a time under
 only one chunk of logits is alive in forward or backward; positions without a label (-100) are dropped first.
 """
 
+from typing import Dict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from verse.data.packing import IGNORE_INDEX
+from verse.model.masks import document_mask
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -42,3 +45,21 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.M
         else:
             total = total + _chunk_loss(head, h, y)
     return total
+
+
+def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], chunk_size: int = 4096) -> torch.Tensor:
+    """Summed token loss of one batch: the training loss, training's `eval_every` and `verse eval`'s held-out loss.
+
+    Args:
+        model (nn.Module): a `ReasoningLLM`.
+        batch (Dict[str, torch.Tensor]): `input_ids`, shifted `labels` (-100 = no loss) and, when packed,
+            `position_ids` (then each document attends only to itself).
+        chunk_size (int): tokens per chunk of the cross-entropy.
+
+    Returns:
+        torch.Tensor: the sum of the token cross-entropies (divide by the loss tokens for the mean).
+    """
+    position_ids = batch.get("position_ids")
+    mask = document_mask(position_ids) if position_ids is not None else None
+    hidden = model.hidden_states(batch["input_ids"], position_ids=position_ids, attn_mask=mask)
+    return chunked_cross_entropy(hidden, batch["labels"], model.head, chunk_size)

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from verse.config import ModelArgs, count_params
+from verse.model.transformer import torch_dtype
 
 GiB = 2**30
 # Every GPU Verse knows: usable memory (bytes), dense bf16 tensor-core peak FLOP/s (no sparsity; the vendors'
@@ -60,7 +61,7 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
 
 def compute_dtype(precision: str, param_dtype: str) -> torch.dtype:
     """The dtype a training step's matmuls run in: bf16 under bf16 autocast, else the parameters' dtype."""
-    return torch.bfloat16 if precision == "bf16" else getattr(torch, param_dtype)
+    return torch.bfloat16 if precision == "bf16" else torch_dtype(param_dtype)
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:

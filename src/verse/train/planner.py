@@ -26,11 +26,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from verse.config import ModelArgs, _attention_params, count_params
 from verse.errors import ConfigError
-from verse.train.metrics import GPUS, GiB, flops_per_token
+from verse.model.transformer import torch_dtype
+from verse.train.metrics import GPUS, GiB, compute_dtype, flops_per_token
 
 HEADROOM = 0.95  # CUDA context, allocator fragmentation and NCCL buffers take the rest
 DEFAULT_MFU = 0.4
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclasses.dataclass
@@ -100,7 +100,7 @@ def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings) -> f
 
 
 def _compute_bytes(s: PlanSettings) -> int:
-    return 2 if s.precision == "bf16" else DTYPE_BYTES[s.param_dtype]
+    return compute_dtype(s.precision, s.param_dtype).itemsize
 
 
 def _param_shapes(args: ModelArgs) -> List[int]:
@@ -201,7 +201,7 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     device_bytes = device_memory if device_memory is not None else spec["memory"] * HEADROOM
     params = count_params(args)
     shapes = _param_shapes(args)
-    pbytes = DTYPE_BYTES[s.param_dtype]
+    pbytes = torch_dtype(s.param_dtype).itemsize
     c = _compute_bytes(s)
     low = s.param_dtype != "float32"
     master = low and s.bf16_update == "master"
