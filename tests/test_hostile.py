@@ -256,3 +256,93 @@ def test_chat_survives_stdin_bytes_that_are_not_utf8(checkpoint, tmp_path):
     assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr
     users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
     assert users == ["hi", "\ufffd\ufffd ok", "third"]
+
+
+# ---- the Gradio chat UI ----
+
+def test_ui_clamps_nan_sampling_values_to_their_defaults():
+    """NaN passed min/max clamps (max(nan, 0) is nan) and reached the sampler; the UI now answers greedily."""
+    from verse import ModelArgs, ReasoningLLM, load_tokenizer
+    from verse.infer.ui import ChatBackend
+
+    torch.manual_seed(0)
+    tok = load_tokenizer("byte")
+    model = ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32", vocab_size=tok.vocab_size)).eval()
+    backend = ChatBackend(model, tok, {"stop_ids": set()})
+    nan = float("nan")
+    reply = "".join(backend.reply("hi", [], "", temperature=nan, top_p=nan, max_new_tokens=nan))
+    greedy = "".join(backend.reply("hi", [], "", temperature=0.0, top_p=1.0, max_new_tokens=backend.max_new_tokens))
+    assert reply == greedy
+
+
+def test_ui_client_errors_hide_internal_detail(caplog):
+    from verse.errors import VerseError
+    from verse.infer.ui import INTERNAL_ERROR, client_error
+
+    assert client_error(VerseError("the message is too long")) == "the message is too long"
+    with caplog.at_level("ERROR", logger="verse.infer.ui"):
+        assert client_error(RuntimeError("/home/me/secret.txt")) == INTERNAL_ERROR
+    assert "/home/me/secret.txt" in caplog.text  # kept for the server's operator
+
+
+def test_ui_upload_route_is_closed():
+    import asyncio
+
+    from verse.infer.ui import NoUploads
+
+    sent, reached = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    middleware = NoUploads(app)
+    for path in ("/gradio_api/upload", "/upload/", "/gradio_api/upload_progress", "/gradio_api/call/chat"):
+        asyncio.run(middleware({"type": "http", "path": path}, None, send))
+    assert sent[0]["status"] == 403 and sent[2]["status"] == 403 and len(sent) == 4
+    assert reached == ["/gradio_api/upload_progress", "/gradio_api/call/chat"]
+
+
+@pytest.mark.slow
+def test_ui_server_refuses_uploads_and_hides_exception_text():
+    """The real server (`serve`): POST /gradio_api/upload -> 403, nothing stored; a failing request -> the generic
+    line, never the exception's text."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from verse import ModelArgs, ReasoningLLM, load_tokenizer
+    from verse.infer.ui import INTERNAL_ERROR, serve
+
+    tok = load_tokenizer("byte")
+    model = ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32", vocab_size=tok.vocab_size)).eval()
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def apply_chat_template(self, *args, **kwargs):
+            raise RuntimeError("SECRET /etc/shadow")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = serve(model, Failing(), port=port, generation={"max_new_tokens": 2}, block=False)
+    try:
+        base = f"http://127.0.0.1:{port}/gradio_api"
+        body = (b'--X\r\nContent-Disposition: form-data; name="files"; filename="a.txt"\r\n\r\n' + b"A" * 1000
+                + b"\r\n--X--\r\n")
+        request = urllib.request.Request(base + "/upload", data=body,
+                                         headers={"Content-Type": "multipart/form-data; boundary=X"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request)
+        assert refused.value.code == 403
+        request = urllib.request.Request(base + "/call/chat", data=json.dumps({"data": ["hi", "", 0, 1, 2]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        event = json.loads(urllib.request.urlopen(request).read())["event_id"]
+        answer = urllib.request.urlopen(f"{base}/call/chat/{event}").read().decode()
+        assert INTERNAL_ERROR in answer and "SECRET" not in answer
+    finally:
+        demo.close()

@@ -1,20 +1,62 @@
 """The Gradio chat UI of `verse chat --ui`: streamed replies, reasoning in a collapsible box, stop and reset.
 
 All requests that use the model share one queue slot (`concurrency_id="model"`, limit 1), so concurrent users
-are served in turn. Inputs are bounded (message and system prompt length, max tokens, sampling ranges) and
-only ever reach the tokenizer: nothing typed is used as a path or a command.
+are served in turn. Inputs are bounded (message and system prompt length, max tokens, sampling ranges, NaN
+included) and only ever reach the tokenizer: nothing typed is used as a path or a command. The chat takes no
+files, so Gradio's upload route is closed; clients see `VerseError` messages (about their input) and a generic
+line for anything else, whose detail goes to the server log.
 """
 
+import logging
+import math
 import os
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from verse.infer.chat import fit_messages, opens_in_think, split_reasoning, stream_text
 
 MAX_MESSAGE_CHARS = 4000
 MAX_NEW_TOKENS = 1024
 MAX_QUEUE = 64
+INTERNAL_ERROR = "internal error while answering; the server log has the details"
+log = logging.getLogger(__name__)
 
 Messages = List[Dict[str, str]]
+
+
+def clamp(value: Any, low: float, high: float, default: float) -> float:
+    """`value` as a float within [low, high]; `default` when it is not a number or is NaN."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return default if math.isnan(value) else min(max(value, low), high)
+
+
+def client_error(error: Exception) -> str:
+    """What a UI client is told about `error`: a `VerseError`'s own line (it is about their input), else a generic
+    line; the full traceback goes to the server log."""
+    from verse.errors import VerseError
+
+    if isinstance(error, VerseError):
+        return str(error)
+    log.error("chat UI request failed", exc_info=error)
+    return INTERNAL_ERROR
+
+
+class NoUploads:
+    """ASGI middleware refusing Gradio's file upload route (the chat takes no files; uploads were unbounded and
+    never deleted)."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/upload"):
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+            await send({"type": "http.response.body", "body": b"uploads are disabled"})
+            return
+        await self.app(scope, receive, send)
 
 
 def _display(history: Messages, opened: bool) -> List[dict]:
@@ -63,10 +105,10 @@ class ChatBackend:
         """
         messages = ([{"role": "system", "content": system[:MAX_MESSAGE_CHARS]}] if system.strip() else [])
         messages += history + [{"role": "user", "content": message[:MAX_MESSAGE_CHARS]}]
-        max_new_tokens = max(1, min(int(max_new_tokens), self.max_new_tokens))
+        max_new_tokens = int(clamp(max_new_tokens, 1, self.max_new_tokens, self.max_new_tokens))
         _, prompt = fit_messages(self.tokenizer, messages, self.model.args.max_seq_len - max_new_tokens)
         kwargs = {**self.generation, "max_new_tokens": max_new_tokens,
-                  "temperature": min(max(float(temperature), 0.0), 2.0), "top_p": min(max(float(top_p), 0.01), 1.0)}
+                  "temperature": clamp(temperature, 0.0, 2.0, 0.0), "top_p": clamp(top_p, 0.01, 1.0, 1.0)}
         yield from stream_text(self.model, self.tokenizer, prompt, **kwargs)
 
     def opened(self, system: str) -> bool:
@@ -92,8 +134,6 @@ def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optiona
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from verse.errors import VerseError
-
     generation = dict(generation or {})
     temperature = generation.pop("temperature", 0.7) or 0.0
     top_p = generation.pop("top_p", 1.0)
@@ -113,16 +153,16 @@ def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optiona
             for piece in backend.reply(message, history, system_prompt, temp, nucleus, max_tokens):
                 turn[-1] = {"role": "assistant", "content": turn[-1]["content"] + piece}
                 yield _display(turn, opened), turn, ""
-        except VerseError as e:
-            raise gr.Error(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - every failure becomes one client line (detail in the server log)
+            raise gr.Error(client_error(e)) from None
 
     def api_chat(message: str, system_prompt: str = "", temp: float = 0.0, nucleus: float = 1.0,
                  max_tokens: int = 64) -> str:
         """One stateless reply: the full text of the assistant's answer to `message`."""
         try:
             return "".join(backend.reply(message, [], system_prompt, temp, nucleus, max_tokens))
-        except VerseError as e:
-            raise gr.Error(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - every failure becomes one client line (detail in the server log)
+            raise gr.Error(client_error(e)) from None
 
     with gr.Blocks(title="Verse chat") as demo:
         gr.Markdown("### Verse chat")
@@ -151,7 +191,7 @@ def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optiona
 
 
 def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 7860, system: Optional[str] = None,
-          generation: Optional[dict] = None) -> None:
+          generation: Optional[dict] = None, block: bool = True):
     """Serve the chat UI until interrupted.
 
     Args:
@@ -161,7 +201,17 @@ def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 7860, system: O
         port (int): TCP port.
         system (Optional[str]): initial system prompt.
         generation (Optional[dict]): default generation settings.
+        block (bool): serve until interrupted; False returns at once with the server running (tests).
+
+    Returns:
+        gradio.Blocks: the running app (`close()` stops it).
     """
+    from starlette.middleware import Middleware
+
     demo = build_ui(model, tokenizer, system, generation)
     print(f"Verse chat UI on http://{host}:{port} (Ctrl-C to stop)", flush=True)
-    demo.launch(server_name=host, server_port=port, share=False, show_error=True, footer_links=["api"])
+    # show_error=False: only gr.Error lines (client_error) reach clients, never raw exception text
+    demo.launch(server_name=host, server_port=port, share=False, show_error=False, footer_links=["api"],
+                max_file_size=0, app_kwargs={"middleware": [Middleware(NoUploads)]}, prevent_thread_lock=not block,
+                quiet=not block)
+    return demo
