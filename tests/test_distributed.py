@@ -131,3 +131,34 @@ def test_python_dash_m_verse():
     proc = subprocess.run([sys.executable, "-m", "verse", "--version"], env=_env(), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("verse ")
+
+
+def _run_with_fault(tmp_path, fault: str, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+           str(tmp_path), "tiny", "6", "save_every=2", *overrides]
+    return subprocess.run(cmd, env={**_env(), "VERSE_TEST_FAULT": fault}, capture_output=True, text=True, timeout=240)
+
+
+def _check_lost_rank(tmp_path, proc, cause: str) -> None:
+    """rank 0 ends with one line naming the cause and the intact checkpoint; the checkpoint resumes."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("verse train: error:")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    assert "rank 0: lost contact with another rank during step 4" in lines[0] and cause in lines[0]
+    run = tmp_path / "run"
+    assert "step-0000002" in lines[0] and os.readlink(run / "latest") == "step-0000002"
+    assert [p.name for p in run.iterdir() if p.name.startswith(("step-", ".tmp"))] == ["step-0000002"]
+    assert "Traceback" not in "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank0]"))
+    verse.load(run)  # the last good checkpoint is whole
+
+
+def test_killed_rank_ends_every_rank_with_one_line(tmp_path):
+    """Rank 1 is SIGKILLed in step 4: rank 0 stops at once (its collective loses the peer), torchrun ends the job."""
+    proc = _run_with_fault(tmp_path, "kill:1:3")
+    _check_lost_rank(tmp_path, proc, "Connection closed by peer")
+
+
+@pytest.mark.slow
+def test_hung_rank_ends_every_rank_after_the_timeout(tmp_path):
+    """Rank 1 hangs in step 4: rank 0's collective times out after parallel.timeout_s, and the job ends."""
+    proc = _run_with_fault(tmp_path, "hang:1:3", "parallel.timeout_s=5")
+    _check_lost_rank(tmp_path, proc, "Timed out waiting 5000ms")

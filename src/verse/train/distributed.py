@@ -6,6 +6,7 @@ DeviceMesh, and the few collectives the training loop needs (all `torch.distribu
 ranks out as a mesh `dp_replicate x dp_shard x ep x tp` (the order of torchtitan's `ParallelDims`).
 """
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -18,6 +19,9 @@ import torch.distributed as dist
 from verse.errors import ConfigError
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "ep", "tp")
+# how gloo and NCCL word a lost peer or a collective timeout
+COMM_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "timed out",
+                 "Socket Timeout", "NCCL error", "ProcessGroupNCCL", "ProcessGroupGloo")
 
 
 @dataclass(frozen=True)
@@ -174,9 +178,19 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group (the job's last collective)."""
+        """Leave the process group (also after another rank was lost: then only this rank's side is torn down)."""
         if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+            with contextlib.suppress(RuntimeError):
+                dist.destroy_process_group()
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank died or hung (its connection closed, or
+    `parallel.timeout_s` passed): c10d's `DistError`, or the RuntimeError gloo raises."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(mark in text for mark in COMM_FAILURES)
 
 
 def env_world() -> tuple:

@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import math
 import random
+import re
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from verse.errors import CheckpointError, ConfigError, VerseError
 from verse.model import ReasoningLLM
 from verse.train import checkpoint as ckpt
 from verse.train.config import TrainConfig
-from verse.train.distributed import Dist, ParallelConfig, init_distributed
+from verse.train.distributed import Dist, ParallelConfig, init_distributed, is_comm_failure
 from verse.train.loss import IGNORE_INDEX, batch_loss
 from verse.train.metrics import (MetricsLog, compute_dtype, device_peak_flops, memory_bytes, mfu, moe_stats,
                                  plot_run)
@@ -251,11 +252,13 @@ def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[
 
 class _StopSignal:
     """SIGTERM / SIGINT: the first lets the step finish, then the loop saves a checkpoint and stops; a second waits
-    for that save (saying so, so a run is never lost to an impatient Ctrl-C); only a third aborts."""
+    for that save (saying so, so a run is never lost to an impatient Ctrl-C); only a third aborts. Under torchrun
+    every rank gets the signal and only rank 0 (`speak`) says so."""
 
-    def __init__(self):
+    def __init__(self, speak: bool = True):
         self.signum: Optional[int] = None
         self.count = 0
+        self.speak = speak
         self.previous: Dict[int, Any] = {}
 
     def __enter__(self):
@@ -268,10 +271,12 @@ class _StopSignal:
         self.count += 1
         if self.count == 1:
             self.signum = signum
-            _say("verse train: stopping: finishing this step and saving a checkpoint")
+            if self.speak:
+                _say("verse train: stopping: finishing this step and saving a checkpoint")
         elif self.count == 2:
-            _say("verse train: waiting for the checkpoint to be saved so the run is not lost; "
-                 "a third interrupt aborts and loses the steps since the last checkpoint")
+            if self.speak:
+                _say("verse train: waiting for the checkpoint to be saved so the run is not lost; "
+                     "a third interrupt aborts and loses the steps since the last checkpoint")
         else:
             raise KeyboardInterrupt
 
@@ -433,7 +438,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
     batches = _Batches(loader)
     metrics: List[Dict[str, Any]] = []
     final_dir: Optional[Path] = step_dir if resume else None  # never re-save a step: it is on disk already
-    stop = _StopSignal()
+    stop = _StopSignal(speak=dist.is_main)
     bar = None
     if progress and dist.is_main:
         from tqdm.auto import tqdm
@@ -500,6 +505,10 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
                     final_dir = save()
             if final_dir is None or not final_dir.name.endswith(f"{step:07d}"):
                 final_dir = save()
+    except RuntimeError as e:
+        if not (dist.enabled and is_comm_failure(e)):
+            raise
+        raise VerseError(_lost_rank_message(dist, step, run_dir, e)) from None
     finally:
         log.close()
         if bar is not None:
@@ -521,6 +530,18 @@ class _NoLog:
 
     def close(self) -> None:
         pass
+
+
+def _lost_rank_message(dist: Dist, step: int, run_dir: Path, e: BaseException) -> str:
+    """One line for a collective that failed because another rank died or hung: what, and how to go on."""
+    try:
+        last = f"the last complete checkpoint, {ckpt.latest_checkpoint(run_dir)[0]}, is intact: continue with " \
+               f"`torchrun ... -m verse train --resume {run_dir}`"
+    except VerseError:
+        last = "no checkpoint was completed yet"
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]) if str(e) else type(e).__name__  # no source path
+    return (f"rank {dist.rank}: lost contact with another rank during step {step + 1} ({cause[:160]}); every rank "
+            f"stops (a rank died, or hung longer than parallel.timeout_s={dist.parallel.timeout_s:g}); {last}")
 
 
 def _loader_state(saved: List[Any], dist: Dist, step_dir: Path) -> Any:
