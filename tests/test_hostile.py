@@ -346,3 +346,57 @@ def test_ui_server_refuses_uploads_and_hides_exception_text():
         assert INTERNAL_ERROR in answer and "SECRET" not in answer
     finally:
         demo.close()
+
+
+# ---- chat templates ----
+
+def with_template(checkpoint, tmp_path, template):
+    path = edited(checkpoint, tmp_path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("template, expect", [
+    ("{{ 1/0 }}", "ZeroDivisionError"),
+    ("{% include 'other.jinja' %}", "chat template failed"),
+    ("{% include %}", "does not parse"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "longer than 0.5 s"),
+    ("{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "longer than 0.5 s"),
+    ("{{ 'x' * 10 ** 10 }}", "10000000000 items"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "items"),
+    ("{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('x') }}", "items"),
+    ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}", "output passed"),
+    (5, "'chat_template' must be a string"),
+    ({"a": 1}, "'chat_template' must be a string"),
+])
+def test_hostile_chat_templates_end_in_one_line(checkpoint, tmp_path, capsys, monkeypatch, template, expect):
+    """Each was a traceback, a hang or a multi-GB string; bounded by time (here 0.5 s), output and value sizes."""
+    import time
+
+    from verse.tokenization import chat
+
+    monkeypatch.setattr(chat, "TEMPLATE_SECONDS", 0.5)
+    path = with_template(checkpoint, tmp_path, template)
+    start = time.perf_counter()
+    assert_one_line(capsys, path, "--chat", *GEN, expect=(expect,))
+    assert time.perf_counter() - start < 20
+
+
+def test_template_time_limit_leaves_the_thread_usable(monkeypatch):
+    """The interrupt is delivered only inside the render: later code in the same thread runs undisturbed."""
+    import time
+
+    from verse.errors import VerseError
+    from verse.tokenization import chat
+
+    monkeypatch.setattr(chat, "TEMPLATE_SECONDS", 0.2)
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(VerseError, match="longer than"):
+        chat.render("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", messages)
+    assert chat.render("{{ messages[0].content }}", messages) == "hi"
+    time.sleep(0.4)  # past a second deadline, had a timer survived
+    assert sum(range(10**6)) == 499999500000

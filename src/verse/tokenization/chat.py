@@ -7,13 +7,16 @@ of the first i messages plus the generation prompt is a prefix of the full rende
 after it.
 """
 
+import ctypes
 import json
 import re
+import threading
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jinja2
 import jinja2.ext
@@ -41,6 +44,10 @@ CHATML_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+
+# Bounds on what a (third-party) template may do per render: time, output and the size of any value it builds.
+TEMPLATE_SECONDS = 10.0
+MAX_TEMPLATE_CHARS = 32 * 2**20  # longest rendered text and longest string/list a template may build
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -91,6 +98,74 @@ class _GenerationTracker(jinja2.ext.Extension):
             self._tracking.reset(token)
 
 
+class TemplateLimit(Exception):
+    """A template went past `TEMPLATE_SECONDS` or `MAX_TEMPLATE_CHARS` (raised inside the render)."""
+
+
+def _sized(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_TEMPLATE_CHARS:
+        raise TemplateLimit(f"it built a value of {len(value)} items (at most {MAX_TEMPLATE_CHARS})")
+    return value
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox plus size checks on what `*`, `**`, `+`, calls and namespaces build."""
+
+    intercepted_binops = frozenset(["*", "**", "+"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*" and isinstance(left, int) and hasattr(right, "__len__"):
+            left, right = right, left
+        if operator == "*" and isinstance(right, int) and hasattr(left, "__len__"):
+            if len(left) * right > MAX_TEMPLATE_CHARS:
+                raise TemplateLimit(f"it built a value of {len(left) * right} items (at most {MAX_TEMPLATE_CHARS})")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+            if right * abs(left).bit_length() > 64 * MAX_TEMPLATE_CHARS:
+                raise TemplateLimit(f"{left} ** {right} is too large")
+        return _sized(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's names)
+        for value in (*args, *kwargs.values()):
+            _sized(value)
+        return _sized(super().call(__context, __obj, *args, **kwargs))
+
+
+class _BoundedNamespace(jinja2.utils.Namespace):
+    """`namespace()` whose attributes stay below the size limit (a namespace is how a loop grows a value)."""
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, _sized(value))
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise `TemplateLimit` in this thread if the block runs longer than `seconds`.
+
+    A template loop is Python bytecode (jinja compiles templates to Python), so the exception set on the thread by
+    `PyThreadState_SetAsyncExc` (what CPython offers to interrupt another thread; signals reach only the main
+    thread) stops it at its next instruction.
+    """
+    thread, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
+
+    def interrupt() -> None:
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(TemplateLimit))
+
+    timer = threading.Timer(seconds, interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["done"] = True
+            timer.cancel()
+            if state["fired"]:  # clear an exception that was set but not yet raised
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -112,14 +187,19 @@ def compile_template(source: str) -> jinja2.Template:
     Raises:
         VerseError: when the template does not parse.
     """
-    env = ImmutableSandboxedEnvironment(
+    if not isinstance(source, str):
+        raise VerseError(f"chat template must be a string, got {type(source).__name__}")
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTracker, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["namespace"] = _BoundedNamespace
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise VerseError(f"chat template does not parse: {e.message} (line {e.lineno}); fix the template") from None
+    except (RecursionError, MemoryError):
+        raise VerseError("chat template does not parse: nested too deeply; fix the template") from None
 
 
 def check_messages(messages: Sequence[Dict[str, str]]) -> None:
@@ -163,16 +243,27 @@ def _prepare(source: str, messages: Sequence[Dict[str, str]], context: Dict[str,
 def _render(template: jinja2.Template, messages: Sequence[Dict[str, str]], add_generation_prompt: bool,
             context: Dict[str, object], spans: Optional[List[Tuple[int, int]]] = None) -> str:
     kwargs = dict(context, messages=list(messages), add_generation_prompt=add_generation_prompt)
+    blocks: List[str] = []
+    size = 0
     try:
-        if spans is None:
-            return template.render(**kwargs)
-        blocks: List[str] = []
-        with template.environment.track_generation(blocks, spans):
+        with _time_limit(TEMPLATE_SECONDS), template.environment.track_generation(blocks, [] if spans is None else spans):
             for block in template.generate(**kwargs):
                 blocks.append(block)
-        return "".join(blocks)
+                size += len(block)
+                if size > MAX_TEMPLATE_CHARS:
+                    raise TemplateLimit(f"its output passed {MAX_TEMPLATE_CHARS} characters")
+    except TemplateLimit as e:
+        reason = str(e) or f"it ran longer than {TEMPLATE_SECONDS:g} s"
+        raise VerseError(f"chat template stopped: {reason}; fix or replace the template") from None
     except jinja2.TemplateError as e:
         raise VerseError(f"chat template failed on these messages: {e}") from None
+    except RecursionError:
+        raise VerseError("chat template failed: it recursed too deeply (a macro calling itself?)") from None
+    except VerseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a template is third-party code: {{ 1/0 }}, an include without a loader ...
+        raise VerseError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
+    return "".join(blocks)
 
 
 def render(source: str, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = False,

@@ -12,6 +12,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
 
 from verse.errors import VerseError
+from verse.jsonio import read_json
 from verse.tokenization.base import Tokenizer
 from verse.tokenization.chat import CHATML_TEMPLATE
 
@@ -263,27 +264,24 @@ def read_chat_template(directory: Path, config: dict) -> Optional[str]:
     Returns:
         Optional[str]: the template, or None.
     """
-    template = config.get("chat_template")
+    template, source = config.get("chat_template"), directory / "tokenizer_config.json"
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
-    if template:
-        return template
-    if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    if (directory / "chat_template.json").is_file():
-        return _read_json(directory / "chat_template.json").get("chat_template")
-    return None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VerseError(f"cannot read {path}: {e}; fix or remove the file") from None
-    if not isinstance(data, dict):
-        raise VerseError(f"{path} must hold a JSON object")
-    return data
+    if not template:
+        template, source = None, directory / "chat_template.jinja"
+        if source.is_file():
+            try:
+                template = source.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise VerseError(f"{source}: cannot read the chat template ({e}); fix or remove the file") from None
+        elif (directory / "chat_template.json").is_file():
+            source = directory / "chat_template.json"
+            template = read_json(source).get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise VerseError(f"{source}: field 'chat_template' must be a string (or a list of named templates), "
+                         f"got {type(template).__name__}")
+    return template or None
 
 
 def tokenizer_config(directory: Path) -> dict:
@@ -296,7 +294,7 @@ def tokenizer_config(directory: Path) -> dict:
         dict: its content.
     """
     path = directory / "tokenizer_config.json"
-    return _read_json(path) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def load_hf_dir(directory: Path) -> HFTokenizer:
@@ -316,7 +314,7 @@ def load_hf_dir(directory: Path) -> HFTokenizer:
     config = tokenizer_config(directory)
     extra_stop = []
     if (directory / "generation_config.json").is_file():
-        eos = _read_json(directory / "generation_config.json").get("eos_token_id")
+        eos = read_json(directory / "generation_config.json").get("eos_token_id")
         extra_stop = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
     return HFTokenizer(backend, str(directory), read_chat_template(directory, config),
                        *(_token_content(config.get(k)) for k in ("bos_token", "eos_token", "pad_token")),
