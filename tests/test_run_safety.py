@@ -250,6 +250,21 @@ def test_a_kill_while_a_step_is_re_saved_never_loses_it(tmp_path, monkeypatch):
     assert step == 1 and {k: v[0] for k, v in snapshot(step_dir).items()} == files
 
 
+def test_resume_tidies_what_a_killed_save_left(tmp_path):
+    """A kill inside the model writer leaves its staging directory; one inside `publish`'s fallback (no renameat2)
+    leaves the step moved aside: the next resume removes the one and puts the other back."""
+    inputs, labels = make_data(4)
+    result = train(config(tmp_path, max_steps=1), loader=Batches(inputs, labels, 2), progress=False)
+    run, step = result.run_dir, result.final_dir
+    files = {k: v[0] for k, v in snapshot(step).items()}
+    (run / "..tmp-step-0000002.tmp-x1y2").mkdir()
+    (run / ".step-0000001.old-a1b2").mkdir()
+    os.rename(step, run / ".step-0000001.old-a1b2" / "old")
+    ckpt.clean_partial(run)
+    assert not list(run.glob("..tmp-*")) and not list(run.glob(".step-*"))
+    assert {k: v[0] for k, v in snapshot(step).items()} == files and ckpt.latest_checkpoint(run) == (step, 1)
+
+
 # ---- item 3: a second Ctrl-C waits for the save, a third aborts ----
 
 SLOW_SAVE_SCRIPT = """

@@ -313,10 +313,12 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
 def clean_partial(run_dir: Path) -> None:
     """Remove the temporary directories a killed run left behind, and put back a step a killed re-save had moved
     aside (when its replacement never landed)."""
-    for tmp in Path(run_dir).glob(".tmp-step-*"):
+    run_dir = Path(run_dir)
+    # the step being written, and the model writer's own staging directory beside it (`publish.staged`)
+    for tmp in (*run_dir.glob(".tmp-step-*"), *run_dir.glob("..tmp-step-*.tmp-*")):
         shutil.rmtree(tmp, ignore_errors=True)
-    for aside in Path(run_dir).glob(".step-*.old-*"):  # where `publish` (without renameat2) moves a step aside
-        final = Path(run_dir) / aside.name[1:].split(".old-")[0]
+    for aside in run_dir.glob(".step-*.old-*"):  # where `publish` (without renameat2) moves a step aside
+        final = run_dir / aside.name[1:].split(".old-")[0]
         if (aside / "old").is_dir() and not final.exists():
             os.rename(aside / "old", final)
         shutil.rmtree(aside, ignore_errors=True)
