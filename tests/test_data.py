@@ -423,9 +423,25 @@ def test_one_ignore_index_for_data_and_loss():
     from verse.eval import loss as eval_loss
     from verse.train import loss
 
-    assert eval_loss.IGNORE_INDEX == loss.IGNORE_INDEX == packing.IGNORE_INDEX == inspect.signature(F.cross_entropy).parameters[
-        "ignore_index"].default
+    torch_default = inspect.signature(F.cross_entropy).parameters["ignore_index"].default
+    assert eval_loss.IGNORE_INDEX == loss.IGNORE_INDEX == packing.IGNORE_INDEX == torch_default
     src = Path(__file__).parents[1] / "src" / "verse"
     definitions = [f"{p.relative_to(src)}:{line}" for p in src.rglob("*.py")
                    for line in p.read_text().splitlines() if re.match(r"\s*[A-Z_]+\s*=\s*-100\b", line)]
     assert len(definitions) == 1, definitions
+
+
+@pytest.mark.timeout(120)
+def test_a_whole_pass_of_dropped_examples_is_an_error_not_a_hang(tmp_path, tok):
+    """Records whose replies all fall past max_seq_len: a cycling loader used to re-read the file forever."""
+    long_prompt = [{"messages": [{"role": "user", "content": "x" * 200 + str(i)},
+                                 {"role": "assistant", "content": "y"}]} for i in range(6)]
+    path = write_jsonl(tmp_path / "long.jsonl", long_prompt)
+    loader = build_loader(cfg([{"path": path}], shuffle_buffer=4), tok, max_seq_len=64, micro_batch_size=2, seed=0)
+    with pytest.raises(VerseError, match="every example of a whole pass.*no_loss_tokens.*max_seq_len 64"):
+        next(iter(loader))
+    fits = write_jsonl(tmp_path / "mixed.jsonl", long_prompt + [ultrachat_record(0, turns=1)])  # one usable
+    loader = build_loader(cfg([{"path": fits}], shuffle_buffer=4), tok, max_seq_len=64, micro_batch_size=2, seed=0)
+    batches = [b for _, b in zip(range(3), loader)]
+    assert all(trained_text(tok, labels) == "reply 0.0<|im_end|>" for b in batches for _, labels in documents(b)
+               if (labels != -100).any())

@@ -67,6 +67,17 @@ def test_generate_bad_input_exits_2(checkpoint, tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("verse generate: error:") for line in err)
 
 
+def test_tokenizer_with_ids_past_the_model_vocabulary_exits_2(checkpoint, tmp_path, capsys):
+    """o200k ids (up to 200018) would index past a 261-row embedding: one line, for generate and eval."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"},
+                                             {"role": "assistant", "content": "2"}]}) + "\n")
+    assert main(["generate", str(checkpoint), "--prompt", "x", "--tokenizer", "o200k"]) == 2
+    assert main(["eval", str(checkpoint), "--data", str(data), "--task", "loss", "--tokenizer", "o200k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("o200k" in line and "vocabulary of 261" in line for line in err)
+
+
 def test_terminal_chat_history_commands_and_save(checkpoint, tmp_path):
     model, tok = verse.load(checkpoint), verse.load_tokenizer(checkpoint)
     session = ChatSession(model, tok, generation={"max_new_tokens": 6})

@@ -299,3 +299,18 @@ def test_tokenizer_json_truncation_and_padding_sections_are_not_applied(tmp_path
     tok.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
     assert saved["truncation"] == data["truncation"] and saved["padding"] == data["padding"]
+
+
+def test_byte_tokenizer_narrows_to_a_256_id_model():
+    tok = ByteTokenizer().fit_vocab(256)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.special_tokens) == (
+        256, None, None, None, set(), {})
+    assert tok.encode("<|im_end|>", allowed_special="all") == list(b"<|im_end|>")  # no special ids: plain bytes
+    enc = tok.encode_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert enc.input_ids == list(b"<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n")
+    assert max(enc.input_ids) < 256
+    assert ByteTokenizer().fit_vocab(258).special_tokens == {"<|bos|>": 256, "<|eos|>": 257}
+    with pytest.raises(VerseError, match="261 ids.*vocabulary of 200"):
+        ByteTokenizer().fit_vocab(200)
+    with pytest.raises(VerseError, match="o200k.*vocabulary of 49152"):
+        verse.load_tokenizer("o200k").fit_vocab(49152)

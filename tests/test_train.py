@@ -403,3 +403,26 @@ def test_bytegpt_tiny_pretraining_lowers_bits_per_byte(tmp_path):
                            preset="bytegpt-tiny")
     evals = [m["eval_bpb"] for m in train(cfg, progress=False).metrics if m["kind"] == "eval"]
     assert len(evals) == 2 and evals[1] < evals[0]
+
+
+def test_vocab_256_byte_model_trains_and_generates(tmp_path, capsys):
+    """ByteGPT's own design: 256 ids, bytes only. The byte tokenizer narrows to it (no special ids)."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                                      {"role": "assistant", "content": f"{i} {i}"}]}) + "\n"
+                            for i in range(8)))
+    assert main(["train", "--preset", "tiny", "tokenizer=byte", "model_overrides.vocab_size=256",
+                 f"out_dir={tmp_path}/r", "max_steps=2", "max_seq_len=128", "precision=fp32", f"data.sources=[{{path: {data}}}]",
+                 "data.num_workers=0", "data.shuffle_buffer=4", "plot=false", "--no-progress"]) == 0
+    ckpt = tmp_path / "r" / "latest"
+    assert json.loads((ckpt / "config.json").read_text())["vocab_size"] == 256
+    from verse import load_tokenizer
+
+    tok = load_tokenizer(ckpt)
+    assert tok.vocab_size == 256 and tok.eos_id is None
+    capsys.readouterr()
+    assert main(["generate", str(ckpt), "--prompt", "say 3", "--chat", "--max-new-tokens", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # the ChatML prompt as plain bytes, and no EOS id to stop at: all 6 tokens come
+    assert out["prompt_tokens"] == len(b"<|im_start|>user\nsay 3<|im_end|>\n<|im_start|>assistant\n")
+    assert out["new_tokens"] == 6

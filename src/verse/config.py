@@ -208,9 +208,14 @@ def preset_args(name: str, tokenizer: Any = None, **overrides: Any) -> ModelArgs
         ModelArgs: the configuration.
     """
     args = ModelArgs.from_preset(name, **overrides)
-    if tokenizer is None or "vocab_size" in overrides:
+    if tokenizer is None:
         return args
-    from verse.tokenization import tokenizer_vocab
+    from verse.tokenization import load_tokenizer, tokenizer_vocab
+
+    if "vocab_size" in overrides:  # the tokenizer fitted to it (the byte tokenizer narrows to 256-260 ids)
+        fitted = load_tokenizer(tokenizer).fit_vocab(args.vocab_size, f"model={name} (vocab_size {args.vocab_size})")
+        ids = {k: v for k, v in (("bos_token_id", fitted.bos_id), ("eos_token_id", fitted.eos_id)) if k not in overrides}
+        return args.replace(**ids)
 
     vocab_size, bos_id, eos_id = tokenizer_vocab(tokenizer)
     return args.replace(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id)

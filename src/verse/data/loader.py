@@ -21,7 +21,7 @@ from verse.data.config import DataConfig
 from verse.data.encode import Encoded, Encoder
 from verse.data.packing import collate, packed_row, padded_row
 from verse.data.sources import SourceReader
-from verse.errors import ConfigError
+from verse.errors import ConfigError, VerseError
 
 BLOCK = 128  # examples tokenized per round trip to the workers
 MIX_CHUNK = 1024  # mixing draws generated per RNG call
@@ -177,12 +177,22 @@ class DataLoader:
         cur: List[Encoded] = []  # the open (packed) row
         cur_len, cur_start = 0, {}
         resume_piece = self._resume.get("piece", 0)
+        # Examples dropped since the last kept one, per source: a reader yields its examples in shuffled blocks of
+        # S consecutive ones, so a run longer than (its distinct examples + 2 S) spans a whole pass, all dropped.
+        run = [[0, set()] for _ in self.readers]
         for (snap, base), encs in encoded:
             for i, enc in enumerate(encs):
                 first, resume_piece = resume_piece, 0
                 if enc.dropped is not None:
                     self._count_example(enc)
+                    source_run = run[enc.source]
+                    source_run[0] += 1
+                    source_run[1].add(enc.where)
+                    if all(n > len(seen) + 2 * r.shuffle_buffer for (n, seen), r in zip(run, self.readers)):
+                        raise VerseError(self._all_dropped_message())  # cycling would read the data forever
                     continue
+                if run[enc.source][0]:
+                    run = [[0, set()] for _ in self.readers]
                 pieces = self._pieces(enc)
                 for k in range(first, len(pieces)):
                     piece = pieces[k]
@@ -217,6 +227,13 @@ class DataLoader:
             batch = self._collate([r for r, _ in rows[start:start + B]])
             self._resume = rows[start + B][1] if start + B < len(rows) else self._end_point()
             yield batch
+
+    def _all_dropped_message(self) -> str:
+        dropped = ", ".join(f"{k.removeprefix('dropped_')}: {v}" for k, v in sorted(self.counters.items())
+                            if k.startswith("dropped_"))
+        return (f"data: every example of a whole pass over the sources was dropped ({dropped}) at max_seq_len "
+                f"{self.max_seq_len}; raise max_seq_len, set data.truncation: truncate, or check the data with "
+                "`verse data stats`")
 
     def _end_point(self) -> Dict[str, Any]:
         """The position after everything: resuming from it yields nothing more."""

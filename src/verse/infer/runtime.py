@@ -48,7 +48,11 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
         **overrides: execution-only `ModelArgs` fields for `verse.load` (e.g. `attn_impl="absorb"`).
 
     Returns:
-        tuple: (model, tokenizer).
+        tuple: (model, tokenizer); the tokenizer fits the model's vocabulary (a byte tokenizer is narrowed to a
+        256-id model).
+
+    Raises:
+        VerseError: the tokenizer has ids past the model's vocabulary (e.g. `--tokenizer o200k` on a small model).
     """
     import verse
 
@@ -57,7 +61,8 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
         from verse.peft import load_adapter
 
         model = load_adapter(model, adapter).eval()
-    return model, verse.load_tokenizer(tokenizer or tokenizer_source(path))
+    tokenizer = verse.load_tokenizer(tokenizer or tokenizer_source(path))
+    return model, tokenizer.fit_vocab(model.args.vocab_size, f"the model {path}")
 
 
 def tokenizer_source(path: str) -> str:

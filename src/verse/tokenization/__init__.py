@@ -23,15 +23,19 @@ def _from_dir(directory: Path) -> Tokenizer:
     config = tokenizer_config(directory)
     kind = config.get("verse_tokenizer")  # written by Verse's own o200k / byte tokenizers: reload the fast backend
     if kind in ("o200k", "byte"):
-        return _named(kind, read_chat_template(directory, config))
+        vocab_size = config.get("verse_vocab_size")  # a byte tokenizer narrowed to its model's 256-260 ids
+        if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)):
+            raise VerseError(f"{directory / 'tokenizer_config.json'}: verse_vocab_size must be an integer, got "
+                             f"{vocab_size!r}; fix or remove it")
+        return _named(kind, read_chat_template(directory, config), vocab_size)
     return load_hf_dir(directory)
 
 
-def _named(name: str, chat_template: str = None) -> Tokenizer:
+def _named(name: str, chat_template: str = None, vocab_size: int = None) -> Tokenizer:
     if name == "byte":
-        from verse.tokenization.byte import ByteTokenizer
+        from verse.tokenization.byte import FULL_VOCAB_SIZE, ByteTokenizer
 
-        return ByteTokenizer(chat_template)
+        return ByteTokenizer(chat_template, vocab_size or FULL_VOCAB_SIZE)
     from verse.tokenization.o200k import O200kTokenizer
 
     return O200kTokenizer("Xenova/gpt-4o" if name.lower() == "xenova/gpt-4o" else "o200k", chat_template)

@@ -83,6 +83,25 @@ class Tokenizer:
                              f"{sorted(unknown)}")
         return allowed
 
+    def fit_vocab(self, vocab_size: int, model: str = "the model") -> "Tokenizer":
+        """This tokenizer for a model with `vocab_size` embedding rows (the one check of ids against a model).
+
+        Args:
+            vocab_size: the model's vocabulary size.
+            model: how to name the model in the error.
+
+        Returns:
+            Tokenizer: self when every id fits (subclasses may return a narrower variant, as the byte tokenizer).
+
+        Raises:
+            VerseError: ids of this tokenizer would index past the model's embedding.
+        """
+        if self.vocab_size <= vocab_size:
+            return self
+        raise VerseError(f"tokenizer {self.name} has {self.vocab_size} ids (up to {self.vocab_size - 1}) but {model} "
+                         f"has a vocabulary of {vocab_size}: its ids would index past the embedding; use the model's "
+                         "own tokenizer (leave out --tokenizer / tokenizer=) or one of at most that size")
+
     def token_string(self, token_id: Optional[int]) -> Optional[str]:
         """The special-token string of an id (e.g. eos_id -> "<|endoftext|>"), or None."""
         return next((s for s, i in self.special_tokens.items() if i == token_id), None)

@@ -1,18 +1,24 @@
 """Byte-level tokenizer (ByteGPT): ids 0-255 are the UTF-8 bytes, named special tokens sit above them.
 
     256 <|bos|>   257 <|eos|>   258 <|pad|>   259 <|im_start|>   260 <|im_end|>      (vocab_size 261)
+
+ByteGPT's own design has 256 ids, bytes only: for a model with a smaller vocabulary (256-260) the tokenizer keeps
+the special tokens that fit. Without `<|im_start|>`/`<|im_end|>` the chat template is rendered as plain bytes, and
+without an EOS or end-of-turn id generation stops at `max_new_tokens` or a stop string.
 """
 
-from typing import List
+from typing import List, Optional
 
 from tokenizers import Tokenizer as HFBackend
 from tokenizers import decoders, models, pre_tokenizers
 
+from verse.errors import VerseError
 from verse.tokenization.base import Tokenizer
 from verse.tokenization.chat import CHATML_TEMPLATE
 from verse.tokenization.hf import bytes_to_unicode, encode_split, tokenizer_json
 
 BYTE_SPECIAL_TOKENS = {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258, "<|im_start|>": 259, "<|im_end|>": 260}
+BYTES, FULL_VOCAB_SIZE = 256, 261
 
 
 class ByteTokenizer(Tokenizer):
@@ -20,18 +26,30 @@ class ByteTokenizer(Tokenizer):
 
     Args:
         chat_template: Jinja template; None uses Verse's ChatML.
+        vocab_size: 261 (every special token), or 256-260 for a model with fewer ids: the special tokens whose
+            ids fit are kept.
     """
 
     verse_kind = "byte"
 
-    def __init__(self, chat_template: str = None):
+    def __init__(self, chat_template: Optional[str] = None, vocab_size: int = FULL_VOCAB_SIZE):
+        if not BYTES <= vocab_size <= FULL_VOCAB_SIZE:
+            raise VerseError(f"the byte tokenizer has {BYTES} to {FULL_VOCAB_SIZE} ids, not {vocab_size}")
         self.name = "byte"
-        self.special_tokens = dict(BYTE_SPECIAL_TOKENS)
+        self.special_tokens = {s: i for s, i in BYTE_SPECIAL_TOKENS.items() if i < vocab_size}
         self._id_to_special = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
-        self.vocab_size = max(self.special_tokens.values()) + 1
-        self.bos_id, self.eos_id, self.pad_id = (self.special_tokens[s] for s in ("<|bos|>", "<|eos|>", "<|pad|>"))
-        self.stop_ids = {self.eos_id, self.special_tokens["<|im_end|>"]}
+        self.vocab_size = vocab_size
+        self.bos_id, self.eos_id, self.pad_id = (self.special_tokens.get(s) for s in ("<|bos|>", "<|eos|>", "<|pad|>"))
+        self.stop_ids = {self.special_tokens[s] for s in ("<|eos|>", "<|im_end|>") if s in self.special_tokens}
         self.chat_template = chat_template or CHATML_TEMPLATE
+
+    def fit_vocab(self, vocab_size: int, model: str = "the model") -> "ByteTokenizer":
+        if BYTES <= vocab_size < self.vocab_size:
+            return ByteTokenizer(self.chat_template, vocab_size)
+        return super().fit_vocab(vocab_size, model)
+
+    def tokenizer_config(self) -> dict:
+        return {**super().tokenizer_config(), "verse_vocab_size": self.vocab_size}
 
     def _encode(self, text: str, allowed: frozenset) -> List[int]:
         if not allowed:

@@ -118,9 +118,6 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None, d
     if cfg.max_seq_len > model.args.max_seq_len:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's limit ({model.args.max_seq_len}); "
                           f"lower max_seq_len")
-    if tokenizer is not None and tokenizer.vocab_size > model.args.vocab_size:
-        raise ConfigError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model only "
-                          f"{model.args.vocab_size}; set tokenizer= to the model's own")
     return model.train()
 
 
@@ -388,6 +385,8 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
         tokenizer = load_tokenizer(cfg)
     byte_level = getattr(tokenizer, "name", None) == "byte"  # then also log bits per byte
     model = build_model(cfg, device, tokenizer, dist)
+    if tokenizer is not None:  # e.g. the byte tokenizer without special ids for a 256-id ByteGPT
+        tokenizer = tokenizer.fit_vocab(model.args.vocab_size, f"model={cfg.model}")
     if loader is None:
         loader, default_eval = build_loaders(cfg, tokenizer, dist)
         eval_loader = eval_loader if eval_loader is not None else default_eval
