@@ -214,8 +214,8 @@ def preset_args(name: str, tokenizer: Any = None, **overrides: Any) -> ModelArgs
 
     if "vocab_size" in overrides:  # the tokenizer fitted to it (the byte tokenizer narrows to 256-260 ids)
         fitted = load_tokenizer(tokenizer).fit_vocab(args.vocab_size, f"model={name} (vocab_size {args.vocab_size})")
-        ids = {k: v for k, v in (("bos_token_id", fitted.bos_id), ("eos_token_id", fitted.eos_id)) if k not in overrides}
-        return args.replace(**ids)
+        ids = (("bos_token_id", fitted.bos_id), ("eos_token_id", fitted.eos_id))
+        return args.replace(**{k: v for k, v in ids if k not in overrides})
 
     vocab_size, bos_id, eos_id = tokenizer_vocab(tokenizer)
     return args.replace(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id)
