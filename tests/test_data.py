@@ -445,3 +445,20 @@ def test_a_whole_pass_of_dropped_examples_is_an_error_not_a_hang(tmp_path, tok):
     batches = [b for _, b in zip(range(3), loader)]
     assert all(trained_text(tok, labels) == "reply 0.0<|im_end|>" for b in batches for _, labels in documents(b)
                if (labels != -100).any())
+
+
+def test_hostile_json_lines_are_skipped_and_counted(tmp_path, tok):
+    """A line nested 1000 deep (RecursionError in json) and an integer of 5000 digits (ValueError past Python's
+    4300-digit limit) are bad records like any other, not a crash."""
+    deep = b'{"messages": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    huge = b'{"messages": [], "n": ' + b"7" * 5000 + b"}"
+    path = write_jsonl(tmp_path / "hostile.jsonl", [ultrachat_record(i, turns=1) for i in range(3)], [deep, huge])
+    loader = build_loader(cfg([{"path": path}], cycle=False), tok, max_seq_len=128, micro_batch_size=2, seed=0)
+    assert set(_texts(loader, tok)) == {f"reply {i}.0<|im_end|>" for i in range(3)}
+    assert loader.bad_by_reason == {"bad_json": 2}
+
+
+@pytest.mark.parametrize("weight", [1e400, "1e400", float("nan"), 0, -1])
+def test_source_weight_must_be_finite_and_positive(weight):
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].weight.*(finite|> 0)"):
+        cfg([{"path": "x.jsonl", "weight": weight}])

@@ -113,3 +113,11 @@ def test_preview_escapes_control_characters_only_on_a_terminal(tmp_path, capsys,
     out = tty.getvalue()
     assert "\\x1b]0;pwned\\x07\\x1b[2J\\x0dgone" in out
     assert "\x07" not in out and "\r" not in out and "\x1b]" not in out and "\x1b[2J" not in out
+
+
+@pytest.mark.parametrize("option", [["-n", "-1"], ["-n", "0"], ["--limit", "-5"]])
+def test_counts_below_one_exit_2_with_one_line(data_file, capsys, option):
+    action = "stats" if option[0] == "--limit" else "preview"
+    assert main(["data", action, "--source", str(data_file), "--tokenizer", "byte", *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option[0] in err[0] and "Traceback" not in err[0]

@@ -314,3 +314,15 @@ def test_byte_tokenizer_narrows_to_a_256_id_model():
         ByteTokenizer().fit_vocab(200)
     with pytest.raises(VerseError, match="o200k.*vocabulary of 49152"):
         verse.load_tokenizer("o200k").fit_vocab(49152)
+
+
+@pytest.mark.parametrize("value", [7, ["<s>"], {"content": 7}])
+def test_non_string_special_token_in_tokenizer_config_is_one_line(tmp_path, value):
+    ByteTokenizer().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["verse_tokenizer"]
+    config["bos_token"] = value
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(VerseError, match="tokenizer_config.json: bos_token must be a token string") as info:
+        verse.load_tokenizer(tmp_path)
+    assert "\n" not in str(info.value)

@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from verse.errors import VerseError
 
+    for name in ("n", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise VerseError(f"{'-n' if name == 'n' else '--limit'} must be >= 1, got {value}")
     cfg, tokenizer_spec = _config(args)
     if tokenizer_spec is None:
         raise VerseError("no tokenizer: pass --tokenizer (o200k, byte, a model directory or .gguf), or set "

@@ -167,8 +167,8 @@ def parse_row(part: Part, row: Dict[str, Any], max_bytes: int) -> Any:
             return None
         try:
             return json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadRecord("bad_json", str(e)) from None
+        except (ValueError, RecursionError) as e:  # bad JSON, an integer past 4300 digits, nesting past the stack
+            raise BadRecord("bad_json", f"{type(e).__name__}: {str(e)[:200]}") from None
     size = _approx_size(row)
     if size > max_bytes:
         raise BadRecord("too_large", f"about {size} characters > max_record_bytes {max_bytes}")

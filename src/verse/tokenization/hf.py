@@ -6,7 +6,7 @@ import json
 import re
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
@@ -160,8 +160,14 @@ def _drop_prefix_space(data: dict) -> None:
             component["normalizers"] = [p for p in component["normalizers"] if p.get("type") != "Prepend"]
 
 
-def _token_content(value: Union[None, str, dict]) -> Optional[str]:
-    return value.get("content") if isinstance(value, dict) else value
+def _token_content(config: dict, key: str, path: Path) -> Optional[str]:
+    """A special token of tokenizer_config.json: a string, {"content": string, ...} or null; else one clear error."""
+    value = config.get(key)
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is not None and not isinstance(content, str):
+        raise VerseError(f"{path}: {key} must be a token string (or {{\"content\": string}}), got {value!r}; "
+                         "fix the file")
+    return content
 
 
 class HFTokenizer(Tokenizer):
@@ -317,5 +323,6 @@ def load_hf_dir(directory: Path) -> HFTokenizer:
         eos = read_json(directory / "generation_config.json").get("eos_token_id")
         extra_stop = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
     return HFTokenizer(backend, str(directory), read_chat_template(directory, config),
-                       *(_token_content(config.get(k)) for k in ("bos_token", "eos_token", "pad_token")),
+                       *(_token_content(config, k, directory / "tokenizer_config.json")
+                         for k in ("bos_token", "eos_token", "pad_token")),
                        extra_stop_ids=extra_stop, add_bos=config.get("add_bos_token"))
