@@ -77,7 +77,7 @@ def test_run_dir_is_replaced_only_when_it_is_a_quickstart(tmp_path):
     (previous / "old.txt").write_text("mine")  # a user's files, beside and inside the run's own entries
     (previous / "data").mkdir()
     (previous / "data" / "notes.txt").write_text("mine too")
-    with pytest.raises(VerseError, match="notes.txt was not written by the quickstart"):
+    with pytest.raises(VerseError, match="notes.txt is not among the files the earlier quickstart recorded"):
         prepare_run_dir(previous)
     assert (previous / "data" / "notes.txt").read_text() == "mine too"
     (previous / "data" / "notes.txt").unlink()
@@ -115,7 +115,7 @@ def test_rerun_deletes_only_what_the_quickstart_wrote(tmp_path, monkeypatch):
     (out / "mine.txt").write_text("a user's notes")
     (out / "data" / "mine").mkdir()  # a user's directory inside the quickstart's own entry
     (out / "data" / "mine" / "x.txt").write_text("x")
-    with pytest.raises(VerseError, match="mine/x.txt was not written by the quickstart"):
+    with pytest.raises(VerseError, match="mine/x.txt is not among the files"):
         prepare_run_dir(out)
     assert (out / "data" / "mine" / "x.txt").read_text() == "x"
     (out / "data" / "mine" / "x.txt").rename(out / "x.txt")

@@ -142,8 +142,9 @@ def prepare_run_dir(out_dir: str | Path) -> Path:
                     os.rmdir(root)
         left = own_files(run_dir) or [n for n in OWN_ENTRIES if (run_dir / n).exists()]
         if left:
-            raise VerseError(f"--out {run_dir}: {run_dir / left[0]} was not written by the quickstart and lies "
-                             f"where it writes; move it away or choose another --out")
+            raise VerseError(f"--out {run_dir}: {run_dir / left[0]} is not among the files the earlier quickstart "
+                             f"recorded (a file of yours, or of a run killed before recording it) and lies where "
+                             f"the quickstart writes; move it away or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     record_run(run_dir, {"status": "running"})  # replaced by the numbers at the end
     return run_dir
@@ -270,6 +271,7 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
     heldout_records = [task.to_record(p) for p in heldout]
     task.write_jsonl(train_records, run_dir / "data" / "train.jsonl")
     task.write_jsonl(heldout_records, run_dir / "data" / "heldout.jsonl")
+    record_run(run_dir, {"status": "running"})  # recorded as they come: even a killed run's files are known
     prompts, references = _problems(heldout_records)
     log(f"task: {len(train_records)} train / {len(heldout_records)} held-out word-counting problems "
         f"-> {run_dir / 'data'}")
@@ -314,6 +316,7 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
     log(f"fine-tuning for {steps} steps: verse train {run_dir / 'train.yaml'}")
     t = time.perf_counter()
     result = train(TrainConfig.load(str(run_dir / "train.yaml")), progress=progress)
+    record_run(run_dir, {"status": "running"})
     numbers["train_s"] = time.perf_counter() - t
 
     model = verse.load(result.final_dir, device=device, dtype=dtype)
