@@ -171,3 +171,24 @@ def test_eval_cli_exact_match_runs_the_real_generator(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["total"] == 3 and out["skipped_no_reference"] == 0
     assert 0 <= out["correct"] <= 3 and out["new_tokens"] <= 12
+
+
+def test_eval_loss_clamps_max_seq_len_to_the_models(tmp_path, capsys):
+    """tiny's max_seq_len is 256: a longer record used to run past the RoPE table (the default was 2048)."""
+    tok = verse.load_tokenizer("byte")
+    model = _tiny_model(2)
+    assert model.args.max_seq_len == 256
+    model.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
+    messages = [{"role": "user", "content": "long " * 20}, {"role": "assistant", "content": "x" * 400}]
+    data = _write_data(tmp_path / "d.jsonl", [{"messages": messages}])
+    enc = tok.encode_chat(messages)
+    ids, mask = torch.tensor(enc.input_ids[:256]), torch.tensor(enc.loss_mask[1:256])
+    with torch.no_grad():
+        logits = model(ids[None])[0, :-1].double()
+    want = F.cross_entropy(logits[mask], ids[1:][mask]).item()  # the first 256 tokens, as truncation keeps
+    for extra, note in (([], False), (["--max-seq-len", "4096"], True)):
+        assert main(["eval", str(tmp_path / "ckpt"), "--data", str(data), "--task", "loss", "--json", *extra]) == 0
+        captured = capsys.readouterr()
+        out = json.loads(captured.out)
+        assert out["tokens"] == int(mask.sum()) and out["loss"] == pytest.approx(want, rel=1e-5)
+        assert ("exceeds the model's max_seq_len 256; using 256" in captured.err) == note

@@ -53,9 +53,22 @@ def test_act_quant_scales_and_error_bound():
     assert torch.all(err <= REL_ERR * x.abs() + ABS_ERR * scale + 1e-6 * x.abs())
 
 
-def test_act_quant_rejects_ragged_channels():
-    with pytest.raises(ValueError, match="divisible"):
-        fp8.act_quant(torch.randn(2, 100))
+@pytest.mark.parametrize("K", [64, 100, 200])
+def test_act_quant_partial_last_block(K):
+    """K not a multiple of 128 (bytegpt-tiny's 64-wide MLA latent): the last block's scale is its own amax / 448."""
+    torch.manual_seed(9)
+    x = torch.randn(3, K) * 5
+    y, s = fp8.act_quant(x)
+    assert y.shape == x.shape and s.shape == (3, -(-K // B))
+    for j in range(s.size(1)):
+        block = x[:, j * B:(j + 1) * B]
+        assert torch.equal(s[:, j], (block.double().abs().amax(-1) / E4M3_MAX).float())
+    assert torch.equal(y.view(torch.uint8), (x / s.repeat_interleave(B, -1)[:, :K]).to(torch.float8_e4m3fn)
+                       .view(torch.uint8))
+    w_q, w_s = fp8.weight_quant(torch.randn(96, K))
+    c = fp8.fp8_gemm(y, s, w_q, w_s, dtype=torch.float32)
+    want = (y.float() * s.repeat_interleave(B, -1)[:, :K]) @ hand_dequant(w_q, w_s).T
+    torch.testing.assert_close(c, want, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_quant_dequant_partial_blocks():
@@ -227,14 +240,16 @@ from verse.fp8 import reference as R, triton_kernels as T
 torch.manual_seed(6)
 x = torch.randn(33, 512, dtype=torch.bfloat16) * 4
 x[0, :128] = 0.0
-s, q = torch.empty(33, 4), torch.empty(33, 512)
-# a float32 output buffer keeps the kernel's quotients x / s before the FP8 cast (see the test's docstring)
-T.act_quant_kernel[(33 * 4,)](x, q, s, BLOCK_SIZE=128)
-y_ref, s_ref = R.act_quant(x)
-q_ref = (x.float().unflatten(-1, (-1, 128)) / s_ref.unsqueeze(-1)).flatten(-2)
-assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32)), "block scales differ"
-assert torch.equal(q.view(torch.int32), q_ref.view(torch.int32)), "quotients differ"
-assert torch.equal(q.to(torch.float8_e4m3fn).view(torch.uint8), y_ref.view(torch.uint8))
+for x in (x, x[:, :200].contiguous(), x[:, :64].contiguous()):  # whole blocks, a partial last block, K < 128
+    K, n = x.size(1), -(-x.size(1) // 128)
+    s, q = torch.empty(33, n), torch.empty(33, K)
+    # a float32 output buffer keeps the kernel's quotients x / s before the FP8 cast (see the test's docstring)
+    T.act_quant_kernel[(33, n)](x, q, s, K, BLOCK_SIZE=128)
+    y_ref, s_ref = R.act_quant(x)
+    q_ref = x.float() / s_ref.repeat_interleave(128, -1)[:, :K]
+    assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32)), f"block scales differ (K={K})"
+    assert torch.equal(q.view(torch.int32), q_ref.view(torch.int32)), f"quotients differ (K={K})"
+    assert torch.equal(q.to(torch.float8_e4m3fn).view(torch.uint8), y_ref.view(torch.uint8))
 w_q, w_s = R.weight_quant(torch.randn(300, 200))
 assert torch.equal(T.weight_dequant(w_q, w_s, dtype=torch.float32), R.weight_dequant(w_q, w_s, dtype=torch.float32))
 print("bit-exact")
@@ -284,7 +299,7 @@ def test_triton_kernels_compile_for_hopper():
         consts = {(list(signature).index(name),): value for name, value in constants.items()}
         return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
-    ptx = compile_ptx(T.act_quant_kernel, {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
+    ptx = compile_ptx(T.act_quant_kernel, {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32"},
                       {"BLOCK_SIZE": 128})
     assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
     ptx = compile_ptx(T.weight_dequant_kernel, {"x_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32",
@@ -300,3 +315,62 @@ def test_quantize_keeps_tied_head():
     model = quantize_(ReasoningLLM(tiny_fp8_args(tie_embeddings=True)))
     assert model.head.weight is model.embed.weight and not model.head.is_fp8
     assert model.layers[0].ffn.w1.is_fp8
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("tiny", dict(dim=128, n_heads=2, n_kv_heads=1, inter_dim=256, vocab_size=256)),  # Llama layout
+    ("bytegpt-tiny", {}),  # DeepSeek-V3 layout (MLA + MoE), 64-wide latent inputs below the 128 block
+])
+def test_quantized_model_saves_as_deepseek_fp8_and_loads_with_the_same_logits(tmp_path, preset, overrides):
+    import json
+
+    from safetensors import safe_open
+
+    import verse
+
+    torch.manual_seed(10)
+    model = quantize_(ReasoningLLM(ModelArgs.from_preset(preset, dtype="float32", **overrides)).eval())
+    model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    assert config["quantization_config"]["weight_block_size"] == [B, B]
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        scales = [n for n in names if n.endswith(".weight_scale_inv")]
+        assert scales and all(f.get_tensor(n).dtype == torch.float32 for n in scales)
+        assert all(f.get_tensor(n.removesuffix("_scale_inv")).dtype == torch.float8_e4m3fn for n in scales)
+    fp8_names = {n for n, m in model.named_modules() if getattr(m, "is_fp8", False)}
+    assert len(scales) == len(fp8_names)
+    x = torch.randint(0, 250, (2, 9))
+    for impl in ("bf16", "fp8"):
+        loaded = verse.load(tmp_path / "ckpt", gemm_impl=impl)
+        assert {n for n, m in loaded.named_modules() if getattr(m, "is_fp8", False)} == fp8_names
+        linear.gemm_impl = impl  # `loaded` set it too; the in-memory model runs the same GEMMs
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_fp8_gemm_runs_bytegpt_tiny_close_to_its_dequantized_weights():
+    torch.manual_seed(11)
+    model = quantize_(ReasoningLLM(ModelArgs.from_preset("bytegpt-tiny", dtype="float32")).eval())
+    x = torch.randint(0, 256, (2, 17))
+    linear.gemm_impl = "bf16"  # weights dequantized, activations exact
+    exact = model(x)
+    linear.gemm_impl = "fp8"  # activations quantized too
+    got = model(x)
+    assert ((got - exact).norm() / exact.norm()).item() < 0.05
+
+
+def test_gemm_impl_fp8_on_a_checkpoint_without_fp8_weights_quantizes_on_load(tmp_path, caplog):
+    import verse
+
+    torch.manual_seed(12)
+    model = ReasoningLLM(tiny_fp8_args()).eval()
+    model.save_pretrained(tmp_path / "plain")
+    with caplog.at_level("WARNING", logger="verse.load"):
+        loaded = verse.load(tmp_path / "plain", gemm_impl="fp8")
+    assert "holds no FP8 weights" in caplog.text and "quantized to FP8" in caplog.text
+    assert loaded.layers[0].attn.wq.is_fp8 and loaded.layers[1].ffn.w2.is_fp8
+    x = torch.randint(0, 256, (1, 7))
+    linear.gemm_impl = "fp8"
+    expected = quantize_(model)(x)  # the same FP8 GEMMs on the same quantized weights
+    assert torch.equal(loaded(x), expected)

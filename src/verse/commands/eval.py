@@ -13,6 +13,9 @@ EXAMPLES = """  verse eval runs/quickstart/final --data runs/quickstart/data/hel
 """
 
 
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from verse.eval.extract import DEFAULT_PATTERN
     from verse.infer.runtime import DTYPE_CHOICES
@@ -28,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"regex of the final answer; group 1 (or the match) is compared (default {DEFAULT_PATTERN!r})")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts (exact-match) or rows (loss) per batch")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="reply length limit (exact-match)")
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="longer records are truncated (loss)")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="longer records are truncated (loss; default 2048; at most the model's max_seq_len)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="LoRA adapter directory (PEFT format) applied on top of CKPT without merging")
@@ -74,9 +78,16 @@ def run(args: argparse.Namespace) -> int:
         text = (f"exact match: {100 * result.accuracy:.1f}% ({result.correct}/{result.total}; "
                 f"{result.unanswered} replies without an answer, {skipped} records without a reference answer)")
     else:
+        import sys
+
         from verse.data import build_loader
 
-        loader = build_loader(eval_data_config(args.data), tokenizer, max_seq_len=args.max_seq_len,
+        max_seq_len = args.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, model.args.max_seq_len)
+        if max_seq_len > model.args.max_seq_len:  # positions past it have no RoPE table: clamp, and say so
+            print(f"verse eval: --max-seq-len {max_seq_len} exceeds the model's max_seq_len "
+                  f"{model.args.max_seq_len}; using {model.args.max_seq_len}", file=sys.stderr)
+            max_seq_len = model.args.max_seq_len
+        loader = build_loader(eval_data_config(args.data), tokenizer, max_seq_len=max_seq_len,
                               micro_batch_size=args.batch_size, split="eval")
         result = heldout_loss(model, loader, limit=args.limit, progress=not args.json)
         if not result.tokens:

@@ -37,11 +37,12 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE) -> Tuple[torch.Tens
     """Per-token, per-`block_size`-channel FP8 quantization (scale = amax / 448).
 
     Args:
-        x (torch.Tensor): activations [..., K], K divisible by `block_size`.
+        x (torch.Tensor): activations [..., K]; the last block may be partial (e.g. K = 64).
         block_size (int): channels sharing a scale.
 
     Returns:
-        Tuple[torch.Tensor, torch.Tensor]: float8_e4m3fn values [..., K] and float32 scales [..., K // block_size].
+        Tuple[torch.Tensor, torch.Tensor]: float8_e4m3fn values [..., K] and float32 scales
+        [..., ceil(K / block_size)].
     """
     return _impl(x).act_quant(x, block_size)
 

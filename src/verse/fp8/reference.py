@@ -49,18 +49,17 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE) -> Tuple[torch.Tens
     """Quantize activations to float8_e4m3fn with one scale per token and `block_size` channels.
 
     Args:
-        x (torch.Tensor): activations [..., K], K divisible by `block_size`.
+        x (torch.Tensor): activations [..., K]; the last block may be partial (K < 128 included), as a weight's.
         block_size (int): channels sharing a scale.
 
     Returns:
-        Tuple[torch.Tensor, torch.Tensor]: `y` [..., K] float8_e4m3fn and `s` [..., K // block_size] float32,
+        Tuple[torch.Tensor, torch.Tensor]: `y` [..., K] float8_e4m3fn and `s` [..., ceil(K / block_size)] float32,
         with x ~= y * s blockwise.
     """
-    if x.size(-1) % block_size:
-        raise ValueError(f"act_quant: last dimension {x.size(-1)} is not divisible by block size {block_size}")
-    blocks = x.float().unflatten(-1, (-1, block_size))
+    K = x.size(-1)
+    blocks = F.pad(x.float(), (0, -K % block_size)).unflatten(-1, (-1, block_size))  # zeros leave amax alone
     s = block_scale(blocks.abs().amax(-1))
-    y = (blocks / s.unsqueeze(-1)).to(FP8_DTYPE).flatten(-2)
+    y = (blocks / s.unsqueeze(-1)).to(FP8_DTYPE).flatten(-2)[..., :K]
     return y, s
 
 
@@ -111,7 +110,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
 
     Args:
         a (torch.Tensor): FP8 activations [..., K] (from `act_quant`).
-        a_s (torch.Tensor): their scales [..., K // block_size].
+        a_s (torch.Tensor): their scales [..., ceil(K / block_size)].
         b (torch.Tensor): FP8 weight [N, K].
         b_s (torch.Tensor): its scales [ceil(N/b), ceil(K/b)].
         block_size (int): block edge.
@@ -120,6 +119,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     Returns:
         torch.Tensor: [..., N] in `dtype`.
     """
-    a_deq = a.float().unflatten(-1, (-1, block_size)).mul_(a_s.unsqueeze(-1)).flatten(-2)
+    K = a.size(-1)
+    a_deq = F.pad(a.float(), (0, -K % block_size)).unflatten(-1, (-1, block_size)).mul_(a_s.unsqueeze(-1))
+    a_deq = a_deq.flatten(-2)[..., :K]
     b_deq = weight_dequant(b, b_s, block_size, torch.float32)
     return (a_deq @ b_deq.T).to(dtype or torch.get_default_dtype())

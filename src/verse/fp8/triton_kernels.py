@@ -19,25 +19,28 @@ FP8_MAX_C = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
-def act_quant_kernel(x_ptr, y_ptr, s_ptr, BLOCK_SIZE: tl.constexpr):
-    """One program quantizes one contiguous block of `BLOCK_SIZE` channels of one token."""
-    pid = tl.program_id(axis=0)
-    offs = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    x = tl.load(x_ptr + offs).to(tl.float32)
+def act_quant_kernel(x_ptr, y_ptr, s_ptr, K, BLOCK_SIZE: tl.constexpr):
+    """One program quantizes one block of `BLOCK_SIZE` channels of one token (the last block of a row may be
+    partial: masked, as zeros, which leave the block's maximum alone)."""
+    row = tl.program_id(axis=0)
+    block = tl.program_id(axis=1)
+    cols = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < K
+    offs = row.to(tl.int64) * K + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x)), AMAX_FLOOR_C), FP8_MAX_C)
     y = tl.math.div_rn(x, s).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs, y)
-    tl.store(s_ptr + pid, s)
+    tl.store(y_ptr + offs, y, mask=mask)
+    tl.store(s_ptr + row.to(tl.int64) * tl.num_programs(axis=1) + block, s)
 
 
 def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton `act_quant`; see `verse.fp8.reference.act_quant`."""
-    if x.size(-1) % block_size:
-        raise ValueError(f"act_quant: last dimension {x.size(-1)} is not divisible by block size {block_size}")
     x = x.contiguous()
+    K = x.size(-1)
     y = torch.empty_like(x, dtype=FP8_DTYPE)
-    s = x.new_empty(*x.shape[:-1], x.size(-1) // block_size, dtype=torch.float32)
-    act_quant_kernel[(x.numel() // block_size,)](x, y, s, BLOCK_SIZE=block_size)
+    s = x.new_empty(*x.shape[:-1], triton.cdiv(K, block_size), dtype=torch.float32)
+    act_quant_kernel[(x.numel() // K, triton.cdiv(K, block_size))](x, y, s, K, BLOCK_SIZE=block_size)
     return y, s
 
 

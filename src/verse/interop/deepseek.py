@@ -46,7 +46,7 @@ LAYER_MODULES = {
     "ffn.gate": "mlp.gate",
 }
 GLOBAL_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "head.weight": "lm_head.weight"}
+                "head.weight": "lm_head.weight", "head.scale": "lm_head.weight_scale_inv"}  # scale: an FP8 head's
 # Verse parameter suffix <- HF tensor suffix
 SUFFIXES = {"weight": "weight", "scale": "weight_scale_inv", "bias": "e_score_correction_bias"}
 EXPERT_WEIGHTS = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}

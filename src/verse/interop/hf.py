@@ -175,6 +175,9 @@ def _open(file: Path, device: str = "cpu"):
 
 # tensors the model keeps in float32 whatever its dtype: FP8 block scales and the DeepSeek-V3 routing bias
 FLOAT32_TENSORS = ("weight_scale_inv", "e_score_correction_bias")
+# config.json's note of FP8 weights with 128x128 block scales (`NAME.weight_scale_inv`), as in DeepSeek-V3's
+FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                           "weight_block_size": [128, 128]}
 
 
 def read_safetensors(files: list[Path], device: torch.device | str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
@@ -353,6 +356,8 @@ def save_pretrained(model: ReasoningLLM, path: str | Path, tokenizer=None,
     state = adapter.to_hf(model.state_dict(), args)
     config = adapter.hf_config(args)
     config["torch_dtype"] = config["dtype"] = args.dtype
+    if any(getattr(m, "is_fp8", False) for m in model.modules()):  # FP8 layers: stored as DeepSeek-V3 stores them
+        config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     generation = {k: v for k, v in (("bos_token_id", args.bos_token_id), ("eos_token_id", args.eos_token_id))
                   if v is not None}
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",

@@ -28,6 +28,10 @@ LAYER_NAMES = {
 }
 GLOBAL_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                 "head.weight": "lm_head.weight"}
+# FP8 layers (`verse.model.linear`): Verse `NAME.scale` <-> HF `NAME.weight_scale_inv`, as DeepSeek-V3 stores them
+LAYER_NAMES.update({k.removesuffix("weight") + "scale": v + "_scale_inv" for k, v in list(LAYER_NAMES.items())
+                    if "norm" not in k})
+GLOBAL_NAMES["head.scale"] = "lm_head.weight_scale_inv"
 # ModelArgs field -> the config.json key it is read from (errors name the key the user wrote)
 HF_FIELDS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
              "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",

@@ -4,6 +4,7 @@ Models are built on the `meta` device and the loaded tensors are assigned in pla
 never materialised twice.
 """
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence
@@ -21,6 +22,8 @@ EXECUTION_FIELDS = ("attn_impl", "gemm_impl", "checkpointing", "checkpoint_every
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")  # HF/Verse "layers.N." and GGUF "blk.N."
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+
+log = logging.getLogger("verse.load")
 
 
 def resolve_dtype(dtype: Optional[torch.dtype | str]) -> Optional[torch.dtype]:
@@ -74,8 +77,19 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Opti
         **overrides: execution-only `ModelArgs` fields (`EXECUTION_FIELDS`).
 
     Returns:
-        ReasoningLLM: the model in eval mode.
+        ReasoningLLM: the model in eval mode. With `gemm_impl="fp8"` and a checkpoint without FP8 weights, its
+        linear layers are quantized to FP8 on load (a warning says so): FP8 GEMMs need FP8 weights.
     """
+    model = _load_model(path, device, dtype, overrides)
+    if overrides.get("gemm_impl") == "fp8" and not any(getattr(m, "is_fp8", False) for m in model.modules()):
+        log.warning("%s holds no FP8 weights: its linear layers were quantized to FP8 (128x128 block scales) on load "
+                    "for gemm_impl='fp8'", path)
+        quantize_(model)
+    return model
+
+
+def _load_model(path: str | Path, device: torch.device | str, dtype: Optional[torch.dtype | str],
+                overrides: Dict[str, Any]) -> ReasoningLLM:
     check_overrides(overrides)
     dtype = resolve_dtype(dtype)
     path = Path(path)
