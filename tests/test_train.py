@@ -426,3 +426,10 @@ def test_vocab_256_byte_model_trains_and_generates(tmp_path, capsys):
     # the ChatML prompt as plain bytes, and no EOS id to stop at: all 6 tokens come
     assert out["prompt_tokens"] == len(b"<|im_start|>user\nsay 3<|im_end|>\n<|im_start|>assistant\n")
     assert out["new_tokens"] == 6
+
+
+def test_tokenizer_with_ids_past_the_model_vocabulary_exits_2(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "tokenizer=o200k", "model_overrides.vocab_size=1000",
+                 f"out_dir={tmp_path}/r", "max_steps=1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "o200k" in err[0] and "vocabulary of 1000" in err[0]
