@@ -1,0 +1,164 @@
+"""GRPO (verse.rl): advantages, the clipped objective, the k3 KL, token-level normalisation and rewards against
+hand-computed values; the loss gradient against REINFORCE with a baseline in plain torch."""
+
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from verse.rl.advantages import group_advantages
+from verse.rl.loss import k3_kl, policy_loss, token_logprobs
+from verse.rl.rewards import Reward, exact_answer, format_reward, length_penalty, score
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+    std = math.sqrt(0.25 * 0.75)  # population std of {1, 0, 0, 0}
+    expected = [0.75 / (std + 1e-4)] + [-0.25 / (std + 1e-4)] * 3 + [0.0] * 4
+    assert group_advantages(rewards, 4).tolist() == pytest.approx(expected, rel=1e-6)
+    # Dr. GRPO: no division by the std
+    assert group_advantages(rewards, 4, scale=False).tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+
+
+def test_clipped_objective_and_gradient_by_hand():
+    # four one-token completions: ratio e^0.5 or e^-0.7 against advantages +1 / -1, clip range [0.8, 1.2]
+    old = torch.zeros(4, 1)
+    logp = torch.tensor([[0.5], [-0.7], [0.5], [-0.7]], requires_grad=True)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    loss, stats = policy_loss(logp, old, adv, mask, n_tokens=4, eps_low=0.2, eps_high=0.2)
+    up, down = math.exp(0.5), math.exp(-0.7)
+    # per token min(ρA, clip(ρ)A): +1.2 (clipped), +e^-0.7, -e^0.5, -0.8 (clipped)
+    assert float(loss.detach()) == pytest.approx(-(1.2 + down - up - 0.8) / 4, rel=1e-6)
+    loss.backward()
+    # d/dlogp of -ρA/4 where unclipped (dρ/dlogp = ρ); 0 where the clipped term is active
+    assert logp.grad.flatten().tolist() == pytest.approx([0.0, -down / 4, up / 4, 0.0], rel=1e-6)
+    assert stats.clipped == 2 and stats.tokens == 4
+    # DAPO clip-higher: eps_high = 0.7 lets the first token's ratio e^0.5 = 1.65 through
+    loss, _ = policy_loss(logp.detach(), old, adv, mask, n_tokens=4, eps_low=0.2, eps_high=0.7)
+    assert float(loss) == pytest.approx(-(up + down - up - 0.8) / 4, rel=1e-6)
+
+
+def test_k3_kl_by_hand_and_its_expectation_is_the_kl():
+    assert float(k3_kl(torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25)))) == pytest.approx(
+        0.5 - math.log(0.5) - 1, rel=1e-6)
+    # E_{x~π}[k3(x)] = KL(π || π_ref) exactly for a categorical
+    pi, ref = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.2, 0.6])
+    expected = torch.distributions.kl_divergence(torch.distributions.Categorical(pi),
+                                                 torch.distributions.Categorical(ref))
+    assert float((pi * k3_kl(pi.log(), ref.log())).sum()) == pytest.approx(float(expected), rel=1e-5)
+    # in the loss: beta * mean KL over tokens is added
+    logp, refp = pi.log()[None], ref.log()[None]
+    loss, stats = policy_loss(logp, logp, torch.zeros(1), torch.ones(1, 3, dtype=torch.bool), 3, beta=0.1,
+                              ref_logp=refp)
+    assert float(loss) == pytest.approx(0.1 * float(k3_kl(logp, refp).sum()) / 3, rel=1e-6)
+    assert stats.kl == pytest.approx(float(k3_kl(logp, refp).sum()), rel=1e-6)
+
+
+def test_token_level_normalisation():
+    # completion A: 1 token, completion B: 3 tokens (one padding slot in A); ratio 1 everywhere
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    adv = torch.tensor([1.0, -1.0])
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, n_tokens=4)
+    # token-level: (-1 + 3 * 1) / 4 tokens = 0.5 (a mean of sequence means would give (-1 + 1) / 2 = 0)
+    assert float(loss.detach()) == pytest.approx(0.5)
+    loss.backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([-0.25, 0, 0, 0.25, 0.25, 0.25])
+    # micro-batches passing the step's token count add up to the whole batch
+    parts = [policy_loss(logp[i:i + 1].detach(), logp[i:i + 1].detach(), adv[i:i + 1], mask[i:i + 1], 4)[0]
+             for i in range(2)]
+    assert float(sum(parts)) == pytest.approx(float(loss))
+
+
+def test_one_iteration_gradient_is_reinforce_with_baseline(tiny_args):
+    """μ = 1 (old = current log-probs): the GRPO gradient is -1/N Σ_i A_i Σ_t ∇ log π(y_it), A = (r - mean) / std."""
+    from verse.model import ReasoningLLM
+
+    torch.manual_seed(0)
+    model = ReasoningLLM(tiny_args)
+    prompt = [5, 6, 7]
+    completions = [[10, 11, 12], [13, 14], [15], [16, 17, 18]]
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    T = len(prompt) + max(map(len, completions))
+    ids = torch.zeros(4, T, dtype=torch.long)
+    mask = torch.zeros(4, T - 1, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        ids[i, :len(prompt) + len(c)] = torch.tensor(prompt + c)
+        mask[i, len(prompt) - 1:len(prompt) - 1 + len(c)] = True
+    n = int(mask.sum())
+    logp = token_logprobs(model, ids, mask)
+    adv = group_advantages(rewards, 4)
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, n)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    # oracle: plain torch, full logits, log_softmax, hand advantages (mean 0.5, std 0.5)
+    hand_adv = [(r - 0.5) / (0.5 + 1e-4) for r in rewards.tolist()]
+    objective = 0.0
+    for i, c in enumerate(completions):
+        seq = torch.tensor([prompt + c])
+        logprobs = F.log_softmax(model(seq)[0, :-1].float(), dim=-1)
+        picked = logprobs[torch.arange(len(prompt) - 1, seq.size(1) - 1), torch.tensor(c)]
+        objective = objective + hand_adv[i] * picked.sum()
+    oracle = torch.autograd.grad(-objective / n, list(model.parameters()))
+    for g, o in zip(grads, oracle):
+        torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-6)
+
+
+def test_token_logprobs_match_full_logits(tiny_args):
+    from verse.model import ReasoningLLM
+
+    model = ReasoningLLM(tiny_args)
+    ids = torch.tensor([[1, 2, 3, 4, 0], [5, 6, 7, 8, 9]])
+    mask = torch.tensor([[False, True, True, False], [False, False, True, True]])
+    got = token_logprobs(model, ids, mask, temperature=0.7, chunk_size=2)
+    full = F.log_softmax(model(ids)[:, :-1].float() / 0.7, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(got, torch.where(mask, full, 0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_exact_answer_reward():
+    assert exact_answer("q", "<think>2+2</think>\nAnswer: 4.0", "4") == 1.0  # numbers compared as numbers
+    assert exact_answer("q", "Answer: 3\nno wait, Answer: 1,000", "1000") == 1.0  # the last answer counts
+    assert exact_answer("q", "so the result is \\boxed{12}", "12") == 1.0
+    assert exact_answer("q", "Answer: 5", "<think>x</think>\nAnswer: 4") == 0.0  # reference's own final answer
+    assert exact_answer("q", "no answer here", "4") == 0.0
+    assert exact_answer("q", "Answer: Paris", "Paris") == 1.0
+
+
+def test_format_and_length_rewards():
+    assert format_reward("q", "<think>add them</think>\nAnswer: 4", "4") == 1.0
+    assert format_reward("q", "add them</think>\nAnswer: 4", "4") == 1.0  # the template opened <think>
+    assert format_reward("q", "Answer: 4", "4") == 0.0
+    assert format_reward("q", "<think>Answer: 4</think>", "4") == 0.0  # the answer must follow the thinking
+    assert length_penalty("q", "x" * 250, "4") == -0.25
+    assert length_penalty("q", "x" * 5000, "4") == -1.0
+
+
+def test_user_reward_and_a_raising_reward_never_crash(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def shout(prompt, completion, reference):
+            if completion == "boom":
+                raise RuntimeError("bad")
+            return float(completion.isupper())
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        rewards = [Reward("my_rewards:shout", 2.0), Reward("exact_answer", 1.0)]
+        scores = score(rewards, ["q"] * 3, ["ANSWER: 4", "boom", "Answer: 4"], ["4"] * 3)
+        assert scores.total == [2.0, 0.0, 1.0]
+        assert scores.errors == {"my_rewards:shout": 1, "exact_answer": 0}
+        assert scores.per_function == {"my_rewards:shout": pytest.approx(1 / 3), "exact_answer": pytest.approx(1 / 3)}
+    finally:
+        sys.modules.pop("my_rewards", None)
+
+
+def test_unknown_reward_is_one_clear_error():
+    from verse.errors import VerseError
+
+    with pytest.raises(VerseError, match="unknown reward 'nope'"):
+        Reward("nope").function()
+    with pytest.raises(VerseError, match="cannot load reward function 'no_such_mod:f'"):
+        Reward("no_such_mod:f").function()
