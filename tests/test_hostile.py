@@ -400,3 +400,52 @@ def test_template_time_limit_leaves_the_thread_usable(monkeypatch):
     assert chat.render("{{ messages[0].content }}", messages) == "hi"
     time.sleep(0.4)  # past a second deadline, had a timer survived
     assert sum(range(10**6)) == 499999500000
+
+
+# ---- tokenizer crashes in data workers ----
+
+def regex_tokenizer(path):
+    """A tokenizer.json whose pre-tokenizer regex backtracks without bound on long runs of "a"."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    path.mkdir()
+    tok = Tokenizer(models.BPE({chr(c): i for i, c in enumerate(range(32, 127))}, [], unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(a+)+$"), behavior="isolated")
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "~"}))
+    return path
+
+
+@pytest.mark.timeout(120)
+def test_catastrophic_regex_is_a_counted_bad_record_not_a_dead_worker(tmp_path, capsys):
+    """Oniguruma's backtracking limit surfaces as a Rust panic (a BaseException) that killed the tokenizer
+    worker; `verse data stats` then waited forever for the lost task. Now it is one bad record."""
+    tokenizer = regex_tokenizer(tmp_path / "tok")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": "hello " + "a" * (20 if i % 2 else 100000) + "!"}) + "\n"
+                            for i in range(10)))
+    code = main(["data", "stats", "--source", str(data), "--tokenizer", str(tokenizer), "--max-seq-len", "64",
+                 "--json"])
+    stats = json.loads(capsys.readouterr().out)
+    assert code == 0 and stats["records"] == 5 and stats["bad_by_reason"] == {"tokenizer_error": 5}
+
+
+class _DyingTokenizer:
+    """Every use ends the (forked worker) process, as a segfault or the OOM killer would."""
+
+    def __getattr__(self, name):
+        os._exit(3)
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_worker_ends_the_run_with_one_line():
+    """multiprocessing.Pool lost the dead worker's task and `get()` waited forever."""
+    from verse.data.encode import Encoder
+    from verse.errors import VerseError
+
+    encoder = Encoder(_DyingTokenizer(), 1, max_seq_len=16, train_on="all_assistant", truncation="truncate")
+    try:
+        with pytest.raises(VerseError, match="worker process died"):
+            list(encoder.map(iter([("tag", [(0, "some text", "data.jsonl:1")])])))
+    finally:
+        encoder.close()

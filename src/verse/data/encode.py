@@ -12,12 +12,15 @@ import pickle
 import queue
 import threading
 import weakref
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from verse.data.formats import Example
+from verse.errors import VerseError
 
 log = logging.getLogger("verse.data")
 
@@ -90,6 +93,7 @@ def encode_example(tokenizer: Any, example: Example, *, max_seq_len: int, train_
 
 
 CHUNK = 16  # examples per task sent to a worker
+WORKER_TIMEOUT = 600.0  # seconds a block may take before the workers count as stuck
 _WORKER: dict = {}
 
 
@@ -150,7 +154,9 @@ class Encoder:
     With a pool, `map` sends block k+1 to the workers before it hands out block k, so tokenizing overlaps
     the training step; results come back in input order, so batches (and a resume) do not depend on the
     number of workers. Records are read and parsed by a background thread of the calling process, two
-    blocks ahead.
+    blocks ahead. The pool is a `ProcessPoolExecutor`: a worker that dies (a crash in the tokenizer's native
+    code, the OOM killer) fails the run with one line instead of leaving it waiting forever for a lost task,
+    as `multiprocessing.Pool` did.
 
     Args:
         tokenizer: the tokenizer (inherited by forked workers; pickled where only spawn exists).
@@ -172,9 +178,10 @@ class Encoder:
                 except Exception:  # an unpicklable tokenizer still works, in this process
                     num_workers = 0
             if num_workers > 0:
-                self.pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer, options))
+                self.pool = ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker,
+                                                initargs=(tokenizer, options))
                 # an abandoned iterator still stops its workers, at the latest when the interpreter exits
-                self._finalizer = weakref.finalize(self, self.pool.terminate)
+                self._finalizer = weakref.finalize(self, self.pool.shutdown, wait=False, cancel_futures=True)
         self.num_workers = num_workers
 
     def map(self, blocks: Iterator[Tuple[Any, List[Tuple[int, Example, str]]]]) -> Iterator[Tuple[Any, List[Encoded]]]:
@@ -193,16 +200,36 @@ class Encoder:
             return
         pending = None
         for tag, block in _prefetched(blocks):
-            job = self.pool.map_async(_encode_chunk, [block[i:i + CHUNK] for i in range(0, len(block), CHUNK)])
+            job = [self.pool.submit(_encode_chunk, block[i:i + CHUNK]) for i in range(0, len(block), CHUNK)]
             if pending is not None:
-                yield pending[0], [e for part in pending[1].get() for e in part]
+                yield pending[0], self._results(pending[1])
             pending = (tag, job)
         if pending is not None:
-            yield pending[0], [e for part in pending[1].get() for e in part]
+            yield pending[0], self._results(pending[1])
+
+    def _results(self, job: List[Future]) -> List[Encoded]:
+        """The encodings of one block, in order; one `VerseError` line when a worker died or got stuck."""
+        try:
+            return [e for future in job for e in future.result(timeout=WORKER_TIMEOUT)]
+        except BrokenProcessPool:
+            raise VerseError("a tokenizer worker process died (the tokenizer crashed on this data, or the "
+                             "system ran out of memory); run with data.num_workers=0 to see the error") from None
+        except TimeoutError:
+            self._terminate()
+            raise VerseError(f"the tokenizer workers returned nothing for {WORKER_TIMEOUT:g} s (a tokenizer regex "
+                             "that never ends on this data?); run with data.num_workers=0 to see where") from None
+
+    def _terminate(self) -> None:
+        """Kill the workers (a stuck one would never finish its task, and `shutdown` would wait for it)."""
+        if hasattr(self.pool, "terminate_workers"):  # Python 3.14+
+            self.pool.terminate_workers()
+            return
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+            process.terminate()
 
     def close(self) -> None:
         """Stop the worker processes."""
         if self.pool is not None and self._finalizer.alive:  # not already stopped at interpreter exit
-            self._finalizer()
-            self.pool.join()
+            self._finalizer.detach()
+            self.pool.shutdown(wait=True, cancel_futures=True)
         self.pool = None

@@ -4,9 +4,10 @@ tiktoken ranks to tokenizer.json (byte-level BPE with merges derived from the ra
 import gc
 import json
 import re
+from contextlib import contextmanager
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
@@ -220,17 +221,33 @@ class HFTokenizer(Tokenizer):
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def _encode(self, text: str, allowed: frozenset) -> List[int]:
-        if not allowed:
-            return self._encode_plain(text)
-        if allowed == self._all_special:
-            return self._backend.encode(text, add_special_tokens=False).ids
-        return encode_split(text, allowed, self.special_tokens, self._encode_plain)
+        with self._native_errors():
+            if not allowed:
+                return self._encode_plain(text)
+            if allowed == self._all_special:
+                return self._backend.encode(text, add_special_tokens=False).ids
+            return encode_split(text, allowed, self.special_tokens, self._encode_plain)
+
+    @contextmanager
+    def _native_errors(self) -> Iterator[None]:
+        """The `tokenizers` library reports a failure of its Rust code (e.g. a tokenizer.json regex that hits
+        Oniguruma's backtracking limit) as a `PanicException`, which derives from BaseException and killed data
+        workers; it becomes one `VerseError` line."""
+        try:
+            yield
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":
+                raise
+            reason = str(e).splitlines()[0] if str(e) else "no message"
+            raise VerseError(f"{self.name}: the tokenizer failed on this text ({reason}); check its tokenizer.json "
+                             f"(a pre-tokenizer regex that backtracks without bound?)") from None
 
     def _encode_batch(self, texts: List[str], allowed: frozenset) -> List[List[int]]:
         if allowed and allowed != self._all_special:
             return [self._encode(text, allowed) for text in texts]
         backend = self._backend if allowed else self._plain
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        with self._native_errors():
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
     @cached_property
     def _continuation(self) -> Optional[HFBackend]:
@@ -245,7 +262,8 @@ class HFTokenizer(Tokenizer):
     def _encode_continuation(self, text: str, allowed: frozenset) -> List[int]:
         if self._continuation is None or allowed != self._all_special:
             return self._encode(text, allowed)
-        return self._continuation.encode(text, add_special_tokens=False).ids
+        with self._native_errors():
+            return self._continuation.encode(text, add_special_tokens=False).ids
 
     def _decode(self, ids: List[int], skip_special: bool) -> str:
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
