@@ -131,6 +131,53 @@ def _prepare(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     return params, set(stop_ids), stops, generator
 
 
+class Continuation:
+    """The new tokens of one generation as they arrive: ends it at a stop id or stop string, and tells which tokens
+    are final (a stream must hold back the tokens that could begin a stop string).
+
+    Args:
+        stop_ids (set[int]): ids that end the generation (not part of it).
+        stops (Optional[StopStrings]): stop strings (cut from the output).
+    """
+
+    def __init__(self, stop_ids: set, stops: Optional[StopStrings]):
+        self.stop_ids, self.stops = stop_ids, stops
+        self.ids: List[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> List[int]:
+        """Add the next generated token.
+
+        Args:
+            token (int): the token id.
+
+        Returns:
+            List[int]: the ids that became final (possibly none); after a stop, the rest of the output.
+        """
+        if token in self.stop_ids:
+            self.stopped = True
+            return self.flush()
+        self.ids.append(token)
+        ready = len(self.ids)
+        if self.stops is not None:
+            keep = self.stops.find(self.ids)
+            if keep is not None:
+                del self.ids[keep:]
+                self.stopped = True
+                return self.flush()
+            ready -= self.stops.holdback(self.ids)
+        new = self.ids[self.emitted:ready]
+        self.emitted = max(self.emitted, ready)
+        return new
+
+    def flush(self) -> List[int]:
+        """The ids not handed out yet (the generation ends here)."""
+        new = self.ids[self.emitted:]
+        self.emitted = len(self.ids)
+        return new
+
+
 def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop_ids: Optional[Iterable[int]] = None, stop_strings: Optional[Sequence[str]] = None,
@@ -193,25 +240,13 @@ def stream(model, tokenizer, prompt: List[int], *, max_new_tokens: int = 256, te
     """
     params, stop_ids, stops, generator = _prepare(model, tokenizer, [prompt], max_new_tokens, temperature, top_k,
                                                   top_p, repetition_penalty, stop_ids, stop_strings, seed)
-    ids: List[int] = []
-    emitted = 0
+    continuation = Continuation(stop_ids, stops)
     steps = decode_steps(model, [prompt], max_new_tokens, params, generator, compile)
     try:
         for tokens in steps:
-            token = int(tokens[0])
-            if token in stop_ids:
+            yield from continuation.push(int(tokens[0]))
+            if continuation.stopped:
                 break
-            ids.append(token)
-            if stops is not None:
-                keep = stops.find(ids)
-                if keep is not None:
-                    del ids[keep:]
-                    break
-                ready = len(ids) - stops.holdback(ids)
-            else:
-                ready = len(ids)
-            yield from ids[emitted:ready]
-            emitted = max(emitted, ready)
     finally:
         steps.close()
-    yield from ids[emitted:]
+    yield from continuation.flush()

@@ -166,8 +166,8 @@ class ReasoningLLM(nn.Module):
             attn_mask (Optional[torch.Tensor]): bool mask broadcastable to [B, 1, T, S] (True = attend);
                 default causal (and sliding-window when configured). With the cache, S is how many cache
                 positions are attended (the default: the filled ones, 0..max(input_pos)).
-            input_pos (Optional[torch.Tensor]): positions [T] where these tokens go in the KV cache; only
-                with `setup_cache` (generation).
+            input_pos (Optional[torch.Tensor]): positions [T] where these tokens go in the KV cache, or [B, T]
+                per row (each row its own sequence length); only with `setup_cache` (generation).
 
         Returns:
             torch.Tensor: [B, T, dim].
@@ -176,7 +176,9 @@ class ReasoningLLM(nn.Module):
         if position_ids is not None:
             cos, sin = self.cos[position_ids], self.sin[position_ids]
         elif input_pos is not None:
-            cos, sin = self.cos[input_pos].unsqueeze(0), self.sin[input_pos].unsqueeze(0)
+            cos, sin = self.cos[input_pos], self.sin[input_pos]
+            if input_pos.dim() == 1:
+                cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
         else:
             cos, sin = self.cos[:T].unsqueeze(0), self.sin[:T].unsqueeze(0)
         if input_pos is not None and self.cache_len and attn_mask is None:

@@ -1,0 +1,287 @@
+"""Continuous batching: many generations share one batched decode step, joining and leaving at step boundaries.
+
+The KV cache has a fixed number of slots (rows), one per running sequence. A new request is prefilled alone into a
+free slot (exactly as `generate.stream` prefills it), then decodes with all the others in one forward per step,
+each row at its own position (`input_pos` [B, 1]: per-row cache writes, RoPE positions and causal masks). Running
+sequences always fill rows 0 .. n-1: when one finishes, the last row's cache moves into its place, so a step
+attends over a contiguous view of the cache and never gathers rows. Every request has its own sampling
+parameters, seed (a private `torch.Generator`, drawn from in the same order as `verse generate --seed`), token
+budget and stop strings, so its output is the one `verse generate` gives for it alone.
+
+The engine runs in one thread (`start`); any thread may `submit` and `cancel`. `step` drives it by hand.
+"""
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, List, Optional, Sequence
+
+import torch
+
+from verse.errors import VerseError
+from verse.infer.generate import Continuation
+from verse.infer.sampling import SamplingParams, check_seed, sample
+from verse.infer.stopping import StopStrings
+
+log = logging.getLogger(__name__)
+GREEDY = SamplingParams()
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation handed to an `Engine`.
+
+    Args:
+        prompt (List[int]): prompt token ids (non-empty).
+        max_tokens (int): most new tokens.
+        params (SamplingParams): temperature, top-k, top-p, repetition penalty.
+        seed (Optional[int]): seed of the request's own random source (sampling only).
+        stop_strings (Sequence[str]): texts that end the generation (cut from the output).
+        on_update (Optional[Callable]): called from the engine thread as `on_update(request, new_ids)` whenever
+            ids become final, and once more when the request finishes (`finish_reason` set); it must not block.
+
+    Attributes:
+        output (List[int]): the final ids so far.
+        finish_reason (Optional[str]): "stop" (stop id or string), "length" (max_tokens), "cancelled" or "error".
+        error (Optional[str]): what went wrong, with finish_reason "error".
+        done (threading.Event): set when the request has finished.
+    """
+
+    prompt: List[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: Optional[int] = None
+    stop_strings: Sequence[str] = ()
+    on_update: Optional[Callable[["Request", List[int]], None]] = None
+    output: List[int] = field(default_factory=list, init=False)
+    finish_reason: Optional[str] = field(default=None, init=False)
+    error: Optional[str] = field(default=None, init=False)
+    done: threading.Event = field(default_factory=threading.Event, init=False)
+    cancelled: bool = field(default=False, init=False)
+
+    def _deliver(self, ids: List[int], finish_reason: Optional[str] = None, error: Optional[str] = None) -> None:
+        self.output.extend(ids)
+        if finish_reason is not None:
+            self.finish_reason, self.error = finish_reason, error
+        if self.on_update is not None and (ids or finish_reason is not None):
+            try:
+                self.on_update(self, ids)
+            except Exception:  # a consumer's failure must not stop the other requests
+                log.exception("on_update of a request failed")
+        if finish_reason is not None:
+            self.done.set()
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A running request: its decoding state."""
+
+    request: Request
+    continuation: Continuation
+    generator: Optional[torch.Generator]
+    seen: Optional[torch.Tensor]  # bool [1, V] for the repetition penalty
+    length: int  # positions in the cache (the prompt and the tokens fed back so far)
+    new_tokens: int = 0
+
+    @property
+    def batched(self) -> bool:
+        """Whether the shared greedy pick of the batch is this row's pick."""
+        params = self.request.params
+        return params.greedy and params.repetition_penalty == 1.0
+
+
+class Engine:
+    """Continuous-batching generation over a slot-based static KV cache.
+
+    Args:
+        model (ReasoningLLM): the model (eval mode).
+        tokenizer: a Verse tokenizer (stop ids, stop strings); may be None with neither.
+        slots (int): most sequences decoded at once (rows of the KV cache).
+        max_len (Optional[int]): positions per slot (prompt + new tokens); default the model's `max_seq_len`.
+        stop_ids (Optional[set[int]]): ids that end a generation; default `tokenizer.stop_ids`.
+    """
+
+    def __init__(self, model, tokenizer, slots: int = 8, max_len: Optional[int] = None,
+                 stop_ids: Optional[set] = None):
+        if slots < 1:
+            raise VerseError(f"the engine needs at least 1 slot, got {slots}")
+        self.model, self.tokenizer, self.slots = model, tokenizer, slots
+        self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
+        if self.max_len < 2:
+            raise VerseError(f"max_len must be >= 2 positions, got {self.max_len}")
+        self.stop_ids = set(getattr(tokenizer, "stop_ids", ()) or ()) if stop_ids is None else set(stop_ids)
+        self.device = model.embed.weight.device
+        model.setup_cache(slots, self.max_len)
+        self.last = torch.zeros(slots, dtype=torch.long, device=self.device)  # each row's newest token
+        self.running: List[_Sequence] = []  # row i of the cache is running[i]
+        self.waiting: Deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.thread: Optional[threading.Thread] = None
+        self.stopping = False
+
+    @property
+    def free_slots(self) -> int:
+        """Slots not held by a running sequence."""
+        return self.slots - len(self.running)
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise `VerseError` unless a prompt of `prompt_tokens` plus `max_tokens` new tokens fits a slot."""
+        if prompt_tokens < 1:
+            raise VerseError("the prompt is empty: it needs at least one token")
+        if max_tokens < 1:
+            raise VerseError(f"max_tokens must be >= 1, got {max_tokens}")
+        if prompt_tokens + max_tokens > self.max_len:
+            raise VerseError(f"the prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                             f"of {self.max_len} tokens; shorten the prompt or lower max_tokens")
+
+    def submit(self, request: Request) -> Request:
+        """Queue `request`; it joins the running batch at the next step boundary with a free slot.
+
+        Raises:
+            VerseError: the request is invalid (empty prompt, too long for the context, bad seed).
+        """
+        self.check(len(request.prompt), request.max_tokens)
+        check_seed(request.seed)
+        if request.stop_strings and self.tokenizer is None:
+            raise VerseError("stop strings need a tokenizer to decode the generated text")
+        with self.cond:
+            self.waiting.append(request)
+            self.cond.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop `request` (e.g. its client went away): its slot is freed at the next step boundary."""
+        with self.cond:
+            request.cancelled = True
+            self.cond.notify()
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit waiting requests into free slots (prefilling each), then decode one token for every running row.
+
+        Returns:
+            bool: whether requests remain (running or waiting).
+        """
+        with self.cond:
+            admitted = []
+            while self.waiting and len(self.running) + len(admitted) < self.slots:
+                request = self.waiting.popleft()
+                if request.cancelled:
+                    request._deliver([], "cancelled")
+                else:
+                    admitted.append(request)
+        self._drop([row for row, seq in enumerate(self.running) if seq.request.cancelled], "cancelled")
+        for request in admitted:
+            self._prefill(request)
+        if self.running:
+            self._decode()
+        with self.cond:
+            return bool(self.running or self.waiting)
+
+    def _prefill(self, request: Request) -> None:
+        """Run the prompt into the next free row, pick the first token (as `generate.decode_steps` does)."""
+        row, P = len(self.running), len(request.prompt)
+        generator = None if request.seed is None else torch.Generator(self.device).manual_seed(request.seed)
+        ids = torch.as_tensor(request.prompt, dtype=torch.long, device=self.device)[None]
+        seen = None
+        if request.params.repetition_penalty != 1.0:
+            seen = torch.zeros(1, self.model.args.vocab_size, dtype=torch.bool, device=self.device)
+            seen[0, ids[0]] = True
+        stops = StopStrings(self.tokenizer, request.stop_strings) if request.stop_strings else None
+        seq = _Sequence(request, Continuation(self.stop_ids, stops), generator, seen, P)
+        layers = self.model.layers
+        caches = [layer.attn.cache for layer in layers]
+        try:
+            for layer, cache in zip(layers, caches):  # the prompt's keys and values go straight into its row
+                layer.attn.cache = cache.rows(row, 1)
+            hidden = self.model.hidden_states(ids, input_pos=torch.arange(P, device=self.device))
+        finally:
+            for layer, cache in zip(layers, caches):
+                layer.attn.cache = cache
+        token = sample(self.model.head(hidden[:, -1]), request.params, seen, generator)
+        self.running.append(seq)
+        self.last[row] = token[0]
+        self._advance([token])
+
+    def _decode(self) -> None:
+        """One forward for all running rows, each at its own position, and the next token of each."""
+        n = len(self.running)
+        pos = torch.tensor([seq.length for seq in self.running], device=self.device)[:, None]
+        logits = self.model(self.last[:n, None], input_pos=pos)[:, -1]  # per-row RoPE positions and causal masks
+        for seq in self.running:
+            seq.length += 1
+        tokens = sample(logits, GREEDY)  # every plain greedy row at once; the others pick with their own source
+        picks = [tokens[None, row] if seq.batched else
+                 sample(logits[row:row + 1], seq.request.params, seq.seen, seq.generator)
+                 for row, seq in enumerate(self.running)]
+        self.last[:n] = torch.cat(picks)
+        self._advance(picks)
+
+    def _advance(self, picks: List[torch.Tensor]) -> None:
+        """Hand each running row's new token (the last `len(picks)` rows) to its request; retire finished rows."""
+        first = len(self.running) - len(picks)
+        finished = []
+        for row, token in enumerate(torch.cat(picks).tolist(), start=first):
+            seq = self.running[row]
+            if seq.seen is not None:
+                seq.seen[0, token] = True
+            seq.new_tokens += 1
+            new = seq.continuation.push(token)
+            if seq.continuation.stopped or seq.new_tokens == seq.request.max_tokens:
+                finished.append(row)
+                new += seq.continuation.flush()
+                seq.request._deliver(new, "stop" if seq.continuation.stopped else "length")
+            elif new:
+                seq.request._deliver(new)
+        self._drop(finished)
+
+    def _drop(self, rows: List[int], reason: Optional[str] = None) -> None:
+        """Free the slots of `rows`; the last running row moves into each freed one. `reason` finishes them."""
+        for row in sorted(rows, reverse=True):  # rows above `row` are already gone, so the last row is running
+            seq = self.running[row]
+            if reason is not None:
+                seq.request._deliver([], reason)
+            last = len(self.running) - 1
+            if row != last:
+                moved = self.running[last]
+                for layer in self.model.layers:
+                    layer.attn.cache.copy_row(last, row, moved.length)
+                self.last[row] = self.last[last]
+                self.running[row] = moved
+            self.running.pop()
+
+    def run(self) -> None:
+        """Step until `stop`, sleeping while there is nothing to do; a failing step ends its requests with an
+        error instead of the engine."""
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.stopping or self.waiting or self.running)
+                if self.stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # the model failed (e.g. out of memory): every request in flight ends with it
+                log.exception("engine step failed")
+                message = str(e) if isinstance(e, VerseError) else f"generation failed: {type(e).__name__}"
+                with self.cond:
+                    waiting, self.waiting = list(self.waiting), deque()
+                for request in [seq.request for seq in self.running] + waiting:
+                    if not request.done.is_set():
+                        request._deliver([], "error", message)
+                self.running.clear()
+
+    def start(self) -> "Engine":
+        """Run the engine in a daemon thread."""
+        self.thread = threading.Thread(target=self.run, name="verse-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the engine thread (requests in flight are left unfinished) and free the KV cache."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+        self.model.clear_cache()

@@ -1,0 +1,114 @@
+"""Continuous batching (`verse.infer.engine`): every request gets exactly what one-at-a-time generation gives it."""
+
+import pytest
+import torch
+
+import verse
+from verse import ModelArgs, ReasoningLLM
+from verse.errors import VerseError
+from verse.infer.engine import Engine, Request
+from verse.infer.generate import stream
+from verse.infer.sampling import SamplingParams
+
+PROMPTS = ["Hello", "The quick brown fox jumps over", "a", "Once upon a time there was a", "xyz 123", "Why?"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return verse.load_tokenizer("byte")
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    return ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32", vocab_size=tok.vocab_size)).eval()
+
+
+def alone(model, tok, prompt, max_tokens, seed=None, stop_strings=None, **params):
+    """What `verse generate` decodes for this request by itself (`generate.stream`, batch 1)."""
+    return list(stream(model, tok, tok.encode(prompt), max_new_tokens=max_tokens, seed=seed,
+                       stop_strings=stop_strings, **params))
+
+
+def test_requests_joining_at_different_steps_match_one_at_a_time(model, tok):
+    """Six prompts of different lengths (greedy and seeded sampling, different budgets) arrive at different steps
+    into three slots: each output equals its batch-1 generation token for token."""
+    specs = [dict(max_tokens=12), dict(max_tokens=10, temperature=0.9, top_p=0.9, seed=3), dict(max_tokens=1),
+             dict(max_tokens=14, temperature=1.2, top_k=20, seed=7), dict(max_tokens=8, repetition_penalty=1.3),
+             dict(max_tokens=10, temperature=0.7, seed=11, repetition_penalty=1.2)]
+    expected = [alone(model, tok, p, **s) for p, s in zip(PROMPTS, specs)]
+    engine = Engine(model, tok, slots=3, max_len=64)
+    requests = []
+    for prompt, spec in zip(PROMPTS, specs):
+        spec = dict(spec)
+        max_tokens, seed = spec.pop("max_tokens"), spec.pop("seed", None)
+        requests.append(Request(tok.encode(prompt), max_tokens, SamplingParams(**spec), seed))
+    arrivals = {0: [0], 2: [1], 3: [2, 3], 5: [4, 5]}  # step -> requests submitted before it
+    for step in range(200):
+        for i in arrivals.get(step, []):
+            engine.submit(requests[i])
+        busy = engine.step()
+        assert len(engine.running) <= 3
+        if not busy and step >= max(arrivals):
+            break
+    for request, want in zip(requests, expected):
+        assert request.output == want
+        assert request.finish_reason == ("length" if len(want) == request.max_tokens else "stop")
+    assert engine.free_slots == 3
+
+
+def test_stop_strings_and_updates(model, tok):
+    """A stop string taken from the greedy continuation ends it there, as in `generate.stream`; `on_update`
+    hands out exactly the final ids, in order."""
+    full = tok.decode(alone(model, tok, PROMPTS[1], 30))
+    stop = full[8:10]
+    want = alone(model, tok, PROMPTS[1], 30, stop_strings=[stop])
+    assert len(want) < 30 and tok.decode(want) == full[:full.index(stop)]
+    engine = Engine(model, tok, slots=2, max_len=64)
+    seen = []
+    other = engine.submit(Request(tok.encode(PROMPTS[0]), 25))
+    request = engine.submit(Request(tok.encode(PROMPTS[1]), 30, stop_strings=[stop],
+                                    on_update=lambda r, ids: seen.append((list(ids), r.finish_reason))))
+    while engine.step():
+        pass
+    assert request.output == want and request.finish_reason == "stop" and request.done.is_set()
+    assert [i for ids, _ in seen for i in ids] == want and seen[-1][1] == "stop"
+    assert other.output == alone(model, tok, PROMPTS[0], 25)
+
+
+def test_cancel_frees_the_slot_and_the_others_go_on(model, tok):
+    engine = Engine(model, tok, slots=2, max_len=64)
+    keep = engine.submit(Request(tok.encode(PROMPTS[3]), 20))
+    gone = engine.submit(Request(tok.encode(PROMPTS[1]), 20))
+    engine.step()
+    engine.step()
+    engine.cancel(gone)
+    late = engine.submit(Request(tok.encode(PROMPTS[5]), 10))  # takes the freed slot
+    while engine.step():
+        assert len(engine.running) <= 2
+    assert gone.finish_reason == "cancelled" and len(gone.output) < 20
+    assert keep.output == alone(model, tok, PROMPTS[3], 20)
+    assert late.output == alone(model, tok, PROMPTS[5], 10)
+    assert engine.free_slots == 2
+
+
+def test_a_request_past_the_context_is_refused(model, tok):
+    engine = Engine(model, tok, slots=1, max_len=16)
+    with pytest.raises(VerseError, match="exceeds the context of 16 tokens"):
+        engine.submit(Request(tok.encode("x" * 10), 7))
+    with pytest.raises(VerseError, match="empty"):
+        engine.submit(Request([], 4))
+    with pytest.raises(VerseError, match="seed"):
+        engine.submit(Request([1], 4, seed=-1))
+    assert not engine.waiting
+
+
+def test_engine_thread_answers_concurrent_submits(model, tok):
+    engine = Engine(model, tok, slots=4, max_len=64).start()
+    try:
+        requests = [engine.submit(Request(tok.encode(p), 8)) for p in PROMPTS]
+        for request in requests:
+            assert request.done.wait(60)
+    finally:
+        engine.stop()
+    assert [r.output for r in requests] == [alone(model, tok, p, 8) for p in PROMPTS]
