@@ -156,3 +156,31 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     # the saved model is a transformers checkpoint
     hf = AutoModelForCausalLM.from_pretrained(out / "final")
     assert isinstance(hf, torch.nn.Module) and Path(out / "final" / "tokenizer.json").is_file()
+
+
+def test_train_config_with_lora_is_a_valid_finetune_section(tmp_path):
+    """`verse quickstart --finetune lora|qlora`: adapters of rank 16 on every projection, the adapters' default lr."""
+    for method in ("lora", "qlora"):
+        mapping = train_config(QuickstartConfig(finetune=method), tmp_path, "model.gguf", steps=12,
+                               device=torch.device("cpu"))
+        cfg = TrainConfig.from_dict(mapping)
+        assert cfg.finetune_method == method and cfg.lr == 1e-3
+        assert (cfg.lora_args().rank, cfg.lora_args().alpha, cfg.lora_args().targets) == (16, 32.0, ("all",))
+    assert TrainConfig.from_dict(train_config(QuickstartConfig(), tmp_path, "m.gguf", 3, torch.device("cpu"))).lr \
+        == 2e-4
+
+
+@pytest.mark.slow
+def test_quickstart_with_lora_passes_its_bar(tmp_path, capsys):
+    """`verse quickstart --finetune lora`: the same bar (+25 points held-out), the base GGUF untouched, final/ merged."""
+    from transformers import AutoModelForCausalLM
+
+    from verse.cli import main
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--n-eval", "32", "--budget-s", "0", "--steps", "30",
+                 "--finetune", "lora"]) == 0
+    numbers = json.loads((out / "quickstart.json").read_text())
+    assert numbers["accuracy_after"] - numbers["accuracy_before"] >= 0.25, numbers
+    assert (out / "train" / "latest" / "adapter_config.json").is_file()
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out / "final"), torch.nn.Module)

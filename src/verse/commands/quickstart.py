@@ -9,6 +9,7 @@ EXAMPLES = """  verse quickstart                              # runs/quickstart:
   verse quickstart --out runs/qs2 --seed 1
   verse quickstart --budget-s 300 --n-eval 32   # a shorter run (fewer steps, fewer held-out problems)
   verse quickstart --device cuda --steps 100
+  verse quickstart --finetune lora              # LoRA adapters (rank 16, all projections) on the frozen base
 """
 
 
@@ -26,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help=f"task and training seed (default {d.seed})")
     parser.add_argument("--n-eval", type=int, default=d.n_eval,
                         help=f"held-out problems scored before and after (default {d.n_eval})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (default 2e-4 for full, 1e-3 for lora/qlora)")
+    parser.add_argument("--finetune", choices=("full", "lora", "qlora"), default=d.finetune,
+                        help="full fine-tune (default), or LoRA / QLoRA adapters on the frozen base")
     parser.add_argument("--device", default=d.device, help="auto (default), cpu, cuda")
 
 
@@ -38,10 +42,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("steps", "n_eval"):
         if getattr(args, name) < 1:
             raise VerseError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.budget_s < 0 or args.lr <= 0:
+    if args.budget_s < 0 or (args.lr is not None and args.lr <= 0):
         raise VerseError("--budget-s must be >= 0 and --lr > 0")
     cfg = QuickstartConfig(out_dir=args.out, budget_s=args.budget_s, steps=args.steps, seed=args.seed,
-                           n_eval=args.n_eval, lr=args.lr, device=args.device)
+                           n_eval=args.n_eval, lr=args.lr, device=args.device, finetune=args.finetune)
     result = run_quickstart(cfg)
     report = write_report(result.run_dir / "report.md", result.numbers, result.samples)
     record_run(result.run_dir, result.numbers)  # the report too is the quickstart's own (a rerun replaces it)

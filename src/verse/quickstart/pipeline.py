@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import yaml
@@ -29,6 +29,9 @@ from verse.quickstart import task
 MARKER = "quickstart.json"
 # what a quickstart writes into its run directory (besides MARKER); a rerun deletes only recorded files in these
 OWN_ENTRIES = ("data", "train.yaml", "train", "final", "report.md", "loss_curve.png", "samples.jsonl")
+# peak learning rate by fine-tuning method: adapters start at zero and need a larger step than full weights
+DEFAULT_LR = {"full": 2e-4, "lora": 1e-3, "qlora": 1e-3}
+LORA = {"rank": 16, "alpha": 32, "targets": ["all"]}
 LAST_NUMBER = r"(-?\d+)"
 
 
@@ -44,7 +47,8 @@ class QuickstartConfig:
         seed (int): seed of the task generator and of training.
         n_train (int): training problems generated (the run samples from them).
         n_eval (int): held-out problems scored before and after.
-        lr (float): peak learning rate.
+        lr (Optional[float]): peak learning rate (default: `DEFAULT_LR` of the fine-tuning method).
+        finetune (str): full (every weight), lora or qlora (adapters of `LORA`; the base stays frozen).
         micro_batch_size (int): packed rows per step.
         max_seq_len (int): tokens per packed row.
         eval_batch_size (int): problems generated together.
@@ -58,7 +62,8 @@ class QuickstartConfig:
     seed: int = 0
     n_train: int = 2000
     n_eval: int = 64
-    lr: float = 2e-4
+    lr: Optional[float] = None
+    finetune: str = "full"
     micro_batch_size: int = 3
     max_seq_len: int = 256
     eval_batch_size: int = 32
@@ -168,6 +173,8 @@ def train_config(cfg: QuickstartConfig, run_dir: Path, model_path: str, steps: i
     from verse.infer.runtime import cpu_has_fast_bf16
 
     fast_bf16 = device.type == "cuda" or cpu_has_fast_bf16()
+    lr = cfg.lr or DEFAULT_LR[cfg.finetune]
+    finetune = {} if cfg.finetune == "full" else {"finetune": {"method": cfg.finetune, "lora": dict(LORA)}}
     return {
         "mode": "sft",
         "model": model_path,
@@ -178,8 +185,9 @@ def train_config(cfg: QuickstartConfig, run_dir: Path, model_path: str, steps: i
         "micro_batch_size": cfg.micro_batch_size,
         "precision": "bf16" if fast_bf16 else "fp32",
         "param_dtype": "float32",
-        "lr": cfg.lr,
-        "min_lr": cfg.lr / 10,
+        "lr": lr,
+        "min_lr": lr / 10,
+        **finetune,
         "schedule": "cosine",
         "warmup_steps": min(3, steps),
         "weight_decay": 0.0,
@@ -319,9 +327,13 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
     record_run(run_dir, {"status": "running"})
     numbers["train_s"] = time.perf_counter() - t
 
-    model = verse.load(result.final_dir, device=device, dtype=dtype)
+    model = verse.load(result.final_dir, device=device, dtype=dtype)  # a LoRA run's: the base + its adapter
     after = score("after", model)
     final_dir = run_dir / "final"
+    if cfg.finetune != "full":
+        from verse.peft import merge_lora
+
+        merge_lora(model)  # final/ is one transformers checkpoint; RUN/train/ keeps the adapter itself
     model.save_pretrained(final_dir, tokenizer=tokenizer)
     del model
     shutil.rmtree(result.final_dir / "train_state", ignore_errors=True)  # optimizer state: 2x the weights
