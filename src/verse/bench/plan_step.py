@@ -1,6 +1,7 @@
 """The measuring program of `verse bench plan`: `python -m verse.bench.plan_step SPEC_JSON`.
 
-SPEC_JSON is `{"preset": NAME, "model": {ModelArgs overrides}, "settings": {PlanSettings fields}}`. The model and
+SPEC_JSON is `{"preset": NAME, "model": {ModelArgs overrides}, "settings": {PlanSettings fields}}`, optionally with
+`"finetune": {finetune section}` (LoRA/QLoRA; `preset` is then the base checkpoint's path). The model and
 the `TrainConfig` are built exactly as `verse train` builds them (`build_model`, every `PlanSettings` field
 forwarded), one warm-up step of the same configuration is run and freed, then two measured steps; the program
 prints one JSON line `{"measured": peak bytes, "plan": verse.train.planner.plan(...)}`.
@@ -17,22 +18,25 @@ import torch
 from verse.train.config import TrainConfig
 from verse.train.loop import build_model, train_step
 from verse.train.optim import TrainOptimizer
-from verse.train.planner import PlanSettings, config_fields, plan
+from verse.train.planner import PlanSettings, config_fields, finetune_from_config, plan
 
 
-def train_config(settings: PlanSettings, preset: str = "tiny", model: Dict[str, Any] | None = None) -> TrainConfig:
+def train_config(settings: PlanSettings, preset: str = "tiny", model: Dict[str, Any] | None = None,
+                 finetune: Dict[str, Any] | None = None) -> TrainConfig:
     """The `TrainConfig` of a measured case: every `PlanSettings` field, a preset and its model overrides.
 
     Args:
         settings (PlanSettings): the step to measure.
         preset (str): the model preset the overrides apply to.
         model (Dict[str, Any] | None): ModelArgs overrides (`dtype` comes from `settings.param_dtype`).
+        finetune (Dict[str, Any] | None): the `finetune:` section (LoRA/QLoRA; `preset` is then a checkpoint path).
 
     Returns:
         TrainConfig: validated; gradient clipping off with a fused backward (which cannot clip).
     """
     overrides = {k: v for k, v in (model or {}).items() if k != "dtype"}
     return TrainConfig.from_dict({**config_fields(settings), "model": preset, "model_overrides": overrides,
+                                  **({"finetune": finetune} if finetune else {}),
                                   "lr": 1e-4, "grad_clip": 0.0 if settings.fused_backward else 1.0,
                                   "device": "cuda" if torch.cuda.is_available() else "cpu"}, "bench plan case")
 
@@ -47,7 +51,7 @@ def measure_in_process(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Peak bytes of two real training steps of `spec` in this process, and the plan of the same step."""
     torch.set_num_threads(1)
     settings = PlanSettings(**spec["settings"])
-    cfg = train_config(settings, spec.get("preset", "tiny"), spec.get("model"))
+    cfg = train_config(settings, spec.get("preset", "tiny"), spec.get("model"), spec.get("finetune"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -76,7 +80,7 @@ def measure_in_process(spec: Dict[str, Any]) -> Dict[str, Any]:
     for _ in range(2):
         train_step(model, optimizer, batches(), cfg, autocast)
     peak = (torch.cuda.max_memory_allocated() if cuda else _rss()[1]) - base
-    return {"measured": peak, "plan": plan(args, settings, "cpu", device_memory=0)}
+    return {"measured": peak, "plan": plan(args, settings, "cpu", device_memory=0, **finetune_from_config(cfg))}
 
 
 def main(argv: list | None = None) -> int:

@@ -43,16 +43,19 @@ def is_nf4(tensor: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def quantize_nf4_(model: nn.Module, names: Optional[Sequence[str]] = None, dtype: torch.dtype = torch.bfloat16
-                  ) -> nn.Module:
+def quantize_nf4_(model: nn.Module, names: Optional[Sequence[str]] = None, dtype: torch.dtype = torch.bfloat16,
+                  device: Optional[torch.device | str] = None) -> nn.Module:
     """Store the weights of the `Linear` layers of `model.layers` in NF4, frozen, in place (QLoRA's base).
 
-    The embedding, the output head, norms, routers and stacked MoE experts keep their dtype.
+    The embedding, the output head, norms, routers and stacked MoE experts keep their dtype. With `device`, each
+    weight moves there one at a time just before it is quantized, and then the rest of the model follows: a base
+    loaded on the CPU never exists on the accelerator in more than NF4 plus one bf16 weight.
 
     Args:
         model (nn.Module): a `ReasoningLLM`.
         names (Optional[Sequence[str]]): qualified layer names (default: every `Linear` inside `model.layers`).
         dtype (torch.dtype): dtype the weights are rounded to before quantization (and dequantize to).
+        device (Optional[torch.device | str]): where the quantized model goes (default: where it is).
 
     Returns:
         nn.Module: `model`.
@@ -68,5 +71,9 @@ def quantize_nf4_(model: nn.Module, names: Optional[Sequence[str]] = None, dtype
             raise ConfigError(f"{name}: {tuple(module.weight.shape)} weights are not a multiple of {NF4_BLOCK} "
                               f"values, which NF4 blocks need; use finetune.method=lora for this model")
         if not is_nf4(module.weight):
-            module.weight = nn.Parameter(to_nf4(module.weight.to(dtype)), requires_grad=False)
+            weight = module.weight.to(device=device, dtype=dtype)
+            module.weight = nn.Parameter(to_nf4(weight), requires_grad=False)
+    if device is not None and torch.device(device) != model.embed.weight.device:
+        model.to(device)
+        model.reset_buffers()
     return model

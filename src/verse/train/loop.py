@@ -106,14 +106,15 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None, d
     else:
         import verse
 
-        base_dtype = torch.bfloat16 if cfg.finetune_method == "qlora" else getattr(torch, cfg.param_dtype)
-        model = verse.load(cfg.model, device=device, dtype=base_dtype, **overrides)
+        qlora = cfg.finetune_method == "qlora"  # the bf16 base is read on the CPU and quantized layer by layer
+        model = verse.load(cfg.model, device="cpu" if qlora else device,
+                           dtype=torch.bfloat16 if qlora else getattr(torch, cfg.param_dtype), **overrides)
         lora = cfg.lora_args()
         if lora is not None:  # LoRA / QLoRA: frozen (NF4) base, trainable adapters (verse.peft)
             from verse.peft import apply_lora, quantize_nf4_
 
-            if cfg.finetune_method == "qlora":
-                quantize_nf4_(model)
+            if qlora:
+                quantize_nf4_(model, device=device)
             apply_lora(model, lora, dtype=getattr(torch, cfg.param_dtype))
     if cfg.max_seq_len > model.args.max_seq_len:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's limit ({model.args.max_seq_len}); "

@@ -245,8 +245,11 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     else:
         optimizer, optimizer_temp = 2 * state_bytes * params, 0
 
-    layer_full = [_layer_bytes_per_token(args, i, s) * tokens for i in range(args.n_layers)]
-    resid = 4 if s.param_dtype == "float32" else 2  # the residual stream's dtype
+    # QLoRA's bf16 base makes the residual stream and every matmul bf16, whatever the adapters' dtype
+    act = dataclasses.replace(s, precision="bf16", param_dtype="bfloat16") if finetune == "qlora" else s
+    c = _compute_bytes(act)
+    layer_full = [_layer_bytes_per_token(args, i, act) * tokens for i in range(args.n_layers)]
+    resid = 4 if act.param_dtype == "float32" else 2  # the residual stream's dtype
     k = s.activation_checkpointing
     checkpointed = [k > 0 and i % k == 0 for i in range(args.n_layers)]
     activations = sum(resid * args.dim * tokens if ck else full for ck, full in zip(checkpointed, layer_full))
