@@ -162,3 +162,30 @@ def test_unknown_reward_is_one_clear_error():
         Reward("nope").function()
     with pytest.raises(VerseError, match="cannot load reward function 'no_such_mod:f'"):
         Reward("no_such_mod:f").function()
+
+
+def test_rollout_matches_the_generator_and_masks_only_completions(tiny_args):
+    from verse.infer.generate import generate
+    from verse.model import ReasoningLLM
+    from verse.rl.rollout import rollout
+
+    torch.manual_seed(0)
+    model = ReasoningLLM(tiny_args)
+    prompts = [[1, 2, 3], [4, 5]]
+    free = generate(model, None, prompts, max_new_tokens=6, stop_ids=set())
+    stop = free[0][2]  # greedy row 0 stops at its third token
+    expected = generate(model, None, prompts, max_new_tokens=6, stop_ids={stop})
+    out = rollout(model, prompts, group_size=2, max_new_tokens=6, stop_ids=[stop], temperature=0.0)
+    assert out.completions == [expected[0], expected[0], expected[1], expected[1]]
+    assert out.prompt_index == [0, 0, 1, 1]
+    for i, (p, c) in enumerate(zip([prompts[0]] * 2 + [prompts[1]] * 2, out.completions)):
+        stopped = len(c) < 6
+        n = len(c) + stopped
+        assert out.input_ids[i, :len(p) + n].tolist() == p + c + ([stop] if stopped else [])
+        assert out.mask[i].nonzero().flatten().tolist() == list(range(len(p) - 1, len(p) - 1 + n))
+    assert out.lengths.tolist() == [3, 3] + [len(expected[1]) + (len(expected[1]) < 6)] * 2
+    # sampling: a seeded generator reproduces the same group
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    a = rollout(model, prompts, 3, 5, [stop], temperature=1.0, generator=g())
+    b = rollout(model, prompts, 3, 5, [stop], temperature=1.0, generator=g())
+    assert a.completions == b.completions and torch.equal(a.input_ids, b.input_ids)
