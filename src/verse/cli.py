@@ -16,6 +16,7 @@ COMMANDS = {
     "quickstart": "offline demo: fine-tune SmolLM2-135M to reason on a task, eval before/after",
     "generate": "generate text from a checkpoint, HF directory or .gguf file",
     "chat": "chat in the terminal, or in a Gradio web UI with --ui",
+    "serve": "OpenAI-compatible HTTP API (chat/completions, streaming) with continuous batching",
     "convert": "convert between Verse, Hugging Face, GGUF and model-parallel shards",
     "fp8-to-bf16": "convert a DeepSeek FP8 checkpoint (block scales) to BF16",
     "merge": "fold a LoRA adapter into its base: one HF-loadable checkpoint directory",

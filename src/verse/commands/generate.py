@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from verse.errors import VerseError
-    from verse.infer.chat import ThinkRenderer, chat_prompt, opens_in_think
+    from verse.infer.chat import ThinkRenderer, chat_prompt, opens_in_think, text_prompt
     from verse.infer.generate import stream
     from verse.infer.runtime import load_for_inference
     from verse.terminal import for_stream, is_terminal
@@ -106,9 +106,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.system:
             raise VerseError("--system needs --chat (it is a chat message)")
-        prompt, opened = tokenizer.encode(args.prompt), False
-        if getattr(tokenizer, "add_bos", False) and (not prompt or prompt[0] != tokenizer.bos_id):
-            prompt = [tokenizer.bos_id] + prompt
+        prompt, opened = text_prompt(tokenizer, args.prompt), False
     if not prompt:
         raise VerseError("--prompt is empty and the tokenizer has no BOS token to start from")
     renderer = ThinkRenderer(args.think if is_terminal(sys.stdout) or args.think != "dim" else "show", opened)

@@ -39,6 +39,22 @@ def chat_prompt(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
 
+def text_prompt(tokenizer, text: str) -> List[int]:
+    """Token ids of a plain (non-chat) prompt: `text` as is, after the BOS token when the tokenizer adds one.
+
+    Args:
+        tokenizer: a Verse tokenizer.
+        text (str): the prompt.
+
+    Returns:
+        List[int]: the prompt ids (empty for an empty text and a tokenizer without BOS).
+    """
+    prompt = tokenizer.encode(text)
+    if getattr(tokenizer, "add_bos", False) and (not prompt or prompt[0] != tokenizer.bos_id):
+        prompt = [tokenizer.bos_id] + prompt
+    return prompt
+
+
 def opens_in_think(tokenizer, messages: List[Dict[str, str]]) -> bool:
     """Whether the template's generation prompt already opens a `<think>` block (DeepSeek-R1 style).
 
@@ -106,6 +122,72 @@ def render_think(text: str, mode: str, opened: bool = False) -> str:
     return "".join(out)
 
 
+def without_partial_tag(text: str) -> str:
+    """`text` less a tail that could be the start of `<think>` or `</think>` (a stream waits for the rest)."""
+    for tag in (THINK_OPEN, THINK_CLOSE):
+        for i in range(len(tag) - 1, 0, -1):
+            if text.endswith(tag[:i]):
+                return text[:-i]
+    return text
+
+
+class ReasoningStream:
+    """Splits streamed reply text into reasoning and answer deltas, as `split_reasoning` splits the whole reply
+    (the `reasoning_content` / `content` deltas of OpenAI-style reasoning servers).
+
+    Args:
+        opened (bool): the reply starts inside `<think>`.
+    """
+
+    def __init__(self, opened: bool = False):
+        self.opened = opened
+        self.text = ""
+        self.sent = ("", "")
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        """Add reply text; return the new (reasoning, answer) text (a trailing partial tag waits)."""
+        self.text += delta
+        return self._advance(without_partial_tag(self.text))
+
+    def flush(self) -> tuple[str, str]:
+        """The (reasoning, answer) text still held back at the end of the reply."""
+        return self._advance(self.text)
+
+    def _advance(self, text: str) -> tuple[str, str]:
+        parts = split_reasoning(text, self.opened)
+        new = tuple(part[len(sent):] if part.startswith(sent) else "" for part, sent in zip(parts, self.sent))
+        self.sent = tuple(part if part.startswith(sent) else sent for part, sent in zip(parts, self.sent))
+        return new
+
+
+class TextDeltas:
+    """The decoded text of a growing list of token ids, piece by piece.
+
+    Args:
+        tokenizer: a Verse tokenizer.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: List[int] = []
+        self.shown = 0
+
+    def feed(self, ids: List[int]) -> str:
+        """Add ids; return the new text (a piece ending inside a UTF-8 character waits for the next ids)."""
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids)
+        return "" if text.endswith("\ufffd") else self._advance(text)
+
+    def flush(self) -> str:
+        """The text still held back at the end."""
+        return self._advance(self.tokenizer.decode(self.ids))
+
+    def _advance(self, text: str) -> str:
+        new = text[self.shown:]
+        self.shown = max(self.shown, len(text))
+        return new
+
+
 class ThinkRenderer:
     """Turns streamed reply text into streamed display text for a `--think` mode.
 
@@ -123,13 +205,7 @@ class ThinkRenderer:
     def feed(self, delta: str) -> str:
         """Add reply text; return the new display text (a trailing partial tag waits for the next call)."""
         self.text += delta
-        safe = self.text
-        for tag in (THINK_OPEN, THINK_CLOSE):
-            for i in range(len(tag) - 1, 0, -1):
-                if safe.endswith(tag[:i]):
-                    safe = safe[:-i]
-                    break
-        return self._advance(render_think(safe, self.mode, self.opened))
+        return self._advance(render_think(without_partial_tag(self.text), self.mode, self.opened))
 
     def flush(self) -> str:
         """The display text still held back, and the reset of a dim block left open."""
@@ -155,17 +231,12 @@ def stream_text(model, tokenizer, prompt: List[int], **kwargs) -> Iterator[str]:
     Yields:
         str: new text; a piece that ends in the middle of a UTF-8 character waits for the next token.
     """
-    ids: List[int] = []
-    shown = ""
+    deltas = TextDeltas(tokenizer)
     for token in stream(model, tokenizer, prompt, **kwargs):
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(ids)
-    if len(text) > len(shown):
-        yield text[len(shown):]
+        if text := deltas.feed([token]):
+            yield text
+    if text := deltas.flush():
+        yield text
 
 
 def fit_messages(tokenizer, messages: List[Dict[str, str]],
