@@ -6,20 +6,13 @@ import torch
 
 from verse import ModelArgs, ReasoningLLM
 from verse import fp8
-from verse.model import linear
-from verse.model.linear import Linear, fp8_layers, quantize_
+from verse.model.linear import Linear, fp8_layers, quantize_, set_gemm_impl
 
 B = 128
 E4M3_MAX = 448.0
 # float8_e4m3fn keeps 3 mantissa bits: rounding to nearest errs by at most 2^-4 of the value in the normal
 # range, and by half the subnormal spacing 2^-9 below 2^-6.
 REL_ERR, ABS_ERR = 2.0 ** -4, 2.0 ** -10
-
-
-@pytest.fixture(autouse=True)
-def bf16_gemm():
-    yield
-    linear.gemm_impl = "bf16"
 
 
 def hand_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -134,18 +127,16 @@ def test_fp8_linear_bf16_impl_equals_dequantized_weights():
         state[name] = tensor
     plain.load_state_dict(state)
     x = torch.randint(0, 256, (2, 11))
-    linear.gemm_impl = "bf16"
     torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_linear_fp8_impl_error_bound():
     torch.manual_seed(4)
-    layer = Linear(256, 192)
+    layer = Linear(256, 192, gemm_impl="fp8")
     w = layer.weight.detach().clone()
     layer.quantize_()
     w_deq = hand_dequant(layer.weight, layer.scale)
     x = torch.randn(4, 7, 256)
-    linear.gemm_impl = "fp8"
     y = layer(x)
     _, x_s = fp8.act_quant(x)
     x_err = REL_ERR * x.abs() + ABS_ERR * x_s.repeat_interleave(B, -1)
@@ -167,8 +158,7 @@ def test_fp8_checkpoint_loads_into_meta_model_and_survives_dtype_cast():
     fresh.reset_buffers()
     x = torch.randint(0, 256, (1, 9))
     for impl in ("bf16", "fp8"):
-        linear.gemm_impl = impl
-        assert torch.equal(fresh(x), model(x))
+        assert torch.equal(set_gemm_impl(fresh, impl)(x), set_gemm_impl(model, impl)(x))
     fresh.to(torch.bfloat16)
     wq = fresh.layers[0].attn.wq
     assert wq.weight.dtype == torch.float8_e4m3fn and wq.scale.dtype == torch.float32
@@ -374,3 +364,20 @@ def test_gemm_impl_fp8_on_a_checkpoint_without_fp8_weights_quantizes_on_load(tmp
     linear.gemm_impl = "fp8"
     expected = quantize_(model)(x)  # the same FP8 GEMMs on the same quantized weights
     assert torch.equal(loaded(x), expected)
+
+
+def test_gemm_impl_is_per_model():
+    """Defect 5: building a bf16 model after an fp8 one must not switch the fp8 model's GEMMs (it used to: a
+    module-level switch). Oracle: the fp8 path's error bound vs the exact product, which bf16 (dequantize) does
+    not show: the fp8 model's logits must differ from the dequantized ones, and equal a lone fp8 model's."""
+    torch.manual_seed(6)
+    fp8_model = quantize_(ReasoningLLM(tiny_fp8_args(gemm_impl="fp8")))
+    x = torch.randint(0, 256, (2, 11))
+    alone = fp8_model(x)
+    bf16_model = quantize_(ReasoningLLM(tiny_fp8_args(gemm_impl="bf16")))
+    bf16_model.load_state_dict(fp8_model.state_dict())  # the same FP8 weights
+    assert fp8_model.args.gemm_impl == "fp8" and fp8_model.layers[0].attn.wq.gemm_impl == "fp8"
+    assert bf16_model.layers[0].attn.wq.gemm_impl == "bf16"
+    assert torch.equal(fp8_model(x), alone)
+    assert not torch.equal(bf16_model(x), alone)  # activations quantized only on the fp8 path
+    torch.testing.assert_close(bf16_model(x), alone, rtol=0.1, atol=0.1)

@@ -241,8 +241,7 @@ def test_deepseek_v3_fp8_weights_run_in_both_gemm_impls(tmp_path):
     from verse import ReasoningLLM
     from verse.interop import deepseek
     from verse.interop.fp8_cast import read_weight_map
-    from verse.model import linear
-    from verse.model.linear import fp8_layers, quantize_
+    from verse.model.linear import fp8_layers, quantize_, set_gemm_impl
 
     src, oracle = deepseek_fp8_checkpoint(tmp_path, experts_fp8=False, reference_dtype=torch.float32)
     args = deepseek.args_from_hf(json.loads((src / "config.json").read_text())).replace(dtype="float32")
@@ -258,15 +257,10 @@ def test_deepseek_v3_fp8_weights_run_in_both_gemm_impls(tmp_path):
     model.load_state_dict(state, assign=True)
     model.reset_buffers()
     tokens = torch.randint(0, 96, (2, 9))
-    try:
-        with torch.no_grad():
-            expected = oracle(tokens).logits
-            linear.gemm_impl = "bf16"
-            torch.testing.assert_close(model(tokens), expected, rtol=0, atol=1e-4)
-            linear.gemm_impl = "fp8"
-            got = model(tokens)
-    finally:
-        linear.gemm_impl = "bf16"
+    with torch.no_grad():
+        expected = oracle(tokens).logits
+        torch.testing.assert_close(set_gemm_impl(model, "bf16")(tokens), expected, rtol=0, atol=1e-4)
+        got = set_gemm_impl(model, "fp8")(tokens)
     # activations quantized per token and 128 channels: a few percent, as measured for fp8_gemm itself
     rel = ((got - expected).norm() / expected.norm()).item()
     print(f"gemm_impl=fp8 logits relative error vs the dequantized model: {rel:.4f}")
@@ -277,18 +271,15 @@ def test_deepseek_v3_fp8_weights_run_in_both_gemm_impls(tmp_path):
 def test_verse_load_opens_an_fp8_checkpoint(tmp_path, gemm_impl):
     """`verse.load` keeps FP8 weights with their float32 block scales and runs them in the chosen `gemm_impl`."""
     import verse
-    from verse.model import linear
 
     src, oracle = deepseek_fp8_checkpoint(tmp_path, experts_fp8=False, reference_dtype=torch.float32)
     tokens = torch.randint(0, 96, (2, 9))
-    try:
-        model = verse.load(src, dtype=torch.float32, gemm_impl=gemm_impl)
-        wq_b = model.layers[0].attn.wq_b
-        assert wq_b.weight.dtype == torch.float8_e4m3fn and wq_b.scale.dtype == torch.float32
-        with torch.no_grad():
-            got, expected = model(tokens), oracle(tokens).logits
-    finally:
-        linear.gemm_impl = "bf16"
+    model = verse.load(src, dtype=torch.float32, gemm_impl=gemm_impl)
+    wq_b = model.layers[0].attn.wq_b
+    assert wq_b.weight.dtype == torch.float8_e4m3fn and wq_b.scale.dtype == torch.float32
+    assert wq_b.gemm_impl == gemm_impl
+    with torch.no_grad():
+        got, expected = model(tokens), oracle(tokens).logits
     if gemm_impl == "bf16":
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     else:  # activations quantized to e4m3 as well: the per-GEMM error of `fp8_gemm` (a few %), not more

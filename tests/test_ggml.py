@@ -17,18 +17,11 @@ from verse import ggml
 from verse.errors import ConfigError
 from verse.ggml import reference
 from verse.infer.generate import generate
-from verse.model import linear
 from verse.model.linear import Linear
 
 QTYPES = (ggml.Q4_0, ggml.Q4_1, ggml.Q8_0)
 QNAME = {ggml.Q4_0: "Q4_0", ggml.Q4_1: "Q4_1", ggml.Q8_0: "Q8_0"}
 N = 97  # not a multiple of the kernels' 16-row work chunks
-
-
-@pytest.fixture(autouse=True)
-def bf16_gemm():
-    yield
-    linear.gemm_impl = "bf16"  # building a gemm_impl="gguf" model sets the module-level switch
 
 
 @pytest.fixture(scope="module")

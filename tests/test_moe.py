@@ -176,8 +176,10 @@ def test_gradients_reach_every_parameter_but_the_router_bias():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_aux_loss_joins_the_backward_pass():
-    """Gradients with the balance loss on == gradients of (loss + alpha * balance losses recomputed by hand)."""
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_aux_loss_joins_the_backward_pass(scale):
+    """Gradients with the balance loss on == gradients of (loss + scale * alpha * balance losses recomputed by hand);
+    the scale is an argument of the forward (a trainer's 1 / micro-batches), not state written into the layers."""
     torch.manual_seed(5)
     alpha = 0.1
     with_aux = ReasoningLLM(moe_args(aux_loss_alpha=alpha)).train()
@@ -190,12 +192,61 @@ def test_aux_loss_joins_the_backward_pass():
     loss = without(tokens).square().mean()
     for moe, x in inputs:
         _, indices, scores = moe.gate(x.reshape(-1, x.size(-1)))
-        loss = loss + alpha * balance_loss(scores.view(*x.shape[:2], -1), indices.view(*x.shape[:2], -1))
+        loss = loss + scale * alpha * balance_loss(scores.view(*x.shape[:2], -1), indices.view(*x.shape[:2], -1))
     loss.backward()
-    with_aux(tokens).square().mean().backward()
+    with_aux(tokens, aux_loss_scale=scale).square().mean().backward()
+    assert not any(hasattr(moe, "aux_loss_scale") for moe in with_aux.moe_layers.values())
     for (name, a), (_, b) in zip(with_aux.named_parameters(), without.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def _bias_update_rank(rank: int, world: int, port: int, tokens: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    from verse.train.parallelize import update_router_bias
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = ReasoningLLM(moe_args(router_bias_update_rate=0.01)).train()
+        model(tokens[rank:rank + 1])
+        update_router_bias(model)
+        torch.save({i: moe.gate.bias for i, moe in model.moe_layers.items()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_router_bias_update_sums_loads_over_ranks(tmp_path):
+    """Two gloo ranks see different tokens; both move their biases by the sign of the load error of ALL tokens
+    (oracle: one process counting both ranks' tokens), not of their own. The all-reduce is the trainer's
+    (`verse.train.parallelize`), the model holds no torch.distributed call."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(7)
+    tokens = torch.randint(0, 80, (2, 16))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "bias")
+    mp.start_processes(_bias_update_rank, args=(2, port, tokens, out), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+
+    def loads_of(rows: torch.Tensor) -> dict:
+        torch.manual_seed(0)
+        model = ReasoningLLM(moe_args(router_bias_update_rate=0.01)).train()
+        for row in rows:
+            model(row[None])
+        return {i: moe.bias_load for i, moe in model.moe_layers.items()}
+
+    both, own = loads_of(tokens), loads_of(tokens[:1])
+    assert any(not torch.equal(torch.sign(both[i].mean() - both[i]), torch.sign(own[i].mean() - own[i]))
+               for i in both)  # the test tells summed from local loads apart
+    for i, load in both.items():
+        expected = 0.01 * torch.sign(load.mean() - load)
+        assert torch.equal(ranks[0][i], expected) and torch.equal(ranks[1][i], expected), i
 
 
 def test_activation_checkpointing_gives_the_same_gradients_and_bias_updates():

@@ -59,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_top_help())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from verse import __version__
+        from verse.version import __version__
 
         print(f"verse {__version__}")
         return 0

@@ -185,7 +185,8 @@ def _best(runs: List[Dict]) -> Dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import verse
+    from verse.interop.load import load_model
+    from verse.tokenization import load_tokenizer
     from verse.assets import smollm2_gguf
     from verse.errors import VerseError
 
@@ -202,11 +203,11 @@ def run(args: argparse.Namespace) -> int:
     rows = {row: parse_row(row, dtype) for row in dict.fromkeys(args.verse or default_rows(path))}
     if any(r["weights"] == "gguf" for r in rows.values()) and path.suffix != ".gguf":
         raise VerseError(f"--verse gguf needs a .gguf model, and {path} is not one")
-    tokenizer = verse.load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     models = {}
     for row, spec in rows.items():
-        models[row] = verse.load(path, dtype=spec["dtype"], gemm_impl="gguf" if spec["weights"] == "gguf" else "bf16")
+        models[row] = load_model(path, dtype=spec["dtype"], gemm_impl="gguf" if spec["weights"] == "gguf" else "bf16")
     reference_model = None if args.no_reference else load_transformers(path, dtype)
     runs: Dict[str, List[Dict]] = {row: [] for row in [*rows, "transformers"]}
     tokens: Dict[str, List[int]] = {}

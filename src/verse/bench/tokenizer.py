@@ -71,10 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer as HFBackend
     from tqdm import tqdm
 
-    import verse
+    from verse.tokenization import load_tokenizer
     from verse.tokenization.o200k import O200kTokenizer
 
-    tok = verse.load_tokenizer(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     docs = bench_corpus(args.mb)
     megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     threads = os.cpu_count() or 1

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    import verse
+    from verse.interop.load import load_model
+    from verse.tokenization import load_tokenizer
     from verse.errors import ConfigError, VerseError
     from verse.publish import check_destination, check_distinct
 
@@ -62,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = resolve_dtype(args.dtype)
     start = time.perf_counter()
-    model = verse.load(args.src, dtype=dtype)
+    model = load_model(args.src, dtype=dtype)
     try:
-        tokenizer = verse.load_tokenizer(args.src)
+        tokenizer = load_tokenizer(args.src)
     except (VerseError, ImportError):
         tokenizer = None
     if args.model_parallel is not None:

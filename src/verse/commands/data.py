@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer_spec is None:
         raise VerseError("no tokenizer: pass --tokenizer (o200k, byte, a model directory or .gguf), or set "
                          "`tokenizer:` or `model:` in the config")
-    from verse import load_tokenizer
+    from verse.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_spec)
     if args.action == "preview":

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     """Load BASE, add ADAPTER, merge, write OUT, print one summary line; return 0."""
     import time
 
-    import verse
+    from verse.interop.load import load_model
+    from verse.tokenization import load_tokenizer
     from verse.errors import ConfigError, VerseError
     from verse.interop.load import checkpoint_dir
     from verse.peft import load_adapter, merge_lora
@@ -36,11 +37,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.out}: OUT must differ from BASE and ADAPTER")
     adapter = checkpoint_dir(Path(args.adapter))
     start = time.perf_counter()
-    model = verse.load(args.base, dtype=args.dtype)
+    model = load_model(args.base, dtype=args.dtype)
     load_adapter(model, adapter)
     merge_lora(model)
     try:
-        tokenizer = verse.load_tokenizer(args.base)
+        tokenizer = load_tokenizer(args.base)
     except (VerseError, ImportError):
         tokenizer = None
     model.save_pretrained(out, tokenizer=tokenizer)

@@ -314,7 +314,7 @@ def build_loader(cfg: Union[DataConfig, Dict[str, Any]], tokenizer: Any, *, max_
     else:
         cfg.validate()
     if isinstance(tokenizer, str):
-        from verse import load_tokenizer
+        from verse.tokenization import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
     return DataLoader(cfg, tokenizer, max_seq_len=max_seq_len or cfg.max_seq_len, micro_batch_size=micro_batch_size,

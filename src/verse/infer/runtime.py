@@ -54,14 +54,15 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
     Raises:
         VerseError: the tokenizer has ids past the model's vocabulary (e.g. `--tokenizer o200k` on a small model).
     """
-    import verse
+    from verse.interop.load import load_model
+    from verse.tokenization import load_tokenizer
 
-    model = verse.load(path, device=device, dtype=inference_dtype(dtype, device), **overrides)
+    model = load_model(path, device=device, dtype=inference_dtype(dtype, device), **overrides)
     if adapter is not None:
         from verse.peft import load_adapter
 
         model = load_adapter(model, adapter).eval()
-    tokenizer = verse.load_tokenizer(tokenizer or tokenizer_source(path))
+    tokenizer = load_tokenizer(tokenizer or tokenizer_source(path))
     return model, tokenizer.fit_vocab(model.args.vocab_size, f"the model {path}")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from verse import ggml
+import verse.ggml as ggml
 from verse.config import ModelArgs, check_type
 from verse.errors import CheckpointError, ConfigError
 from verse.interop.gguf_header import GGUFFormatError, read_header

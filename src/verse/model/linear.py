@@ -1,4 +1,4 @@
-"""The linear layer every projection uses, and the module-level `gemm_impl` switch ("bf16" | "fp8" | "gguf").
+"""The linear layer every projection uses; each layer runs its own `gemm_impl` ("bf16" | "fp8" | "gguf").
 
 A `Linear` holds a floating-point weight, or an FP8 one as in DeepSeek-V3 checkpoints: a float8_e4m3fn
 `weight` and its float32 block scales `scale` [ceil(out/128), ceil(in/128)] (`weight_scale_inv` in Hugging
@@ -16,15 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from verse import ggml
+import verse.ggml as ggml
 from verse.fp8 import BLOCK_SIZE, FP8_DTYPE, act_quant, fp8_gemm, weight_dequant, weight_quant
-
-gemm_impl = "bf16"
-block_size = BLOCK_SIZE
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+           scale: Optional[torch.Tensor] = None, gemm_impl: str = "bf16",
+           block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """y = x W^T (+ b), for a floating-point weight or an FP8 weight with its block `scale`.
 
     Args:
@@ -32,6 +30,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         weight (torch.Tensor): [out_features, in_features], any float dtype or float8_e4m3fn.
         bias (Optional[torch.Tensor]): [out_features].
         scale (Optional[torch.Tensor]): the FP8 weight's float32 block scales.
+        gemm_impl (str): for an FP8 weight, "fp8" multiplies FP8 operands; anything else dequantizes the weight.
+        block_size (int): the FP8 block edge.
 
     Returns:
         torch.Tensor: [..., out_features] in `x`'s dtype.
@@ -50,18 +50,22 @@ class Linear(nn.Linear):
 
     After `quantize_()` (or when built for an FP8 checkpoint) `weight` is float8_e4m3fn and `scale` holds its
     float32 128x128 block scales; otherwise `scale` is None. After `ggml_()` `weight` holds GGUF blocks of
-    type `ggml_type` (else None).
+    type `ggml_type` (else None). `gemm_impl` and `block_size` belong to the layer (a `ReasoningLLM` sets its
+    layers' `gemm_impl` from `ModelArgs.gemm_impl`), so models built with different settings never interfere.
 
     Args:
         in_features (int): input size.
         out_features (int): output size.
         bias (bool): add a learnable bias.
+        gemm_impl (str): how FP8 weights multiply: "bf16" (dequantize) or "fp8" (FP8 GEMM).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, **kwargs):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, gemm_impl: str = "bf16", **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.register_parameter("scale", None)
         self.ggml_type: Optional[int] = None
+        self.gemm_impl = gemm_impl
+        self.block_size = BLOCK_SIZE
 
     @property
     def is_fp8(self) -> bool:
@@ -93,7 +97,7 @@ class Linear(nn.Linear):
         """
         if self.ggml_type is not None:
             return ggml.dequantize(self.weight, self.ggml_type, dtype or torch.get_default_dtype())
-        return self.weight if self.scale is None else weight_dequant(self.weight, self.scale, block_size, dtype)
+        return self.weight if self.scale is None else weight_dequant(self.weight, self.scale, self.block_size, dtype)
 
     @torch.no_grad()
     def quantize_(self) -> "Linear":
@@ -104,7 +108,7 @@ class Linear(nn.Linear):
         Returns:
             Linear: self.
         """
-        weight, scale = weight_quant(self.weight, block_size)
+        weight, scale = weight_quant(self.weight, self.block_size)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
         return self
@@ -126,7 +130,7 @@ class Linear(nn.Linear):
         if self.ggml_type is not None:
             y = ggml.gemm(x, self.weight, self.ggml_type)
             return y if self.bias is None else y.add_(self.bias)
-        return linear(x, self.weight, self.bias, self.scale)
+        return linear(x, self.weight, self.bias, self.scale, self.gemm_impl, self.block_size)
 
     def extra_repr(self) -> str:
         kind = ", fp8" if self.is_fp8 else f", {ggml.NAMES[self.ggml_type]}" if self.ggml_type is not None else ""
@@ -184,4 +188,20 @@ def quantize_(model: nn.Module, names: Optional[Collection[str]] = None) -> nn.M
         if names is None and id(module.weight) in tied:
             continue  # an output head tied to the embedding stays as it is
         module.quantize_()
+    return model
+
+
+def set_gemm_impl(model: nn.Module, gemm_impl: str) -> nn.Module:
+    """Make every `Linear` of `model` multiply its FP8 weights the `gemm_impl` way ("bf16" or "fp8").
+
+    Args:
+        model (nn.Module): any module containing `Linear` layers.
+        gemm_impl (str): "bf16" or "fp8" (`ModelArgs.gemm_impl`; "gguf" layers hold blocks and ignore it).
+
+    Returns:
+        nn.Module: `model`, changed in place.
+    """
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.gemm_impl = gemm_impl
     return model

@@ -13,7 +13,6 @@ import math
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -201,7 +200,8 @@ class MoE(nn.Module):
     """DeepSeek MoE layer: y = sum_k g_k * expert_k(x) + shared_experts(x).
 
     While training it accumulates tokens per expert (for `stats()` and `update_bias()`) and, with
-    `aux_loss_alpha` > 0, adds the weighted balance loss to the backward pass (kept in `aux_loss` for logging).
+    `aux_loss_alpha` > 0, adds the weighted balance loss to the backward pass (kept in `aux_loss` for logging),
+    times the `aux_loss_scale` given to `forward`.
 
     Args:
         args (ModelArgs): `dim`, `moe_inter_dim`, `n_routed_experts`, `n_shared_experts`, routing fields,
@@ -221,9 +221,6 @@ class MoE(nn.Module):
         self.register_buffer("expert_load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("bias_load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: Optional[torch.Tensor] = None
-        # weight of one forward's balance loss in the step's gradient: the trainer sets 1 / micro-batches so that
-        # an accumulated step averages it over its micro-batches, like the token-normalised language-model loss
-        self.aux_loss_scale = 1.0
 
     def reset_stats(self) -> None:
         """Zero the load counters, on the weights' device (also after a `meta`-device build)."""
@@ -231,8 +228,17 @@ class MoE(nn.Module):
         self.expert_load = torch.zeros(self.n_experts, dtype=torch.float32, device=device)
         self.bias_load = torch.zeros(self.n_experts, dtype=torch.float32, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the layer to `x` [B, T, dim]."""
+    def forward(self, x: torch.Tensor, aux_loss_scale: float = 1.0) -> torch.Tensor:
+        """Apply the layer to `x` [B, T, dim].
+
+        Args:
+            x (torch.Tensor): input [B, T, dim].
+            aux_loss_scale (float): weight of this forward's balance loss in the gradient; a trainer passes
+                1 / micro-batches so that an accumulated step averages it, like the token-normalised loss.
+
+        Returns:
+            torch.Tensor: [B, T, dim].
+        """
         B, T, D = x.shape
         x = x.view(-1, D)
         weights, indices, scores = self.gate(x)
@@ -250,8 +256,13 @@ class MoE(nn.Module):
                 self.bias_load += counts
             if self.aux_loss_alpha > 0:
                 self.aux_loss = self.aux_loss_alpha * balance_loss(scores.view(B, T, -1), indices.view(B, T, -1))
-                out = AddAuxLoss.apply(out, self.aux_loss * self.aux_loss_scale)
+                out = AddAuxLoss.apply(out, self.aux_loss * aux_loss_scale)
         return out.view(B, T, D)
+
+    @property
+    def balances_by_bias(self) -> bool:
+        """Whether `update_bias` moves this layer's router bias (a bias exists and its update rate is > 0)."""
+        return self.gate.bias is not None and self.bias_update_rate > 0
 
     def stats(self, reset: bool = True) -> Dict[str, float]:
         """Load statistics since the last reset (see `load_stats`)."""
@@ -261,14 +272,16 @@ class MoE(nn.Module):
         return stats
 
     @torch.no_grad()
-    def update_bias(self) -> None:
+    def update_bias(self, load: Optional[torch.Tensor] = None) -> None:
         """Aux-loss-free balancing step: b_i += rate * sign(mean load - load_i), then reset the load counter.
 
-        Loads are summed over data-parallel ranks first, so every rank applies the same update.
+        Args:
+            load (Optional[torch.Tensor]): tokens per expert [n_experts] since the last update; default this
+                layer's own count `bias_load`. Data-parallel training passes the count summed over the ranks
+                (`verse.train.parallelize.update_router_bias`), so that every rank applies the same update.
         """
-        if self.gate.bias is None or self.bias_update_rate <= 0:
+        if not self.balances_by_bias:
             return
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.bias_load)
-        self.gate.bias += self.bias_update_rate * torch.sign(self.bias_load.mean() - self.bias_load)
+        load = self.bias_load if load is None else load
+        self.gate.bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.bias_load.zero_()

@@ -8,10 +8,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from verse.config import ModelArgs
-from verse.model import linear
 from verse.model.attention import Attention
 from verse.model.ffn import MLP
-from verse.model.linear import Linear
+from verse.model.linear import Linear, set_gemm_impl
 from verse.model.masks import causal_mask
 from verse.model.mla import MLA
 from verse.model.moe import Experts, Gate, MoE
@@ -51,10 +50,11 @@ class Block(nn.Module):
         self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Apply the layer to `x` [B, T, dim] (arguments as `Attention.forward`)."""
+                input_pos: Optional[torch.Tensor] = None, aux_loss_scale: float = 1.0) -> torch.Tensor:
+        """Apply the layer to `x` [B, T, dim] (arguments as `Attention.forward`; `aux_loss_scale` as `MoE.forward`)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, aux_loss_scale) if isinstance(self.ffn, MoE) else self.ffn(h))
 
 
 class ReasoningLLM(nn.Module):
@@ -67,7 +67,6 @@ class ReasoningLLM(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        linear.gemm_impl = args.gemm_impl
         device = torch.get_default_device()
         # the layers' own default inits draw from a forked RNG: the caller's seed goes to `init_weights` alone, so
         # a model built on meta and initialised after sharding gets the same weights (verse.train.parallelize)
@@ -79,6 +78,7 @@ class ReasoningLLM(nn.Module):
             self.head = Linear(args.dim, args.vocab_size)
         if args.tie_embeddings:
             self.head.weight = self.embed.weight
+        set_gemm_impl(self, args.gemm_impl)
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.reset_buffers()
@@ -157,7 +157,8 @@ class ReasoningLLM(nn.Module):
         return 0 if cache is None else cache.k.size(2)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                      attn_mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      attn_mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None,
+                      aux_loss_scale: float = 1.0) -> torch.Tensor:
         """Final-norm hidden states [B, T, dim] (the output head is left to the caller, e.g. a chunked loss).
 
         Args:
@@ -168,6 +169,8 @@ class ReasoningLLM(nn.Module):
                 positions are attended (the default: the filled ones, 0..max(input_pos)).
             input_pos (Optional[torch.Tensor]): positions [T] where these tokens go in the KV cache, or [B, T]
                 per row (each row its own sequence length); only with `setup_cache` (generation).
+            aux_loss_scale (float): weight of the MoE balance loss of this forward in the gradient (training
+                with `aux_loss_alpha` > 0; a trainer accumulating N micro-batches passes 1 / N).
 
         Returns:
             torch.Tensor: [B, T, dim].
@@ -189,23 +192,24 @@ class ReasoningLLM(nn.Module):
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             if self.training and self.args.checkpointing and i % self.args.checkpoint_every == 0:
-                h = checkpoint(layer, h, cos, sin, attn_mask, input_pos, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, attn_mask, input_pos, aux_loss_scale, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attn_mask, input_pos)
+                h = layer(h, cos, sin, attn_mask, input_pos, aux_loss_scale)
         return self.norm(h)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                attn_mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attn_mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None,
+                aux_loss_scale: float = 1.0) -> torch.Tensor:
         """Logits for every position.
 
         Args:
             input_ids (torch.Tensor): token ids [B, T].
-            position_ids, attn_mask, input_pos: as in `hidden_states`.
+            position_ids, attn_mask, input_pos, aux_loss_scale: as in `hidden_states`.
 
         Returns:
             torch.Tensor: logits [B, T, vocab_size] in the model's dtype.
         """
-        return self.head(self.hidden_states(input_ids, position_ids, attn_mask, input_pos))
+        return self.head(self.hidden_states(input_ids, position_ids, attn_mask, input_pos, aux_loss_scale))
 
     def moe_stats(self, reset: bool = True) -> Dict[str, float]:
         """Per-layer expert load since the last reset, flat for metrics: `moe/L/load_min`, `load_max`, `entropy`,
@@ -220,14 +224,19 @@ class ReasoningLLM(nn.Module):
         return {f"moe/{i}/{key}": value
                 for i, moe in self.moe_layers.items() for key, value in moe.stats(reset).items()}
 
-    def update_router_bias(self) -> None:
+    def update_router_bias(self, loads: Optional[Dict[int, torch.Tensor]] = None) -> None:
         """DeepSeek-V3 auxiliary-loss-free balancing: nudge each router's bias against its experts' load error.
 
         Call after each optimizer step (Verse's trainer does), never between a forward and its backward: activation
         checkpointing must recompute the routing of the forward. A no-op unless `router_bias_update_rate` > 0.
+
+        Args:
+            loads (Optional[Dict[int, torch.Tensor]]): tokens per expert by MoE layer index, e.g. summed over
+                data-parallel ranks by the trainer; default each layer's own count.
         """
-        for moe in self.moe_layers.values():
-            moe.update_bias()
+        loads = loads or {}
+        for i, moe in self.moe_layers.items():
+            moe.update_bias(loads.get(i))
 
     def num_params(self) -> int:
         """Parameters in the module (tied weights counted once)."""

@@ -260,7 +260,8 @@ def run_quickstart(cfg: QuickstartConfig, progress: bool = True, log=print) -> Q
 
 
 def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> QuickstartResult:
-    import verse
+    from verse.interop.load import load_model
+    from verse.tokenization import load_tokenizer
     from verse.assets import smollm2_gguf
     from verse.eval import exact_match, extract_answer
     from verse.infer.runtime import inference_dtype
@@ -287,8 +288,8 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
     log(f"loading {Path(gguf).name} on {device} ...")
     t = time.perf_counter()
     dtype = inference_dtype("auto", device) or torch.float32
-    model = verse.load(gguf, device=device, dtype=dtype)
-    tokenizer = verse.load_tokenizer(gguf)
+    model = load_model(gguf, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(gguf)
     numbers["load_s"] = time.perf_counter() - t
 
     def score(name: str, model) -> Any:
@@ -327,7 +328,7 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
     record_run(run_dir, {"status": "running"})
     numbers["train_s"] = time.perf_counter() - t
 
-    model = verse.load(result.final_dir, device=device, dtype=dtype)  # a LoRA run's: the base + its adapter
+    model = load_model(result.final_dir, device=device, dtype=dtype)  # a LoRA run's: the base + its adapter
     after = score("after", model)
     final_dir = run_dir / "final"
     if cfg.finetune != "full":

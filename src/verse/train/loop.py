@@ -104,10 +104,10 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None, d
                               f"sharded): launch without torchrun, or use finetune.method=full")
         model = _sharded_pretrained(cfg, overrides, dist)
     else:
-        import verse
+        from verse.interop.load import load_model
 
         qlora = cfg.finetune_method == "qlora"  # the bf16 base is read on the CPU and quantized layer by layer
-        model = verse.load(cfg.model, device="cpu" if qlora else device,
+        model = load_model(cfg.model, device="cpu" if qlora else device,
                            dtype=torch.bfloat16 if qlora else getattr(torch, cfg.param_dtype), **overrides)
         lora = cfg.lora_args()
         if lora is not None:  # LoRA / QLoRA: frozen (NF4) base, trainable adapters (verse.peft)
@@ -154,13 +154,13 @@ def _sharded_model(cfg: TrainConfig, args: ModelArgs, dist: Dist) -> ReasoningLL
 
 def _sharded_pretrained(cfg: TrainConfig, overrides: Dict[str, Any], dist: Dist) -> ReasoningLLM:
     """A checkpoint read on rank 0 (CPU) and scattered: every other rank only ever holds its shards."""
-    import verse
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    from verse.interop.load import load_model
     from verse.train.parallelize import apply_fsdp
 
     dtype = getattr(torch, cfg.param_dtype)
-    full = verse.load(cfg.model, device="cpu", dtype=dtype, **overrides) if dist.is_main else None
+    full = load_model(cfg.model, device="cpu", dtype=dtype, **overrides) if dist.is_main else None
     args = ModelArgs.from_dict(dist.broadcast_object(full.args.to_dict() if full is not None else None))
     with torch.device("meta"):
         model = ReasoningLLM(args)
@@ -220,15 +220,14 @@ def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[
     """
     dist = dist or Dist()
     n_tokens = int(dist.sum(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)))
-    for moe in getattr(model, "moe_layers", {}).values():
-        # the MoE balance loss, too, is a mean over the accumulation step and the data-parallel ranks
-        moe.aux_loss_scale = 1.0 / (len(micro) * dist.dp_size)
+    # the MoE balance loss, too, is a mean over the accumulation step and the data-parallel ranks
+    aux_loss_scale = 1.0 / (len(micro) * dist.dp_size)
     loss_sum: Optional[float] = 0.0
     for i, b in enumerate(micro):
         if dist.enabled:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro) - 1)
         with autocast:
-            loss = batch_loss(model, b, cfg.loss_chunk_size)
+            loss = batch_loss(model, b, cfg.loss_chunk_size, aux_loss_scale)
         finite = bool(torch.isfinite(loss))
         if not finite and not dist.enabled:  # checked before backward: fused_backward would already have stepped
             loss_sum = None
@@ -242,8 +241,7 @@ def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[
     applied = loss_sum is not None and n_tokens > 0 and bool(torch.isfinite(grad_norm))
     if applied:
         optimizer.step()
-        for moe in getattr(model, "moe_layers", {}).values():
-            moe.update_bias()  # DeepSeek-V3 auxiliary-loss-free balancing (no-op unless configured)
+        update_router_bias(model)  # DeepSeek-V3 auxiliary-loss-free balancing (no-op unless configured)
     optimizer.zero_grad()
     return loss_sum, n_tokens, grad_norm, applied
 

@@ -47,7 +47,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.M
     return total
 
 
-def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], chunk_size: int = 4096) -> torch.Tensor:
+def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], chunk_size: int = 4096,
+               aux_loss_scale: float = 1.0) -> torch.Tensor:
     """Summed token loss of one batch: the training loss, training's `eval_every` and `verse eval`'s held-out loss.
 
     Args:
@@ -55,11 +56,14 @@ def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], chunk_size: int
         batch (Dict[str, torch.Tensor]): `input_ids`, shifted `labels` (-100 = no loss) and, when packed,
             `position_ids` (then each document attends only to itself).
         chunk_size (int): tokens per chunk of the cross-entropy.
+        aux_loss_scale (float): weight of the MoE balance loss (training) in the gradient: a trainer passes
+            1 / (micro-batches x data-parallel ranks), so that it is a mean over the step like the token loss.
 
     Returns:
         torch.Tensor: the sum of the token cross-entropies (divide by the loss tokens for the mean).
     """
     position_ids = batch.get("position_ids")
     mask = document_mask(position_ids) if position_ids is not None else None
-    hidden = model.hidden_states(batch["input_ids"], position_ids=position_ids, attn_mask=mask)
+    hidden = model.hidden_states(batch["input_ids"], position_ids=position_ids, attn_mask=mask,
+                                 aux_loss_scale=aux_loss_scale)
     return chunked_cross_entropy(hidden, batch["labels"], model.head, chunk_size)

@@ -1,13 +1,15 @@
 """Parallelism applied to a `ReasoningLLM` from outside, after it is built on the meta device (in the spirit of
 torchtitan's `parallelize_llama`): FSDP2 `fully_shard` per block and on the root (HSDP over `dp_replicate`), then
 `to_empty` and an initialisation that gives every rank exactly its shard of what one process would have drawn.
-No rank ever holds the full model: at most one module's full parameters exist at a time.
+No rank ever holds the full model: at most one module's full parameters exist at a time. The cross-rank parts of
+training the model itself knows nothing of live here too (`update_router_bias`).
 """
 
 import contextlib
 from typing import Iterator
 
 import torch
+import torch.distributed as tdist  # `dist` names the job (Dist) here
 from torch import nn
 
 from verse.model import ReasoningLLM
@@ -98,3 +100,25 @@ def init_sharded(model: ReasoningLLM, device: torch.device, seed: int) -> None:
     for name, module in model.named_modules():
         with _full_params(module):
             model.init_module(name, module)
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module) -> None:
+    """DeepSeek-V3 auxiliary-loss-free balancing after an optimizer step: sum every MoE layer's expert load over the
+    ranks (one all-reduce for all layers), then let the model move its router biases with those loads, the same
+    on every rank.
+
+    A no-op for a dense model or when no layer balances by bias; on one process the loads are the layers' own.
+
+    Args:
+        model (nn.Module): a `ReasoningLLM` (anything with `moe_layers` and `update_router_bias(loads)`).
+    """
+    layers = {i: moe for i, moe in getattr(model, "moe_layers", {}).items() if moe.balances_by_bias}
+    if not layers:
+        return
+    loads = {i: moe.bias_load for i, moe in layers.items()}
+    if tdist.is_available() and tdist.is_initialized():
+        stacked = torch.stack(list(loads.values()))
+        tdist.all_reduce(stacked)
+        loads = dict(zip(loads, stacked.unbind(0)))
+    model.update_router_bias(loads)
