@@ -201,37 +201,47 @@ def test_aux_loss_joins_the_backward_pass(scale):
             torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
-def _bias_update_rank(rank: int, world: int, port: int, tokens: torch.Tensor, out: str) -> None:
-    import torch.distributed as dist
+BIAS_WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+from verse.config import ModelArgs
+from verse.model import ReasoningLLM
+from verse.train.parallelize import update_router_bias
 
-    from verse.train.parallelize import update_router_bias
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = ReasoningLLM(moe_args(router_bias_update_rate=0.01)).train()
-        model(tokens[rank:rank + 1])
-        update_router_bias(model)
-        torch.save({i: moe.gate.bias for i, moe in model.moe_layers.items()}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = ReasoningLLM(ModelArgs(**{args})).train()
+model(torch.load(sys.argv[1], weights_only=True)[rank:rank + 1])
+update_router_bias(model)
+torch.save({{i: moe.gate.bias for i, moe in model.moe_layers.items()}}, f"{{sys.argv[2]}}.{{rank}}")
+dist.destroy_process_group()
+"""
 
 
 def test_router_bias_update_sums_loads_over_ranks(tmp_path):
-    """Two gloo ranks see different tokens; both move their biases by the sign of the load error of ALL tokens
-    (oracle: one process counting both ranks' tokens), not of their own. The all-reduce is the trainer's
-    (`verse.train.parallelize`), the model holds no torch.distributed call."""
-    import socket
-
-    import torch.multiprocessing as mp
+    """Two gloo ranks (torchrun) see different tokens; both move their biases by the sign of the load error of ALL
+    tokens (oracle: one process counting both ranks' tokens), not of their own. The all-reduce is the trainer's
+    (`verse.train.parallelize`); the model holds no torch.distributed call."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
     torch.manual_seed(7)
     tokens = torch.randint(0, 80, (2, 16))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    torch.save(tokens, tmp_path / "tokens.pt")
+    args = moe_args(router_bias_update_rate=0.01).to_dict()
+    (tmp_path / "worker.py").write_text(BIAS_WORKER.format(args=repr(args)))
     out = str(tmp_path / "bias")
-    mp.start_processes(_bias_update_rank, args=(2, port, tokens, out), nprocs=2, join=True, start_method="fork")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=src + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(tmp_path / "worker.py"), str(tmp_path / "tokens.pt"), out],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
 
     def loads_of(rows: torch.Tensor) -> dict:

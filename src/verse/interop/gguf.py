@@ -19,13 +19,13 @@ from tqdm import tqdm
 import verse.ggml as ggml
 from verse.config import ModelArgs, check_type
 from verse.errors import CheckpointError, ConfigError
-from verse.interop.gguf_header import GGUFFormatError, read_header
+from verse.interop.gguf_header import GGUFFormatError, read_gguf_header, read_gguf_metadata, read_header
+from verse.interop.gguf_header import TensorInfo as GGUFTensorInfo
 from verse.interop.load import build_model, check_weights_fit
 from verse.jsonio import parse_json
 from verse.model import ReasoningLLM
 from verse.model.rope import rope_frequencies
 from verse.publish import check_destination, staged
-from verse.tokenization.gguf import GGUFTensorInfo, read_gguf_header, read_gguf_metadata
 
 ARCH = "llama"
 Q = gguf.GGMLQuantizationType

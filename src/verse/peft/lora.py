@@ -85,6 +85,7 @@ class LoraLinear(Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias, self.scale = base.weight, base.bias, base.scale
         self.ggml_type = base.ggml_type
+        self.gemm_impl, self.block_size = base.gemm_impl, base.block_size  # the base layer's own GEMM settings
         for p in base.parameters(recurse=False):
             p.requires_grad_(False)
         kind = dict(dtype=_adapter_dtype(base.weight, dtype), device=base.weight.device)
@@ -305,7 +306,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         else:
             weight = module.merged_weight()
             plain = Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device="meta")
+                           gemm_impl=module.gemm_impl, device="meta")
             plain.weight = nn.Parameter(weight)
             if module.bias is not None:
                 plain.bias = nn.Parameter(module.bias.detach())

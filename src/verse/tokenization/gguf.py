@@ -12,8 +12,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
 
 from verse.errors import VerseError
-from verse.interop.gguf_header import GGUFFormatError, read_header
-from verse.interop.gguf_header import TensorInfo as GGUFTensorInfo
+from verse.interop.gguf_header import read_gguf_metadata
 from verse.tokenization.hf import HFTokenizer, bytes_to_unicode
 from verse.tokenization.o200k import O200K_PATTERN
 
@@ -39,37 +38,6 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre == "smollm":  # llama.cpp: "\p{N}" (each digit alone), then GPT-2's regex
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     return byte_level
-
-
-def read_gguf_header(path: Path) -> Tuple[Dict[str, object], Dict[str, GGUFTensorInfo]]:
-    """The key/value metadata and the tensor table of a GGUF file (v2/v3), without reading any tensor.
-
-    gguf-py's GGUFReader maps every tensor and array element up front (about 14 s for the 135M SmolLM2 file on a
-    small CPU); the metadata and the tensor table sit at the start of the file and are read here (by the bounded
-    `verse.interop.gguf_header` reader) in a fraction of that.
-
-    Args:
-        path: the .gguf file.
-
-    Returns:
-        Tuple[Dict[str, object], Dict[str, GGUFTensorInfo]]: key -> value (lists for arrays), name -> tensor.
-
-    Raises:
-        VerseError: when the file is not a readable GGUF file.
-    """
-    try:
-        fields, tensors = read_header(path)
-    except (OSError, GGUFFormatError) as e:
-        raise VerseError(f"cannot read GGUF file {path}: {e}; check that it is a complete .gguf file") from None
-    return fields, {t.name: t for t in tensors}
-
-
-def read_gguf_metadata(path: Path) -> Dict[str, object]:
-    """The key/value metadata of a GGUF file (see `read_gguf_header`); the tensor table is not read."""
-    try:
-        return read_header(path, tensors=False)[0]
-    except (OSError, GGUFFormatError) as e:
-        raise VerseError(f"cannot read GGUF file {path}: {e}; check that it is a complete .gguf file") from None
 
 
 def _byte_level_backend(fields: Dict[str, object], tokens: List[str]) -> HFBackend:

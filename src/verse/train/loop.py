@@ -28,6 +28,7 @@ from verse.train.loss import IGNORE_INDEX, batch_loss
 from verse.train.metrics import (MetricsLog, compute_dtype, device_peak_flops, memory_bytes, mfu, moe_stats,
                                  plot_run)
 from verse.train.optim import TrainOptimizer
+from verse.train.parallelize import update_router_bias
 from verse.train.schedule import lr_at
 
 CONFIG_FILE = ckpt.CONFIG_FILE
