@@ -335,18 +335,16 @@ def test_quantized_model_saves_as_deepseek_fp8_and_loads_with_the_same_logits(tm
     for impl in ("bf16", "fp8"):
         loaded = verse.load(tmp_path / "ckpt", gemm_impl=impl)
         assert {n for n, m in loaded.named_modules() if getattr(m, "is_fp8", False)} == fp8_names
-        linear.gemm_impl = impl  # `loaded` set it too; the in-memory model runs the same GEMMs
-        assert torch.equal(loaded(x), model(x))
+        assert all(m.gemm_impl == impl for m in loaded.modules() if isinstance(m, Linear))
+        assert torch.equal(loaded(x), set_gemm_impl(model, impl)(x))  # the in-memory model runs the same GEMMs
 
 
 def test_fp8_gemm_runs_bytegpt_tiny_close_to_its_dequantized_weights():
     torch.manual_seed(11)
     model = quantize_(ReasoningLLM(ModelArgs.from_preset("bytegpt-tiny", dtype="float32")).eval())
     x = torch.randint(0, 256, (2, 17))
-    linear.gemm_impl = "bf16"  # weights dequantized, activations exact
-    exact = model(x)
-    linear.gemm_impl = "fp8"  # activations quantized too
-    got = model(x)
+    exact = set_gemm_impl(model, "bf16")(x)  # weights dequantized, activations exact
+    got = set_gemm_impl(model, "fp8")(x)  # activations quantized too
     assert ((got - exact).norm() / exact.norm()).item() < 0.05
 
 
@@ -361,8 +359,7 @@ def test_gemm_impl_fp8_on_a_checkpoint_without_fp8_weights_quantizes_on_load(tmp
     assert "holds no FP8 weights" in caplog.text and "quantized to FP8" in caplog.text
     assert loaded.layers[0].attn.wq.is_fp8 and loaded.layers[1].ffn.w2.is_fp8
     x = torch.randint(0, 256, (1, 7))
-    linear.gemm_impl = "fp8"
-    expected = quantize_(model)(x)  # the same FP8 GEMMs on the same quantized weights
+    expected = set_gemm_impl(quantize_(model), "fp8")(x)  # the same FP8 GEMMs on the same quantized weights
     assert torch.equal(loaded(x), expected)
 
 
