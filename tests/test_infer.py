@@ -157,13 +157,17 @@ def test_bench_generate_runs_and_matches_transformers(tmp_path, capsys):
         model.head.weight.mul_(20)  # no near-ties between the two implementations
     model.save_pretrained(tmp_path, tokenizer=tok)
     assert main(["bench", "generate", "--model", str(tmp_path), "--dtype", "float32", "--new-tokens", "6",
-                 "--json"]) == 0
+                 "--batch", "1", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in report["results"]] == ["verse", "transformers"]
     assert report["greedy_tokens_identical"] == 6  # same greedy tokens as transformers' generate
     n_params = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()  # untied: embed not read
     assert report["weight_bytes_per_token"] == 4 * n_params
     assert report["decode_speedup_vs_transformers"] > 0 and report["verse_fraction_of_bandwidth_limit"] > 0
+    # continuous batching: every sequence decodes the batch-1 greedy tokens
+    assert [(b["sequences"], b["new_tokens"], b["greedy_tokens_identical"]) for b in report["batched"]] == [
+        (1, 6, 6), (3, 6, 6)]
+    assert all(b["tok_s"] > 0 for b in report["batched"])
 
 
 def test_compiled_decode_equals_full_recompute():

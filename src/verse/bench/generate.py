@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 HELP = "Generation throughput: Verse vs transformers generate (and llama.cpp when llama-cpp-python is installed)."
 PROMPT = "Explain, step by step, why the sky is blue and why sunsets are red."
+BATCHES = (1, 8, 32, 128)
 
 
 ROW_HELP = ("Verse row(s), each DTYPE or gguf, optionally +compile: DTYPE is auto (what `verse generate` picks "
@@ -39,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=PROMPT, help="user message (rendered with the chat template)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-reference", action="store_true", help="time Verse only")
+    parser.add_argument("--batch", type=int, nargs="*", default=list(BATCHES), metavar="N",
+                        help="also time continuous batching (the engine of `verse serve`) with N sequences at once, "
+                             "on the first Verse row (default 1 8 32 128; none: skip)")
+    parser.add_argument("--batch-new-tokens", type=int, default=None,
+                        help="tokens per sequence in the batched rows (default: --new-tokens, at most 64)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
@@ -91,6 +97,31 @@ def bench_verse(model, prompt: List[int], new_tokens: int, compile: bool = False
         tokens.append(int(token[0]))
     end = time.perf_counter()
     return _result("verse", len(prompt), len(tokens), start, first, end, dtype), tokens
+
+
+@torch.inference_mode()
+def bench_batched(model, prompt: List[int], new_tokens: int, sequences: int) -> tuple[Dict, List[List[int]]]:
+    """Time `sequences` greedy generations of `new_tokens` tokens submitted at once to the continuous-batching
+    engine (one slot each): generated tokens per second of wall time, prefills included."""
+    from verse.infer.engine import Engine, Request
+
+    engine = Engine(model, None, slots=sequences, max_len=len(prompt) + new_tokens, stop_ids=set())
+    try:
+        engine.submit(Request(prompt, 2))  # warm-up
+        while engine.step():
+            pass
+        requests = [engine.submit(Request(prompt, new_tokens)) for _ in range(sequences)]
+        bar = tqdm(total=new_tokens, desc=f"verse batch {sequences}", leave=False)
+        start = time.perf_counter()
+        while engine.step():
+            bar.update(1)
+        end = time.perf_counter()
+        bar.close()
+    finally:
+        model.clear_cache()
+    generated = sum(len(r.output) for r in requests)
+    return {"sequences": sequences, "new_tokens": new_tokens, "seconds": end - start,
+            "tok_s": generated / (end - start)}, [r.output for r in requests]
 
 
 class _Clock:
@@ -199,6 +230,11 @@ def run(args: argparse.Namespace) -> int:
         raise VerseError(f"--new-tokens must be >= 2, got {args.new_tokens}")
     if args.rounds < 1:
         raise VerseError(f"--rounds must be >= 1, got {args.rounds}")
+    if any(n < 1 for n in args.batch):
+        raise VerseError(f"--batch sizes must be >= 1, got {args.batch}")
+    if args.batch_new_tokens is not None and not 1 <= args.batch_new_tokens <= args.new_tokens:
+        raise VerseError(f"--batch-new-tokens must be in 1 .. --new-tokens ({args.new_tokens}), "
+                         f"got {args.batch_new_tokens}")
     dtype = getattr(torch, args.dtype)
     rows = {row: parse_row(row, dtype) for row in dict.fromkeys(args.verse or default_rows(path))}
     if any(r["weights"] == "gguf" for r in rows.values()) and path.suffix != ".gguf":
@@ -234,6 +270,14 @@ def run(args: argparse.Namespace) -> int:
             llama = bench_llama_cpp(path, prompt, args.new_tokens, torch.get_num_threads())
             if llama:
                 results.append(llama)
+    batched = []
+    batch_tokens = args.batch_new_tokens or min(64, args.new_tokens)
+    first_row = next(iter(rows))
+    for sequences in args.batch:
+        result, outputs = bench_batched(models[first_row], prompt, batch_tokens, sequences)
+        # every sequence of the batch decodes the batch-1 greedy tokens
+        result["greedy_tokens_identical"] = min(_first_difference(o, tokens[first_row]) for o in outputs)
+        batched.append(result)
     bandwidth = copy_bandwidth()
     for r in ours:
         r["fraction_of_bandwidth_limit"] = r["decode_tok_s"] * r["weight_bytes_per_token"] / bandwidth
@@ -248,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         "weight_bytes_per_token": best["weight_bytes_per_token"], "copy_bandwidth_gb_s": bandwidth / 1e9,
         "bandwidth_limit_tok_s": bandwidth / best["weight_bytes_per_token"],
         "verse_fraction_of_bandwidth_limit": best["fraction_of_bandwidth_limit"],
+        "batched_row": first_row if batched else None, "batched": batched,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -265,6 +310,11 @@ def run(args: argparse.Namespace) -> int:
                 else "")
         print(f"{name:28} {weights:>13} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.2f} {ratio:>16} "
               f"{limit:>19} {same:>19}")
+    if batched:
+        print(f"continuous batching, verse {first_row} (eager), {batch_tokens} greedy tokens per sequence:")
+        for r in batched:
+            print(f"  {r['sequences']:4} sequences  {r['tok_s']:10.1f} tok/s  {r['seconds']:7.2f} s  "
+                  f"same tokens as batch 1: {r['greedy_tokens_identical']} of {r['new_tokens']}")
     print(f"bandwidth limit = copy bandwidth {bandwidth / 1e9:.1f} GB/s / weight bytes read per token; "
           f"\"same greedy tokens\" counts the tokens before the first that differs from transformers'")
     return 0
