@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from verse.errors import CheckpointError, ConfigError
 from verse.fp8 import BLOCK_SIZE, weight_dequant
+from verse.jsonio import read_json
 from verse.publish import check_destination, check_distinct, staged
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -54,10 +55,9 @@ def read_weight_map(src: Path) -> Dict[str, str]:
     """
     index = src / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map")
         for tensor, shard in weight_map.items():
             if not isinstance(shard, str) or Path(shard).name != shard:
                 raise CheckpointError(f"{index}: tensor {tensor} points to {shard!r}, not a file name in {src}")
@@ -134,10 +134,7 @@ def _copy_other_files(src: Path, dst: Path, dtype: torch.dtype) -> list[str]:
             skipped.append(path.name)
             continue
         if path.name == "config.json":
-            try:
-                config = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+            config = read_json(path)
             config.pop("quantization_config", None)
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
             (dst / path.name).write_text(json.dumps(config, indent=2) + "\n")

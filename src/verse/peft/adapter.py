@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from verse.errors import CheckpointError
-from verse.interop.hf import adapter_for, read_json
+from verse.interop.hf import adapter_for
+from verse.jsonio import read_json
 from verse.model.linear import Linear
 from verse.model.moe import Experts
 from verse.peft.lora import LoraArgs, LoraExperts, LoraLinear, apply_lora, lora_modules

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from verse.errors import CheckpointError, ConfigError
+from verse.jsonio import read_json
 from verse.publish import fsync_dir, publish, seal
 
 LATEST = "latest"
@@ -292,7 +293,7 @@ def load_sharded_model(step_dir: Path, device: torch.device | str = "cpu", dtype
     from verse.config import ModelArgs
     from verse.model import ReasoningLLM
 
-    args = ModelArgs.from_dict(json.loads((Path(step_dir) / DCP_DIR / ARGS_FILE).read_text()), str(step_dir))
+    args = ModelArgs.from_dict(read_json(Path(step_dir) / DCP_DIR / ARGS_FILE), str(step_dir))
     args = args.replace(**overrides) if overrides else args
     with torch.device("meta"):
         model = ReasoningLLM(args)
