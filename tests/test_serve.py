@@ -167,3 +167,17 @@ def test_reasoning_stream_splits_like_the_whole_reply():
             parts = [split.feed(text[:cut]), split.feed(text[cut:]), split.flush()]
             got = ("".join(p[0] for p in parts), "".join(p[1] for p in parts))
             assert got == split_reasoning(text, opened), (text, cut)
+
+
+def test_serve_command_refuses_a_taken_port_in_one_line(checkpoint, capsys):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        assert main(["serve", str(checkpoint), "--port", str(taken.getsockname()[1])]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot listen on 127.0.0.1:" in err and "--port" in err
+    assert main(["serve", str(checkpoint), "--slots", "0"]) == 2
+    assert "--slots must be >= 1" in capsys.readouterr().err

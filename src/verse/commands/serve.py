@@ -50,10 +50,28 @@ def run(args: argparse.Namespace) -> int:
     if args.max_len is not None and args.max_len < 2:
         raise VerseError(f"--max-len must be >= 2, got {args.max_len}")
     resolve_device(args.device, "--device")
+    sock = listen(args.host, args.port)  # before the model loads: a taken port fails in a second, not after it
     model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter)
     engine = Engine(model.eval(), tokenizer, args.slots, args.max_len)
     name = args.name or Path(args.checkpoint.rstrip("/")).name
     print(f"verse serve: {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {engine.max_len} tokens)",
           flush=True)
-    uvicorn.run(create_app(engine, tokenizer, name), host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, name), log_level="warning"))
+    server.run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int):
+    """A socket bound to `host`:`port` (IPv4 or IPv6), or a `VerseError` saying why not."""
+    import socket
+
+    from verse.errors import VerseError
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise VerseError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
+    return sock

@@ -225,7 +225,7 @@ class Server:
 
         def chunk(finish: Optional[str] = None, text: str = "", reasoning: str = "") -> str:
             if chat:
-                delta = {"content": text} if text or not reasoning else {}
+                delta = {"content": text} if text else {}  # the closing chunk's delta is empty, as OpenAI's
                 if reasoning:
                     delta["reasoning_content"] = reasoning
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
