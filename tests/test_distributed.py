@@ -62,17 +62,23 @@ def losses(out: Path, world: int, tag: str = "run") -> list:
     return json.loads((out / f"losses-{tag}-{world}.json").read_text())
 
 
-@pytest.mark.parametrize("model, layout", [
-    ("tiny", "parallel.dp_shard=2"),  # FSDP2
-    pytest.param("bytegpt-tiny", "parallel.dp_shard=2", marks=pytest.mark.slow),  # FSDP2, MLA + MoE
-    pytest.param("bytegpt-tiny", "parallel.dp_replicate=2", marks=pytest.mark.slow)])  # DDP-like (HSDP, shard 1)
-def test_two_ranks_match_one_process(tmp_path, model, layout):
-    """2 ranks with half the global batch each == 1 process with the whole batch, for 5 steps (fp32, within 1e-5):
-    same init (built on meta, initialised per shard), global token normalisation, summed gradients, global clip
-    norm, MoE balance loss and router-bias update over all ranks."""
+TP = "parallel.tp=2 parallel.dp_shard=1"
+
+
+@pytest.mark.parametrize("model, layout, ranks", [
+    ("tiny", "parallel.dp_shard=2", 2),  # FSDP2
+    ("tiny", TP, 2),  # tensor parallel: column/row-split attention and MLP, vocab-split embedding and head
+    pytest.param("bytegpt-tiny", "parallel.dp_shard=2", 2, marks=pytest.mark.slow),  # FSDP2, MLA + MoE
+    pytest.param("bytegpt-tiny", "parallel.dp_replicate=2", 2, marks=pytest.mark.slow),  # DDP-like (HSDP, shard 1)
+    pytest.param("bytegpt-tiny", TP, 2, marks=pytest.mark.slow),  # MLA heads split, shared RoPE key
+    pytest.param("tiny", "parallel.tp=2 parallel.dp_shard=2", 4, marks=pytest.mark.slow)])  # FSDP2 + TP
+def test_ranks_match_one_process(tmp_path, model, layout, ranks):
+    """N ranks, each data-parallel rank with its part of the global batch == 1 process with the whole batch, for 5
+    steps (fp32, within 1e-5): same init (built on meta, initialised per shard), global token normalisation, summed
+    gradients, global clip norm over every mesh, MoE balance loss and router-bias update over all ranks."""
     ref = one_process(tmp_path / "one", model, 5)
-    torchrun(2, str(WORKER), str(tmp_path / "two"), model, "5", layout)
-    assert losses(tmp_path / "two", 2) == pytest.approx(ref, rel=1e-5, abs=1e-5)
+    torchrun(ranks, str(WORKER), str(tmp_path / "two"), model, "5", *layout.split(), timeout=400)
+    assert losses(tmp_path / "two", ranks) == pytest.approx(ref, rel=1e-5, abs=1e-5)
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "two" / "run").iterdir())
     # `verse convert RUN_DIR OUT` gathers the DCP shards into the single HF-loadable directory: the weights one
     # process trained, and (dense: LlamaForCausalLM) the logits transformers computes from them
@@ -80,8 +86,10 @@ def test_two_ranks_match_one_process(tmp_path, model, layout):
     assert main(["convert", str(tmp_path / "two" / "run"), str(out)]) == 0
     exported, single = verse.load(out), verse.load(tmp_path / "one" / "run")
     for (name, p), q in zip(exported.state_dict().items(), single.state_dict().values()):
-        # Adam turns float noise in near-zero gradients into ~lr-sized differences; a misplaced shard is ~0.1 off
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-3, msg=name)
+        # Adam turns float noise in a near-zero gradient into an lr-sized step (a few elements ~1e-3 off); a misplaced
+        # shard is off by the weights' own size (~0.02) nearly everywhere
+        diff = (p - q).abs()
+        assert diff.mean() < 1e-4 and diff.max() < 1e-2, (name, diff.mean(), diff.max())
     if model == "tiny":
         from transformers import AutoModelForCausalLM
 
@@ -120,6 +128,17 @@ def test_parallel_section_is_validated():
         ParallelConfig.from_dict({"dp_shard": 3}).resolve(4)
 
 
+def test_tensor_parallel_needs_divisible_widths():
+    from verse import ModelArgs, ReasoningLLM
+    from verse.train.distributed import Dist
+    from verse.train.parallelize import apply_tp
+
+    with torch.device("meta"):
+        model = ReasoningLLM(ModelArgs.from_preset("tiny"))
+    with pytest.raises(ConfigError, match=r"parallel.tp=3 must divide n_heads=4, vocab_size=512, inter_dim=128, n_kv_heads=2: "):
+        apply_tp(model, Dist(parallel=ParallelConfig(tp=3, dp_shard=1)))
+
+
 def test_layout_that_needs_more_ranks_is_one_line(tmp_path, capsys):
     """`verse train ... parallel.dp_shard=2` without torchrun: exit 2, one line saying how to launch."""
     code = main(["train", "--preset", "tiny", f"out_dir={tmp_path}/r", "parallel.dp_shard=2", "--no-progress"])
@@ -154,7 +173,7 @@ def _check_lost_rank(tmp_path, proc, cause: str) -> None:
 def test_killed_rank_ends_every_rank_with_one_line(tmp_path):
     """Rank 1 is SIGKILLed in step 4: rank 0 stops at once (its collective loses the peer), torchrun ends the job."""
     proc = _run_with_fault(tmp_path, "kill:1:3")
-    _check_lost_rank(tmp_path, proc, "Connection closed by peer")
+    _check_lost_rank(tmp_path, proc, "Connection")  # closed or reset by peer
 
 
 @pytest.mark.slow

@@ -52,9 +52,10 @@ class Attention(nn.Module):
         """
         B, T, _ = x.shape
         q, k, v = linears(x, self.wq, self.wk, self.wv)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # heads counted from the shapes (-1): under tensor parallelism a rank holds 1/tp of them
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and input_pos is not None:
             k, v = self.cache.update(input_pos, k, v, None if mask is None else mask.size(-1))

@@ -125,7 +125,8 @@ class MLA(nn.Module):
         """
         B, T, _ = x.shape
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_head_dim).transpose(1, 2).split(
+        # heads counted from the shapes (-1): under tensor parallelism a rank holds n_heads / tp of them
+        q_nope, q_rope = q.view(B, T, -1, self.qk_head_dim).transpose(1, 2).split(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)
         kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -133,9 +134,9 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin)  # [B, 1, T, rope]: one RoPE key shared by all heads
         use_cache = self.cache is not None and input_pos is not None
         if self.attn_impl == "naive":
-            kv = self.wkv_b(kv).view(B, T, self.n_heads, -1).transpose(1, 2)
+            kv = self.wkv_b(kv).view(B, T, q_nope.size(1), -1).transpose(1, 2)
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-            k = torch.cat((k_nope, k_rope.expand(-1, self.n_heads, -1, -1)), dim=-1)
+            k = torch.cat((k_nope, k_rope.expand(-1, q_nope.size(1), -1, -1)), dim=-1)
             if use_cache:
                 k, v = self.cache.update(input_pos, k, v, None if mask is None else mask.size(-1))
             y = F.scaled_dot_product_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, attn_mask=mask,

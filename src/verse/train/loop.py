@@ -144,11 +144,11 @@ def check_data(cfg: TrainConfig) -> None:
 
 def _sharded_model(cfg: TrainConfig, args: ModelArgs, dist: Dist) -> ReasoningLLM:
     """A fresh model built on meta, sharded, then initialised shard by shard (values as on one process)."""
-    from verse.train.parallelize import apply_fsdp, init_sharded
+    from verse.train.parallelize import init_sharded, parallelize
 
     with torch.device("meta"):
         model = ReasoningLLM(args)
-    apply_fsdp(model, dist, param_dtype=_fsdp_param_dtype(cfg))
+    parallelize(model, dist, param_dtype=_fsdp_param_dtype(cfg))
     init_sharded(model, dist.device, cfg.seed)
     return model
 
@@ -158,14 +158,14 @@ def _sharded_pretrained(cfg: TrainConfig, overrides: Dict[str, Any], dist: Dist)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from verse.interop.load import load_model
-    from verse.train.parallelize import apply_fsdp
+    from verse.train.parallelize import parallelize
 
     dtype = getattr(torch, cfg.param_dtype)
     full = load_model(cfg.model, device="cpu", dtype=dtype, **overrides) if dist.is_main else None
     args = ModelArgs.from_dict(dist.broadcast_object(full.args.to_dict() if full is not None else None))
     with torch.device("meta"):
         model = ReasoningLLM(args)
-    apply_fsdp(model, dist, param_dtype=_fsdp_param_dtype(cfg))
+    parallelize(model, dist, param_dtype=_fsdp_param_dtype(cfg))
     model.to_empty(device=dist.device)
     model.reset_buffers()
     set_model_state_dict(model, full.state_dict() if full is not None else {},
@@ -225,7 +225,7 @@ def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[
     aux_loss_scale = 1.0 / (len(micro) * dist.dp_size)
     loss_sum: Optional[float] = 0.0
     for i, b in enumerate(micro):
-        if dist.enabled:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 reduces the gradients once, after the last
             model.set_requires_gradient_sync(i == len(micro) - 1)
         with autocast:
             loss = batch_loss(model, b, cfg.loss_chunk_size, aux_loss_scale)

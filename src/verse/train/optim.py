@@ -32,6 +32,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients as one vector; sharded (DTensor) gradients count whole, whatever their meshes.
+
+    Args:
+        grads (List[torch.Tensor]): plain tensors and/or DTensors (FSDP2 shards over the data ranks, 2-D with tp).
+
+    Returns:
+        torch.Tensor: a plain scalar, the same on every rank.
+    """
+    by_mesh: Dict[Any, List[torch.Tensor]] = {}
+    for g in grads:  # one norm per mesh: a DTensor reduction cannot mix meshes
+        by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    squares = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float() ** 2)
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+
+
 def _torchao_optim():
     try:
         import torchao.optim
@@ -51,6 +70,9 @@ def _make(groups: List[Dict[str, Any]], cfg: TrainConfig, stochastic: bool, devi
                                           bf16_stochastic_round=stochastic)
     if stochastic:
         return _torchao_optim()._AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, bf16_stochastic_round=True)
+    sharded = [hasattr(p, "device_mesh") for g in groups for p in g["params"]]
+    if any(sharded):  # DTensors (FSDP2 / tp): multi-tensor kernels cannot mix them with plain tensors
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, foreach=all(sharded))
     fused = device.type in ("cuda", "cpu", "mps", "xpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)
 
@@ -132,11 +154,11 @@ class TrainOptimizer:
             self.grad_sq.zero_()
             return norm
         params = [p for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if hasattr(norm, "full_tensor"):  # sharded (DTensor) gradients: the norm of the whole gradient
-            norm = norm.full_tensor()
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        norm = total_norm([p.grad for p in params])
+        if max_norm > 0:  # as torch.nn.utils.clip_grads_with_norm_, on each rank's part of sharded gradients
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+            torch._foreach_mul_(local, coef.to(local[0].device))
         return norm
 
     def step(self) -> None:

@@ -1,8 +1,9 @@
 """Parallelism applied to a `ReasoningLLM` from outside, after it is built on the meta device (in the spirit of
-torchtitan's `parallelize_llama`): FSDP2 `fully_shard` per block and on the root (HSDP over `dp_replicate`), then
-`to_empty` and an initialisation that gives every rank exactly its shard of what one process would have drawn.
-No rank ever holds the full model: at most one module's full parameters exist at a time. The cross-rank parts of
-training the model itself knows nothing of live here too (`update_router_bias`).
+torchtitan's `parallelize_llama`): tensor parallelism with DTensor `parallelize_module` (Megatron-LM column/row
+splits), then FSDP2 `fully_shard` per block and on the root (HSDP over `dp_replicate`), then `to_empty` and an
+initialisation that gives every rank exactly its shard of what one process would have drawn. No rank ever holds
+the full model: at most one module's full parameters exist at a time. The cross-rank parts of training the model
+itself knows nothing of live here too (`update_router_bias`).
 """
 
 import contextlib
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as tdist  # `dist` names the job (Dist) here
 from torch import nn
 
+from verse.errors import ConfigError
 from verse.model import ReasoningLLM
 from verse.train.distributed import Dist
 
@@ -21,6 +23,68 @@ def dp_mesh(dist: Dist):
     if dist.parallel.dp_replicate > 1:
         return dist.mesh["dp_replicate", "dp_shard_ep"]
     return dist.mesh["dp_shard_ep"]
+
+
+def apply_tp(model: ReasoningLLM, dist: Dist) -> None:
+    """Split the model over the `tp` mesh dimension (Megatron-LM, arXiv:1909.08053): attention heads and the MLP
+    hidden width column-wise (query/key/value, gate/up), their output projections row-wise (one all-reduce each),
+    the embedding by vocabulary rows and the output head by vocabulary columns (gathered for the chunked loss).
+
+    Activations between blocks stay replicated over `tp`: norms, MLA's latent down-projection and MoE layers are
+    computed whole on every tp rank (their experts are split by `ep`, not `tp`).
+
+    Args:
+        model (ReasoningLLM): the model on the meta device (before `apply_fsdp`).
+        dist (Dist): the job (`parallel.tp` > 1).
+
+    Raises:
+        ConfigError: head counts or widths that tp does not divide, or MLA's absorbed attention.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from verse.model.attention import Attention
+    from verse.model.ffn import MLP
+    from verse.model.mla import MLA
+
+    tp, args = dist.parallel.tp, model.args
+    widths = {"n_heads": args.n_heads, "vocab_size": args.vocab_size, "inter_dim": args.inter_dim}
+    if args.attention != "mla":
+        widths["n_kv_heads"] = args.n_kv_heads
+    bad = [f"{name}={value}" for name, value in widths.items() if value % tp]
+    if bad:
+        raise ConfigError(f"parallel.tp={tp} must divide {', '.join(bad)}: choose a tp that divides them")
+    if args.attention == "mla" and args.attn_impl != "naive":
+        raise ConfigError(f"parallel.tp={tp} splits MLA's heads in attn_impl=naive (training's); got "
+                          f"attn_impl={args.attn_impl}")
+    mesh = dist.mesh["tp"]
+    parallelize_module(model, mesh, {
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "head": ColwiseParallel(output_layouts=Replicate()),
+    })
+    for block in model.layers:
+        plan = {}
+        if isinstance(block.attn, Attention):
+            plan.update({f"attn.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")})
+        elif isinstance(block.attn, MLA):
+            plan.update({f"attn.{n}": ColwiseParallel() for n in ("wq", "wq_b", "wkv_b") if hasattr(block.attn, n)})
+            rope = args.qk_rope_head_dim
+            block.attn.wkv_a.register_forward_hook(lambda m, i, out, rope=rope: _sum_rope_key_grad(out, rope, mesh))
+        plan["attn.wo"] = RowwiseParallel()
+        if isinstance(block.ffn, MLP):
+            plan.update({"ffn.w1": ColwiseParallel(), "ffn.w3": ColwiseParallel(), "ffn.w2": RowwiseParallel()})
+        parallelize_module(block, mesh, plan)
+
+
+def _sum_rope_key_grad(out: torch.Tensor, rope: int, mesh) -> torch.Tensor:
+    """MLA's RoPE key (the last `rope` columns of `wkv_a`'s output) is shared by all heads, of which each tp rank
+    holds a part: its gradient is summed over the tp ranks (identity forward; DTensor turns the Partial gradient
+    into a Replicate one with an all-reduce). The latent part needs nothing: `wkv_b`'s column split does it."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    latent, key = out.split([out.size(-1) - rope, rope], dim=-1)
+    key = DTensor.from_local(key, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+    return torch.cat((latent, key), dim=-1)
 
 
 def apply_fsdp(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | None = None,
@@ -41,6 +105,8 @@ def apply_fsdp(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | No
                                         register_fsdp_forward_method)
 
     mesh = dp_mesh(dist)
+    if mesh.size() == 1:  # tensor parallelism alone: nothing to shard over data-parallel ranks
+        return
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None)
     offload = CPUOffloadPolicy() if dist.parallel.cpu_offload else OffloadPolicy()
     # the MoE routing bias is moved by a rule, not by gradient, from loads summed over all ranks: every rank keeps
@@ -122,3 +188,16 @@ def update_router_bias(model: nn.Module) -> None:
         tdist.all_reduce(stacked)
         loads = dict(zip(loads, stacked.unbind(0)))
     model.update_router_bias(loads)
+
+
+def parallelize(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | None = None) -> None:
+    """Apply the job's layout to a meta-device model: tensor parallelism (`tp`), then FSDP2 over the data ranks.
+
+    Args:
+        model (ReasoningLLM): the model on the meta device.
+        dist (Dist): the job.
+        param_dtype (torch.dtype | None): FSDP2 compute dtype (see `apply_fsdp`).
+    """
+    if dist.parallel.tp > 1:
+        apply_tp(model, dist)
+    apply_fsdp(model, dist, param_dtype=param_dtype)
