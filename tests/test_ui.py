@@ -58,6 +58,35 @@ def test_backend_bounds_its_inputs():
     assert len(reply) == backend.max_new_tokens == model.args.max_seq_len // 2  # max tokens clamped
 
 
+def test_backend_on_the_batching_engine_answers_as_alone():
+    """With an engine (`verse chat --ui --slots N`), concurrent replies decode in one batch and each equals the
+    reply generated alone; a reply closed midway (Stop) frees its slot."""
+    from verse.infer.engine import Engine
+
+    tokenizer = verse.load_tokenizer("byte")
+    torch.manual_seed(0)
+    model = ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32", vocab_size=tokenizer.vocab_size)).eval()
+    alone = ChatBackend(model, tokenizer, {"seed": 5})
+    asks = [(f"question {i}", "", 0.0 if i % 2 else 0.9, 0.9, 6 + i) for i in range(4)]
+    want = ["".join(alone.reply(m, [], s, t, p, n)) for m, s, t, p, n in asks]
+    engine = Engine(model, tokenizer, slots=3, max_len=128).start()
+    try:
+        batched = ChatBackend(model, tokenizer, {"seed": 5}, engine)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda a: "".join(batched.reply(a[0], [], *a[1:])), asks))
+        assert got == want
+        reply = batched.reply("a long one", [], "", 0.0, 1.0, 60)
+        next(reply)
+        assert engine.free_slots == 2
+        reply.close()
+        deadline = time.time() + 10
+        while engine.free_slots != 3:
+            assert time.time() < deadline, "a closed reply kept its slot"
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,6 +11,7 @@ EXAMPLES = """  verse chat model.gguf
   verse chat model.gguf --ui                         # http://127.0.0.1:7860
   verse chat base/ --adapter runs/lora/latest --ui    # a LoRA adapter on its base, unmerged
   verse chat model.gguf --ui --host 0.0.0.0 --port 8080   # reachable from other machines
+  verse chat model.gguf --ui --slots 8               # up to 8 users answered at once, in one batch
 """
 
 
@@ -19,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ui", action="store_true", help="serve the Gradio chat UI instead of the terminal chat")
     parser.add_argument("--host", default="127.0.0.1", help="UI address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="UI port (default 7860)")
+    parser.add_argument("--slots", type=int, default=1,
+                        help="UI: replies generated at once; above 1 users' replies decode together in one batch "
+                             "(continuous batching, as `verse serve`) (default 1: one at a time)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,13 +30,18 @@ def run(args: argparse.Namespace) -> int:
     from verse.infer.runtime import load_for_inference
 
     check_generation_arguments(args)
+    if args.slots < 1:
+        from verse.errors import VerseError
+
+        raise VerseError(f"--slots must be >= 1, got {args.slots}")
     model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter,
                                           **execution_overrides(args))
     generation = generation_kwargs(args)
     if args.ui:
         from verse.infer.ui import serve
 
-        serve(model, tokenizer, host=args.host, port=args.port, system=args.system, generation=generation)
+        serve(model, tokenizer, host=args.host, port=args.port, system=args.system, generation=generation,
+              slots=args.slots)
         return 0
     terminal_chat(ChatSession(model, tokenizer, args.system, generation), think=args.think)
     return 0

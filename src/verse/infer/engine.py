@@ -12,10 +12,11 @@ The engine runs in one thread (`start`); any thread may `submit` and `cancel`. `
 """
 
 import logging
+import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, List, Optional, Sequence
+from typing import Callable, Deque, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -155,6 +156,29 @@ class Engine:
         with self.cond:
             request.cancelled = True
             self.cond.notify()
+
+    def stream(self, request: Request) -> Iterator[List[int]]:
+        """Submit `request` and yield its ids as they become final, for a thread other than the engine's (which
+        must be running); closing the iterator early cancels the request.
+
+        Raises:
+            VerseError: the request is invalid, or the engine failed while decoding it.
+        """
+        updates: queue.Queue = queue.Queue()
+        request.on_update = lambda r, ids: updates.put((list(ids), r.finish_reason))
+        self.submit(request)
+        try:
+            while True:
+                ids, finish = updates.get()
+                if ids:
+                    yield ids
+                if finish == "error":
+                    raise VerseError(request.error or "generation failed")
+                if finish is not None:
+                    return
+        finally:
+            if not request.done.is_set():
+                self.cancel(request)
 
     @torch.inference_mode()
     def step(self) -> bool:

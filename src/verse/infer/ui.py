@@ -1,7 +1,7 @@
 """The Gradio chat UI of `verse chat --ui`: streamed replies, reasoning in a collapsible box, stop and reset.
 
-All requests that use the model share one queue slot (`concurrency_id="model"`, limit 1), so concurrent users
-are served in turn. Inputs are bounded (message and system prompt length, max tokens, sampling ranges, NaN
+All requests that use the model share one queue (`concurrency_id="model"`): with limit 1 concurrent users are
+served in turn; with a batching engine (`--slots N`) up to N replies decode together in its batch. Inputs are bounded (message and system prompt length, max tokens, sampling ranges, NaN
 included) and only ever reach the tokenizer: nothing typed is used as a path or a command. The chat takes no
 files, so Gradio's upload route is closed; clients see `VerseError` messages (about their input) and a generic
 line for anything else, whose detail goes to the server log.
@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from verse.infer.chat import fit_messages, opens_in_think, split_reasoning, stream_text
+from verse.infer.chat import TextDeltas, fit_messages, opens_in_think, split_reasoning, stream_text
 
 MAX_MESSAGE_CHARS = 4000
 MAX_NEW_TOKENS = 1024
@@ -81,12 +81,15 @@ class ChatBackend:
         model (ReasoningLLM): the model.
         tokenizer: its tokenizer.
         generation (Optional[dict]): default `generate.stream` keyword arguments (stop strings, top_k, seed ...).
+        engine (Optional[Engine]): a running continuous-batching engine: replies to several users then decode
+            together in its batch; None generates each reply alone.
     """
 
-    def __init__(self, model, tokenizer, generation: Optional[dict] = None):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, generation: Optional[dict] = None, engine=None):
+        self.model, self.tokenizer, self.engine = model, tokenizer, engine
         self.generation = dict(generation or {})
-        self.max_new_tokens = max(1, min(MAX_NEW_TOKENS, model.args.max_seq_len // 2))
+        self.max_len = engine.max_len if engine is not None else model.args.max_seq_len
+        self.max_new_tokens = max(1, min(MAX_NEW_TOKENS, self.max_len // 2))
 
     def reply(self, message: str, history: Messages, system: str, temperature: float, top_p: float,
               max_new_tokens: int) -> Iterator[str]:
@@ -106,10 +109,24 @@ class ChatBackend:
         messages = ([{"role": "system", "content": system[:MAX_MESSAGE_CHARS]}] if system.strip() else [])
         messages += history + [{"role": "user", "content": message[:MAX_MESSAGE_CHARS]}]
         max_new_tokens = int(clamp(max_new_tokens, 1, self.max_new_tokens, self.max_new_tokens))
-        _, prompt = fit_messages(self.tokenizer, messages, self.model.args.max_seq_len - max_new_tokens)
+        _, prompt = fit_messages(self.tokenizer, messages, self.max_len - max_new_tokens)
         kwargs = {**self.generation, "max_new_tokens": max_new_tokens,
                   "temperature": clamp(temperature, 0.0, 2.0, 0.0), "top_p": clamp(top_p, 0.01, 1.0, 1.0)}
-        yield from stream_text(self.model, self.tokenizer, prompt, **kwargs)
+        if self.engine is None:
+            yield from stream_text(self.model, self.tokenizer, prompt, **kwargs)
+            return
+        from verse.infer.engine import Request
+        from verse.infer.sampling import SamplingParams
+
+        params = SamplingParams(kwargs["temperature"], kwargs.get("top_k", 0), kwargs["top_p"],
+                                kwargs.get("repetition_penalty", 1.0))
+        request = Request(prompt, max_new_tokens, params, kwargs.get("seed"), kwargs.get("stop_strings") or ())
+        deltas = TextDeltas(self.tokenizer)
+        for ids in self.engine.stream(request):  # closing this generator (Stop) cancels the request
+            if text := deltas.feed(ids):
+                yield text
+        if text := deltas.flush():
+            yield text
 
     def opened(self, system: str) -> bool:
         """Whether replies start inside `<think>` (the template opens it)."""
@@ -117,7 +134,7 @@ class ChatBackend:
         return opens_in_think(self.tokenizer, messages + [{"role": "user", "content": "."}])
 
 
-def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optional[dict] = None):
+def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optional[dict] = None, engine=None):
     """The Gradio app (not launched).
 
     Args:
@@ -126,6 +143,8 @@ def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optiona
         system (Optional[str]): initial system prompt.
         generation (Optional[dict]): default generation settings (`temperature`, `top_p`, `max_new_tokens` seed
             the controls; the rest is passed to `generate.stream`).
+        engine (Optional[Engine]): a running batching engine; up to `engine.slots` replies are then generated at
+            once (in one batch) instead of one at a time.
 
     Returns:
         gradio.Blocks: the app, with its queue configured; `/chat` is also an API endpoint (message, system,
@@ -137,7 +156,7 @@ def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optiona
     generation = dict(generation or {})
     temperature = generation.pop("temperature", 0.7) or 0.0
     top_p = generation.pop("top_p", 1.0)
-    backend = ChatBackend(model, tokenizer, generation)
+    backend = ChatBackend(model, tokenizer, generation, engine)
     max_new = min(generation.pop("max_new_tokens", 256), backend.max_new_tokens)
     backend.generation = generation
 
@@ -186,12 +205,12 @@ def build_ui(model, tokenizer, system: Optional[str] = None, generation: Optiona
         stop.click(None, cancels=events)
         reset.click(lambda: ([], [], ""), None, outputs, cancels=events, queue=False, api_visibility="private")
         gr.api(api_chat, api_name="chat", concurrency_id="model")
-    demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
+    demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=engine.slots if engine is not None else 1)
     return demo
 
 
 def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 7860, system: Optional[str] = None,
-          generation: Optional[dict] = None, block: bool = True):
+          generation: Optional[dict] = None, block: bool = True, slots: int = 1):
     """Serve the chat UI until interrupted.
 
     Args:
@@ -202,13 +221,19 @@ def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 7860, system: O
         system (Optional[str]): initial system prompt.
         generation (Optional[dict]): default generation settings.
         block (bool): serve until interrupted; False returns at once with the server running (tests).
+        slots (int): replies generated at once; above 1 they share a continuous-batching engine (`verse serve`'s).
 
     Returns:
         gradio.Blocks: the running app (`close()` stops it).
     """
     from starlette.middleware import Middleware
 
-    demo = build_ui(model, tokenizer, system, generation)
+    engine = None
+    if slots > 1:
+        from verse.infer.engine import Engine
+
+        engine = Engine(model, tokenizer, slots).start()
+    demo = build_ui(model, tokenizer, system, generation, engine)
     print(f"Verse chat UI on http://{host}:{port} (Ctrl-C to stop)", flush=True)
     # show_error=False: only gr.Error lines (client_error) reach clients, never raw exception text
     demo.launch(server_name=host, server_port=port, share=False, show_error=False, footer_links=["api"],
