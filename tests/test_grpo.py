@@ -189,3 +189,96 @@ def test_rollout_matches_the_generator_and_masks_only_completions(tiny_args):
     a = rollout(model, prompts, 3, 5, [stop], temperature=1.0, generator=g())
     b = rollout(model, prompts, 3, 5, [stop], temperature=1.0, generator=g())
     assert a.completions == b.completions and torch.equal(a.input_ids, b.input_ids)
+
+
+def test_grpo_section_is_typed_and_validated():
+    from verse.errors import ConfigError
+    from verse.train.config import TrainConfig
+
+    cfg = TrainConfig.load(None, ["mode=grpo", "model=x", "grpo.group_size=4", "grpo.epsilon=0.2",
+                                  "grpo.epsilon_high=0.28", "grpo.beta=4e-2"])
+    args = cfg.grpo_args()
+    assert (args.group_size, args.epsilon, args.epsilon_high, args.beta) == (4, 0.2, 0.28, 0.04)
+    assert args.num_iterations == 1 and args.rewards == [{"name": "exact_answer", "weight": 1.0, "args": {}}]
+    assert TrainConfig.load(None, ["mode=grpo", "model=x", "grpo.epsilon=0.3"]).grpo_args().epsilon_high == 0.3
+    for override, message in [("grpo.group_size=1", "grpo.group_size: must be at least 2"),
+                              ("grpo.beta=-1", "grpo.beta: must be a number >= 0"),
+                              ("grpo.temperature=0", "grpo.temperature: must be a positive number"),
+                              ("grpo.top_p=1.5", r"grpo.top_p: must be in \(0, 1\]"),
+                              ("grpo.nope=1", r"grpo: unknown field\(s\) nope"),
+                              ("grpo.rewards=[{name: format, weight: x}]", r"grpo.rewards\[0\].weight: must be a num"),
+                              ("grpo.rewards=[]", "grpo.rewards: must be a non-empty list")]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.load(None, ["mode=grpo", "model=x", override])
+    with pytest.raises(ConfigError, match="grpo: set mode=grpo to use it"):
+        TrainConfig.load(None, ["mode=sft", "model=x", "grpo.group_size=4"])
+    assert TrainConfig.load(None, ["mode=sft", "model=x"]).grpo_args() is None
+
+
+def test_lora_reference_is_the_base_with_adapters_off(tiny_args):
+    from verse.model import ReasoningLLM
+    from verse.peft import apply_lora
+    from verse.peft.lora import LoraArgs
+    from verse.rl.trainer import adapters_disabled
+
+    torch.manual_seed(0)
+    model = ReasoningLLM(tiny_args)
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        base = model(ids)
+        apply_lora(model, LoraArgs(rank=4, alpha=8, dora=True))
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+        adapted = model(ids)
+        with adapters_disabled(model):
+            off = model(ids)
+        again = model(ids)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    torch.testing.assert_close(off, base)
+    torch.testing.assert_close(again, adapted)
+
+
+def test_tiny_model_learns_a_toy_task_by_grpo_alone(tmp_path, monkeypatch):
+    """A random tiny byte model, rewarded for characters close to '7', learns to emit them: the reward rises well
+    above its start within a few GRPO steps (`verse train mode=grpo` machinery: metrics.jsonl, eval, checkpoint)."""
+    import json
+
+    import verse
+    from verse.train.config import TrainConfig
+    from verse.train.loop import train
+
+    (tmp_path / "toy_rewards.py").write_text(
+        "def near_seven(prompt, completion, reference):\n"
+        "    return sum(max(0.0, 1 - abs(ord(c) - ord('7')) / 64) for c in completion) / max(len(completion), 1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    verse.ReasoningLLM(verse.ModelArgs.from_preset("tiny", dtype="float32")).save_pretrained(
+        tmp_path / "base", tokenizer=verse.load_tokenizer("byte"))
+    with open(tmp_path / "data.jsonl", "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                             {"role": "assistant", "content": "Answer: 7"}]}) + "\n")
+    cfg = TrainConfig.from_dict(dict(
+        mode="grpo", model=str(tmp_path / "base"), out_dir=str(tmp_path / "run"), max_steps=16, max_seq_len=64,
+        data={"sources": [str(tmp_path / "data.jsonl")], "eval_fraction": 0.2}, micro_batch_size=16,
+        lr=1e-2, schedule="constant", weight_decay=0.0, precision="fp32", device="cpu", save_every=0, plot=False,
+        tensorboard=False,
+        grpo={"group_size": 8, "prompts_per_step": 2, "max_new_tokens": 4, "eval_every": 16, "eval_problems": 4,
+              "rewards": [{"name": "toy_rewards:near_seven"}, {"name": "exact_answer", "weight": 0.0}]}))
+    try:
+        result = train(cfg, progress=False)
+    finally:
+        sys.modules.pop("toy_rewards", None)
+    rewards = [m["reward_mean"] for m in result.metrics if m["kind"] == "train"]
+    start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert end > start + 0.25 and end > 0.4, rewards
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in logged if r["kind"] == "train"]
+    assert len(train_rows) == 16
+    for key in ("reward_mean", "reward_std", "reward_toy_rewards:near_seven", "reward_exact_answer", "kl",
+                "clip_fraction", "completion_len", "reward_errors"):
+        assert key in train_rows[-1], key
+    evals = [r for r in logged if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["problems"] == 4 and 0 <= evals[0]["accuracy"] <= 1
+    assert result.final_dir is not None and result.final_dir.name.endswith("0000016")

@@ -13,13 +13,17 @@ from verse.schema import as_number, check_keys, check_types
 if TYPE_CHECKING:
     from verse.peft.lora import LoraArgs
 
-MODES = ("sft", "pretrain")
+MODES = ("sft", "pretrain", "grpo")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 PRECISIONS = ("bf16", "fp32")
 PARAM_DTYPES = ("float32", "bfloat16")
 BF16_UPDATES = ("master", "stochastic", "nearest")
 FINETUNE_METHODS = ("full", "lora", "qlora")
+GRPO_DEFAULTS: Dict[str, Any] = {
+    "group_size": 8, "prompts_per_step": 4, "num_iterations": 1, "beta": 0.0, "epsilon": 0.2, "epsilon_high": None,
+    "scale_rewards": True, "max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0,
+    "rewards": [{"name": "exact_answer", "weight": 1.0}], "eval_every": 0, "eval_problems": 64}
 LORA_FIELDS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["all"], "dora": False, "rslora": False}
 
 
@@ -35,7 +39,8 @@ class TrainConfig:
     """Everything a training run needs. Every field has a default; `verse train --print-config` lists them."""
 
     mode: str = _f("pretrain", "pretrain (a preset from scratch, or continue a checkpoint) | sft (fine-tune a "
-                               "checkpoint on chat data; needs model=PATH)")
+                               "checkpoint on chat data; needs model=PATH) | grpo (reinforcement learning with "
+                               "verifiable rewards from a checkpoint; the grpo section)")
     model: str = _f("tiny", "preset name (random init) or a checkpoint directory / .gguf file to start from")
     model_overrides: Dict[str, Any] = _f({}, "ModelArgs fields to change, e.g. {checkpointing: true}")
     tokenizer: Optional[str] = _f(None, "tokenizer name/path; default: the checkpoint's own, else the preset's")
@@ -43,6 +48,12 @@ class TrainConfig:
     finetune: Dict[str, Any] = _f({}, "method: full | lora | qlora (LoRA on an NF4 base); lora: {rank: 8, alpha: "
                                       "16, dropout: 0.0, targets: [all] (attention | mlp | all | names such as "
                                       "q_proj), dora: false, rslora: false}")
+    grpo: Dict[str, Any] = _f({}, "mode=grpo: {group_size: 8 (completions per prompt), prompts_per_step: 4, "
+                                  "num_iterations: 1 (updates per rollout, mu), beta: 0.0 (k3 KL weight; 0 = no "
+                                  "reference model), epsilon: 0.2, epsilon_high: null (= epsilon), scale_rewards: "
+                                  "true (false = Dr. GRPO), max_new_tokens: 256, temperature: 1.0, top_p: 1.0, "
+                                  "rewards: [{name: exact_answer | format | length | module:function, weight: 1.0, "
+                                  "args: {}}], eval_every: 0 (held-out accuracy every N steps), eval_problems: 64}")
     parallel: Dict[str, Any] = _f({}, "several ranks under torchrun: {dp_replicate, dp_shard (FSDP2; -1 = the "
                                       "rest), tp, ep, cpu_offload, timeout_s}; their product is WORLD_SIZE")
     out_dir: str = _f("runs/verse", "run directory: step-NNNNNNN/ checkpoints, latest, metrics.jsonl, plot.png")
@@ -144,7 +155,7 @@ class TrainConfig:
 
         require(self.out_dir is not None, "out_dir", "is empty (YAML reads a bare ~ as null); give the run "
                 "directory to create, e.g. out_dir=runs/NAME")
-        for name in ("model_overrides", "finetune"):  # a section left empty in YAML is null
+        for name in ("model_overrides", "finetune", "grpo"):  # a section left empty in YAML is null
             if getattr(self, name) is None:
                 setattr(self, name, {})
         check_types(self, f"{source}: ")
@@ -182,6 +193,7 @@ class TrainConfig:
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "device",
                 f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.lora_args(source)
+        self.grpo_args(source)
         from verse.train.distributed import ParallelConfig
 
         ParallelConfig.from_dict(self.parallel, source)
@@ -241,6 +253,95 @@ class TrainConfig:
             check(isinstance(values[name], bool), name, "must be true or false")
         return LoraArgs(rank=values["rank"], alpha=float(values["alpha"]), dropout=float(values["dropout"]),
                         targets=normalize_targets(values["targets"]), dora=values["dora"], rslora=values["rslora"])
+
+
+    def grpo_args(self, source: str = "config") -> Optional["GrpoArgs"]:
+        """The validated `grpo:` section with its defaults filled in (None unless mode=grpo).
+
+        Raises:
+            ConfigError: an unknown key or a bad value, naming the field (e.g. `grpo.group_size`).
+        """
+        section = self.grpo or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: grpo: must be a mapping ({', '.join(GRPO_DEFAULTS)}), got {section!r}")
+        if self.mode != "grpo":
+            if section:
+                raise ConfigError(f"{source}: grpo: set mode=grpo to use it (mode is {self.mode})")
+            return None
+        unknown = sorted(set(section) - set(GRPO_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"{source}: grpo: unknown field(s) {', '.join(unknown)} "
+                              f"(known: {', '.join(GRPO_DEFAULTS)})")
+        values = {**GRPO_DEFAULTS, **{k: as_number(v) if isinstance(v, str) else v for k, v in section.items()
+                                      if k != "rewards"}, "rewards": section.get("rewards", GRPO_DEFAULTS["rewards"])}
+        if values["epsilon_high"] is None:
+            values["epsilon_high"] = values["epsilon"]
+
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{source}: grpo.{name}: {message}, got {values[name]!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+        for name in ("group_size", "prompts_per_step", "num_iterations", "max_new_tokens", "eval_problems"):
+            check(is_int(values[name]) and values[name] > 0, name, "must be a positive integer")
+        check(values["group_size"] > 1, "group_size", "must be at least 2 (advantages compare completions of a "
+              "prompt with each other)")
+        check(is_int(values["eval_every"]) and values["eval_every"] >= 0, "eval_every",
+              "must be a non-negative integer (0 = off)")
+        check(is_num(values["beta"]) and values["beta"] >= 0, "beta", "must be a number >= 0 (0 = no KL penalty)")
+        for name in ("epsilon", "epsilon_high"):
+            check(is_num(values[name]) and 0 < values[name], name, "must be a positive number")
+        check(values["epsilon"] < 1, "epsilon", "must be below 1 (the ratio is clipped at 1 - epsilon)")
+        check(is_num(values["temperature"]) and values["temperature"] > 0, "temperature",
+              "must be a positive number (GRPO needs sampled, different completions)")
+        check(is_num(values["top_p"]) and 0 < values["top_p"] <= 1, "top_p", "must be in (0, 1]")
+        check(isinstance(values["scale_rewards"], bool), "scale_rewards", "must be true or false")
+        rewards = values["rewards"]
+        check(isinstance(rewards, list) and len(rewards) > 0, "rewards", "must be a non-empty list of "
+              "{name, weight, args}")
+        parsed = []
+        for i, item in enumerate(rewards):
+            where = f"{source}: grpo.rewards[{i}]"
+            if isinstance(item, str):
+                item = {"name": item}
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise ConfigError(f"{where}: must be a reward name or a mapping with name, weight, args; got {item!r}")
+            extra = sorted(set(item) - {"name", "weight", "args"})
+            if extra:
+                raise ConfigError(f"{where}: unknown field(s) {', '.join(extra)} (known: name, weight, args)")
+            weight = as_number(item.get("weight", 1.0))
+            if not is_num(weight):
+                raise ConfigError(f"{where}.weight: must be a number, got {item.get('weight')!r}")
+            args = item.get("args") or {}
+            if not isinstance(args, dict):
+                raise ConfigError(f"{where}.args: must be a mapping of keyword arguments, got {args!r}")
+            parsed.append({"name": item["name"], "weight": float(weight), "args": args})
+        values["rewards"] = parsed
+        return GrpoArgs(**values)
+
+
+@dataclass
+class GrpoArgs:
+    """The `grpo:` section of a `mode: grpo` run (see `TrainConfig.grpo` for each field's meaning)."""
+
+    group_size: int
+    prompts_per_step: int
+    num_iterations: int
+    beta: float
+    epsilon: float
+    epsilon_high: float
+    scale_rewards: bool
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    rewards: List[Dict[str, Any]]
+    eval_every: int
+    eval_problems: int
 
 
 def apply_override(data: Dict[str, Any], item: str) -> None:

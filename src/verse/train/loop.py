@@ -87,9 +87,9 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None, d
     if cfg.activation_checkpointing:
         overrides.update(checkpointing=True, checkpoint_every=cfg.activation_checkpointing)
     if is_preset(cfg):
-        if cfg.mode == "sft":
-            raise ConfigError(f"mode=sft fine-tunes a pretrained checkpoint, but model={cfg.model} is a preset "
-                              "(random weights): give model=PATH, or mode=pretrain")
+        if cfg.mode in ("sft", "grpo"):
+            raise ConfigError(f"mode={cfg.mode} fine-tunes a pretrained checkpoint, but model={cfg.model} is a "
+                              "preset (random weights): give model=PATH, or mode=pretrain")
         if cfg.finetune_method != "full":
             raise ConfigError(f"finetune.method={cfg.finetune_method} adapts a pretrained checkpoint, but "
                               f"model={cfg.model} is a preset (random weights): give model=PATH")
@@ -383,11 +383,18 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
     seed_everything(cfg.seed)  # the same seed on every rank: they agree on everything random
     if loader is None and tokenizer is None:
         tokenizer = load_tokenizer(cfg)
-    byte_level = getattr(tokenizer, "name", None) == "byte"  # then also log bits per byte
+    byte_level = getattr(tokenizer, "name", None) == "byte" and cfg.mode != "grpo"  # then also log bits per byte
     model = build_model(cfg, device, tokenizer, dist)
     if tokenizer is not None:  # e.g. the byte tokenizer without special ids for a 256-id ByteGPT
         tokenizer = tokenizer.fit_vocab(model.args.vocab_size, f"model={cfg.model}")
-    if loader is None:
+    rl = None
+    if cfg.mode == "grpo":  # GRPO samples its own batches from the data's prompts (verse.rl)
+        from verse.rl.trainer import GrpoTrainer
+
+        if dist.enabled:
+            raise ConfigError("mode=grpo runs on one process for now: launch without torchrun")
+        rl = GrpoTrainer(cfg, model, tokenizer)
+    elif loader is None:
         loader, default_eval = build_loaders(cfg, tokenizer, dist)
         eval_loader = eval_loader if eval_loader is not None else default_eval
     optimizer = TrainOptimizer(model, cfg)
@@ -450,10 +457,16 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
                 lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, max_steps=cfg.max_steps,
                            warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, decay_fraction=cfg.decay_fraction)
                 optimizer.set_lr(lr)
-                micro = [{k: v.to(device, non_blocking=True) for k, v in batches.next().items() if torch.is_tensor(v)}
-                         for _ in range(cfg.gradient_accumulation_steps)]
+                extra: Dict[str, Any] = {}
                 try:
-                    loss_sum, n_tokens, grad_norm, applied = train_step(model, optimizer, micro, cfg, autocast, dist)
+                    if rl is not None:
+                        loss_sum, n_tokens, grad_norm, applied, seq_tokens, extra = rl.step(optimizer, step, autocast)
+                    else:
+                        micro = [{k: v.to(device, non_blocking=True) for k, v in batches.next().items()
+                                  if torch.is_tensor(v)} for _ in range(cfg.gradient_accumulation_steps)]
+                        loss_sum, n_tokens, grad_norm, applied = train_step(model, optimizer, micro, cfg, autocast,
+                                                                            dist)
+                        seq_tokens = int(dist.sum(sum(b["input_ids"].numel() for b in micro)))
                 except (torch.OutOfMemoryError, MemoryError):
                     optimizer.zero_grad()
                     if device.type == "cuda":
@@ -467,7 +480,6 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
                     bad_in_row += not finite
                 optimizer.zero_grad()
                 step += 1
-                seq_tokens = int(dist.sum(sum(b["input_ids"].numel() for b in micro)))
                 tokens_seen += seq_tokens
                 elapsed = time.perf_counter() - start
                 tps = seq_tokens / elapsed
@@ -476,7 +488,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
                           "loss_tokens": n_tokens, "tokens": tokens_seen, "tokens_per_s": round(tps, 2),
                           "mfu": mfu(model.args, seq_tokens, elapsed, cfg.max_seq_len, peak_flops),
                           "step_time_s": round(elapsed, 4),
-                          "skipped": skipped, **memory_bytes(device), **moe_stats(model)}
+                          "skipped": skipped, **extra, **memory_bytes(device), **moe_stats(model)}
                 if byte_level and record["loss"] is not None:
                     record["bpb"] = record["loss"] / math.log(2)  # byte tokens: nats/token -> bits per byte
                 metrics.append(record)
@@ -487,6 +499,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
                 if bar is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "skip",
+                                    **({"reward": f"{extra['reward_mean']:.3f}"} if extra else {}),
                                     **({"bpb": f"{record['bpb']:.3f}"} if "bpb" in record else {}),
                                     tok_s=f"{tps:.0f}",
                                     mfu=f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a")
@@ -498,6 +511,11 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
                               "eval_ppl": math.exp(min(eval_loss, 50))}
                     if byte_level:
                         record["eval_bpb"] = eval_loss / math.log(2)
+                    metrics.append(record)
+                    log.log(record)
+                if rl is not None and rl.args.eval_every and (step % rl.args.eval_every == 0
+                                                              or step == cfg.max_steps):
+                    record = {"kind": "eval", "step": step, **rl.evaluate()}
                     metrics.append(record)
                     log.log(record)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
