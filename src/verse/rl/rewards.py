@@ -3,7 +3,9 @@ and scoring that never lets a failing function stop a run."""
 
 import importlib
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -74,11 +76,18 @@ class Reward:
             fn = BUILTIN[self.name]
         elif ":" in self.name:
             module, _, attr = self.name.partition(":")
+            cwd = os.getcwd()
+            added = cwd not in sys.path and "" not in sys.path  # the `verse` script does not put it there
+            if added:
+                sys.path.insert(0, cwd)
             try:
                 fn = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as e:
+            except Exception as e:  # noqa: BLE001 - ImportError, AttributeError, or the module's own failure
                 raise VerseError(f"grpo.rewards: cannot load reward function {self.name!r} ({type(e).__name__}: "
                                  f"{e}); give module:function importable from the current directory") from None
+            finally:
+                if added:
+                    sys.path.remove(cwd)
             if not callable(fn):
                 raise VerseError(f"grpo.rewards: {self.name!r} is not a function")
         else:

@@ -515,7 +515,8 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
                     log.log(record)
                 if rl is not None and rl.args.eval_every and (step % rl.args.eval_every == 0
                                                               or step == cfg.max_steps):
-                    record = {"kind": "eval", "step": step, **rl.evaluate()}
+                    held_out = rl.evaluate()  # eval_accuracy, eval_problems
+                    record = {"kind": "eval", "step": step, **{f"eval_{k}": v for k, v in held_out.items()}}
                     metrics.append(record)
                     log.log(record)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:

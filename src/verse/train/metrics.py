@@ -252,7 +252,7 @@ def plot_run(run_dir: Path, out: Optional[Path] = None) -> Path:
 
     records = read_metrics(run_dir)
     train = [r for r in records if r.get("kind", "train") == "train" and r.get("loss") is not None]
-    evals = [r for r in records if r.get("kind") == "eval"]
+    evals = [r for r in records if r.get("kind") == "eval" and r.get("eval_loss") is not None]
     fig, (ax_loss, ax_tps) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if evals:
