@@ -320,3 +320,41 @@ def test_grpo_resume_is_exact(tmp_path):
     b = verse.load(second.final_dir, dtype=torch.float32)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_plan_counts_the_reference_and_the_generation_cache(tmp_path, capsys):
+    """`verse plan` for mode=grpo: a frozen reference copy when beta > 0 (none with LoRA: the base with adapters off)
+    and the rollout's KV cache, by hand for `tiny` (fp32: 2 layers x K and V x 2 kv heads x 16 dims x 4 bytes)."""
+    import json
+
+    from verse import ModelArgs
+    from verse.cli import main
+    from verse.config import count_params
+    from verse.train.planner import PlanSettings, plan
+
+    args = ModelArgs.from_preset("tiny")
+    settings = PlanSettings(seq_len=256, param_dtype="float32", precision="fp32")  # no autocast weight copies
+    sft = plan(args, settings)
+    rows = 4 * 8
+    cache = rows * 256 * (2 * 2 * 2 * 16 * 4)  # 512 bytes per cached token
+    generation = cache + rows * 512 * 4 * 2  # and one step's fp32 logits and probabilities
+    grpo = plan(args, settings, rollout_rows=rows, reference=True)
+    assert grpo["generation_bytes"] == generation
+    assert grpo["reference_bytes"] == count_params(args) * 4
+    weights_and_state = sft["weights_bytes"] + sft["optimizer_bytes"]
+    assert grpo["peak_bytes"] == max(sft["peak_bytes"], weights_and_state + generation) + count_params(args) * 4
+    lora = plan(args, settings, finetune="lora", rollout_rows=rows, reference=True)
+    assert lora["reference_bytes"] == 0
+    assert plan(args, settings, rollout_rows=rows)["reference_bytes"] == 0  # beta = 0: no reference model
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text("mode: grpo\nmodel: tiny\nmax_seq_len: 256\nparam_dtype: float32\n"
+                    "precision: fp32\ngrpo: {group_size: 8, prompts_per_step: 4, beta: 0.04}\n")
+    assert main(["plan", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    fitted = args.replace(vocab_size=out["vocab_size"])  # `verse train` sizes a preset's vocabulary to its tokenizer
+    assert out["generation_bytes"] == cache + rows * out["vocab_size"] * 4 * 2
+    assert out["reference_bytes"] == count_params(fitted) * 4
+    assert main(["plan", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "reference:" in text and "generation:" in text

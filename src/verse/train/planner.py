@@ -174,7 +174,8 @@ def _largest_matmul(args: ModelArgs) -> int:
 
 def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a100-80gb",
          mfu: float = DEFAULT_MFU, device_memory: Optional[float] = None, finetune: str = "full",
-         lora_rank: int = 8, lora_targets: Sequence[str] = ("all",)) -> Dict[str, Any]:
+         lora_rank: int = 8, lora_targets: Sequence[str] = ("all",), rollout_rows: int = 0,
+         reference: bool = False) -> Dict[str, Any]:
     """Estimate the memory and time of one training step.
 
     Args:
@@ -188,10 +189,16 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
             and each NF4 weight is dequantized to bf16 one matmul at a time.
         lora_rank (int): adapter rank.
         lora_targets (Sequence[str]): adapted groups or leaf names (`verse.peft.lora.GROUPS`).
+        rollout_rows (int): GRPO (mode=grpo): completions generated together (prompts_per_step x group_size);
+            their KV cache (`seq_len` positions each) and one step of fp32 logits live during the rollout, next
+            to the weights and optimizer state; 0 = not GRPO.
+        reference (bool): GRPO with beta > 0 and a full fine-tune: a frozen copy of the weights (with LoRA the
+            reference is the base with adapters off: nothing more).
 
     Returns:
         Dict[str, Any]: params, active_params, weights_bytes, grads_bytes, optimizer_bytes, activations_bytes,
-        logits_bytes, temp_bytes, peak_bytes, device_bytes, fits, step_time_s, tokens_per_s, settings.
+        logits_bytes, temp_bytes, peak_bytes, device_bytes, fits, step_time_s, tokens_per_s, settings; with
+        GRPO also reference_bytes and generation_bytes.
     """
     s = settings or PlanSettings()
     check_settings(s)
@@ -265,7 +272,15 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     backward_peak = (weights + autocast_copies + optimizer + activations + max(logits, temp)
                      + max(head_grad, persistent_grads))
     step_peak = weights + optimizer + grads + optimizer_temp
-    peak = max(backward_peak, step_peak)
+    reference_bytes = count_params(args) * pbytes if reference and finetune == "full" else 0
+    generation = 0
+    if rollout_rows:
+        from verse.model.mla import cache_bytes_per_token
+
+        cache_dtype = torch_dtype("bfloat16" if finetune == "qlora" else s.param_dtype)
+        generation = rollout_rows * (s.seq_len * cache_bytes_per_token(args, dtype=cache_dtype)
+                                     + args.vocab_size * 4 * 2)  # the cache; one step's logits and probabilities
+    peak = max(backward_peak, step_peak, weights + optimizer + generation) + reference_bytes
 
     flops = flops_per_token(args, s.seq_len) * (1 + (1 / 3 if k else 0) / max(k, 1))  # recompute = +1 forward
     step_tokens = tokens * s.gradient_accumulation_steps
@@ -277,6 +292,7 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
         "weights_bytes": weights + autocast_copies, "grads_bytes": grads, "optimizer_bytes": optimizer,
         "activations_bytes": activations, "logits_bytes": logits, "temp_bytes": temp + optimizer_temp,
         "peak_bytes": peak, "device_bytes": device_bytes, "fits": bool(device_bytes and peak <= device_bytes),
+        **({"reference_bytes": reference_bytes, "generation_bytes": generation} if rollout_rows else {}),
         "gpu": gpu, "mfu": mfu, "step_time_s": step_time,
         "tokens_per_s": step_tokens / step_time if step_time else None,
         "settings": dataclasses.asdict(s),
@@ -345,11 +361,16 @@ def plan_from_config(cfg: Any, args: ModelArgs, gpu: str = "a100-80gb") -> Dict[
 
 
 def finetune_from_config(cfg: Any) -> Dict[str, Any]:
-    """`plan`'s finetune, lora_rank and lora_targets of a `TrainConfig`."""
+    """`plan`'s finetune, lora_rank and lora_targets of a `TrainConfig`, and for mode=grpo its rollout_rows and
+    reference."""
     lora = cfg.lora_args() if hasattr(cfg, "lora_args") else None
-    if lora is None:
-        return {}
-    return {"finetune": cfg.finetune_method, "lora_rank": lora.rank, "lora_targets": lora.targets}
+    grpo = cfg.grpo_args() if hasattr(cfg, "grpo_args") else None
+    out: Dict[str, Any] = {}
+    if grpo is not None:
+        out.update(rollout_rows=grpo.prompts_per_step * grpo.group_size, reference=grpo.beta > 0)
+    if lora is not None:
+        out.update(finetune=cfg.finetune_method, lora_rank=lora.rank, lora_targets=lora.targets)
+    return out
 
 
 def format_bytes(n: float) -> str:
@@ -368,7 +389,10 @@ def format_plan(args: ModelArgs, result: Dict[str, Any], moves: List[Dict[str, A
         lines.append(f"fine-tune: {result['finetune']} rank {result['lora_rank']} on "
                      f"{', '.join(result['lora_targets'])}: {result['trainable_params'] / 1e6:.1f} M trainable "
                      f"parameters{', base in NF4' if result['finetune'] == 'qlora' else ', base frozen'}")
-    for key in ("weights", "grads", "optimizer", "activations", "logits", "temp"):
+    keys = ["weights", "grads", "optimizer", "activations", "logits", "temp"]
+    if "generation_bytes" in result:  # GRPO: the frozen reference and the rollout's KV cache
+        keys += ["reference", "generation"]
+    for key in keys:
         lines.append(f"  {key + ':':<13}{format_bytes(result[key + '_bytes']):>12}")
     lines.append(f"  {'peak:':<13}{format_bytes(result['peak_bytes']):>12}   of {format_bytes(result['device_bytes'])}"
                  f" usable on {result['gpu']} -> {'FITS' if result['fits'] else 'DOES NOT FIT'}")
