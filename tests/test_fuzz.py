@@ -180,6 +180,15 @@ def gguf_files(tmp_path_factory):
                 writer.add_uint32(key, value)
         if without != "llama.attention.layer_norm_rms_epsilon":
             writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        tokenizer = {"tokenizer.ggml.model": lambda: writer.add_tokenizer_model("gpt2"),
+                     "tokenizer.ggml.tokens": lambda: writer.add_token_list([chr(c) for c in range(33, 97)]),
+                     "tokenizer.ggml.merges": lambda: writer.add_token_merges(["! \"", "# $"]),
+                     "tokenizer.ggml.token_type": lambda: writer.add_token_types([1] * 63 + [3]),
+                     "tokenizer.ggml.eos_token_id": lambda: writer.add_eos_token_id(63),
+                     "tokenizer.chat_template": lambda: writer.add_chat_template("{{ messages[0].content }}")}
+        for key, add in tokenizer.items():
+            if key != without:
+                add()
         shapes = {"token_embd.weight": (64, 32), "output.weight": (64, 32), "output_norm.weight": (32,),
                   "blk.0.attn_q.weight": (32, 32), "blk.0.attn_k.weight": (16, 32), "blk.0.attn_v.weight": (16, 32),
                   "blk.0.attn_output.weight": (32, 32), "blk.0.ffn_gate.weight": (32, 32),
@@ -199,7 +208,10 @@ def gguf_files(tmp_path_factory):
 GGUF_KEYS = ["llama.context_length", "llama.embedding_length", "llama.block_count", "llama.feed_forward_length",
              "llama.attention.head_count", "llama.attention.head_count_kv", "llama.attention.layer_norm_rms_epsilon",
              "llama.attention.key_length", "llama.rope.freq_base", "llama.rope.scaling.type", "llama.vocab_size",
-             "general.architecture", "general.alignment", "tokenizer.ggml.eos_token_id", "verse.model_args"]
+             "general.architecture", "general.alignment", "tokenizer.ggml.eos_token_id", "verse.model_args",
+             "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+             "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.chat_template",
+             "tokenizer.ggml.add_bos_token", "tokenizer.ggml.scores"]
 
 
 def _gguf_value(draw_value):
@@ -242,7 +254,7 @@ def test_fuzz_gguf(gguf_files, scratch, capsys, data):
             raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
     path = scratch / "f.gguf"
     path.write_bytes(raw)
-    run_cli(capsys, "generate", path, "--tokenizer", "byte", *GEN)
+    run_cli(capsys, "generate", path, "--chat", *GEN)  # the file's own tokenizer and chat template
 
 
 RECORD_KEYS = ["text", "messages", "conversations", "system", "input", "output", "role", "content", "from", "value"]

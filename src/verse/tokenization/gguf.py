@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as HFBackend
 
 from verse.errors import VerseError
 from verse.interop.gguf_header import read_gguf_metadata
-from verse.tokenization.hf import HFTokenizer, bytes_to_unicode
+from verse.tokenization.hf import HFTokenizer, bytes_to_unicode, native_errors
 from verse.tokenization.o200k import O200K_PATTERN
 
 # llama.cpp token types (llama_token_type): 3 control (special), 4 user-defined (always matched, not special).
@@ -83,6 +83,25 @@ def _sentencepiece_backend(fields: Dict[str, object], tokens: List[str]) -> HFBa
 
 
 BUILDERS = {"gpt2": _byte_level_backend, "llama": _sentencepiece_backend}
+# the type each tokenizer key must have: a list of (item type), or a scalar type (bool is not int)
+FIELD_TYPES = {"tokenizer.ggml.tokens": (list, str), "tokenizer.ggml.merges": (list, str),
+               "tokenizer.ggml.token_type": (list, int), "tokenizer.ggml.scores": (list, (int, float)),
+               "tokenizer.ggml.pre": (str, None), "tokenizer.chat_template": (str, None),
+               "tokenizer.ggml.add_bos_token": (bool, None), "tokenizer.ggml.add_space_prefix": (bool, None)}
+
+
+def _check_fields(fields: Dict[str, object], path: Path) -> None:
+    """One line naming the key whose value has the wrong type (a hostile file must not reach the builders)."""
+    for key, (kind, item) in FIELD_TYPES.items():
+        value = fields.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if ok and item is not None:
+            ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+        if not ok:
+            what = f"a list of {getattr(item, '__name__', 'numbers')}" if item is not None else kind.__name__
+            raise VerseError(f"{path}: metadata key {key!r} must be {what}")
 
 
 def load_gguf_tokenizer(path: Path) -> HFTokenizer:
@@ -99,11 +118,13 @@ def load_gguf_tokenizer(path: Path) -> HFTokenizer:
     """
     fields = read_gguf_metadata(path)
     kind = fields.get("tokenizer.ggml.model")
-    if kind not in BUILDERS or "tokenizer.ggml.tokens" not in fields:
+    if not isinstance(kind, str) or kind not in BUILDERS or "tokenizer.ggml.tokens" not in fields:
         raise VerseError(f"{path}: tokenizer.ggml.model is {kind!r}; supported: 'gpt2' (byte-level BPE) and 'llama' "
                          "(SentencePiece BPE); load the model's tokenizer.json directory instead")
+    _check_fields(fields, path)
     tokens: List[str] = fields["tokenizer.ggml.tokens"]
-    backend = BUILDERS[kind](fields, tokens)
+    with native_errors(f"{path}: its tokenizer cannot be built", "fix the file or pass --tokenizer", also=(Exception,)):
+        backend = BUILDERS[kind](fields, tokens)
     vocab = backend.get_vocab()
     types = fields.get("tokenizer.ggml.token_type") or []
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)

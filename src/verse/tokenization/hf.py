@@ -7,7 +7,7 @@ import re
 from contextlib import contextmanager
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFBackend
@@ -228,19 +228,9 @@ class HFTokenizer(Tokenizer):
                 return self._backend.encode(text, add_special_tokens=False).ids
             return encode_split(text, allowed, self.special_tokens, self._encode_plain)
 
-    @contextmanager
-    def _native_errors(self) -> Iterator[None]:
-        """The `tokenizers` library reports a failure of its Rust code (e.g. a tokenizer.json regex that hits
-        Oniguruma's backtracking limit) as a `PanicException`, which derives from BaseException and killed data
-        workers; it becomes one `VerseError` line."""
-        try:
-            yield
-        except BaseException as e:
-            if type(e).__name__ != "PanicException":
-                raise
-            reason = str(e).splitlines()[0] if str(e) else "no message"
-            raise VerseError(f"{self.name}: the tokenizer failed on this text ({reason}); check its tokenizer.json "
-                             f"(a pre-tokenizer regex that backtracks without bound?)") from None
+    def _native_errors(self) -> ContextManager[None]:
+        return native_errors(f"{self.name}: the tokenizer failed on this text", "check its tokenizer.json (a "
+                             "pre-tokenizer regex that backtracks without bound?)")
 
     def _encode_batch(self, texts: List[str], allowed: frozenset) -> List[List[int]]:
         if allowed and allowed != self._all_special:
@@ -275,6 +265,30 @@ class HFTokenizer(Tokenizer):
 
     def to_tokenizer_json(self) -> str:
         return self._saved_json or self._backend.to_str()
+
+
+@contextmanager
+def native_errors(what: str, advice: str, also: Tuple[type, ...] = ()) -> Iterator[None]:
+    """Turn a failure inside the `tokenizers` library into one `VerseError` line "WHAT (reason); ADVICE".
+
+    The library reports a failure of its Rust code (e.g. a tokenizer.json regex past Oniguruma's backtracking
+    limit, an inconsistent vocabulary) as a `PanicException`, which derives from BaseException: it escaped
+    `except Exception` and killed data workers.
+
+    Args:
+        what (str): what failed, naming the file.
+        advice (str): what to do.
+        also (Tuple[type, ...]): further exception types to convert (e.g. `Exception` while building).
+    """
+    try:
+        yield
+    except VerseError:
+        raise
+    except BaseException as e:
+        if type(e).__name__ != "PanicException" and not isinstance(e, also):
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VerseError(f"{what} ({reason}); {advice}") from None
 
 
 def read_chat_template(directory: Path, config: dict) -> Optional[str]:
