@@ -85,7 +85,7 @@ def test_config_claiming_a_million_layers_is_refused_before_building(checkpoint,
     path = edited(checkpoint, tmp_path, num_hidden_layers=10**6)
     start = time.perf_counter()
     assert_one_line(capsys, path, *GEN, expect=("model.safetensors", "1000000 layers", "hold 2"))
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 20  # building the layers took minutes
 
 
 def test_config_vocab_that_disagrees_with_the_embedding(checkpoint, tmp_path, capsys):
@@ -374,12 +374,14 @@ def with_template(checkpoint, tmp_path, template):
     ({"a": 1}, "'chat_template' must be a string"),
 ])
 def test_hostile_chat_templates_end_in_one_line(checkpoint, tmp_path, capsys, monkeypatch, template, expect):
-    """Each was a traceback, a hang or a multi-GB string; bounded by time (here 0.5 s), output and value sizes."""
+    """Each was a traceback, a hang or a multi-GB string; bounded by time (0.5 s for the loops), output and value
+    sizes."""
     import time
 
     from verse.tokenization import chat
 
-    monkeypatch.setattr(chat, "TEMPLATE_SECONDS", 0.5)
+    if "longer than" in expect:  # the size limits must win on their own, however loaded the machine
+        monkeypatch.setattr(chat, "TEMPLATE_SECONDS", 0.5)
     path = with_template(checkpoint, tmp_path, template)
     start = time.perf_counter()
     assert_one_line(capsys, path, "--chat", *GEN, expect=(expect,))

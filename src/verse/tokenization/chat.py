@@ -137,33 +137,51 @@ class _BoundedNamespace(jinja2.utils.Namespace):
         super().__setitem__(name, _sized(value))
 
 
-@contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise `TemplateLimit` in this thread if the block runs longer than `seconds`.
+class _Watchdog:
+    """Raises `TemplateLimit` in a thread whose render runs past its deadline.
 
     A template loop is Python bytecode (jinja compiles templates to Python), so the exception set on the thread by
     `PyThreadState_SetAsyncExc` (what CPython offers to interrupt another thread; signals reach only the main
-    thread) stops it at its next instruction.
+    thread) stops it at its next instruction. One daemon thread per template environment serves every render (a
+    timer thread per render cost more than the render itself).
     """
-    thread, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
 
-    def interrupt() -> None:
-        with lock:
-            if not state["done"]:
-                state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(TemplateLimit))
+    def __init__(self) -> None:
+        self.deadlines: Dict[int, float] = {}  # thread id -> monotonic deadline
+        self.fired: set = set()
+        self.wake = threading.Condition()
+        self.thread: Optional[threading.Thread] = None
 
-    timer = threading.Timer(seconds, interrupt)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        with lock:
-            state["done"] = True
-            timer.cancel()
-            if state["fired"]:  # clear an exception that was set but not yet raised
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)
+    def _run(self) -> None:
+        with self.wake:
+            while True:
+                now = time.monotonic()
+                for thread, deadline in list(self.deadlines.items()):
+                    if deadline <= now:
+                        del self.deadlines[thread]
+                        self.fired.add(thread)
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread),
+                                                                   ctypes.py_object(TemplateLimit))
+                self.wake.wait(min(self.deadlines.values(), default=now + 3600) - now)
+
+    @contextmanager
+    def limit(self, seconds: float) -> Iterator[None]:
+        """Run the block with a deadline `seconds` from now (`TemplateLimit` raised inside it when passed)."""
+        thread = threading.get_ident()
+        with self.wake:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="verse-template-watchdog", daemon=True)
+                self.thread.start()
+            self.deadlines[thread] = time.monotonic() + seconds
+            self.wake.notify()
+        try:
+            yield
+        finally:
+            with self.wake:
+                self.deadlines.pop(thread, None)
+                if thread in self.fired:  # clear an exception that was set but not yet raised
+                    self.fired.discard(thread)
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)
 
 
 def _raise_exception(message: str) -> None:
@@ -194,6 +212,7 @@ def compile_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["namespace"] = _BoundedNamespace
+    env.watchdog = _Watchdog()
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
@@ -246,7 +265,7 @@ def _render(template: jinja2.Template, messages: Sequence[Dict[str, str]], add_g
     blocks: List[str] = []
     size = 0
     try:
-        with _time_limit(TEMPLATE_SECONDS), template.environment.track_generation(blocks, [] if spans is None else spans):
+        with template.environment.watchdog.limit(TEMPLATE_SECONDS), template.environment.track_generation(blocks, [] if spans is None else spans):
             for block in template.generate(**kwargs):
                 blocks.append(block)
                 size += len(block)
