@@ -143,10 +143,11 @@ def test_dtype_kept_or_converted_and_overrides(tmp_path):
     hf.save_pretrained(tmp_path)
     model = verse.load(tmp_path)
     assert model.embed.weight.dtype == torch.bfloat16 and model.args.dtype == "bfloat16"
-    assert model.cos.dtype == torch.float32  # RoPE tables are recomputed, not loaded
+    assert model.rope(8)[0].dtype == torch.float32  # RoPE tables are computed, not loaded
     model32 = verse.load(tmp_path, dtype=torch.float32, checkpointing=True, max_seq_len=32)
     assert model32.embed.weight.dtype == torch.float32
-    assert model32.args.checkpointing and model32.cos.shape[0] == 32
+    assert model32.args.checkpointing and model32.rope(100)[0].shape[0] == 100  # past max_seq_len: as needed
+    assert model32.args.max_seq_len == 32 and model32.rope(20)[0].shape[0] == 100
     torch.testing.assert_close(model32.layers[0].attn.wq.weight,
                                hf.model.layers[0].self_attn.q_proj.weight.float(), atol=0, rtol=0)
     with pytest.raises(ConfigError, match="dim"):

@@ -11,6 +11,7 @@ from verse import ModelArgs, ReasoningLLM
 from verse.model.masks import causal_mask, document_mask
 from verse.model.norm import RMSNorm
 from verse.model.rope import rope_frequencies
+from verse.train.parallelize import apply_ac
 
 
 def _hf_inv_freq(rope_type: str, args: ModelArgs, **params) -> tuple[torch.Tensor, float]:
@@ -133,7 +134,7 @@ def test_document_mask_isolates_packed_documents(tiny_args):
 def test_activation_checkpointing_gives_same_gradients(tiny_args):
     torch.manual_seed(0)
     plain = ReasoningLLM(tiny_args).train()
-    ckpt = ReasoningLLM(tiny_args.replace(checkpointing=True)).train()
+    ckpt = apply_ac(ReasoningLLM(tiny_args).train())
     ckpt.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 512, (2, 12))
     for model in (plain, ckpt):

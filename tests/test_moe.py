@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from verse import ModelArgs, ReasoningLLM
 from verse.model.moe import MoE, balance_loss, load_stats
+from verse.train.parallelize import apply_ac
 
 
 def moe_args(**kw) -> ModelArgs:
@@ -263,7 +264,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_bias_updates():
     torch.manual_seed(4)
     args = moe_args(aux_loss_alpha=0.01, router_bias_update_rate=0.01)
     plain = ReasoningLLM(args).train()
-    ckpt = ReasoningLLM(args.replace(checkpointing=True)).train()
+    ckpt = apply_ac(ReasoningLLM(args).train())
     ckpt.load_state_dict(plain.state_dict())
     tokens = torch.randint(0, 80, (2, 12))
     for model in (plain, ckpt):

@@ -68,7 +68,7 @@ def test_rank_partials_sum_to_full_layers(tmp_path):
     shards = [load_model_parallel(tmp_path / "mp", rank=r) for r in range(n)]
     ids = torch.randint(0, args.vocab_size, (2, 9))
     x = torch.randn(2, 9, args.dim)
-    cos, sin = model.cos[:9].unsqueeze(0), model.sin[:9].unsqueeze(0)
+    cos, sin = (t[:9].unsqueeze(0) for t in model.rope(9))
     with torch.no_grad():
         # vocab-parallel embedding: each rank looks up its own id range, zeros elsewhere, then all-reduce (sum)
         part = args.vocab_size // n

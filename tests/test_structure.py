@@ -167,3 +167,173 @@ def test_no_import_cycles_between_subpackages():
             visit(node, [node])
     assert cycles == []
 
+
+
+# ---- what the scale-out work applies from outside ----------------------------------------------------------
+
+def small_args(**kw):
+    from verse.config import ModelArgs
+
+    base = dict(arch="deepseek_v3", vocab_size=80, dim=32, n_layers=4, n_heads=4, inter_dim=48, attention="mla",
+                q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=16, n_dense_layers=1,
+                score_func="sigmoid", route_scale=2.5, norm_topk_prob=True, max_seq_len=64, dtype="float32")
+    return ModelArgs(**{**base, **kw})
+
+
+def dense_args(**kw):
+    from verse.config import ModelArgs
+
+    return ModelArgs.from_preset("tiny", dtype="float32", **kw)
+
+
+def test_apply_ac_recomputes_chosen_blocks_keeps_names_and_gradients(tmp_path):
+    """`apply_ac(model, every=2)` checkpoints blocks 0 and 2: their forward runs again in the backward (counted by
+    hooks), gradients equal the plain model's, and parameter, state-dict and exported names carry no wrapper."""
+    import torch
+    from safetensors import safe_open
+
+    from verse.model import ReasoningLLM
+    from verse.train.parallelize import apply_ac
+
+    torch.manual_seed(0)
+    plain = ReasoningLLM(small_args()).train()
+    ckpt = ReasoningLLM(small_args()).train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert apply_ac(ckpt, every=2) is ckpt
+    apply_ac(ckpt, every=2)  # twice is harmless
+    calls = [0] * len(ckpt.layers)
+    for i, block in enumerate(ckpt.layers):
+        block.attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    tokens = torch.randint(0, 80, (2, 12))
+    for model in (plain, ckpt):
+        model(tokens).square().mean().backward()
+    assert calls == [2, 1, 2, 1]
+    for (name, a), (name_b, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        assert name == name_b
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert list(ckpt.state_dict()) == list(plain.state_dict())
+    verse.save(plain, tmp_path / "plain")
+    verse.save(ckpt, tmp_path / "ckpt")
+    keys = []
+    for name in ("plain", "ckpt"):
+        with safe_open(str(tmp_path / name / "model.safetensors"), framework="pt") as f:
+            keys.append(sorted(f.keys()))
+    assert keys[0] == keys[1] and not any("checkpoint" in key for key in keys[1])
+
+
+def test_load_with_checkpointing_applies_ac_from_outside(tmp_path):
+    """`verse.load(path, checkpointing=True, checkpoint_every=2)` (a DESIGN.md contract) still checkpoints; the model
+    class itself never does (a ReasoningLLM built with checkpointing=True recomputes nothing)."""
+    import torch
+
+    from verse.model import ReasoningLLM
+
+    ReasoningLLM(dense_args()).save_pretrained(tmp_path / "m")  # the delegate to verse.save
+    model = verse.load(tmp_path / "m", dtype=torch.float32, checkpointing=True, checkpoint_every=2).train()
+    bare = ReasoningLLM(dense_args(checkpointing=True)).train()
+    for m, expected in ((model, [2, 1]), (bare, [1, 1])):
+        calls = [0] * len(m.layers)
+        for i, block in enumerate(m.layers):
+            block.attn.register_forward_hook(lambda *_, i=i, calls=calls: calls.__setitem__(i, calls[i] + 1))
+        m(torch.randint(0, 512, (1, 8))).sum().backward()
+        assert calls == expected
+
+
+@pytest.mark.parametrize("attention, impl", [("gqa", None), ("mla", "naive"), ("mla", "absorb")])
+def test_attention_runs_a_tensor_parallel_slice_of_its_heads(attention, impl):
+    """A layer whose projections are cut to the first half of the heads (what tensor-parallel rank 0 holds: column
+    slices of wq/wk/wv or wq_b/wkv_b) computes exactly the first half of the full layer's per-head outputs (the
+    input of wo). Oracle: the full layer, split by plain tensor slicing."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from verse.model.attention import Attention
+    from verse.model.mla import MLA
+    from verse.model.rope import rope_cos_sin
+
+    torch.manual_seed(1)
+    if attention == "gqa":
+        args = dense_args(n_heads=4, n_kv_heads=2, head_dim=8, dim=32)
+        full = Attention(args)
+        cuts = {"wq": 2 * 8, "wk": 1 * 8, "wv": 1 * 8}
+        rope_dim, value_dim = args.head_dim, args.head_dim
+    else:
+        args = small_args(attn_impl=impl)
+        full = MLA(args)
+        qk, kv = args.qk_nope_head_dim + args.qk_rope_head_dim, args.qk_nope_head_dim + args.v_head_dim
+        cuts = {"wq_b": 2 * qk, "wkv_b": 2 * kv}
+        rope_dim, value_dim = args.qk_rope_head_dim, args.v_head_dim
+    with torch.no_grad():
+        for p in full.parameters():
+            p.normal_(0, 0.3)
+    half = copy.deepcopy(full)
+    for name, rows in cuts.items():
+        getattr(half, name).weight = nn.Parameter(getattr(full, name).weight[:rows].clone())
+    seen = {}
+    for key, layer in (("full", full), ("half", half)):
+        layer.wo.register_forward_pre_hook(lambda _, inputs, key=key: seen.__setitem__(key, inputs[0]))
+    x = torch.randn(2, 7, args.dim)
+    cos, sin = (t[:7].unsqueeze(0) for t in rope_cos_sin(args, rope_dim))
+    full(x, cos, sin)
+    with pytest.raises(RuntimeError):  # wo still expects all heads: this rank's wo is row-sliced by the plan
+        half(x, cos, sin)
+    torch.testing.assert_close(seen["half"], seen["full"][..., :2 * value_dim], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dense", "mla_moe"])
+def test_meta_build_then_init_equals_direct_build(kind):
+    """A model built on meta, materialised with to_empty and initialised gives the same weights (same seed) and
+    logits as one built directly; every module with parameters initialises its own (`init_weights`), with GPT-2's
+    distributions: N(0, 0.02), residual outputs N(0, 0.02 / sqrt(2 L)), norms 1, router bias 0."""
+    import torch
+    from torch import nn
+
+    from verse.model import ReasoningLLM
+
+    args = dense_args(n_layers=2) if kind == "dense" else small_args(router_bias_update_rate=0.01)
+    direct = ReasoningLLM(args)
+    torch.manual_seed(3)
+    direct.init_weights()
+    with torch.device("meta"):
+        lazy = ReasoningLLM(args)
+    lazy.to_empty(device="cpu")
+    torch.manual_seed(3)
+    lazy.init_weights()
+    a, b = direct.state_dict(), lazy.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    tokens = torch.randint(0, args.vocab_size, (1, 9))
+    assert torch.equal(direct(tokens), lazy(tokens))
+    for name, module in lazy.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            assert isinstance(module, nn.Embedding) or hasattr(module, "init_weights"), name
+    residual = 0.02 / (2 * args.n_layers) ** 0.5
+    for name, p in lazy.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("gate.bias"):
+            assert not p.any(), name
+        elif p.numel() >= 1000:
+            std = residual if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else 0.02
+            assert abs(p.std().item() / std - 1) < 0.15 and abs(p.mean().item()) < 0.2 * std, name
+
+
+def test_rope_tables_follow_the_length_in_use():
+    """max_position_embeddings 1e9 must not allocate tables for 1e9 positions at build time (it took tens of GB):
+    the model builds, and its tables cover what a forward uses; logits equal a model with a short max_seq_len."""
+    import torch
+
+    from verse.model import ReasoningLLM
+
+    torch.manual_seed(0)
+    huge = ReasoningLLM(dense_args(max_seq_len=10**9))
+    short = ReasoningLLM(dense_args(max_seq_len=64))
+    short.load_state_dict(huge.state_dict())
+    tokens = torch.randint(0, 512, (1, 12))
+    assert torch.equal(huge(tokens), short(tokens))
+    assert huge.cos.shape[0] == 16 and huge.cos.numel() * huge.cos.element_size() < 2**20
+    huge(torch.randint(0, 512, (1, 40)))  # grows on demand
+    assert huge.cos.shape[0] == 64

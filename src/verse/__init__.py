@@ -42,7 +42,12 @@ def load(path, device="cpu", dtype=None, **overrides) -> "ReasoningLLM":
     """
     from verse.interop.load import load_model
 
-    return load_model(path, device=device, dtype=dtype, **overrides)
+    model = load_model(path, device=device, dtype=dtype, **overrides)
+    if model.args.checkpointing:  # applied from outside: the model itself knows nothing of checkpointing
+        from verse.train.parallelize import apply_ac
+
+        apply_ac(model, every=model.args.checkpoint_every)
+    return model
 
 
 def save(model: "ReasoningLLM", path, tokenizer=None, **kwargs: Any) -> None:

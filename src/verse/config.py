@@ -87,7 +87,7 @@ class ModelArgs:
     dtype: str = "bfloat16"
     attn_impl: str = "naive"  # MLA: naive (full K/V) | absorb (latent cache)
     gemm_impl: str = "bf16"  # bf16 | fp8 | gguf (keep a GGUF file's Q4_0/Q4_1/Q8_0 blocks)
-    checkpointing: bool = False  # activation checkpointing, non-reentrant
+    checkpointing: bool = False  # activation checkpointing (verse.load and the trainer call parallelize.apply_ac)
     checkpoint_every: int = 1  # checkpoint every k-th layer when checkpointing
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
+        self.wo.init_scale = (2 * args.n_layers) ** -0.5  # a residual output projection (GPT-2)
         self.cache: Optional[KVCache] = None
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype) -> None:
@@ -63,7 +64,7 @@ class Attention(nn.Module):
             y = decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+                                               enable_gqa=k.size(1) != q.size(1))
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

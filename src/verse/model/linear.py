@@ -66,6 +66,15 @@ class Linear(nn.Linear):
         self.ggml_type: Optional[int] = None
         self.gemm_impl = gemm_impl
         self.block_size = BLOCK_SIZE
+        # std multiplier of `init_weights`, set by the owner: 1/sqrt(2 * n_layers) for residual output projections
+        self.init_scale = 1.0
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Weight ~ N(0, std * init_scale) (GPT-2 style), bias 0: this layer's own parameters only."""
+        nn.init.normal_(self.weight, mean=0.0, std=std * self.init_scale)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     @property
     def is_fp8(self) -> bool:

@@ -93,6 +93,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim))
         self.wo = Linear(self.n_heads * self.v_head_dim, args.dim)
+        self.wo.init_scale = (2 * args.n_layers) ** -0.5  # a residual output projection (GPT-2)
         self.cache: Optional[KVCache] = None
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype) -> None:
@@ -142,7 +143,8 @@ class MLA(nn.Module):
             y = F.scaled_dot_product_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, attn_mask=mask,
                                                is_causal=mask is None, scale=self.softmax_scale)
         else:
-            wkv_b = self.wkv_b.dequantized_weight(x.dtype).view(self.n_heads, -1, self.kv_lora_rank)
+            wkv_b = self.wkv_b.dequantized_weight(x.dtype).view(-1, self.qk_nope_head_dim + self.v_head_dim,
+                                                                self.kv_lora_rank)
             # q_nope . (W_uk c) = (W_uk^T q_nope) . c: queries move into the latent space (DeepSeek-V2 2.1.2)
             q_latent = q_nope @ wkv_b[:, :self.qk_nope_head_dim]  # [B, H, T, kv_lora_rank]
             k = torch.cat((kv.unsqueeze(1), k_rope), dim=-1)  # [B, 1, T, kv_lora_rank + rope]

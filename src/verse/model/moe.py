@@ -53,7 +53,7 @@ class Gate(nn.Module):
                      if has_router_bias(args) else None)
 
     @torch.no_grad()
-    def reset_parameters(self, std: float) -> None:
+    def init_weights(self, std: float = 0.02) -> None:
         """Router weight ~ N(0, std), bias 0."""
         nn.init.normal_(self.weight, mean=0.0, std=std)
         if self.bias is not None:
@@ -93,20 +93,22 @@ class Experts(nn.Module):
         n_experts (int): number of experts.
         dim (int): model width.
         inter_dim (int): hidden width of each expert.
+        out_scale (float): `init_weights` std multiplier of the down projections (residual outputs).
     """
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, out_scale: float = 1.0):
         super().__init__()
+        self.out_scale = out_scale
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up
 
     @torch.no_grad()
-    def reset_parameters(self, std: float, out_scale: float = 1.0) -> None:
+    def init_weights(self, std: float = 0.02) -> None:
         """Weights ~ N(0, std); the down projection (a residual output) ~ N(0, std * out_scale)."""
         nn.init.normal_(self.w1, mean=0.0, std=std)
         nn.init.normal_(self.w3, mean=0.0, std=std)
-        nn.init.normal_(self.w2, mean=0.0, std=std * out_scale)
+        nn.init.normal_(self.w2, mean=0.0, std=std * self.out_scale)
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         """Whether `grouped_mm` can run on `x`: bfloat16, rows of 16-byte multiples."""
@@ -214,8 +216,9 @@ class MoE(nn.Module):
         self.aux_loss_alpha = args.aux_loss_alpha
         self.bias_update_rate = args.router_bias_update_rate
         self.gate = Gate(args)
-        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
-        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
+        out_scale = (2 * args.n_layers) ** -0.5  # residual output projections (GPT-2)
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim, out_scale)
+        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, out_scale)
                                if args.n_shared_experts > 0 else None)
         # tokens per expert while training: since the last `stats()` and since the last `update_bias()`
         self.register_buffer("expert_load", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)

@@ -18,6 +18,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Weight = 1 (`std` is accepted for a uniform signature and unused)."""
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize the last dimension of `x`; output has `x`'s dtype."""
         return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight

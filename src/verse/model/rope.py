@@ -1,7 +1,7 @@
 """Rotary position embeddings (Su et al., 2021) with linear, Llama-3 and YaRN context scaling."""
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -48,14 +48,27 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_cos_sin(args: ModelArgs, dim: int, device: torch.device | str | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cosine and sine tables for positions 0..max_seq_len-1, in the rotate-half layout of Llama.
+def rope_length(needed: int, max_seq_len: int) -> int:
+    """Rows of a RoPE table that serves `needed` positions: the next power of two, capped at `max_seq_len` (never
+    below `needed`), so that tables grown on demand grow a few times per run."""
+    return max(needed, min(max_seq_len, 1 << max(needed - 1, 0).bit_length()))
+
+
+def rope_cos_sin(args: ModelArgs, dim: int, device: torch.device | str | None = None,
+                 length: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cosine and sine tables for positions 0..length-1, in the rotate-half layout of Llama.
+
+    Args:
+        args (ModelArgs): RoPE configuration.
+        dim (int): rotated channels.
+        device (torch.device | str | None): where the tables go.
+        length (Optional[int]): positions; default `args.max_seq_len`.
 
     Returns:
-        Tuple[torch.Tensor, torch.Tensor]: float32 cos and sin, each [max_seq_len, dim].
+        Tuple[torch.Tensor, torch.Tensor]: float32 cos and sin, each [length, dim].
     """
     inv_freq = rope_frequencies(args, dim).to(device)
-    positions = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
+    positions = torch.arange(args.max_seq_len if length is None else length, dtype=torch.float32, device=device)
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos(), angles.sin()

@@ -1,11 +1,10 @@
 """`ReasoningLLM`: the decoder-only transformer of Verse (dense Llama/Mistral and DeepSeek MLA/MoE layers)."""
 
 import contextlib
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from verse.config import ModelArgs
 from verse.model.attention import Attention
@@ -13,9 +12,9 @@ from verse.model.ffn import MLP
 from verse.model.linear import Linear, set_gemm_impl
 from verse.model.masks import causal_mask
 from verse.model.mla import MLA
-from verse.model.moe import Experts, Gate, MoE
+from verse.model.moe import MoE
 from verse.model.norm import RMSNorm
-from verse.model.rope import rope_cos_sin
+from verse.model.rope import rope_cos_sin, rope_length
 
 
 @contextlib.contextmanager
@@ -47,7 +46,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = MLA(args) if args.attention == "mla" else Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim)
+        self.ffn = (MoE(args) if args.is_moe_layer(layer_id)
+                    else MLP(args.dim, args.inter_dim, out_scale=(2 * args.n_layers) ** -0.5))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 input_pos: Optional[torch.Tensor] = None, aux_loss_scale: float = 1.0) -> torch.Tensor:
@@ -95,17 +95,42 @@ class ReasoningLLM(nn.Module):
         return {i: layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)}
 
     def reset_buffers(self) -> None:
-        """(Re)compute the RoPE tables on the parameters' device (needed after building on `meta`)."""
+        """Empty the RoPE tables (rebuilt at first use, for the length in use) and zero the MoE load counters, on the
+        parameters' device (needed after building on `meta`)."""
         device = self.embed.weight.device
         if device.type == "meta":
             return
-        self.cos, self.sin = rope_cos_sin(self.args, self.rope_dim, device)
+        self.cos = self.sin = torch.empty(0, self.rope_dim, device=device)
         for moe in self.moe_layers.values():
             moe.reset_stats()
 
+    def rope(self, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE cos/sin tables [>= length, rope_dim] (float32), grown when `length` exceeds them.
+
+        Tables are built lazily, never for `max_seq_len` up front (1e9 positions would take gigabytes): at first use
+        for a power-of-two length that covers `length` (at most `max_seq_len` unless more is needed), so that a few
+        growths serve a whole run and compiled code sees a stable size.
+
+        Args:
+            length (int): positions needed (0..length-1).
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: cos and sin, each float32 [n >= length, rope_dim].
+        """
+        if self.cos.size(0) < length:
+            self.cos, self.sin = rope_cos_sin(self.args, self.rope_dim, self.embed.weight.device,
+                                              rope_length(length, self.args.max_seq_len))
+        return self.cos, self.sin
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """GPT-2 style initialization: N(0, std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        """GPT-2 style initialization: N(0, std), residual output projections scaled by 1/sqrt(2 * n_layers).
+
+        Each module initialises its own parameters (`init_weights` of `Linear`, `RMSNorm`, `Gate`, `Experts`; the
+        owner of a residual output projection sets its `init_scale`), so a model built on `meta`, sharded and
+        materialised with `to_empty` is initialised module by module after sharding (torchtitan style).
+        """
+        self.reset_buffers()
         for name, module in self.named_modules():
             self.init_module(name, module, std)
 
@@ -119,17 +144,10 @@ class ReasoningLLM(nn.Module):
             module (nn.Module): the module.
             std (float): standard deviation of the normal init.
         """
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            scale = (2 * self.args.n_layers) ** -0.5 if name.endswith(("wo", "w2")) else 1.0
-            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, Gate):
-            module.reset_parameters(std)
-        elif isinstance(module, Experts):
-            module.reset_parameters(std, (2 * self.args.n_layers) ** -0.5)
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif module is not self and hasattr(module, "init_weights"):
+            module.init_weights(std)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None,
                     dtype: Optional[torch.dtype] = None) -> None:
@@ -142,6 +160,7 @@ class ReasoningLLM(nn.Module):
         """
         max_seq_len = min(max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
         dtype = dtype or self.embed.weight.dtype
+        self.rope(max_seq_len)  # decoding then never grows the tables (compiled steps keep their shapes)
         for layer in self.layers:
             layer.attn.setup_cache(max_batch_size, max_seq_len, dtype)
 
@@ -176,25 +195,24 @@ class ReasoningLLM(nn.Module):
             torch.Tensor: [B, T, dim].
         """
         T = input_ids.size(1)
+        # positions stay below the sequence length (packed documents restart at 0) or the KV cache's size
+        cos, sin = self.rope(max(T, self.cache_len))
         if position_ids is not None:
-            cos, sin = self.cos[position_ids], self.sin[position_ids]
+            cos, sin = cos[position_ids], sin[position_ids]
         elif input_pos is not None:
-            cos, sin = self.cos[input_pos], self.sin[input_pos]
+            cos, sin = cos[input_pos], sin[input_pos]
             if input_pos.dim() == 1:
                 cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
         else:
-            cos, sin = self.cos[:T].unsqueeze(0), self.sin[:T].unsqueeze(0)
+            cos, sin = cos[:T].unsqueeze(0), sin[:T].unsqueeze(0)
         if input_pos is not None and self.cache_len and attn_mask is None:
             # attend over the filled part of the cache only: keys past the newest position are not written yet
             attn_mask = causal_mask(input_pos, int(input_pos.max()) + 1, self.args.sliding_window)
         elif attn_mask is None and self.args.sliding_window is not None and T > self.args.sliding_window:
             attn_mask = causal_mask(torch.arange(T, device=input_ids.device), T, self.args.sliding_window)
         h = self.embed(input_ids)
-        for i, layer in enumerate(self.layers):
-            if self.training and self.args.checkpointing and i % self.args.checkpoint_every == 0:
-                h = checkpoint(layer, h, cos, sin, attn_mask, input_pos, aux_loss_scale, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, attn_mask, input_pos, aux_loss_scale)
+        for layer in self.layers:  # activation checkpointing, when wanted, is applied from outside (apply_ac)
+            h = layer(h, cos, sin, attn_mask, input_pos, aux_loss_scale)
         return self.norm(h)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,

@@ -86,6 +86,7 @@ class LoraLinear(Linear):
         self.weight, self.bias, self.scale = base.weight, base.bias, base.scale
         self.ggml_type = base.ggml_type
         self.gemm_impl, self.block_size = base.gemm_impl, base.block_size  # the base layer's own GEMM settings
+        self.init_scale = base.init_scale
         for p in base.parameters(recurse=False):
             p.requires_grad_(False)
         kind = dict(dtype=_adapter_dtype(base.weight, dtype), device=base.weight.device)
@@ -163,6 +164,7 @@ class LoraExperts(Experts):
     def __init__(self, base: Experts, args: LoraArgs, dtype: Optional[torch.dtype] = None):
         nn.Module.__init__(self)
         self.w1, self.w2, self.w3 = base.w1, base.w2, base.w3
+        self.out_scale = base.out_scale
         kind = dict(dtype=_adapter_dtype(self.w1, dtype), device=self.w1.device)
         self.scaling = args.scaling
         for key in ("w1", "w2", "w3"):
@@ -300,6 +302,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if isinstance(module, LoraExperts):
             plain = Experts.__new__(Experts)
             nn.Module.__init__(plain)
+            plain.out_scale = module.out_scale
             for key, delta in module.delta_weights().items():
                 base = getattr(module, key)
                 setattr(plain, key, nn.Parameter((base.float() + delta.float()).to(base.dtype)))
@@ -307,6 +310,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             weight = module.merged_weight()
             plain = Linear(module.in_features, module.out_features, bias=module.bias is not None,
                            gemm_impl=module.gemm_impl, device="meta")
+            plain.init_scale = module.init_scale
             plain.weight = nn.Parameter(weight)
             if module.bias is not None:
                 plain.bias = nn.Parameter(module.bias.detach())

@@ -28,7 +28,7 @@ from verse.train.loss import IGNORE_INDEX, batch_loss
 from verse.train.metrics import (MetricsLog, compute_dtype, device_peak_flops, memory_bytes, mfu, moe_stats,
                                  plot_run)
 from verse.train.optim import TrainOptimizer
-from verse.train.parallelize import update_router_bias
+from verse.train.parallelize import apply_ac, update_router_bias
 from verse.train.schedule import lr_at
 
 CONFIG_FILE = ckpt.CONFIG_FILE
@@ -120,6 +120,8 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None, d
     if cfg.max_seq_len > model.args.max_seq_len:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's limit ({model.args.max_seq_len}); "
                           f"lower max_seq_len")
+    if model.args.checkpointing:  # activation_checkpointing=k (or a model override): applied from outside
+        apply_ac(model, every=model.args.checkpoint_every)
     return model.train()
 
 

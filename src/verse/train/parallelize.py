@@ -2,8 +2,8 @@
 torchtitan's `parallelize_llama`): tensor parallelism with DTensor `parallelize_module` (Megatron-LM column/row
 splits), then FSDP2 `fully_shard` per block and on the root (HSDP over `dp_replicate`), then `to_empty` and an
 initialisation that gives every rank exactly its shard of what one process would have drawn. No rank ever holds
-the full model: at most one module's full parameters exist at a time. The cross-rank parts of training the model
-itself knows nothing of live here too (`update_router_bias`).
+the full model: at most one module's full parameters exist at a time. The cross-rank parts of training and the
+activation checkpointing the model itself knows nothing of live here too (`update_router_bias`, `apply_ac`).
 """
 
 import contextlib
@@ -201,3 +201,28 @@ def parallelize(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | N
     if dist.parallel.tp > 1:
         apply_tp(model, dist)
     apply_fsdp(model, dist, param_dtype=param_dtype)
+
+
+def apply_ac(model: nn.Module, every: int = 1) -> nn.Module:
+    """Activation checkpointing applied from outside (torchtitan's `apply_ac`): every `every`-th block (0, k, 2k,
+    ...) keeps only its input in the forward and recomputes the rest in the backward (non-reentrant).
+
+    Uses `torch.distributed._composable.checkpoint`, which hooks the blocks instead of wrapping them: parameter and
+    state-dict names stay as they are (checkpoints and Hugging Face export see no wrapper prefix), and FSDP2's
+    `fully_shard` composes with it. Blocks already checkpointed are left as they are.
+
+    Args:
+        model (nn.Module): a `ReasoningLLM` (anything with `layers`).
+        every (int): checkpoint every k-th block (1 = all).
+
+    Returns:
+        nn.Module: `model`, changed in place.
+    """
+    from torch.distributed._composable import checkpoint
+
+    if every < 1:
+        raise ValueError(f"apply_ac: every must be >= 1, got {every}")
+    for i, block in enumerate(model.layers):
+        if i % every == 0 and checkpoint.state(block) is None:
+            checkpoint(block)
+    return model
