@@ -24,6 +24,8 @@ DEFERRED = {
     ("verse.interop.load", "verse.peft"),
     # a preset takes its tokenizer's vocabulary (`verse.config.preset_args`)
     ("verse.config", "verse.tokenization"),
+    # `verse eval`'s held-out loss is training's own loss (train -> rl (mode=grpo) -> eval -> train)
+    ("verse.eval.loss", "verse.train.loss"),
 }
 
 
