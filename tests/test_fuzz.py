@@ -141,8 +141,8 @@ def test_fuzz_safetensors_header(checkpoint, scratch, capsys, data):
     if how == "entry":  # one tensor's dtype / shape / offsets replaced
         name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
         field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
-        header[name][field] = data.draw(st.sampled_from(["U8", "I64", "BOOL", "F8_E5M2", "F64", "X"]) if field == "dtype"
-                                        else st.lists(st.integers(-5, 2**40), max_size=3))
+        dtypes = st.sampled_from(["U8", "I64", "BOOL", "F8_E5M2", "F64", "X"])
+        header[name][field] = data.draw(dtypes if field == "dtype" else st.lists(st.integers(-5, 2**40), max_size=3))
         text = json.dumps(header).encode()
         raw = struct.pack("<Q", len(text)) + text + raw[8 + size:]
     elif how == "length":

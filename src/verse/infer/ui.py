@@ -1,10 +1,11 @@
 """The Gradio chat UI of `verse chat --ui`: streamed replies, reasoning in a collapsible box, stop and reset.
 
 All requests that use the model share one queue (`concurrency_id="model"`): with limit 1 concurrent users are
-served in turn; with a batching engine (`--slots N`) up to N replies decode together in its batch. Inputs are bounded (message and system prompt length, max tokens, sampling ranges, NaN
-included) and only ever reach the tokenizer: nothing typed is used as a path or a command. The chat takes no
-files, so Gradio's upload route is closed; clients see `VerseError` messages (about their input) and a generic
-line for anything else, whose detail goes to the server log.
+served in turn; with a batching engine (`--slots N`) up to N replies decode together in its batch. Inputs are
+bounded (message and system prompt length, max tokens, sampling ranges, NaN included) and only ever reach the
+tokenizer: nothing typed is used as a path or a command. The chat takes no files, so Gradio's upload route is
+closed; clients see `VerseError` messages (about their input) and a generic line for anything else, whose detail
+goes to the server log.
 """
 
 import logging

@@ -265,7 +265,8 @@ def _render(template: jinja2.Template, messages: Sequence[Dict[str, str]], add_g
     blocks: List[str] = []
     size = 0
     try:
-        with template.environment.watchdog.limit(TEMPLATE_SECONDS), template.environment.track_generation(blocks, [] if spans is None else spans):
+        env = template.environment
+        with env.watchdog.limit(TEMPLATE_SECONDS), env.track_generation(blocks, [] if spans is None else spans):
             for block in template.generate(**kwargs):
                 blocks.append(block)
                 size += len(block)
