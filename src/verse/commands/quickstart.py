@@ -10,6 +10,7 @@ EXAMPLES = """  verse quickstart                              # runs/quickstart:
   verse quickstart --budget-s 300 --n-eval 32   # a shorter run (fewer steps, fewer held-out problems)
   verse quickstart --device cuda --steps 100
   verse quickstart --finetune lora              # LoRA adapters (rank 16, all projections) on the frozen base
+  verse quickstart --rl                         # a short SFT, then GRPO on the same task: before -> SFT -> RL
 """
 
 
@@ -31,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peak learning rate (default 2e-4 for full, 1e-3 for lora/qlora)")
     parser.add_argument("--finetune", choices=("full", "lora", "qlora"), default=d.finetune,
                         help="full fine-tune (default), or LoRA / QLoRA adapters on the frozen base")
+    parser.add_argument("--rl", action="store_true",
+                        help="after a short SFT, reinforcement learning (GRPO, rewarded for the right answer and the "
+                             "<think> format) on the same task; prints accuracy before -> after SFT -> after RL")
+    parser.add_argument("--rl-steps", type=int, default=d.rl_steps, help=f"GRPO steps with --rl (default "
+                                                                          f"{d.rl_steps})")
     parser.add_argument("--device", default=d.device, help="auto (default), cpu, cuda")
 
 
@@ -39,13 +45,16 @@ def run(args: argparse.Namespace) -> int:
     from verse.quickstart.pipeline import QuickstartConfig, record_run, run_quickstart
     from verse.quickstart.report import card_lines, next_commands, write_report
 
-    for name in ("steps", "n_eval"):
+    for name in ("steps", "n_eval", "rl_steps"):
         if getattr(args, name) < 1:
             raise VerseError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.budget_s < 0 or (args.lr is not None and args.lr <= 0):
         raise VerseError("--budget-s must be >= 0 and --lr > 0")
+    if args.rl and args.finetune != "full":
+        raise VerseError(f"--rl continues a full fine-tune for now; drop --finetune {args.finetune} or --rl")
     cfg = QuickstartConfig(out_dir=args.out, budget_s=args.budget_s, steps=args.steps, seed=args.seed,
-                           n_eval=args.n_eval, lr=args.lr, device=args.device, finetune=args.finetune)
+                           n_eval=args.n_eval, lr=args.lr, device=args.device, finetune=args.finetune, rl=args.rl,
+                           rl_steps=args.rl_steps)
     result = run_quickstart(cfg)
     report = write_report(result.run_dir / "report.md", result.numbers, result.samples)
     record_run(result.run_dir, result.numbers)  # the report too is the quickstart's own (a rerun replaces it)

@@ -5,6 +5,7 @@ The run directory ends up with everything a user needs to repeat, edit or contin
     RUN/data/{train,heldout}.jsonl   the generated task (OpenThoughts schema)
     RUN/train.yaml                   the `verse train` config the SFT ran with
     RUN/train/                       the training run (checkpoint, metrics.jsonl, config.yaml)
+    RUN/rl.yaml, RUN/rl/             with --rl: the GRPO config and run that continue from the SFT model
     RUN/final/                       the fine-tuned model (transformers-loadable)
     RUN/report.md, RUN/loss_curve.png, RUN/quickstart.json, RUN/samples.jsonl
 """
@@ -28,11 +29,15 @@ from verse.quickstart import task
 
 MARKER = "quickstart.json"
 # what a quickstart writes into its run directory (besides MARKER); a rerun deletes only recorded files in these
-OWN_ENTRIES = ("data", "train.yaml", "train", "final", "report.md", "loss_curve.png", "samples.jsonl")
+OWN_ENTRIES = ("data", "train.yaml", "train", "rl.yaml", "rl", "final", "report.md", "loss_curve.png",
+               "samples.jsonl")
 # peak learning rate by fine-tuning method: adapters start at zero and need a larger step than full weights
 DEFAULT_LR = {"full": 2e-4, "lora": 1e-3, "qlora": 1e-3}
 LORA = {"rank": 16, "alpha": 32, "targets": ["all"]}
 LAST_NUMBER = r"(-?\d+)"
+# with --rl: SFT stops early (it would otherwise leave RL little to add), then GRPO on the same task
+RL_SFT_STEPS = 10
+RL_LR = 2e-5
 
 
 @dataclass
@@ -54,6 +59,9 @@ class QuickstartConfig:
         eval_batch_size (int): problems generated together.
         max_new_tokens (int): reply length limit when scoring.
         device (str): auto | cpu | cuda.
+        rl (bool): continue after SFT (capped at `RL_SFT_STEPS` steps) with `rl_steps` GRPO steps on the same
+            task, rewarded for the right `Answer: N` and the `<think>` format.
+        rl_steps (int): GRPO steps.
     """
 
     out_dir: str = "runs/quickstart"
@@ -69,6 +77,8 @@ class QuickstartConfig:
     eval_batch_size: int = 32
     max_new_tokens: int = 112
     device: str = "auto"
+    rl: bool = False
+    rl_steps: int = 20
 
 
 @dataclass
@@ -206,6 +216,30 @@ def train_config(cfg: QuickstartConfig, run_dir: Path, model_path: str, steps: i
     }
 
 
+def rl_config(cfg: QuickstartConfig, run_dir: Path, model_path: str, tokenizer_path: str, device: torch.device
+              ) -> Dict[str, Any]:
+    """The `verse train mode=grpo` config of `--rl` (written to RUN/rl.yaml): GRPO from the SFT model on the same
+    training problems, the held-out split scored at the end.
+
+    Args:
+        cfg (QuickstartConfig): quickstart settings.
+        run_dir (Path): run directory.
+        model_path (str): the SFT model (a checkpoint, or with LoRA the adapter directory).
+        tokenizer_path (str): where its tokenizer is.
+        device (torch.device): training device.
+
+    Returns:
+        Dict[str, Any]: TrainConfig fields.
+    """
+    sft = train_config(cfg, run_dir, model_path, cfg.rl_steps, device)
+    sft["data"].update(pack=False)
+    return {**sft, "mode": "grpo", "tokenizer": tokenizer_path, "out_dir": str(run_dir / "rl"),
+            "lr": RL_LR, "min_lr": RL_LR, "schedule": "constant", "warmup_steps": 0, "micro_batch_size": 8,
+            "grpo": {"group_size": 8, "prompts_per_step": 4, "num_iterations": 1, "beta": 0.0,
+                     "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0,
+                     "rewards": [{"name": "exact_answer", "weight": 1.0}, {"name": "format", "weight": 0.2}]}}
+
+
 def measure_step_seconds(model, micro_batch_size: int, max_seq_len: int) -> float:
     """Seconds of one training forward + backward on a full packed micro-batch (to fit steps in a budget).
 
@@ -307,8 +341,8 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
     # the base model rarely writes the 'Answer: N' line: also score the last number of its replies
     lenient = [extract_answer(b["reply"], LAST_NUMBER) == b["reference"] for b in before.samples]
     numbers["accuracy_before_last_number"] = sum(lenient) / len(lenient)
-    steps = cfg.steps
-    if cfg.budget_s:
+    steps = min(cfg.steps, RL_SFT_STEPS) if cfg.rl else cfg.steps
+    if cfg.budget_s and not cfg.rl:
         step_s = measure_step_seconds(model, cfg.micro_batch_size, cfg.max_seq_len) * 1.15  # + optimizer update
         # what is left after training: loading twice more, saving, scoring again (trained replies are longer)
         rest = time.perf_counter() - start + 2 * before.seconds + 3 * numbers["load_s"]
@@ -330,6 +364,24 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
 
     model = load_model(result.final_dir, device=device, dtype=dtype)  # a LoRA run's: the base + its adapter
     after = score("after", model)
+    if cfg.rl:
+        del model
+        gc.collect()
+        numbers["accuracy_sft"] = after.accuracy
+        numbers["sft_steps"] = result.step
+        config = rl_config(cfg, run_dir, str(result.final_dir), gguf, device)
+        (run_dir / "rl.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        log(f"reinforcement learning (GRPO) for {cfg.rl_steps} steps: verse train {run_dir / 'rl.yaml'}")
+        t = time.perf_counter()
+        rl_result = train(TrainConfig.load(str(run_dir / "rl.yaml")), progress=progress)
+        record_run(run_dir, {"status": "running"})
+        numbers["rl_s"] = time.perf_counter() - t
+        rewards = [m["reward_mean"] for m in rl_result.metrics if m.get("kind") == "train"]
+        numbers["reward_first"], numbers["reward_last"] = rewards[0], sum(rewards[-5:]) / len(rewards[-5:])
+        model = load_model(rl_result.final_dir, device=device, dtype=dtype)
+        after = score("after_rl", model)
+        numbers["accuracy_after"], numbers["unanswered_after"] = after.accuracy, after.unanswered
+        shutil.rmtree(rl_result.final_dir / "train_state", ignore_errors=True)
     final_dir = run_dir / "final"
     if cfg.finetune != "full":
         from verse.peft import merge_lora

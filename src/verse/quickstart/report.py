@@ -14,10 +14,15 @@ def card_lines(numbers: Dict[str, Any]) -> List[str]:
         List[str]: one line per fact.
     """
     gain = 100 * (numbers["accuracy_after"] - numbers["accuracy_before"])
+    if "accuracy_sft" in numbers:  # --rl: SFT, then GRPO
+        accuracy = (f"held-out accuracy: before {100 * numbers['accuracy_before']:.1f}% -> after SFT "
+                    f"{100 * numbers['accuracy_sft']:.1f}% -> after RL {100 * numbers['accuracy_after']:.1f}%")
+    else:
+        accuracy = (f"held-out accuracy: before {100 * numbers['accuracy_before']:.1f}% -> after "
+                    f"{100 * numbers['accuracy_after']:.1f}%")
     lines = [
         f"model: {numbers['model']} on {numbers['device']}",
-        f"held-out accuracy: before {100 * numbers['accuracy_before']:.1f}% -> after "
-        f"{100 * numbers['accuracy_after']:.1f}%",
+        accuracy,
         f"accuracy gain: {gain:+.1f} points on {numbers['config']['n_eval']} held-out problems (greedy, exact match)",
     ]
     if "unanswered_before" in numbers:
@@ -35,7 +40,9 @@ def card_lines(numbers: Dict[str, Any]) -> List[str]:
         ]
     lines += [
         f"time: load {numbers['load_s']:.0f} s, eval before {numbers['eval_before_s']:.0f} s, "
-        f"train {numbers['train_s']:.0f} s, eval after {numbers['eval_after_s']:.0f} s",
+        f"train {numbers['train_s']:.0f} s, eval after {numbers['eval_after_s']:.0f} s"
+        + (f", RL {numbers['rl_s']:.0f} s, eval after RL {numbers['eval_after_rl_s']:.0f} s" if "rl_s" in numbers
+           else ""),
         f"wall time: {numbers['wall_s']:.0f} s",
     ]
     return lines
