@@ -209,7 +209,7 @@ def test_grpo_section_is_typed_and_validated():
                               ("grpo.nope=1", r"grpo: unknown field\(s\) nope"),
                               ("grpo.rewards=[{name: format, weight: x}]", r"grpo.rewards\[0\].weight: must be a num"),
                               ("grpo.rewards=[]", "grpo.rewards: must be a non-empty list"),
-                              ("grpo.rewards=[nope]", r"grpo.rewards\[0\].name: unknown reward 'nope'")]:
+                              ("grpo.rewards=[{weight: 1}]", r"grpo.rewards\[0\]: must be a reward name")]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig.load(None, ["mode=grpo", "model=x", override])
     with pytest.raises(ConfigError, match="grpo: set mode=grpo to use it"):
@@ -248,7 +248,7 @@ def test_tiny_model_learns_a_toy_task_by_grpo_alone(tmp_path, monkeypatch):
 
     import verse
     from verse.train.config import TrainConfig
-    from verse.train.loop import train
+    from verse.rl.trainer import train_grpo as train
 
     (tmp_path / "toy_rewards.py").write_text(
         "def near_seven(prompt, completion, reference):\n"
@@ -294,7 +294,7 @@ def test_grpo_resume_is_exact(tmp_path):
 
     import verse
     from verse.train.config import TrainConfig
-    from verse.train.loop import train
+    from verse.rl.trainer import train_grpo as train
 
     torch.manual_seed(0)
     verse.ReasoningLLM(verse.ModelArgs.from_preset("tiny", dtype="float32")).save_pretrained(
@@ -398,3 +398,29 @@ def test_quickstart_rl_adds_to_sft(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert re.search(r"^held-out accuracy: before \d+\.\d% -> after SFT \d+\.\d% -> after RL \d+\.\d%$", printed,
                      re.MULTILINE)
+
+
+def test_cli_grpo_bad_reward_is_one_line_before_anything_is_written(tmp_path, capsys):
+    import json
+
+    import verse
+    from verse.cli import main
+
+    verse.ReasoningLLM(verse.ModelArgs.from_preset("tiny", dtype="float32")).save_pretrained(
+        tmp_path / "base", tokenizer=verse.load_tokenizer("byte"))
+    (tmp_path / "data.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"},
+                                                                  {"role": "assistant", "content": "Answer: 2"}]}))
+    (tmp_path / "grpo.yaml").write_text(f"mode: grpo\nmodel: {tmp_path / 'base'}\nmax_seq_len: 64\ndevice: cpu\n"
+                                        f"data: {{sources: [{tmp_path / 'data.jsonl'}]}}\n")
+    common = ["train", str(tmp_path / "grpo.yaml"), f"out_dir={tmp_path / 'run'}"]
+    for rewards, message in [("[nope]", "unknown reward 'nope'"), ("[no_such_module:f]", "cannot load reward")]:
+        assert main(common + [f"grpo.rewards={rewards}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and "Traceback" not in err
+        assert not (tmp_path / "run").exists()
+    from verse.errors import ConfigError
+    from verse.train.config import TrainConfig
+    from verse.train.loop import train
+
+    with pytest.raises(ConfigError, match="mode=grpo runs through verse.rl.trainer.train_grpo"):
+        train(TrainConfig.load(common[1], common[2:]))

@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a CONFIG.yaml, --preset NAME or --resume RUN_DIR (see verse train --help)")
     else:
         cfg = TrainConfig.load(config, overrides, preset=args.preset)
+    if cfg.mode == "grpo":
+        from verse.rl.trainer import train_grpo as train
     result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
     if not result.is_main:  # under torchrun only rank 0 reports
         return 0

@@ -367,13 +367,15 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
     if cfg.rl:
         del model
         gc.collect()
+        from verse.rl.trainer import train_grpo
+
         numbers["accuracy_sft"] = after.accuracy
         numbers["sft_steps"] = result.step
         config = rl_config(cfg, run_dir, str(result.final_dir), gguf, device)
         (run_dir / "rl.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         log(f"reinforcement learning (GRPO) for {cfg.rl_steps} steps: verse train {run_dir / 'rl.yaml'}")
         t = time.perf_counter()
-        rl_result = train(TrainConfig.load(str(run_dir / "rl.yaml")), progress=progress)
+        rl_result = train_grpo(TrainConfig.load(str(run_dir / "rl.yaml")), progress=progress)
         record_run(run_dir, {"status": "running"})
         numbers["rl_s"] = time.perf_counter() - t
         rewards = [m["reward_mean"] for m in rl_result.metrics if m.get("kind") == "train"]

@@ -89,6 +89,21 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             del m.forward
 
 
+def train_grpo(cfg, **kwargs: Any):
+    """`verse.train.loop.train` for a mode=grpo config, with `GrpoTrainer` as its step (what `verse train` calls).
+
+    Args:
+        cfg (TrainConfig): a mode=grpo configuration.
+        **kwargs: `train`'s other keyword arguments (resume, progress, tokenizer).
+
+    Returns:
+        TrainResult: run directory, last checkpoint, per-step metrics.
+    """
+    from verse.train.loop import train
+
+    return train(cfg, algorithm=GrpoTrainer, **kwargs)
+
+
 class GrpoTrainer:
     """GRPO on a policy already built for training (full or LoRA), with the run's optimizer.
 

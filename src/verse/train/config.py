@@ -304,21 +304,16 @@ class TrainConfig:
         rewards = values["rewards"]
         check(isinstance(rewards, list) and len(rewards) > 0, "rewards", "must be a non-empty list of "
               "{name, weight, args}")
-        from verse.rl.rewards import BUILTIN
-
-        parsed = []
+        parsed = []  # names are resolved by verse.rl (built-ins, module:function) before the run writes anything
         for i, item in enumerate(rewards):
             where = f"{source}: grpo.rewards[{i}]"
             if isinstance(item, str):
                 item = {"name": item}
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
                 raise ConfigError(f"{where}: must be a reward name or a mapping with name, weight, args; got {item!r}")
             extra = sorted(set(item) - {"name", "weight", "args"})
             if extra:
                 raise ConfigError(f"{where}: unknown field(s) {', '.join(extra)} (known: name, weight, args)")
-            if item["name"] not in BUILTIN and ":" not in item["name"]:
-                raise ConfigError(f"{where}.name: unknown reward {item['name']!r}: use one of {', '.join(BUILTIN)} "
-                                  "or module:function")
             weight = as_number(item.get("weight", 1.0))
             if not is_num(weight):
                 raise ConfigError(f"{where}.weight: must be a number, got {item.get('weight')!r}")

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -326,7 +326,8 @@ def evaluate(model: ReasoningLLM, loader: Iterable, n_batches: int, device: torc
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] = None,
-          eval_loader: Optional[Iterable] = None, tokenizer: Any = None, progress: bool = True) -> TrainResult:
+          eval_loader: Optional[Iterable] = None, tokenizer: Any = None, progress: bool = True,
+          algorithm: Optional[Callable] = None) -> TrainResult:
     """Run training as configured; what `verse train` calls.
 
     Args:
@@ -337,6 +338,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
         eval_loader (Optional[Iterable]): held-out micro-batches; default the data's eval split.
         tokenizer: saved with each checkpoint; default loaded from `cfg.tokenizer` / the model.
         progress (bool): show a tqdm progress bar.
+        algorithm (Optional[Callable]): mode=grpo: `(cfg, model, tokenizer) ->` the object that runs each step
+            in place of `train_step` (`step(optimizer, step, autocast)`, `evaluate()`, `args.eval_every`);
+            `verse.rl.trainer.train_grpo` passes its `GrpoTrainer`.
 
     Under `torchrun` (WORLD_SIZE > 1) every rank runs this: the `parallel:` section lays the ranks out, `loader`
     (when given) must yield this data-parallel rank's share of each global batch, and only rank 0 prints,
@@ -346,6 +350,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
         TrainResult: run directory, last checkpoint, per-step metrics.
     """
     cfg.validate()
+    if (cfg.mode == "grpo") != (algorithm is not None):
+        raise ConfigError("mode=grpo runs through verse.rl.trainer.train_grpo (as `verse train` does), and only it "
+                          "takes an algorithm")
     run_dir = Path(cfg.out_dir).expanduser()
     # everything a user can get wrong is checked before anything heavy runs or anything is written
     if loader is None:
@@ -356,13 +363,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
     dist = init_distributed(ParallelConfig.from_dict(cfg.parallel), device)
     try:
         return _train(cfg, dist, run_dir, resume=resume, loader=loader, eval_loader=eval_loader, tokenizer=tokenizer,
-                      progress=progress)
+                      progress=progress, algorithm=algorithm)
     finally:
         dist.close()
 
 
 def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader: Optional[Iterable],
-           eval_loader: Optional[Iterable], tokenizer: Any, progress: bool) -> TrainResult:
+           eval_loader: Optional[Iterable], tokenizer: Any, progress: bool, algorithm: Optional[Callable] = None
+           ) -> TrainResult:
     device = dist.device
     step, skipped, bad_in_row, tokens_seen = 0, 0, 0, 0
     if resume:
@@ -390,12 +398,10 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
     if tokenizer is not None:  # e.g. the byte tokenizer without special ids for a 256-id ByteGPT
         tokenizer = tokenizer.fit_vocab(model.args.vocab_size, f"model={cfg.model}")
     rl = None
-    if cfg.mode == "grpo":  # GRPO samples its own batches from the data's prompts (verse.rl)
-        from verse.rl.trainer import GrpoTrainer
-
+    if algorithm is not None:  # GRPO samples its own batches from the data's prompts (verse.rl)
         if dist.enabled:
             raise ConfigError("mode=grpo runs on one process for now: launch without torchrun")
-        rl = GrpoTrainer(cfg, model, tokenizer)
+        rl = algorithm(cfg, model, tokenizer)
     elif loader is None:
         loader, default_eval = build_loaders(cfg, tokenizer, dist)
         eval_loader = eval_loader if eval_loader is not None else default_eval
