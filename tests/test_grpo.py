@@ -192,6 +192,19 @@ def test_rollout_matches_the_generator_and_masks_only_completions(tiny_args):
     assert a.completions == b.completions and torch.equal(a.input_ids, b.input_ids)
 
 
+def test_training_after_generation_on_the_same_model(tiny_args):
+    """GRPO generates (inference mode) and then trains the same model: RoPE tables first built while generating
+    must still serve backward (they were inference tensors, and backward raised)."""
+    from verse.infer.generate import generate
+    from verse.model import ReasoningLLM
+
+    model = ReasoningLLM(tiny_args)
+    generate(model, None, [[1, 2, 3]], max_new_tokens=3, stop_ids=set())
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model(ids).float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_grpo_section_is_typed_and_validated():
     from verse.errors import ConfigError
     from verse.train.config import TrainConfig

@@ -118,8 +118,9 @@ class ReasoningLLM(nn.Module):
             Tuple[torch.Tensor, torch.Tensor]: cos and sin, each float32 [n >= length, rope_dim].
         """
         if self.cos.size(0) < length:
-            self.cos, self.sin = rope_cos_sin(self.args, self.rope_dim, self.embed.weight.device,
-                                              rope_length(length, self.args.max_seq_len))
+            with torch.inference_mode(False):  # built while generating, they still serve training (backward) later
+                self.cos, self.sin = rope_cos_sin(self.args, self.rope_dim, self.embed.weight.device,
+                                                  rope_length(length, self.args.max_seq_len))
         return self.cos, self.sin
 
     @torch.no_grad()
