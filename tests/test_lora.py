@@ -80,9 +80,10 @@ def verse_with_adapter(path, args: LoraArgs, seed: int = 5, **overrides):
 def test_dense_adapter_loads_in_peft_with_same_logits(llama_dir, tmp_path, dora, rslora):
     args = LoraArgs(rank=4, alpha=8, targets=("all",), dora=dora, rslora=rslora)
     model = verse_with_adapter(llama_dir, args)
-    save_adapter(model, tmp_path / "adapter", args, base=str(llama_dir))
+    save_adapter(model, tmp_path / "adapter", base=str(llama_dir))  # the settings are read back from the layers
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["use_dora"] is dora
+    assert (config["lora_alpha"], config["use_rslora"]) == (8, rslora)
     assert sorted(config["target_modules"]) == sorted(DENSE_TARGETS)
     reference = peft.PeftModel.from_pretrained(hf_model(llama_dir), tmp_path / "adapter").eval()
     with torch.no_grad():

@@ -128,11 +128,7 @@ def lora_args_of(model: nn.Module) -> LoraArgs:
     modules = list(lora_modules(model).values())
     if not modules:
         raise CheckpointError("the model has no LoRA adapters to save")
-    first = next((m for m in modules if isinstance(m, LoraLinear)), modules[0])
-    rank = first.lora_A.size(0) if isinstance(first, LoraLinear) else first.lora_A_w1.size(1)
-    dropout = getattr(getattr(first, "lora_dropout", None), "p", 0.0)
-    return LoraArgs(rank=rank, alpha=first.scaling * rank, dropout=dropout,
-                    dora=getattr(first, "lora_magnitude", None) is not None)
+    return next((m for m in modules if isinstance(m, LoraLinear)), modules[0]).lora_args
 
 
 def save_adapter(model: nn.Module, path: str | Path, args: Optional[LoraArgs] = None, base: Optional[str] = None,

@@ -90,7 +90,7 @@ class LoraLinear(Linear):
         for p in base.parameters(recurse=False):
             p.requires_grad_(False)
         kind = dict(dtype=_adapter_dtype(base.weight, dtype), device=base.weight.device)
-        self.scaling = args.scaling
+        self.lora_args, self.scaling = args, args.scaling
         self.lora_A = nn.Parameter(torch.empty(args.rank, self.in_features, **kind))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, args.rank, **kind))
         self.lora_dropout = nn.Dropout(args.dropout) if args.dropout > 0 else nn.Identity()
@@ -166,7 +166,7 @@ class LoraExperts(Experts):
         self.w1, self.w2, self.w3 = base.w1, base.w2, base.w3
         self.out_scale = base.out_scale
         kind = dict(dtype=_adapter_dtype(self.w1, dtype), device=self.w1.device)
-        self.scaling = args.scaling
+        self.lora_args, self.scaling = args, args.scaling
         for key in ("w1", "w2", "w3"):
             weight = getattr(self, key).requires_grad_(False)
             E, out, inp = weight.shape
