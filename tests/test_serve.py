@@ -70,6 +70,9 @@ def test_openai_client_chat_and_completions(server, checkpoint, capsys):
     url, _ = server
     api = client(url)
     assert [m.id for m in api.models.list().data] == ["tiny"]
+    with pytest.raises(openai.NotFoundError, match="does not exist") as refused:
+        api.completions.create(model="gpt-4o", prompt="Hello", max_tokens=2)
+    assert refused.value.code == "model_not_found"
     main(["generate", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "12", "--json"])
     want = json.loads(capsys.readouterr().out)["text"]
     done = api.completions.create(model="tiny", prompt="Hello", max_tokens=12, temperature=0)
@@ -143,6 +146,8 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     (None, {"model": "tiny", "prompt": "hi", "temperature": "hot"}, "temperature", None),
     (None, {"model": "tiny", "prompt": "hi", "seed": -3}, "seed", None),
     (None, {"model": "tiny", "prompt": {"text": "hi"}}, "prompt", None),
+    (None, {"model": 7, "prompt": "hi"}, "model", None),
+    (None, ["not", "an", "object"], None, None),
 ])
 def test_bad_requests_get_400_and_the_server_stays_up(server, content, body, param, code):
     url, engine = server

@@ -8,7 +8,8 @@ attends over a contiguous view of the cache and never gathers rows. Every reques
 parameters, seed (a private `torch.Generator`, drawn from in the same order as `verse generate --seed`), token
 budget and stop strings, so its output is the one `verse generate` gives for it alone.
 
-The engine runs in one thread (`start`); any thread may `submit` and `cancel`. `step` drives it by hand.
+The engine runs in one thread (`start`); any thread may `submit` and `cancel`. `step` drives it by hand. It owns
+the model's KV cache (`setup_cache`) until `stop`: `generate` on the same model meanwhile would replace it.
 """
 
 import logging

@@ -104,6 +104,8 @@ class Server:
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise BadRequest("'model' must be a string", "model")
         if model is not None and model != self.model_name:
             raise BadRequest(f"the model '{model:.80}' does not exist; this server serves '{self.model_name}' "
                              "(GET /v1/models)", "model", 404, code="model_not_found")
