@@ -67,7 +67,9 @@ TP = "parallel.tp=2 parallel.dp_shard=1"
 
 @pytest.mark.parametrize("model, layout, ranks", [
     ("tiny", "parallel.dp_shard=2", 2),  # FSDP2
-    ("tiny", TP, 2),  # tensor parallel: column/row-split attention and MLP, vocab-split embedding and head
+    # tensor parallel: column/row-split attention and MLP, vocab-split embedding and head (tied: one parameter)
+    pytest.param("tiny", TP + " model_overrides.tie_embeddings=true", 2, marks=pytest.mark.slow),
+    pytest.param("tiny", TP, 2, marks=pytest.mark.slow),
     pytest.param("bytegpt-tiny", "parallel.dp_shard=2", 2, marks=pytest.mark.slow),  # FSDP2, MLA + MoE
     pytest.param("bytegpt-tiny", "parallel.dp_replicate=2", 2, marks=pytest.mark.slow),  # DDP-like (HSDP, shard 1)
     pytest.param("bytegpt-tiny", TP, 2, marks=pytest.mark.slow),  # MLA heads split, shared RoPE key
@@ -76,7 +78,7 @@ def test_ranks_match_one_process(tmp_path, model, layout, ranks):
     """N ranks, each data-parallel rank with its part of the global batch == 1 process with the whole batch, for 5
     steps (fp32, within 1e-5): same init (built on meta, initialised per shard), global token normalisation, summed
     gradients, global clip norm over every mesh, MoE balance loss and router-bias update over all ranks."""
-    ref = one_process(tmp_path / "one", model, 5)
+    ref = one_process(tmp_path / "one", model, 5, *[o for o in layout.split() if not o.startswith("parallel.")])
     torchrun(ranks, str(WORKER), str(tmp_path / "two"), model, "5", *layout.split(), timeout=400)
     assert losses(tmp_path / "two", ranks) == pytest.approx(ref, rel=1e-5, abs=1e-5)
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "two" / "run").iterdir())
@@ -124,6 +126,8 @@ def test_parallel_section_is_validated():
         TrainConfig.load(None, ["parallel.tp=0"])
     with pytest.raises(ConfigError, match=r"parallel: unknown key\(s\) fsdp"):
         TrainConfig.load(None, ["parallel.fsdp=2"])
+    with pytest.raises(ConfigError, match=r"parallel.ep=2: expert parallelism is not implemented yet"):
+        TrainConfig.load(None, ["parallel.ep=2"])
     with pytest.raises(ConfigError, match="must equal the number of ranks.*WORLD_SIZE=4"):
         ParallelConfig.from_dict({"dp_shard": 3}).resolve(4)
 

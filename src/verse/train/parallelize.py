@@ -31,7 +31,7 @@ def apply_tp(model: ReasoningLLM, dist: Dist) -> None:
     the embedding by vocabulary rows and the output head by vocabulary columns (gathered for the chunked loss).
 
     Activations between blocks stay replicated over `tp`: norms, MLA's latent down-projection and MoE layers are
-    computed whole on every tp rank (their experts are split by `ep`, not `tp`).
+    computed whole on every tp rank.
 
     Args:
         model (ReasoningLLM): the model on the meta device (before `apply_fsdp`).
@@ -62,6 +62,8 @@ def apply_tp(model: ReasoningLLM, dist: Dist) -> None:
         "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "head": ColwiseParallel(output_layouts=Replicate()),
     })
+    if args.tie_embeddings:  # both split by vocabulary rows (Shard(0)): one parameter again, as before the split
+        model.head.weight = model.embed.weight
     for block in model.layers:
         plan = {}
         if isinstance(block.attn, Attention):
