@@ -150,6 +150,17 @@ def test_layout_that_needs_more_ranks_is_one_line(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "torchrun --nproc-per-node" in err
 
 
+def test_grpo_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch):
+    from verse.train import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = TrainConfig.load(None, ["mode=grpo", f"out_dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match="mode=grpo runs on one process for now"):
+        train(cfg, algorithm=lambda *args: None, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_python_dash_m_verse():
     proc = subprocess.run([sys.executable, "-m", "verse", "--version"], env=_env(), capture_output=True, text=True,
                           timeout=60)

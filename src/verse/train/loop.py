@@ -23,7 +23,7 @@ from verse.errors import CheckpointError, ConfigError, VerseError
 from verse.model import ReasoningLLM
 from verse.train import checkpoint as ckpt
 from verse.train.config import TrainConfig
-from verse.train.distributed import Dist, ParallelConfig, init_distributed, is_comm_failure
+from verse.train.distributed import Dist, ParallelConfig, env_world, init_distributed, is_comm_failure
 from verse.train.loss import IGNORE_INDEX, batch_loss
 from verse.train.metrics import (MetricsLog, compute_dtype, device_peak_flops, memory_bytes, mfu, moe_stats,
                                  plot_run)
@@ -353,6 +353,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
     if (cfg.mode == "grpo") != (algorithm is not None):
         raise ConfigError("mode=grpo runs through verse.rl.trainer.train_grpo (as `verse train` does), and only it "
                           "takes an algorithm")
+    if algorithm is not None and env_world()[1] > 1:
+        raise ConfigError("mode=grpo runs on one process for now (its rollouts are not sharded): launch it without "
+                          "torchrun")
     run_dir = Path(cfg.out_dir).expanduser()
     # everything a user can get wrong is checked before anything heavy runs or anything is written
     if loader is None:
