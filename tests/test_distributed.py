@@ -70,6 +70,7 @@ TP = "parallel.tp=2 parallel.dp_shard=1"
     # tensor parallel: column/row-split attention and MLP, vocab-split embedding and head (tied: one parameter)
     pytest.param("tiny", TP + " model_overrides.tie_embeddings=true", 2, marks=pytest.mark.slow),
     pytest.param("tiny", TP, 2, marks=pytest.mark.slow),
+    pytest.param("tiny", "parallel.dp_shard=2 parallel.cpu_offload=true", 2, marks=pytest.mark.slow),  # CPU: no-op
     pytest.param("bytegpt-tiny", "parallel.dp_shard=2", 2, marks=pytest.mark.slow),  # FSDP2, MLA + MoE
     pytest.param("bytegpt-tiny", "parallel.dp_replicate=2", 2, marks=pytest.mark.slow),  # DDP-like (HSDP, shard 1)
     pytest.param("bytegpt-tiny", TP, 2, marks=pytest.mark.slow),  # MLA heads split, shared RoPE key

@@ -110,7 +110,8 @@ def apply_fsdp(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | No
     if mesh.size() == 1:  # tensor parallelism alone: nothing to shard over data-parallel ranks
         return
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None)
-    offload = CPUOffloadPolicy() if dist.parallel.cpu_offload else OffloadPolicy()
+    # a CPU job's shards are in CPU memory already (and pinning needs an accelerator): nothing to offload
+    offload = CPUOffloadPolicy() if dist.parallel.cpu_offload and dist.device.type != "cpu" else OffloadPolicy()
     # the MoE routing bias is moved by a rule, not by gradient, from loads summed over all ranks: every rank keeps
     # the whole (tiny) vector and applies the same update
     ignored = {p for p in model.parameters() if not p.requires_grad}
