@@ -339,3 +339,17 @@ def test_rope_tables_follow_the_length_in_use():
     assert huge.cos.shape[0] == 16 and huge.cos.numel() * huge.cos.element_size() < 2**20
     huge(torch.randint(0, 512, (1, 40)))  # grows on demand
     assert huge.cos.shape[0] == 64
+
+
+def test_rope_tables_first_built_in_inference_mode_serve_training():
+    """Tables grown during generation (inference_mode, e.g. a GRPO rollout) are plain tensors a training forward can
+    save for backward."""
+    import torch
+
+    from verse.model import ReasoningLLM
+
+    model = ReasoningLLM(dense_args())
+    with torch.inference_mode():
+        model(torch.randint(0, 512, (1, 8)))
+    model.train()(torch.randint(0, 512, (1, 8))).sum().backward()
+    assert not model.cos.is_inference()
