@@ -8,8 +8,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import verse
 from verse.errors import CheckpointError, ConfigError
+from verse.interop.adapter import load_adapter, save_adapter
 from verse.model.linear import Linear
-from verse.peft import LoraArgs, LoraExperts, LoraLinear, apply_lora, load_adapter, lora_modules, merge_lora, save_adapter
+from verse.peft import LoraArgs, LoraExperts, LoraLinear, apply_lora, lora_modules, merge_lora
 
 peft = pytest.importorskip("peft")
 

@@ -19,13 +19,8 @@ MODEL_FORBIDDEN = ("verse.train", "verse.data", "verse.interop", "verse.infer", 
 DEFERRED = {
     # `ReasoningLLM.save_pretrained`, kept for callers, is a one-line delegate to `verse.save`'s writer
     ("verse.model.transformer", "verse.interop.hf"),
-    # `verse.load` also opens training run directories (sharded DCP checkpoints) and LoRA adapter directories
-    ("verse.interop.load", "verse.train.checkpoint"),
-    ("verse.interop.load", "verse.peft"),
     # a preset takes its tokenizer's vocabulary (`verse.config.preset_args`)
     ("verse.config", "verse.tokenization"),
-    # `verse eval`'s held-out loss is training's own loss (train -> rl (mode=grpo) -> eval -> train)
-    ("verse.eval.loss", "verse.train.loss"),
 }
 
 

@@ -17,11 +17,12 @@ import verse
 from verse import ModelArgs, ReasoningLLM
 from verse.cli import main
 from verse.errors import VerseError
+from verse.interop.adapter import save_adapter
 from verse.interop.fp8_cast import fp8_to_bf16
 from verse.interop.gguf import save_gguf
 from verse.interop.hf import save_pretrained
 from verse.interop.parallel import save_model_parallel
-from verse.peft import LoraArgs, apply_lora, save_adapter
+from verse.peft import LoraArgs, apply_lora
 from verse.train.checkpoint import save_checkpoint
 
 

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from verse.tokenization import load_tokenizer
     from verse.errors import ConfigError, VerseError
     from verse.interop.load import checkpoint_dir
-    from verse.peft import load_adapter, merge_lora
+    from verse.interop.adapter import load_adapter
+    from verse.peft import merge_lora
 
     out = Path(args.out).expanduser().absolute()
     if out in (Path(args.base).expanduser().absolute(), Path(args.adapter).expanduser().absolute()):

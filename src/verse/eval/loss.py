@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from verse.data.packing import IGNORE_INDEX
+from verse.train.loss import batch_loss
 
 
 @dataclass
@@ -40,8 +41,6 @@ def heldout_loss(model, batches, limit: Optional[int] = None, progress: bool = F
         LossResult: loss, perplexity and counts.
     """
     from tqdm.auto import tqdm
-
-    from verse.train.loss import batch_loss
 
     device = model.embed.weight.device
     total, tokens, sequences = 0.0, 0, 0

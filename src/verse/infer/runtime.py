@@ -59,7 +59,7 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
 
     model = load_model(path, device=device, dtype=inference_dtype(dtype, device), **overrides)
     if adapter is not None:
-        from verse.peft import load_adapter
+        from verse.interop.adapter import load_adapter
 
         model = load_adapter(model, adapter).eval()
     tokenizer = load_tokenizer(tokenizer or tokenizer_source(path))
@@ -71,7 +71,7 @@ def tokenizer_source(path: str) -> str:
     from pathlib import Path
 
     from verse.interop.load import checkpoint_dir
-    from verse.peft import is_adapter_dir, read_adapter_config
+    from verse.interop.adapter import is_adapter_dir, read_adapter_config
 
     directory = checkpoint_dir(Path(path)) if Path(path).is_dir() else None
     if directory is None or not is_adapter_dir(directory) or (directory / "tokenizer.json").is_file():

@@ -13,6 +13,7 @@ import torch
 
 from verse.config import ModelArgs, dtype_name
 from verse.errors import CheckpointError, ConfigError
+from verse.interop.dcp import is_sharded, load_sharded_model
 from verse.model import ReasoningLLM
 from verse.model.transformer import torch_dtype
 from verse.model.linear import fp8_layers, quantize_
@@ -104,7 +105,6 @@ def _load_model(path: str | Path, device: torch.device | str, dtype: Optional[to
 
     if path.is_dir():
         from verse.interop.parallel import is_model_parallel, load_parallel_model
-        from verse.train.checkpoint import is_sharded, load_sharded_model
 
         path = checkpoint_dir(path)
         if _is_adapter_dir(path):
@@ -125,7 +125,7 @@ def _load_with_adapter(path: Path, device: torch.device | str, dtype: Optional[t
                        overrides: Dict[str, Any]) -> ReasoningLLM:
     """A PEFT adapter directory (e.g. a LoRA run's checkpoint): its base (`base_model_name_or_path`), then the
     adapter on top, unmerged."""
-    from verse.peft import load_adapter
+    from verse.interop.adapter import load_adapter
 
     model = load_model(_adapter_base(path), device=device, dtype=dtype, **overrides)
     return load_adapter(model, path).eval()
@@ -138,7 +138,7 @@ def _is_adapter_dir(path: Path) -> bool:
 
 def _adapter_base(path: Path) -> str:
     """The base model a PEFT adapter directory names (`base_model_name_or_path`)."""
-    from verse.peft import read_adapter_config
+    from verse.interop.adapter import read_adapter_config
 
     _, config = read_adapter_config(path)
     base = config.get("base_model_name_or_path")

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from verse.errors import CheckpointError, ConfigError
+from verse.interop.dcp import ARGS_FILE, DCP_DIR
 from verse.jsonio import read_json
 from verse.publish import fsync_dir, publish, seal
 
@@ -31,8 +32,6 @@ LATEST = "latest"
 STATE_DIR = "train_state"
 RUN_MARKER = "verse-run.json"
 CONFIG_FILE = "config.yaml"
-DCP_DIR = "dcp"  # a checkpoint of several ranks: model + optimizer shards (torch.distributed.checkpoint)
-ARGS_FILE = "verse.json"  # inside DCP_DIR: the ModelArgs to rebuild the model
 
 
 def step_dirname(step: int) -> str:
@@ -175,7 +174,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: Dic
     final, tmp = run_dir / step_dirname(step), run_dir / f".tmp-{step_dirname(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter_base is not None:
-        from verse.peft import save_adapter
+        from verse.interop.adapter import save_adapter
 
         save_adapter(model, tmp, base=adapter_base)
         if tokenizer is not None:
@@ -244,66 +243,6 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
         _publish_step(run_dir, tmp, final, keep_last)
     dist.barrier()
     return final
-
-
-def is_sharded(step_dir: Path) -> bool:
-    """Whether a step directory was written by `save_sharded`."""
-    return (Path(step_dir) / DCP_DIR / ARGS_FILE).is_file()
-
-
-def load_sharded(step_dir: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-    """Load a `save_sharded` checkpoint into `model` (and `optimizer`), sharded any way or not at all.
-
-    Raises:
-        CheckpointError: missing or unreadable shards.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
-
-    if optimizer is None:
-        model_sd, optim_sd = get_model_state_dict(model), None
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-    target = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optimizer": optim_sd}
-    try:
-        dcp.load(target, checkpoint_id=str(Path(step_dir) / DCP_DIR), no_dist=not torch.distributed.is_initialized())
-    except Exception as e:  # DCP wraps reader errors of every rank in its own exception types
-        raise CheckpointError(f"{step_dir}: cannot read the sharded checkpoint ({str(e).splitlines()[0][:200]}); "
-                              f"resume from an earlier step-*") from None
-    if optim_sd is None:
-        set_model_state_dict(model, model_sd)
-    else:
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-
-
-def load_sharded_model(step_dir: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
-                       **overrides: Any) -> torch.nn.Module:
-    """The full model of a `save_sharded` checkpoint, in this one process (what `verse convert` exports).
-
-    Args:
-        step_dir (Path): the step directory.
-        device (torch.device | str): where the weights go.
-        dtype (Optional[torch.dtype]): parameter dtype (None: the run's own).
-        **overrides: execution-only `ModelArgs` fields.
-
-    Returns:
-        torch.nn.Module: the `ReasoningLLM` in eval mode.
-    """
-    from verse.config import ModelArgs
-    from verse.model import ReasoningLLM
-
-    args = ModelArgs.from_dict(read_json(Path(step_dir) / DCP_DIR / ARGS_FILE), str(step_dir))
-    args = args.replace(**overrides) if overrides else args
-    with torch.device("meta"):
-        model = ReasoningLLM(args)
-    model.to_empty(device=device)
-    model.reset_buffers()
-    load_sharded(step_dir, model)
-    if dtype is not None:
-        model.to(dtype)
-        model.args = args.replace(dtype=str(dtype).removeprefix("torch."))
-    return model.eval()
 
 
 def list_checkpoints(run_dir: Path) -> List[Path]:

@@ -20,6 +20,7 @@ import yaml
 from verse.config import ModelArgs, list_presets, preset_args, run_tokenizer
 from verse.devices import resolve_device
 from verse.errors import CheckpointError, ConfigError, VerseError
+from verse.interop.dcp import is_sharded, load_sharded
 from verse.model import ReasoningLLM
 from verse.train import checkpoint as ckpt
 from verse.train.config import TrainConfig
@@ -388,7 +389,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
                       f"To train on, give a larger max_steps: `verse train --resume {run_dir} max_steps=N`")
             return TrainResult(run_dir=run_dir, final_dir=step_dir, step=step, is_main=dist.is_main)
         state = ckpt.load_state(step_dir / ckpt.STATE_DIR, device, required=STATE_KEYS)
-        if ckpt.is_sharded(step_dir):
+        if is_sharded(step_dir):
             state["loader"] = _loader_state(state["loaders"], dist, step_dir)
         elif dist.enabled:
             raise ConfigError(f"{step_dir} was written by one process: resume it with one process (plain "
@@ -414,8 +415,8 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
 
     if resume:
         try:
-            if ckpt.is_sharded(step_dir):
-                ckpt.load_sharded(step_dir, model, optimizer.torch_optimizer())
+            if is_sharded(step_dir):
+                load_sharded(step_dir, model, optimizer.torch_optimizer())
             else:
                 _load_weights(model, step_dir)
                 optimizer.load_state_dict(state["optimizer"])
@@ -593,7 +594,7 @@ def _load_weights(model: ReasoningLLM, step_dir: Path) -> None:
     """Copy a checkpoint's weights into `model` in place (same architecture; values and dtype exact); a LoRA run's
     checkpoint holds only the adapter."""
     from verse.interop.hf import load_into
-    from verse.peft import is_adapter_dir, load_adapter
+    from verse.interop.adapter import is_adapter_dir, load_adapter
 
     if is_adapter_dir(step_dir):
         load_adapter(model, step_dir)
