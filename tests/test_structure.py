@@ -19,8 +19,6 @@ MODEL_FORBIDDEN = ("verse.train", "verse.data", "verse.interop", "verse.infer", 
 DEFERRED = {
     # `ReasoningLLM.save_pretrained`, kept for callers, is a one-line delegate to `verse.save`'s writer
     ("verse.model.transformer", "verse.interop.hf"),
-    # a preset takes its tokenizer's vocabulary (`verse.config.preset_args`)
-    ("verse.config", "verse.tokenization"),
 }
 
 

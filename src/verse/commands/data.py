@@ -113,9 +113,9 @@ def _config(args: argparse.Namespace) -> Tuple[Any, Any]:
 
 def _model_tokenizer(model: Any) -> Any:
     """Tokenizer spec of a config's `model:` as `verse train` picks it: the checkpoint's own, or the preset's
-    (`verse.config.run_tokenizer`); None when there is no model."""
+    (`verse.tokenization.presets.run_tokenizer`); None when there is no model."""
     if not model:
         return None
-    from verse.config import run_tokenizer
+    from verse.tokenization.presets import run_tokenizer
 
     return run_tokenizer(str(model))

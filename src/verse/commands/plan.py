@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from verse.config import ModelArgs, count_params, list_presets, preset_tokenizer
+    from verse.config import ModelArgs, count_params, list_presets
+    from verse.tokenization.presets import preset_tokenizer
     from verse.errors import ConfigError
     from verse.train.planner import (GPUS, PlanSettings, check_settings, finetune_from_config, format_plan, plan,
                                       settings_from_config, suggestions)
@@ -103,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
 def _model_args(source: str, overrides: dict, tokenizer: Optional[str] = None) -> "ModelArgs":  # noqa: F821
     """ModelArgs of a preset as `verse train` builds it (its vocabulary sized to its tokenizer), or of a checkpoint
     (reads only its config, never the weights)."""
-    from verse.config import list_presets, preset_args, preset_tokenizer
+    from verse.config import list_presets
+    from verse.tokenization.presets import preset_args, preset_tokenizer
     from verse.interop.load import load_args
 
     if source in list_presets():

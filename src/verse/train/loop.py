@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import yaml
 
-from verse.config import ModelArgs, list_presets, preset_args, run_tokenizer
+from verse.config import ModelArgs, list_presets
 from verse.devices import resolve_device
 from verse.errors import CheckpointError, ConfigError, VerseError
 from verse.interop.dcp import is_sharded, load_sharded
 from verse.model import ReasoningLLM
+from verse.tokenization.presets import preset_args, run_tokenizer
 from verse.train import checkpoint as ckpt
 from verse.train.config import TrainConfig
 from verse.train.distributed import Dist, ParallelConfig, env_world, init_distributed, is_comm_failure
@@ -73,7 +74,7 @@ def is_preset(cfg: TrainConfig) -> bool:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    """`cfg.tokenizer`; else the checkpoint's own; else the preset's (`verse.config.run_tokenizer`)."""
+    """`cfg.tokenizer`; else the checkpoint's own; else the preset's (`verse.tokenization.presets.run_tokenizer`)."""
     from verse.tokenization import load_tokenizer as load
 
     return load(run_tokenizer(cfg.model, cfg.tokenizer))
