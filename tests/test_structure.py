@@ -136,6 +136,15 @@ def test_model_imports_no_training_data_formats_or_distributed():
     assert offenders == []
 
 
+def test_layers_import_no_formats_and_config_no_tokenizers():
+    """Issue #13: peft/ (the LoRA layers) imports no file format (PEFT adapter files live in interop/), and config
+    imports no tokenizer (the preset -> vocabulary rule lives in tokenization/presets.py), deferred imports included."""
+    offenders = sorted(f"{mod} -> {dep}" for mod, deps in source_imports().items() for dep in deps
+                       if (mod.startswith("verse.peft") and dep.startswith("verse.interop"))
+                       or (mod == "verse.config" and dep.startswith("verse.tokenization")))
+    assert offenders == []
+
+
 def test_no_import_cycles_between_subpackages():
     """A graph of verse subpackages (verse.model, verse.interop, verse.train, ... and top-level modules) built from
     every import in the sources, deferred ones included, has no cycle."""
