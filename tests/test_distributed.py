@@ -22,12 +22,7 @@ WORKER = Path(__file__).parent / "fixtures" / "dist_worker.py"
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict:

@@ -27,13 +27,8 @@ def reader(lines):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tok = verse.load_tokenizer("byte")
-    torch.manual_seed(0)
-    model = ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32", vocab_size=tok.vocab_size))
-    path = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(path, tokenizer=tok)
-    return path
+def checkpoint(tiny_byte_checkpoint):
+    return tiny_byte_checkpoint
 
 
 def test_generate_json_is_the_continuation(checkpoint, capsys):

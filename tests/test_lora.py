@@ -21,13 +21,7 @@ DENSE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two OpenMP threads on a shared 2-core machine make tiny matmuls far slower (as in test_train.py)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

@@ -26,12 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train import Batches, config, make_data  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot(root: Path) -> dict:

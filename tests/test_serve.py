@@ -9,11 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
-import verse
-from verse import ModelArgs, ReasoningLLM
 from verse.cli import main
 from verse.infer.chat import ReasoningStream, chat_prompt, split_reasoning, text_prompt
 from verse.infer.engine import Engine
@@ -25,13 +22,8 @@ SLOTS, MAX_LEN = 8, 128
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tok = verse.load_tokenizer("byte")
-    torch.manual_seed(0)
-    model = ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32", vocab_size=tok.vocab_size))
-    path = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(path, tokenizer=tok)
-    return path
+def checkpoint(tiny_byte_checkpoint):
+    return tiny_byte_checkpoint
 
 
 @pytest.fixture(scope="module")

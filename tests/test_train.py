@@ -28,13 +28,7 @@ from verse.train.schedule import lr_at
 V, T = 512, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two OpenMP threads on a shared 2-core machine make tiny matmuls 100x slower
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Batches:
