@@ -240,6 +240,23 @@ def rl_config(cfg: QuickstartConfig, run_dir: Path, model_path: str, tokenizer_p
                      "rewards": [{"name": "exact_answer", "weight": 1.0}, {"name": "format", "weight": 0.2}]}}
 
 
+def run_stage(run_dir: Path, name: str, config: Dict[str, Any], trainer, progress: bool, log, what: str
+              ) -> tuple[Any, float]:
+    """Write a stage's config to RUN/name, run it as `verse train RUN/name` does, and record the run's files.
+
+    Returns:
+        tuple[Any, float]: the trainer's result and the stage's seconds.
+    """
+    from verse.train.config import TrainConfig
+
+    (run_dir / name).write_text(yaml.safe_dump(config, sort_keys=False))
+    log(f"{what}: verse train {run_dir / name}")
+    t = time.perf_counter()
+    result = trainer(TrainConfig.load(str(run_dir / name)), progress=progress)
+    record_run(run_dir, {"status": "running"})
+    return result, time.perf_counter() - t
+
+
 def measure_step_seconds(model, micro_batch_size: int, max_seq_len: int) -> float:
     """Seconds of one training forward + backward on a full packed micro-batch (to fit steps in a budget).
 
@@ -299,7 +316,7 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
     from verse.assets import smollm2_gguf
     from verse.eval import exact_match, extract_answer
     from verse.infer.runtime import inference_dtype
-    from verse.train import TrainConfig, train
+    from verse.train import train
     from verse.devices import resolve_device
     from verse.train.metrics import plot_run
 
@@ -354,13 +371,8 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
     del model
     gc.collect()
 
-    config = train_config(cfg, run_dir, gguf, steps, device)
-    (run_dir / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    log(f"fine-tuning for {steps} steps: verse train {run_dir / 'train.yaml'}")
-    t = time.perf_counter()
-    result = train(TrainConfig.load(str(run_dir / "train.yaml")), progress=progress)
-    record_run(run_dir, {"status": "running"})
-    numbers["train_s"] = time.perf_counter() - t
+    result, numbers["train_s"] = run_stage(run_dir, "train.yaml", train_config(cfg, run_dir, gguf, steps, device),
+                                           train, progress, log, f"fine-tuning for {steps} steps")
 
     model = load_model(result.final_dir, device=device, dtype=dtype)  # a LoRA run's: the base + its adapter
     after = score("after", model)
@@ -371,13 +383,9 @@ def _run(cfg: QuickstartConfig, run_dir: Path, progress: bool, log) -> Quickstar
 
         numbers["accuracy_sft"] = after.accuracy
         numbers["sft_steps"] = result.step
-        config = rl_config(cfg, run_dir, str(result.final_dir), gguf, device)
-        (run_dir / "rl.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        log(f"reinforcement learning (GRPO) for {cfg.rl_steps} steps: verse train {run_dir / 'rl.yaml'}")
-        t = time.perf_counter()
-        rl_result = train_grpo(TrainConfig.load(str(run_dir / "rl.yaml")), progress=progress)
-        record_run(run_dir, {"status": "running"})
-        numbers["rl_s"] = time.perf_counter() - t
+        rl_result, numbers["rl_s"] = run_stage(
+            run_dir, "rl.yaml", rl_config(cfg, run_dir, str(result.final_dir), gguf, device), train_grpo, progress,
+            log, f"reinforcement learning (GRPO) for {cfg.rl_steps} steps")
         rewards = [m["reward_mean"] for m in rl_result.metrics if m.get("kind") == "train"]
         numbers["reward_first"], numbers["reward_last"] = rewards[0], sum(rewards[-5:]) / len(rewards[-5:])
         model = load_model(rl_result.final_dir, device=device, dtype=dtype)
