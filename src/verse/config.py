@@ -3,7 +3,7 @@
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -12,6 +12,8 @@ from verse.jsonio import read_json
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
+# architecture families (Hugging Face model_type each saves as)
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 DTYPES = ("bfloat16", "float16", "float32")
 # other spellings of the DTYPES users type (CLI options, configs): short names and the GGUF/safetensors style
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16", "fp32": "float32",
@@ -20,13 +22,13 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half"
 
 @dataclass
 class ModelArgs:
-    """Hyperparameters of a `ReasoningLLM`: the dense Llama/Mistral family and the DeepSeek (MLA + MoE) family.
+    """Hyperparameters of a `ReasoningLLM`: the dense Llama/Mistral/Qwen family, Qwen3-MoE and DeepSeek (MLA + MoE).
 
     Fields that change weights (sizes) and fields that only change execution (`dtype`, `attn_impl`,
     `gemm_impl`, `checkpointing`) live side by side; `verse.load(path, **overrides)` accepts the latter.
     """
 
-    # architecture family, used to pick the Hugging Face class on save: llama, mistral, deepseek_v2, deepseek_v3
+    # architecture family (`ARCHS`), used to pick the Hugging Face class on save
     arch: str = "llama"
     vocab_size: int = 32000
     dim: int = 4096
@@ -39,6 +41,8 @@ class ModelArgs:
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     sliding_window: Optional[int] = None  # Mistral: attend to at most this many previous tokens
+    qkv_bias: bool = False  # Qwen2/2.5: the query, key and value projections have a bias
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm (weight [head_dim]) on queries and keys, before RoPE
 
     # RoPE and its context-extension scalings (none, linear, llama3, yarn)
     rope_theta: float = 10000.0
@@ -60,14 +64,16 @@ class ModelArgs:
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
 
-    # Mixture of Experts; a layer i is MoE when n_routed_experts > 0, i >= n_dense_layers
-    # and (i - n_dense_layers) % moe_layer_freq == 0
+    # Mixture of Experts; a layer i is MoE when n_routed_experts > 0, i >= n_dense_layers,
+    # (i - n_dense_layers) % moe_layer_freq == 0 and i is not in mlp_only_layers (Qwen3-MoE's
+    # decoder_sparse_step s is n_dense_layers = s - 1, moe_layer_freq = s)
     n_routed_experts: int = 0
     n_shared_experts: int = 0
     n_activated_experts: int = 0
     moe_inter_dim: int = 1408
     n_dense_layers: int = 0
     moe_layer_freq: int = 1
+    mlp_only_layers: List[int] = field(default_factory=list)  # layers kept dense (Qwen3-MoE `mlp_only_layers`)
     score_func: str = "softmax"  # softmax | sigmoid
     n_expert_groups: int = 1
     n_limited_groups: int = 1
@@ -106,6 +112,7 @@ class ModelArgs:
             self.is_moe
             and layer_id >= self.n_dense_layers
             and (layer_id - self.n_dense_layers) % self.moe_layer_freq == 0
+            and layer_id not in self.mlp_only_layers
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -174,7 +181,10 @@ def _require(ok: bool, field_name: str, message: str) -> None:
 
 
 def _type_ok(value: Any, kind: Any) -> bool:
-    """Whether `value` has the annotated type `kind` (int, float, bool, str or Optional of one); bool is not int."""
+    """Whether `value` has the annotated type `kind` (int, float, bool, str, List or Optional of one); bool is not
+    int."""
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(_type_ok(v, typing.get_args(kind)[0]) for v in value)
     if typing.get_origin(kind) is typing.Union:
         return any(_type_ok(value, k) for k in typing.get_args(kind))
     if kind is type(None):
@@ -202,7 +212,8 @@ def check_type(name: str, value: Any, label: Optional[str] = None) -> None:
         return
     optional = typing.get_origin(kind) is typing.Union
     base = next(k for k in typing.get_args(kind) if k is not type(None)) if optional else kind
-    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+             List[int]: "a list of integers"}
     message = f"must be {names[base]}{' or null' if optional else ''}, got {value!r:.40}"
     if label is None:
         _require(False, name, message)
@@ -220,8 +231,7 @@ def validate(args: ModelArgs) -> None:
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "inter_dim", "max_seq_len"):
         value = getattr(args, name)
         _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
-    _require(args.arch in ("llama", "mistral", "deepseek_v2", "deepseek_v3"), "arch",
-             f"must be llama, mistral, deepseek_v2 or deepseek_v3, got {args.arch!r}")
+    _require(args.arch in ARCHS, "arch", f"must be one of {', '.join(ARCHS)}, got {args.arch!r}")
     _require(args.attention in ("gqa", "mla"), "attention", f"must be 'gqa' or 'mla', got {args.attention!r}")
     for name in ("n_kv_heads", "head_dim", "original_seq_len", "checkpoint_every", "sliding_window"):
         value = getattr(args, name)
@@ -237,6 +247,9 @@ def validate(args: ModelArgs) -> None:
                  f"dim ({args.dim}) must be divisible by n_heads ({args.n_heads}), or set head_dim")
         _require(args.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {args.head_dim}")
     else:
+        for name in ("qkv_bias", "qk_norm"):
+            _require(not getattr(args, name), name, "is for attention='gqa' (MLA has its own projections); "
+                     "set it to false")
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             _require(getattr(args, name) > 0, name, f"must be positive for MLA, got {getattr(args, name)}")
         _require(args.q_lora_rank >= 0, "q_lora_rank", f"must be >= 0, got {args.q_lora_rank}")
@@ -274,13 +287,17 @@ def validate(args: ModelArgs) -> None:
         _require(args.aux_loss_alpha >= 0, "aux_loss_alpha", f"must be >= 0, got {args.aux_loss_alpha}")
         _require(args.moe_layer_freq >= 1, "moe_layer_freq", f"must be >= 1, got {args.moe_layer_freq}")
         _require(args.moe_inter_dim > 0, "moe_inter_dim", f"must be positive, got {args.moe_inter_dim}")
+    bad = [i for i in args.mlp_only_layers if not 0 <= i < args.n_layers]
+    _require(not bad, "mlp_only_layers", f"layer {bad[0] if bad else 0} is not in 0..{args.n_layers - 1}")
 
 
 def _attention_params(args: ModelArgs) -> int:
     if args.attention == "gqa":
         q = args.dim * args.n_heads * args.head_dim
         kv = 2 * args.dim * args.n_kv_heads * args.head_dim
-        return q + kv + args.n_heads * args.head_dim * args.dim
+        bias = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim if args.qkv_bias else 0
+        norms = 2 * args.head_dim if args.qk_norm else 0
+        return q + kv + args.n_heads * args.head_dim * args.dim + bias + norms
     qk_head_dim = args.qk_nope_head_dim + args.qk_rope_head_dim
     if args.q_lora_rank == 0:
         q = args.dim * args.n_heads * qk_head_dim

@@ -204,7 +204,7 @@ def check_weights_fit(args: ModelArgs, names: Iterable[str], embed_shape: Option
     if missing:
         raise CheckpointError(f"{source}: the config says {args.n_layers} layers but the weights hold "
                               f"{len([i for i in layers if i < args.n_layers])} (layer {missing[0]} is missing)")
-    if args.is_moe and args.n_dense_layers < args.n_layers and args.n_routed_experts > len(experts):
+    if any(map(args.is_moe_layer, range(args.n_layers))) and args.n_routed_experts > len(experts):
         raise CheckpointError(f"{source}: the config says {args.n_routed_experts} routed experts but the weights "
                               f"hold {len(experts)}; the file does not match its config")
 

@@ -9,14 +9,18 @@ from torch import nn
 from verse.config import ModelArgs
 from verse.model.cache import KVCache
 from verse.model.linear import Linear, linears
+from verse.model.norm import RMSNorm
 from verse.model.rope import apply_rope
 
 
 class Attention(nn.Module):
     """Multi-head attention with `n_kv_heads` shared key/value heads (GQA; MHA when equal, MQA at 1).
 
+    Optionally a bias on the query/key/value projections (`qkv_bias`, Qwen2) and a per-head RMSNorm of queries and
+    keys before RoPE (`qk_norm`, Qwen3).
+
     Args:
-        args (ModelArgs): `dim`, `n_heads`, `n_kv_heads`, `head_dim`.
+        args (ModelArgs): `dim`, `n_heads`, `n_kv_heads`, `head_dim`, `qkv_bias`, `qk_norm`, `norm_eps`.
     """
 
     def __init__(self, args: ModelArgs):
@@ -24,9 +28,11 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.wo.init_scale = (2 * args.n_layers) ** -0.5  # a residual output projection (GPT-2)
         self.cache: Optional[KVCache] = None
@@ -54,9 +60,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = linears(x, self.wq, self.wk, self.wv)
         # heads counted from the shapes (-1): under tensor parallelism a rank holds 1/tp of them
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, -1, self.head_dim)  # [B, T, H, D]
+        k = k.view(B, T, -1, self.head_dim)  # [B, T, Hkv, D]
+        if self.q_norm is not None:  # Qwen3: each head's query and key normalised over D
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H or Hkv, T, D]
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and input_pos is not None:
             k, v = self.cache.update(input_pos, k, v, None if mask is None else mask.size(-1))

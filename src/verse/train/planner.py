@@ -112,6 +112,8 @@ def _param_shapes(args: ModelArgs) -> List[int]:
         sizes += [D, D]
         if args.attention == "gqa":
             sizes += [D * Q, D * KV, D * KV, Q * D]
+            sizes += [Q, KV, KV] if args.qkv_bias else []
+            sizes += [args.head_dim] * 2 if args.qk_norm else []
         else:
             sizes.append(_attention_params(args))  # several MLA projections; only the total matters here
         if args.is_moe_layer(i):
@@ -168,7 +170,8 @@ def _layer_matmul_params(args: ModelArgs) -> int:
 def _largest_matmul(args: ModelArgs) -> int:
     """Numel of the largest `Linear` weight inside the blocks."""
     Q, KV = _attn_widths(args)
-    return max(args.dim * max(Q, args.inter_dim if args.n_dense_layers or not args.is_moe else 0,
+    dense = any(not args.is_moe_layer(i) for i in range(args.n_layers))
+    return max(args.dim * max(Q, args.inter_dim if dense else 0,
                               args.moe_inter_dim * max(args.n_shared_experts, 1)), 1)
 
 
