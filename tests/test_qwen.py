@@ -75,3 +75,136 @@ def test_qk_norm_and_bias_are_the_plain_math():
     scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
     expected = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, -1) @ attn.wo.weight.T
     torch.testing.assert_close(attn(x, cos, sin), expected, atol=1e-4, rtol=1e-4)
+
+
+# ---- Hugging Face directories both ways, against transformers (random-init, fp32) ----
+
+VOCAB = 96
+HF_BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1000000.0)
+MOE = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+# family -> (transformers class name, config changes): every variant flag on and off across the cases
+HF_CASES = {
+    "qwen2-untied": ("Qwen2ForCausalLM", dict()),
+    "qwen2-tied": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    "qwen3-headdim-tied": ("Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=True)),
+    "qwen3-untied": ("Qwen3ForCausalLM", dict(head_dim=16)),
+    "qwen3moe-norm-topk": ("Qwen3MoeForCausalLM", dict(MOE, head_dim=24, norm_topk_prob=True)),
+    "qwen3moe-sparse-step": ("Qwen3MoeForCausalLM", dict(MOE, num_hidden_layers=4, decoder_sparse_step=2,
+                                                          norm_topk_prob=False)),
+    "qwen3moe-mlp-only": ("Qwen3MoeForCausalLM", dict(MOE, num_hidden_layers=3, mlp_only_layers=[1],
+                                                       tie_word_embeddings=True)),
+    "llama3.1-rope": ("LlamaForCausalLM", dict(rope_scaling=LLAMA3, rope_theta=500000.0)),
+    "llama3.2-tied-headdim": ("LlamaForCausalLM", dict(rope_scaling=LLAMA3, tie_word_embeddings=True, head_dim=32)),
+}
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights (norms around 1, biases too) large enough that any mapping mistake moves the logits far."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        p.copy_(1 + 0.1 * noise if p.dim() == 1 and p.numel() != VOCAB else 0.3 * noise)
+    return model.eval()
+
+
+def make_hf(case: str) -> torch.nn.Module:
+    import transformers
+
+    name, changes = HF_CASES[case]
+    config_cls = getattr(transformers, name.replace("ForCausalLM", "Config"))
+    torch.manual_seed(0)
+    return randomize(getattr(transformers, name)(config_cls(**{**HF_BASE, **changes})).float())
+
+
+def ids(T: int = 20, B: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_greedy(hf: torch.nn.Module, prompt: list, n: int = 32) -> list:
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_hf_directory_to_verse_and_back(case, tmp_path):
+    """transformers dir -> verse.load: same logits and greedy text; Verse's save -> transformers: same class, logits."""
+    import verse
+    from transformers import AutoModelForCausalLM
+    from verse.infer.generate import generate
+
+    hf = make_hf(case)
+    hf.save_pretrained(tmp_path / "hf")
+    model = verse.load(tmp_path / "hf")
+    assert model.args.arch == hf.config.model_type
+    assert (model.head.weight is model.embed.weight) == hf.config.tie_word_embeddings
+    x = ids()
+    with torch.no_grad():
+        expected = hf(x).logits
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
+    prompt = x[0, :6].tolist()
+    assert generate(model, None, [prompt], max_new_tokens=32, stop_ids=[])[0] == hf_greedy(hf, prompt)
+
+    model.save_pretrained(tmp_path / "verse")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "verse").float().eval()
+    assert type(back).__name__ == HF_CASES[case][0]
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", [dict(n_dense_layers=1, moe_layer_freq=1), dict(n_dense_layers=0, moe_layer_freq=2),
+                                    dict(n_dense_layers=1, moe_layer_freq=2, mlp_only_layers=[3])])
+def test_verse_qwen3_moe_layouts_save_as_transformers_layers(layout, tmp_path):
+    """A Verse-made Qwen3-MoE whatever its dense/sparse layout: transformers builds the same layers, same logits."""
+    from transformers import AutoModelForCausalLM
+
+    args = ModelArgs(**{**SMALL, "n_layers": 4, "vocab_size": VOCAB}, arch="qwen3_moe", qk_norm=True, head_dim=24,
+                     n_routed_experts=4, n_activated_experts=2, moe_inter_dim=32, norm_topk_prob=True, **layout)
+    torch.manual_seed(0)
+    model = randomize(ReasoningLLM(args))
+    model.save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    sparse = [type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in hf.model.layers]
+    assert sparse == [args.is_moe_layer(i) for i in range(4)]
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch, changes, field", [
+    ("qwen2", dict(qkv_bias=True, qk_norm=True), "qk_norm"),
+    ("qwen3", dict(qk_norm=False), "qk_norm"),
+    ("qwen3", dict(qk_norm=True, sliding_window=8), "sliding_window"),
+    ("qwen3_moe", dict(qk_norm=True, n_routed_experts=4, n_activated_experts=2, n_shared_experts=1), "n_shared_experts"),
+    ("llama", dict(qkv_bias=True), "qkv_bias"),
+])
+def test_saving_what_the_family_cannot_hold_is_one_clear_error(arch, changes, field, tmp_path):
+    model = ReasoningLLM(ModelArgs(**SMALL, arch=arch, **changes))
+    with pytest.raises(ConfigError) as err:
+        model.save_pretrained(tmp_path / "out")
+    assert err.value.field == field and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window"),
+    (dict(model_type="qwen3", attention_bias=True), "attention_bias"),
+    (dict(model_type="qwen3_moe", decoder_sparse_step=0, num_experts=4, num_experts_per_tok=2,
+          moe_intermediate_size=8), "decoder_sparse_step"),
+    (dict(model_type="qwen3_moe", mlp_only_layers="0", num_experts=4, num_experts_per_tok=2,
+          moe_intermediate_size=8), "mlp_only_layers"),
+])
+def test_unsupported_qwen_config_json_is_one_clear_error(changes, message, tmp_path):
+    import json
+
+    import verse
+    from verse.errors import CheckpointError
+
+    (tmp_path / "config.json").write_text(json.dumps({**HF_BASE, **changes}))
+    with pytest.raises(CheckpointError) as err:
+        verse.load(tmp_path)
+    assert message in str(err.value) and "config.json" in str(err.value) and "\n" not in str(err.value)

@@ -272,7 +272,7 @@ def _rope_target(module: str, args: ModelArgs) -> Optional[bool]:
     return None
 
 
-def _expert_weight(experts: Dict[tuple, torch.Tensor], layer: int, expert: int, hf: str,
+def expert_weight(experts: Dict[tuple, torch.Tensor], layer: int, expert: int, hf: str,
                    args: ModelArgs) -> torch.Tensor:
     """Pop one expert's weight from `experts` (keyed (layer, expert, proj, suffix)), dequantized if FP8."""
     name = f"model.layers.{layer}.mlp.experts.{expert}.{hf}.weight"
@@ -338,7 +338,7 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
         if not args.is_moe_layer(i):
             continue
         for verse, hf in EXPERT_WEIGHTS.items():
-            stacked = [_expert_weight(experts, i, e, hf, args) for e in range(args.n_routed_experts)]
+            stacked = [expert_weight(experts, i, e, hf, args) for e in range(args.n_routed_experts)]
             out[f"layers.{i}.ffn.experts.{verse}"] = torch.stack(stacked)
     if experts:
         i, e, hf, suffix = next(iter(experts))

@@ -1,7 +1,7 @@
 """The Hugging Face checkpoint directory: read and write config.json, safetensors (sharded), verse.json, tokenizer.
 
 The architecture-specific parts live in adapters picked by HF `model_type`: `verse.interop.llama` (llama,
-mistral) and `verse.interop.deepseek` (deepseek_v2, deepseek_v3). Each exposes `args_from_hf(config)`,
+mistral), `verse.interop.qwen` (qwen2, qwen3, qwen3_moe) and `verse.interop.deepseek` (deepseek_v2, deepseek_v3). Each exposes `args_from_hf(config)`,
 `hf_config(args)`, `to_verse(state_dict, args)` and `to_hf(state_dict, args)`.
 """
 
@@ -24,7 +24,8 @@ from verse.jsonio import read_json
 from verse.model import ReasoningLLM
 from verse.publish import check_destination, staged
 
-ADAPTERS = {"llama": "verse.interop.llama", "mistral": "verse.interop.llama",
+ADAPTERS = {"llama": "verse.interop.llama", "mistral": "verse.interop.llama", "qwen2": "verse.interop.qwen",
+            "qwen3": "verse.interop.qwen", "qwen3_moe": "verse.interop.qwen",
             "deepseek_v2": "verse.interop.deepseek", "deepseek_v3": "verse.interop.deepseek"}
 CONFIG = "config.json"
 VERSE_CONFIG = "verse.json"
@@ -353,8 +354,8 @@ def save_pretrained(model: ReasoningLLM, path: str | Path, tokenizer=None,
     dtype = model.embed.weight.dtype
     args = dataclasses.replace(args, dtype=str(dtype).removeprefix("torch."))
     adapter = adapter_for(args.arch, VERSE_CONFIG)
+    config = adapter.hf_config(args)  # first: it refuses what the family cannot hold, before any tensor moves
     state = adapter.to_hf(model.state_dict(), args)
-    config = adapter.hf_config(args)
     config["torch_dtype"] = config["dtype"] = args.dtype
     if any(getattr(m, "is_fp8", False) for m in model.modules()):  # FP8 layers: stored as DeepSeek-V3 stores them
         config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)

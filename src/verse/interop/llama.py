@@ -45,7 +45,7 @@ VERSE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
-def _rope_from_hf(config: Dict[str, Any]) -> Dict[str, Any]:
+def rope_from_hf(config: Dict[str, Any]) -> Dict[str, Any]:
     """RoPE fields of `ModelArgs` from transformers 5 `rope_parameters` or 4.x `rope_theta` + `rope_scaling`."""
     params = dict(config.get("rope_scaling") or {})
     params.update(config.get("rope_parameters") or {})
@@ -106,7 +106,7 @@ def args_from_hf(config: Dict[str, Any]) -> ModelArgs:
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
         tokenizer="hf",
     )
-    fields.update(_rope_from_hf(config))
+    fields.update(rope_from_hf(config))
     return ModelArgs(**fields)
 
 
@@ -121,6 +121,10 @@ def hf_config(args: ModelArgs) -> Dict[str, Any]:
     """
     if args.attention != "gqa" or args.is_moe:
         raise ConfigError(f"arch {args.arch!r} with MLA/MoE layers has no Llama/Mistral equivalent")
+    for name, arch in (("qkv_bias", "qwen2"), ("qk_norm", "qwen3")):
+        if getattr(args, name):
+            raise ConfigError(f"ModelArgs.{name}: Llama/Mistral have no equivalent; save it as arch {arch!r}",
+                              name)
     model_type = args.arch if args.arch in MODEL_TYPES else "llama"
     if args.sliding_window is not None:
         model_type = "mistral"
@@ -160,12 +164,14 @@ def hf_config(args: ModelArgs) -> Dict[str, Any]:
     return config
 
 
-def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
+def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs,
+             layer_names: Dict[str, str] = LAYER_NAMES) -> Dict[str, torch.Tensor]:
     """Rename Hugging Face tensors to Verse names.
 
     Args:
         state_dict (Dict[str, torch.Tensor]): HF names -> tensors.
         args (ModelArgs): the model configuration (tied embeddings drop a stored `lm_head.weight`).
+        layer_names (Dict[str, str]): Verse -> HF names inside a layer (the Qwen adapter adds its own).
 
     Returns:
         Dict[str, torch.Tensor]: Verse names -> the same tensors.
@@ -174,14 +180,14 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
         KeyError: a tensor name this architecture does not have (the caller reports the file).
     """
     hf_to_verse = {hf: verse for verse, hf in GLOBAL_NAMES.items()}
-    layer_names = {hf: verse for verse, hf in LAYER_NAMES.items()}
+    hf_layer_names = {hf: verse for verse, hf in layer_names.items()}
     out = {}
     for name, tensor in state_dict.items():
         if IGNORED.fullmatch(name) or (args.tie_embeddings and name == "lm_head.weight"):
             continue
         layer = HF_LAYER.fullmatch(name)
-        if layer and layer.group(2) in layer_names:
-            out[f"layers.{layer.group(1)}.{layer_names[layer.group(2)]}"] = tensor
+        if layer and layer.group(2) in hf_layer_names:
+            out[f"layers.{layer.group(1)}.{hf_layer_names[layer.group(2)]}"] = tensor
         elif name in hf_to_verse:
             out[hf_to_verse[name]] = tensor
         else:
@@ -189,12 +195,14 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
     return out
 
 
-def to_hf(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
+def to_hf(state_dict: Dict[str, torch.Tensor], args: ModelArgs,
+          layer_names: Dict[str, str] = LAYER_NAMES) -> Dict[str, torch.Tensor]:
     """Rename Verse tensors to Hugging Face names (tied embeddings store only `model.embed_tokens.weight`).
 
     Args:
         state_dict (Dict[str, torch.Tensor]): Verse names -> tensors.
         args (ModelArgs): the model configuration.
+        layer_names (Dict[str, str]): Verse -> HF names inside a layer.
 
     Returns:
         Dict[str, torch.Tensor]: HF names -> the same tensors.
@@ -205,7 +213,7 @@ def to_hf(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, tor
             continue
         layer = VERSE_LAYER.fullmatch(name)
         if layer:
-            out[f"model.layers.{layer.group(1)}.{LAYER_NAMES[layer.group(2)]}"] = tensor
+            out[f"model.layers.{layer.group(1)}.{layer_names[layer.group(2)]}"] = tensor
         else:
             out[GLOBAL_NAMES[name]] = tensor
     return out
