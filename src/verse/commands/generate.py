@@ -12,7 +12,17 @@ EXAMPLES = """  verse generate model.gguf --prompt 'What is 2+2?' --chat
   verse generate model.gguf --prompt 'Hi' --chat --json     # one JSON object: text, prompt_tokens, new_tokens, ...
   verse generate model.gguf --prompt 'Hi' --chat --gemm-impl gguf --compile   # fastest on CPU (llama.cpp's math)
   verse generate base/ --adapter runs/lora/latest --prompt 'Hi' --chat   # base + LoRA adapter, unmerged
+  verse generate Qwen3-0.6B/ --prompt 'What is 2+2?' --chat --thinking off   # answer without <think> reasoning
 """
+THINKING = {"on": True, "off": False}
+
+
+def add_thinking_argument(parser: argparse.ArgumentParser) -> None:
+    """`--thinking on|off`: the chat template's reasoning switch (generate, chat, serve)."""
+    parser.add_argument("--thinking", choices=tuple(THINKING), default=None,
+                        help="chat templates with a reasoning switch (Qwen3's enable_thinking): on = the model "
+                             "reasons in <think> first, off = the prompt closes an empty <think> and the model "
+                             "answers directly (default: the template's own, on for Qwen3)")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +41,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--think", choices=THINK_MODES, default="dim",
                         help="<think> reasoning: show as is, hide, or dim (default; plain text when not a terminal)")
+    add_thinking_argument(parser)
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="LoRA adapter directory (PEFT format, e.g. a LoRA run's checkpoint) applied on top of "
@@ -76,8 +87,10 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def execution_overrides(args: argparse.Namespace) -> dict:
-    """`verse.load` overrides chosen on the command line (`attn_impl`, `gemm_impl`)."""
-    return {k: v for k, v in (("attn_impl", args.attn_impl), ("gemm_impl", args.gemm_impl)) if v is not None}
+    """`load_for_inference` options chosen on the command line: `thinking` and the `verse.load` overrides
+    (`attn_impl`, `gemm_impl`)."""
+    return {k: v for k, v in (("attn_impl", args.attn_impl), ("gemm_impl", args.gemm_impl)) if v is not None} | {
+        "thinking": THINKING.get(args.thinking)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,12 +2,15 @@
 
 import argparse
 
+from verse.commands.generate import THINKING, add_thinking_argument
+
 HELP = ("Serve a model over HTTP with the OpenAI API shape: /v1/chat/completions and /v1/completions (streaming), "
         "/v1/models, /health. Concurrent requests decode together in one batch; <think> comes back as "
         "reasoning_content.")
 EXAMPLES = """  verse serve runs/sft/final                            # http://127.0.0.1:8000/v1
   verse serve model.gguf --port 8080 --slots 16 --max-len 4096
   verse serve base/ --adapter runs/lora/latest --name my-model
+  verse serve Qwen3-8B/ --thinking off        # Qwen3 answers without <think> (per request: chat_template_kwargs)
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "final", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64}'
   python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); print(c.models.list())"
@@ -27,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=None,
                         help="context per sequence, prompt + completion (default: the model's max_seq_len)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
+    add_thinking_argument(parser)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="weights dtype; auto = the checkpoint's, but float32 on CPUs without native bf16")
@@ -51,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         raise VerseError(f"--max-len must be >= 2, got {args.max_len}")
     resolve_device(args.device, "--device")
     sock = listen(args.host, args.port)  # before the model loads: a taken port fails in a second, not after it
-    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter)
+    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter,
+                                          thinking=THINKING.get(args.thinking))
     engine = Engine(model.eval(), tokenizer, args.slots, args.max_len)
     name = args.name or Path(args.checkpoint.rstrip("/")).name
     print(f"verse serve: {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {engine.max_len} tokens)",

@@ -26,17 +26,18 @@ def valid_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def chat_prompt(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
+def chat_prompt(tokenizer, messages: List[Dict[str, str]], **template_kwargs) -> List[int]:
     """Token ids of `messages` rendered with the tokenizer's chat template, ending with the assistant prompt.
 
     Args:
         tokenizer: a Verse tokenizer.
         messages (List[Dict[str, str]]): `[{"role": "system" | "user" | "assistant", "content": str}]`.
+        **template_kwargs: template variables for this render (e.g. `enable_thinking=False`).
 
     Returns:
         List[int]: the prompt ids.
     """
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **template_kwargs)
 
 
 def text_prompt(tokenizer, text: str) -> List[int]:
@@ -55,17 +56,18 @@ def text_prompt(tokenizer, text: str) -> List[int]:
     return prompt
 
 
-def opens_in_think(tokenizer, messages: List[Dict[str, str]]) -> bool:
+def opens_in_think(tokenizer, messages: List[Dict[str, str]], **template_kwargs) -> bool:
     """Whether the template's generation prompt already opens a `<think>` block (DeepSeek-R1 style).
 
     Args:
         tokenizer: a Verse tokenizer.
         messages (List[Dict[str, str]]): the conversation.
+        **template_kwargs: template variables for this render (e.g. `enable_thinking=False`).
 
     Returns:
         bool: True when the reply starts inside `<think>`.
     """
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
     return text.rstrip().endswith(THINK_OPEN)
 
 

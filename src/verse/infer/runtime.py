@@ -36,7 +36,7 @@ def inference_dtype(name: str, device: str | torch.device) -> Optional[torch.dty
 
 
 def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str = "cpu", dtype: str = "auto",
-                       adapter: Optional[str] = None, **overrides):
+                       adapter: Optional[str] = None, thinking: Optional[bool] = None, **overrides):
     """Load a model (anything `verse.load` accepts) and its tokenizer.
 
     Args:
@@ -45,6 +45,8 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
         device (str): "cpu", "cuda", ...
         dtype (str): see `inference_dtype`.
         adapter (Optional[str]): a LoRA adapter directory (PEFT format) to apply on top, unmerged.
+        thinking (Optional[bool]): the chat template's reasoning switch (Qwen3's `enable_thinking`); None = the
+            template's default.
         **overrides: execution-only `ModelArgs` fields for `verse.load` (e.g. `attn_impl="absorb"`).
 
     Returns:
@@ -52,7 +54,8 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
         256-id model).
 
     Raises:
-        VerseError: the tokenizer has ids past the model's vocabulary (e.g. `--tokenizer o200k` on a small model).
+        VerseError: the tokenizer has ids past the model's vocabulary (e.g. `--tokenizer o200k` on a small model),
+            or `thinking` is set for a template without the switch.
     """
     from verse.interop.load import load_model
     from verse.tokenization import load_tokenizer
@@ -63,6 +66,7 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
 
         model = load_adapter(model, adapter).eval()
     tokenizer = load_tokenizer(tokenizer or tokenizer_source(path))
+    tokenizer.set_thinking(thinking)
     return model, tokenizer.fit_vocab(model.args.vocab_size, f"the model {path}")
 
 

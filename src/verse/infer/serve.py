@@ -83,6 +83,24 @@ def _content(message: Any, index: int) -> Dict[str, str]:
     return {"role": message["role"], "content": valid_text(content)}
 
 
+def _template_kwargs(body: dict) -> Dict[str, bool]:
+    """`chat_template_kwargs` of a chat request (vLLM's field; `enable_thinking` is the one Verse takes).
+
+    Raises:
+        BadRequest: not an object, another key, or a value that is not true/false.
+    """
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise BadRequest("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    unknown = sorted(set(kwargs) - {"enable_thinking"})
+    if unknown:
+        raise BadRequest(f"'chat_template_kwargs' may only set enable_thinking, got {unknown[0]!r:.80}",
+                         "chat_template_kwargs")
+    if not isinstance(kwargs.get("enable_thinking", False), bool):
+        raise BadRequest("'chat_template_kwargs.enable_thinking' must be true or false", "chat_template_kwargs")
+    return kwargs
+
+
 class Server:
     """Turns API requests into engine requests and engine output into API responses.
 
@@ -127,8 +145,9 @@ class Server:
             if not isinstance(messages, list) or not messages:
                 raise BadRequest("'messages' must be a non-empty list of messages", "messages")
             messages = [_content(m, i) for i, m in enumerate(messages)]
-            prompt = chat_prompt(self.tokenizer, messages)
-            opened = opens_in_think(self.tokenizer, messages)
+            template_kwargs = _template_kwargs(body)
+            prompt = chat_prompt(self.tokenizer, messages, **template_kwargs)
+            opened = opens_in_think(self.tokenizer, messages, **template_kwargs)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):

@@ -7,7 +7,8 @@ the assistant loss mask, and `save_pretrained`.
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Union
+from types import MappingProxyType
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 
 from verse.errors import VerseError
 from verse.tokenization.chat import ChatEncoding, render, render_with_spans
@@ -29,6 +30,7 @@ class Tokenizer:
         stop_ids: ids that end an assistant reply (eos and the template's end-of-turn token).
         chat_template: the Jinja chat template.
         special_tokens: special token string -> id.
+        chat_options: template variables every render gets unless the call passes its own (`set_thinking`).
     """
 
     name: str
@@ -41,6 +43,7 @@ class Tokenizer:
     chat_template: str
     special_tokens: Dict[str, int]
     verse_kind: Optional[str] = None  # "o200k" / "byte": saved in tokenizer_config.json to reload the fast backend
+    chat_options: Mapping[str, Any] = MappingProxyType({})  # replaced, never mutated: instances share the default
 
     # ---- backend hooks -------------------------------------------------------------------------------------
     def _encode(self, text: str, allowed: frozenset) -> List[int]:
@@ -168,9 +171,30 @@ class Tokenizer:
         parts.append(self._decode(run, skip_special) if run else "")
         return "".join(parts)
 
-    def _template_context(self) -> Dict[str, str]:
+    def _tokens_context(self) -> Dict[str, str]:
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         return {key: self.token_string(i) for key, i in names.items() if self.token_string(i) is not None}
+
+    def _template_context(self, template_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+        return {**self._tokens_context(), **self.chat_options, **template_kwargs}
+
+    def set_thinking(self, enabled: Optional[bool]) -> None:
+        """Switch the chat template's reasoning on or off for every later render (Qwen3's `enable_thinking`: off
+        makes the generation prompt close an empty `<think>` block, so the model answers without reasoning).
+
+        Args:
+            enabled: True (reason first), False (answer directly), or None (the template's default).
+
+        Raises:
+            VerseError: the chat template has no `enable_thinking` switch.
+        """
+        options = {k: v for k, v in self.chat_options.items() if k != "enable_thinking"}
+        if enabled is not None:
+            if "enable_thinking" not in self.chat_template:
+                raise VerseError(f"the chat template of {self.name} has no enable_thinking switch (Qwen3's); "
+                                 "leave out --thinking for this model")
+            options["enable_thinking"] = bool(enabled)
+        self.chat_options = MappingProxyType(options)
 
     def apply_chat_template(self, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = False,
                             tokenize: bool = True, **template_kwargs) -> Union[List[int], str]:
@@ -182,14 +206,14 @@ class Tokenizer:
             messages: [{"role": "system"|"user"|"assistant", "content": str}, ...].
             add_generation_prompt: end with the header that opens the assistant's reply.
             tokenize: return token ids (True) or the text (False).
-            **template_kwargs: extra template variables, e.g. `drop_history_think=True`.
+            **template_kwargs: extra template variables, e.g. `drop_history_think=True`, `enable_thinking=False`.
 
         Returns:
             Union[List[int], str]: token ids, or the rendered text.
         """
         if not tokenize:
             return render(self.chat_template, messages, add_generation_prompt,
-                          **self._template_context(), **template_kwargs)
+                          **self._template_context(template_kwargs))
         return self.encode_chat(messages, add_generation_prompt, **template_kwargs).input_ids
 
     def encode_chat(self, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = False,
@@ -216,7 +240,7 @@ class Tokenizer:
             raise VerseError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
         ends = [self.token_string(i) for i in sorted(self.stop_ids)]
         text, spans = render_with_spans(self.chat_template, messages, add_generation_prompt,
-                                        [s for s in ends if s], **self._template_context(), **template_kwargs)
+                                        [s for s in ends if s], **self._template_context(template_kwargs))
         if train_on == "last_assistant":
             spans = spans[-1:]
         everything = frozenset(self.special_tokens)
@@ -240,7 +264,7 @@ class Tokenizer:
             dict: tokenizer class, special tokens and chat_template.
         """
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                  "add_bos_token": self.add_bos, "add_eos_token": False, **self._template_context(),
+                  "add_bos_token": self.add_bos, "add_eos_token": False, **self._tokens_context(),
                   "chat_template": self.chat_template}
         if self.verse_kind:
             config["verse_tokenizer"] = self.verse_kind

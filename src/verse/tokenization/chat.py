@@ -12,6 +12,7 @@ import json
 import re
 import threading
 import time
+from datetime import datetime
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ TEMPLATE_SECONDS = 10.0
 MAX_TEMPLATE_CHARS = 32 * 2**20  # longest rendered text and longest string/list a template may build
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# A reasoning section a template writes at the start of a reply (Qwen3 writes one, empty or not, in the last turn).
+_THINK_SECTION = re.compile(r"\s*<think>.*?</think>\s*", re.S)
+_SPACE = re.compile(r"\s*")
 
 
 @dataclass
@@ -188,6 +193,11 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
+def _strftime_now(format: str) -> str:
+    """The date or time now, as transformers offers it to templates (Llama 3.2's "Today Date")."""
+    return datetime.now().strftime(format)
+
+
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -211,6 +221,7 @@ def compile_template(source: str) -> jinja2.Template:
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTracker, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
     env.globals["namespace"] = _BoundedNamespace
     env.watchdog = _Watchdog()
     try:
@@ -304,6 +315,56 @@ def render(source: str, messages: Sequence[Dict[str, str]], add_generation_promp
     return _render(compile_template(source), messages, add_generation_prompt, context)
 
 
+def _reply_start(template: jinja2.Template, history: Sequence[Dict[str, str]], context: Dict[str, object],
+                 text: str) -> int:
+    """Where the reply after `history` starts in `text`: after the generation prompt rendered for `history`.
+
+    When the prompt differs from the text (Qwen3 with `enable_thinking=False` closes an empty `<think>` in the
+    prompt, while a reply in the text keeps its own reasoning or none), the reply starts where they part, before a
+    `<think>` the prompt opened.
+    """
+    prompt = _render(template, history, True, context)
+    if text.startswith(prompt):
+        return len(prompt)
+    base = len(_render(template, history, False, context))
+    if not text.startswith(prompt[:base]):
+        return -1
+    common = base
+    while common < len(prompt) and common < len(text) and prompt[common] == text[common]:
+        common += 1
+    opened = prompt.find(THINK_OPEN, base, common)
+    return opened if opened >= 0 else common
+
+
+def _locate_reply(text: str, start: int, content: str, ends: Sequence[str]) -> Optional[Tuple[int, int]]:
+    """The span of a reply whose header ends at `start`: its content (as written, trimmed, or only the answer after
+    `</think>` where the template drops or rewrites the reasoning) and the end token closing it.
+
+    The span starts at the content, or at `start` when the template wrote a `<think>` section before it (that
+    section is part of what the model generates after the prompt).
+    """
+    if start < 0:
+        return None
+    answer = content.split(THINK_CLOSE)[-1].strip()
+    think = _THINK_SECTION.match(text, start)
+    for begin, candidates in ((start, (content, content.strip(), answer)), (think and think.end(), (answer,))):
+        if begin is None:
+            continue
+        for candidate in dict.fromkeys(candidates):
+            found = text.find(candidate, begin) if candidate else _SPACE.match(text, begin).end()
+            if found < 0 or text[begin:found].strip():
+                continue
+            end = found + len(candidate)
+            after = _SPACE.match(text, end).end()
+            closing = next((s for s in ends if text.startswith(s, after)), None)
+            if closing:
+                end = after + len(closing)
+            elif not candidate:
+                continue  # an empty reply is located by its end token
+            return (start if begin != start else found), end
+    return None
+
+
 def render_with_spans(source: str, messages: Sequence[Dict[str, str]], add_generation_prompt: bool,
                       end_strings: Sequence[str], **context) -> Tuple[str, List[Tuple[int, int]]]:
     """Render a conversation and return the character span of each assistant reply (content + end token).
@@ -338,18 +399,9 @@ def render_with_spans(source: str, messages: Sequence[Dict[str, str]], add_gener
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = _render(template, messages[:i], True, context)
-        start = -1
-        if text.startswith(prefix):
-            for content in (message["content"], message["content"].strip()):  # templates may trim replies
-                start = text.find(content, len(prefix))
-                if start >= 0 and not text[len(prefix):start].strip():
-                    break
-                start = -1
-        if start < 0:
+        span = _locate_reply(text, _reply_start(template, messages[:i], context, text), message["content"], ends)
+        if span is None:
             raise VerseError(f"cannot locate assistant message {i} in the rendered chat: the template is not "
                              "prefix-stable; wrap replies in {% generation %}...{% endgeneration %}")
-        end = start + len(content)
-        end += next((len(s) for s in ends if text.startswith(s, end)), 0)
-        spans.append((start, end))
+        spans.append(span)
     return text, spans
