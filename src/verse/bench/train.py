@@ -1,80 +1,255 @@
-"""`verse bench train`: training tokens/s of Verse's step vs a plain PyTorch (nanoGPT-style) loop."""
+"""`verse bench train`: training tokens/s of Verse's step vs transformers on the same model, in one process.
+
+Both sides get the same architecture built from one `ModelArgs` (transformers' `LlamaForCausalLM`, or
+`DeepseekV3ForCausalLM` for the MoE row, loaded from the checkpoint Verse saves, so the weights are identical),
+the same token batch, AdamW with the same hyperparameters (fused), gradient clipping at 1.0 and bf16 autocast
+(`--precision`). Verse runs `train_step` as `verse train` does (its defaults, e.g. per-block compile where that
+is the default). After warm-up the sides alternate step by step, so a slow spell of a shared machine hits both;
+each keeps its fastest step. MFU divides by the matmul peak measured between the steps in the step's own dtype
+(`verse.train.metrics.matmul_flops`). Peak memory is what a step adds above what was resident before it
+(activations, gradients, temporaries): the CUDA allocator's peak, or on CPU the process's resident high-water
+mark (reset before each step through /proc/self/clear_refs).
+"""
 
 import argparse
+import dataclasses
 import json
+import tempfile
 import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from verse.bench.plan import BASE_MODEL
+from verse.config import ModelArgs
+from verse.errors import VerseError
+
+MOE_PRESET = "bytegpt-tiny"
+# the MoE row: every layer after the first MoE, no balance loss or bias updates (transformers has neither in
+# training), so both sides do the same work
+MOE_OVERRIDES = {"moe_layer_freq": 1, "aux_loss_alpha": 0.0, "router_bias_update_rate": 0.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after one warm-up step)")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--preset", default="smollm2-135m", help="dense model shape (a Llama-type preset; default "
+                                                                 "smollm2-135m)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    parser.add_argument("--micro-batch", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side, after warm-up (default 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default 2)")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype (default bf16)")
+    parser.add_argument("--no-moe", action="store_true", help=f"skip the MoE row ({MOE_PRESET} shape vs "
+                                                              "transformers' DeepseekV3ForCausalLM)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _reference_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:
-    """The nanoGPT loop: full logits, F.cross_entropy, AdamW."""
-    logits = model(ids)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def _step_memory() -> Callable[[], Optional[int]]:
+    """Start measuring one step's peak memory; the returned function gives its bytes above the start (None when
+    the platform cannot tell)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return lambda: torch.cuda.max_memory_allocated() - base
+    from verse.train.metrics import memory_bytes
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        return lambda: None
+    base = memory_bytes(torch.device("cpu")).get("memory_bytes")
+    return lambda: (memory_bytes(torch.device("cpu"))["peak_memory_bytes"] - base) if base is not None else None
+
+
+def transformers_twin(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """transformers' model of the same architecture holding the same weights, in training mode.
+
+    Loaded from the checkpoint directory Verse writes (`save_pretrained`, DESIGN.md's contract), so every name
+    and layout conversion is the tested one.
+
+    Args:
+        model (torch.nn.Module): a Verse `ReasoningLLM`.
+        device (torch.device): where the copy lives.
+
+    Returns:
+        torch.nn.Module: e.g. `LlamaForCausalLM` with SDPA attention.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="verse-bench-") as tmp:
+        model.save_pretrained(Path(tmp) / "model")
+        twin = AutoModelForCausalLM.from_pretrained(Path(tmp) / "model", dtype=model.embed.weight.dtype,
+                                                    attn_implementation="sdpa")
+    return twin.to(device).train()
+
+
+class _Side:
+    """One trainer of a row: its step as a closure, its step times, peak memory and first loss."""
+
+    def __init__(self, name: str, step: Callable[[], torch.Tensor]):
+        self.name, self.step = name, step
+        self.times: List[float] = []
+        self.memory: List[int] = []
+        self.first_loss: Optional[float] = None
+
+    def run(self, device: torch.device, timed: bool) -> None:
+        measure = _step_memory()
+        start = time.perf_counter()
+        loss = self.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if self.first_loss is None:
+            self.first_loss = float(loss)
+        if timed:
+            self.times.append(elapsed)
+            used = measure()
+            if used is not None:
+                self.memory.append(used)
+
+
+def _verse_side(model: torch.nn.Module, cfg: Any, batch: Dict[str, torch.Tensor], device: torch.device) -> _Side:
+    from verse.train.loop import prepare_model, train_step
+    from verse.train.optim import TrainOptimizer
+
+    prepare_model(model, cfg, device)
+    optimizer = TrainOptimizer(model, cfg)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    tokens = int((batch["labels"] != -100).sum())
+
+    def step() -> torch.Tensor:
+        loss_sum = train_step(model, optimizer, [batch], cfg, autocast)[0]
+        return loss_sum / tokens if loss_sum is not None else torch.tensor(float("nan"))
+
+    return _Side("verse", step)
+
+
+def _transformers_side(twin: torch.nn.Module, cfg: Any, ids: torch.Tensor, device: torch.device) -> _Side:
+    optimizer = torch.optim.AdamW(twin.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, fused=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    def step() -> torch.Tensor:
+        with autocast:
+            loss = twin(input_ids=ids, labels=ids).loss  # shifted inside: the same T - 1 targets as Verse's
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return _Side("transformers", step)
+
+
+def bench_row(model_args: ModelArgs, cfg: Any, device: torch.device, steps: int, warmup: int,
+              peak: Callable[[], float]) -> Dict[str, Any]:
+    """Time Verse and transformers on one model, interleaved step by step after warm-up.
+
+    Args:
+        model_args (ModelArgs): the model (fp32 parameters).
+        cfg (TrainConfig): Verse's training configuration (shape, precision, optimizer hyperparameters).
+        device (torch.device): where both run.
+        steps (int): timed steps per side.
+        warmup (int): untimed steps per side first.
+        peak (Callable[[], float]): measures the matmul peak now (FLOP/s); called between rounds, best kept.
+
+    Returns:
+        Dict[str, Any]: per side `tokens_per_s`, `mfu`, `peak_memory_bytes`, `first_loss`; `ratio`, `peak_flops`.
+    """
+    from verse.model import ReasoningLLM
+    from verse.train.metrics import mfu
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = ReasoningLLM(model_args).train()
+    twin = transformers_twin(model, device)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model_args.vocab_size, (cfg.micro_batch_size, cfg.max_seq_len), generator=generator)
+    ids = ids.to(device)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # the last position has no target
+    sides = [_verse_side(model, cfg, {"input_ids": ids, "labels": labels}, device),
+             _transformers_side(twin, cfg, ids, device)]
+    for _ in range(warmup):
+        for side in sides:
+            side.run(device, timed=False)
+    peaks = []
+    for _ in range(steps):
+        peaks.append(peak())
+        for side in sides:
+            side.run(device, timed=True)
+    peak_flops = max(peaks)
+    tokens = ids.numel()
+    row: Dict[str, Any] = {"micro_batch": cfg.micro_batch_size, "seq_len": cfg.max_seq_len, "peak_flops": peak_flops}
+    for side in sides:
+        tps = tokens / min(side.times)
+        row[side.name] = {"tokens_per_s": tps, "mfu": mfu(model_args, tokens, min(side.times), cfg.max_seq_len,
+                                                          peak_flops),
+                          "step_s": min(side.times), "peak_memory_bytes": max(side.memory) if side.memory else None,
+                          "first_loss": side.first_loss}
+    row["ratio"] = row["verse"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+    row["experts_implementation"] = getattr(twin.config, "_experts_implementation", None)
+    return row
 
 
 def run(args: argparse.Namespace) -> int:
-    """Training tokens/s of Verse's step vs a plain PyTorch (nanoGPT-style) step on the same model."""
-    from verse.config import ModelArgs
-    from verse.model import ReasoningLLM
+    """Training tokens/s of Verse vs transformers: a dense row (`--preset`) and a MoE row, printed or as JSON."""
+    from verse.config import list_presets
     from verse.train.config import TrainConfig
-    from verse.train.loop import train_step
-    from verse.train.metrics import device_peak_flops, mfu
-    from verse.train.optim import TrainOptimizer
+    from verse.train.metrics import compute_dtype, device_name, matmul_flops
 
+    for flag in ("seq_len", "micro_batch", "steps"):
+        if getattr(args, flag) < 1:
+            raise VerseError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        raise VerseError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.preset not in list_presets():
+        raise VerseError(f"--preset {args.preset}: no such preset ({', '.join(list_presets())})")
+    dense = ModelArgs.from_preset(args.preset)
+    if dense.attention != "gqa" or dense.is_moe:
+        raise VerseError(f"--preset {args.preset}: the dense row needs a Llama-type preset (GQA, no MoE); the MoE "
+                         f"row always runs the {MOE_PRESET} shape")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_args = ModelArgs(**{**BASE_MODEL, "max_seq_len": max(1024, args.seq_len), "dtype": "float32"})
-    cfg = TrainConfig(max_seq_len=args.seq_len, micro_batch_size=args.micro_batch, precision="fp32",
-                      loss_chunk_size=1024, weight_decay=0.0)
-    ids = torch.randint(0, model_args.vocab_size, (args.micro_batch, args.seq_len), device=device)
-    autocast = torch.autocast(device.type, enabled=False)
-    results = {}
-    for side in ("reference", "verse"):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = ReasoningLLM(model_args).train()
-        if side == "verse":
-            opt = TrainOptimizer(model, cfg)
-            batch = [{"input_ids": ids, "labels": ids}]
+    cfg = TrainConfig(max_seq_len=args.seq_len, micro_batch_size=args.micro_batch, precision=args.precision,
+                      param_dtype="float32", device=device.type)
+    dtype = compute_dtype(cfg.precision, cfg.param_dtype)
 
-            def step(model=model, opt=opt, batch=batch):
-                train_step(model, opt, batch, cfg, autocast)
-        else:
-            ref_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
+    def peak() -> float:
+        return matmul_flops(device, dtype, seconds=0.2)
 
-            def step(model=model, ref_opt=ref_opt):
-                _reference_step(model, ref_opt, ids)
-        step()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        results[side] = args.steps * ids.numel() / (time.perf_counter() - start)
-    ratio = results["verse"] / results["reference"]
-    peak = device_peak_flops(device, torch.float32)
-    mfus = {side: mfu(model_args, tps, 1.0, args.seq_len, peak) for side, tps in results.items()}
+    def shaped(model_args: ModelArgs, seq_len: int) -> ModelArgs:
+        return dataclasses.replace(model_args, dtype="float32", max_seq_len=max(model_args.max_seq_len, seq_len),
+                                   original_seq_len=model_args.original_seq_len)
+
+    rows = {"dense": bench_row(shaped(dense, args.seq_len), cfg, device, args.steps, args.warmup, peak)}
+    rows["dense"]["preset"] = args.preset
+    if not args.no_moe:
+        moe_args = dataclasses.replace(ModelArgs.from_preset(MOE_PRESET), **MOE_OVERRIDES)
+        moe_len = min(args.seq_len, moe_args.max_seq_len)
+        moe_cfg = dataclasses.replace(cfg, max_seq_len=moe_len)
+        rows["moe"] = bench_row(shaped(moe_args, moe_len), moe_cfg, device, args.steps, args.warmup, peak)
+        rows["moe"]["preset"] = MOE_PRESET
+    report = {"device": str(device), "device_name": device_name(device), "precision": args.precision,
+              "steps": args.steps,
+              # the contract of DESIGN.md: the dense row's numbers at the top level
+              "tokens_per_s": {s: rows["dense"][s]["tokens_per_s"] for s in ("verse", "transformers")},
+              "mfu": {s: rows["dense"][s]["mfu"] for s in ("verse", "transformers")},
+              "ratio": rows["dense"]["ratio"], "rows": rows}
     if args.json:
-        print(json.dumps({"device": str(device), "tokens_per_s": results, "mfu": mfus, "ratio": ratio}))
-    else:
-        print(f"training step, {device}, model dim 384 x 4 layers, vocab 8192, {args.micro_batch} x {args.seq_len}"
-              f" tokens, fp32")
-        shown = {side: f"{value:.1%}" if value is not None else "n/a" for side, value in mfus.items()}
-        print(f"  reference (full logits + F.cross_entropy + AdamW): {results['reference']:>9.0f} tokens/s"
-              f"   MFU {shown['reference']}")
-        print(f"  verse (chunked CE + fused AdamW):                  {results['verse']:>9.0f} tokens/s"
-              f"   MFU {shown['verse']}   ratio {ratio:.2f}x")
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"verse bench train: {report['device_name']} ({device}), {args.precision} autocast, fp32 parameters, "
+          f"AdamW (fused), clip 1.0; fastest of {args.steps} interleaved steps after {args.warmup} warm-up")
+    print(f"{'':44} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak mem':>10} {'1st loss':>9} {'ratio':>7}")
+    names = {"dense": ("LlamaForCausalLM",), "moe": ("DeepseekV3ForCausalLM",)}
+    for key, row in rows.items():
+        shape = f"{row['preset']} {row['micro_batch']}x{row['seq_len']}"
+        for side in ("verse", "transformers"):
+            r = row[side]
+            label = f"{shape} verse train_step" if side == "verse" else f"{shape} transformers {names[key][0]}"
+            mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            memory = f"{r['peak_memory_bytes'] / 2**20:.0f} MiB" if r["peak_memory_bytes"] is not None else "n/a"
+            ratio = f"{row['ratio']:.2f}x" if side == "verse" else "1.00x"
+            print(f"{label:44} {r['tokens_per_s']:10.1f} {mfu_text:>7} {r['step_s']:8.3f} {memory:>10} "
+                  f"{r['first_loss']:9.4f} {ratio:>7}")
+        print(f"{'':44} matmul peak {row['peak_flops'] / 1e12:.3g} TFLOP/s ({dtype}, measured between the steps)")
     return 0

@@ -69,7 +69,9 @@ class TrainConfig:
                                     "(stochastic rounding, torchao) | nearest")
     activation_checkpointing: int = _f(0, "recompute activations in backward: 0 off, k = every k-th layer (1 = all)")
     loss_chunk_size: int = _f(4096, "tokens per chunk of the cross-entropy (full fp32 logits never exist)")
-    compile: bool = _f(False, "torch.compile the model (off by default: it does not pay on CPU)")
+    compile: Optional[bool] = _f(None, "torch.compile each transformer block (regional compilation): true | false | "
+                                       "null = auto (on CUDA; off on CPU, where `verse bench train` shows it does not "
+                                       "pay)")
 
     optimizer: str = _f("adamw", "adamw (fused where the device has it) | adamw8bit (torchao) | sgd")
     fused_backward: bool = _f(False, "step each parameter inside backward and free its grad (no persistent grads)")

@@ -212,43 +212,108 @@ class _Batches:
         raise VerseError("the data loader yielded no batches: check the data sources and max_seq_len")
 
 
-def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[str, torch.Tensor]],
-               cfg: TrainConfig, autocast: contextlib.AbstractContextManager, dist: Optional[Dist] = None):
-    """One optimizer step over the micro-batches of an accumulation step (on every data-parallel rank).
+def compiles_blocks(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether a run compiles its blocks: `compile`, or when unset (auto) on CUDA only."""
+    return cfg.compile if cfg.compile is not None else device.type == "cuda"
+
+
+def prepare_model(model: ReasoningLLM, cfg: TrainConfig, device: torch.device) -> None:
+    """The speed options of a run, applied to `model` in place (by `verse train` and `verse bench train` alike).
+
+    Per-block `torch.compile` (regional compilation: one compiled graph reused by every layer of the same shape,
+    so compile time stays short; `compiles_blocks`).
+
+    Args:
+        model (ReasoningLLM): the model to train.
+        cfg (TrainConfig): `compile`.
+        device (torch.device): where it trains.
+    """
+    if compiles_blocks(cfg, device):
+        for layer in model.layers:
+            layer.compile()
+
+
+@dataclass
+class StepTensors:
+    """What `step_tensors` leaves on the device (reading any of them is a host-device sync).
+
+    Attributes:
+        loss_sum (torch.Tensor): summed token loss of the step (over all ranks), fp32; non-finite when a
+            micro-batch's loss was.
+        n_tokens (torch.Tensor): loss tokens of the step (over all ranks), int64.
+        grad_norm (torch.Tensor): the global gradient norm before clipping.
+        applied (torch.Tensor): bool, whether the update ran (finite loss and norm, and loss tokens).
+    """
+
+    loss_sum: torch.Tensor
+    n_tokens: torch.Tensor
+    grad_norm: torch.Tensor
+    applied: torch.Tensor
+
+
+def step_tensors(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[str, torch.Tensor]],
+                 cfg: TrainConfig, autocast: contextlib.AbstractContextManager, dist: Optional[Dist] = None
+                 ) -> StepTensors:
+    """One optimizer step over the micro-batches of an accumulation step, without a host-device sync.
 
     The loss is normalised over the loss tokens of ALL micro-batches of all ranks (not per micro-batch), so
     micro-batch 1 x accumulation 8 equals micro-batch 8 x accumulation 1, and N ranks equal one process with
-    N times the batch. A NaN/inf loss or gradient norm skips the update (on every rank).
+    N times the batch. A NaN/inf loss or gradient norm skips the update (on every rank): fused AdamW skips inside
+    its kernel, as `torch.amp.GradScaler` makes it, so nothing waits for the device. The host waits only where the
+    decision cannot stay on the device: several ranks, `fused_backward` (which steps inside backward, so a
+    non-finite loss must be seen before it), other optimizers, router-bias balancing, and the MoE layers' own
+    routing.
 
     Returns:
-        tuple: (summed loss or None when non-finite, loss tokens, grad norm or None, whether the update ran).
+        StepTensors: the step's loss sum, loss tokens, gradient norm and whether it was applied, on the device.
     """
     dist = dist or Dist()
-    n_tokens = int(dist.sum(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)))
+    n_tokens = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro]).sum()
+    if dist.enabled:
+        n_tokens = torch.tensor(int(dist.sum(int(n_tokens))), device=n_tokens.device)
     # the MoE balance loss, too, is a mean over the accumulation step and the data-parallel ranks
     aux_loss_scale = 1.0 / (len(micro) * dist.dp_size)
-    loss_sum: Optional[float] = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float32, device=n_tokens.device)
     for i, b in enumerate(micro):
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 reduces the gradients once, after the last
             model.set_requires_gradient_sync(i == len(micro) - 1)
         with autocast:
             loss = batch_loss(model, b, cfg.loss_chunk_size, aux_loss_scale)
-        finite = bool(torch.isfinite(loss))
-        if not finite and not dist.enabled:  # checked before backward: fused_backward would already have stepped
-            loss_sum = None
-            break
-        if n_tokens:  # several ranks: backward runs anyway (its collectives must match); the norm turns NaN
-            (loss / n_tokens).backward()
-        loss_sum = loss_sum + loss.item() if loss_sum is not None and finite else None
+        loss_sum = loss_sum + loss.detach()
+        if cfg.fused_backward and not dist.enabled and not bool(torch.isfinite(loss)):
+            break  # checked before backward: fused_backward would already have stepped
+        # no loss tokens: the gradient is zero and the update skipped (several ranks: backward runs anyway, as
+        # its collectives must match)
+        (loss / n_tokens.clamp(min=1)).backward()
     if dist.enabled:
-        loss_sum = None if dist.any(loss_sum is None) else dist.sum(loss_sum)
-    grad_norm = optimizer.clip_and_norm(cfg.grad_clip) if loss_sum is not None and n_tokens else None
-    applied = loss_sum is not None and n_tokens > 0 and bool(torch.isfinite(grad_norm))
-    if applied:
-        optimizer.step()
-        update_router_bias(model)  # DeepSeek-V3 auxiliary-loss-free balancing (no-op unless configured)
+        loss_sum = torch.tensor(dist.sum(float(loss_sum)), dtype=torch.float32, device=n_tokens.device)
+    grad_norm = optimizer.clip_and_norm(cfg.grad_clip)
+    applied = torch.isfinite(loss_sum) & torch.isfinite(grad_norm) & (n_tokens > 0)
+    optimizer.step(skip=~applied)
+    if model_balances_by_bias(model) and bool(applied):
+        update_router_bias(model)  # DeepSeek-V3 auxiliary-loss-free balancing
     optimizer.zero_grad()
-    return loss_sum, n_tokens, grad_norm, applied
+    return StepTensors(loss_sum, n_tokens, grad_norm, applied)
+
+
+def model_balances_by_bias(model: torch.nn.Module) -> bool:
+    """Whether any MoE layer of `model` balances its experts by a router bias (updated after each step)."""
+    return any(moe.balances_by_bias for moe in getattr(model, "moe_layers", {}).values())
+
+
+def train_step(model: ReasoningLLM, optimizer: TrainOptimizer, micro: List[Dict[str, torch.Tensor]],
+               cfg: TrainConfig, autocast: contextlib.AbstractContextManager, dist: Optional[Dist] = None):
+    """`step_tensors`, read back on the host (the step's one sync, for its metrics record).
+
+    Returns:
+        tuple: (summed loss or None when non-finite, loss tokens, grad norm or None (loss non-finite or no loss
+        tokens), whether the update ran).
+    """
+    out = step_tensors(model, optimizer, micro, cfg, autocast, dist)
+    loss_sum, n_tokens = float(out.loss_sum), int(out.n_tokens)
+    finite = math.isfinite(loss_sum)
+    grad_norm = out.grad_norm if finite and n_tokens else None
+    return (loss_sum if finite else None), n_tokens, grad_norm, bool(out.applied)
 
 
 class _StopSignal:
@@ -435,9 +500,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
     elif dist.is_main:
         ckpt.create_run_dir(run_dir)
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if cfg.compile:
-        for layer in model.layers:
-            layer.compile()
+    prepare_model(model, cfg, device)
 
     def save() -> Path:
         state = {"step": step, "skipped": skipped, "bad_in_row": bad_in_row, "tokens_seen": tokens_seen,

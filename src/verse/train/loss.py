@@ -2,7 +2,8 @@
 
 For a 200k vocabulary the logits of one 2048-token sequence are 1.6 GB in fp32 (and as much again for their
 gradient). Here the head and the loss run on `chunk_size` tokens at a time under activation checkpointing, so
-only one chunk of logits is alive in forward or backward; positions without a label (-100) are dropped first.
+only one chunk of logits is alive in forward or backward; positions without a label (-100) add nothing (on CPU
+they are dropped first).
 """
 
 from typing import Dict
@@ -17,7 +18,7 @@ from verse.model.masks import document_mask
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum", ignore_index=IGNORE_INDEX)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int = 4096,
@@ -34,9 +35,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.M
         torch.Tensor: scalar fp32 SUM of the losses (divide by the token count of the whole accumulation
         step to normalise over tokens rather than micro-batches).
     """
-    keep = labels.reshape(-1) != IGNORE_INDEX
-    hidden = hidden.reshape(-1, hidden.size(-1))[keep]
-    labels = labels.reshape(-1)[keep]
+    hidden, labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+    if hidden.device.type == "cpu":
+        # selecting the labelled positions skips the head on the rest; on an accelerator the selection's size would
+        # make the host wait for the device, so there cross_entropy ignores them instead (the same sum)
+        keep = labels != IGNORE_INDEX
+        hidden, labels = hidden[keep], labels[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
     for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
         if torch.is_grad_enabled():

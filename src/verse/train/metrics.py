@@ -48,7 +48,9 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     Returns:
         float: forward + backward FLOPs per token.
     """
-    n = count_params(args, active=True) - args.vocab_size * args.dim  # the embedding lookup is not a matmul
+    n = count_params(args, active=True)
+    if not args.tie_embeddings:  # the embedding lookup is no matmul; a tied matrix is counted once, as the head
+        n -= args.vocab_size * args.dim
     if args.attention == "mla":
         qk, v = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
     else:
@@ -86,20 +88,60 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_matmul_flops(dtype: torch.dtype, threads: int, seconds: float = 0.5) -> float:
-    """Best rate of n x n matmuls (n = 1024 and 2048), each size timed for at least `seconds` and 3 runs: a
-    shared machine only ever makes a run slower, and an underestimated peak reports MFU above 100 %."""
+    """`matmul_flops` on CPU, once per dtype and thread count in a process."""
+    return matmul_flops(torch.device("cpu"), dtype, seconds)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """Best measured rate of square matmuls in `dtype` on `device` (uncached: a benchmark measures it on the spot).
+
+    n x n matmuls (n = 1024 and 2048 on CPU, 4096 and 8192 on GPU), each size timed for at least `seconds` and 3
+    runs, the fastest run kept: a shared machine only ever makes a run slower, and an underestimated peak reports
+    MFU above 100 %.
+
+    Args:
+        device (torch.device): where to measure.
+        dtype (torch.dtype): the step's compute dtype (`compute_dtype`).
+        seconds (float): least time spent per size.
+
+    Returns:
+        float: FLOP/s.
+    """
+    cuda = device.type == "cuda"
     best = 0.0
-    for n in (1024, 2048):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for n in (4096, 8192) if cuda else (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         a @ b  # warm-up: kernel selection, page faults
         runs, spent, fastest = 0, 0.0, float("inf")
         while runs < 3 or spent < seconds:
+            if cuda:
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             a @ b
+            if cuda:
+                torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start
             fastest, spent, runs = min(fastest, elapsed), spent + elapsed, runs + 1
         best = max(best, 2 * n**3 / fastest)
     return best
+
+
+def device_name(device: torch.device) -> str:
+    """The processor a step runs on, for benchmark output: the GPU's name, or the CPU's model and its matmul ISA."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    fields: Dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        import platform
+
+        return platform.processor() or "CPU"
+    flags = set(fields.get("flags", "").split())
+    isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags][:1]
+    return " ".join([fields.get("model name", "CPU"), *isa, f"{torch.get_num_threads()} threads"])
 
 
 def mfu(args: ModelArgs, tokens: float, seconds: float, seq_len: int, peak_flops: float) -> Optional[float]:

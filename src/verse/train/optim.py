@@ -161,15 +161,30 @@ class TrainOptimizer:
             torch._foreach_mul_(local, coef.to(local[0].device))
         return norm
 
-    def step(self) -> None:
-        """Apply the accumulated gradients (a no-op with fused_backward: it happened in backward)."""
+    def step(self, skip: Optional[torch.Tensor] = None) -> None:
+        """Apply the accumulated gradients (a no-op with fused_backward: it happened in backward).
+
+        Args:
+            skip (Optional[torch.Tensor]): a bool scalar; True leaves weights and optimizer state as they are.
+                Fused AdamW reads it inside its kernel (`found_inf`, as `torch.amp.GradScaler` uses it), so the
+                host never waits for the device; any other optimizer reads it on the host first.
+        """
         if self.cfg.fused_backward:
+            return
+        opt = self.optimizers[0]
+        on_device = self.masters is None and isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused")
+        if skip is not None and not on_device and bool(skip):
             return
         if self.masters is not None:
             for p, m in zip(self.params, self.masters):
                 m.grad = None if p.grad is None else p.grad.float()
                 p.grad = None
-        self.optimizers[0].step()
+        if skip is not None and on_device:
+            opt.found_inf = skip.to(self.params[0].device, torch.float32)
+        try:
+            opt.step()
+        finally:
+            opt.found_inf = None
         if self.masters is not None:
             with torch.no_grad():
                 for p, m in zip(self.params, self.masters):

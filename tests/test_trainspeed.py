@@ -1,0 +1,155 @@
+"""Training speed (issue #16): `verse bench train` against transformers, a step without host-device syncs whose
+losses match a plain PyTorch loop, the FLOPs of a tied head, and FP8 training's refusal and wiring."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from verse.config import ModelArgs
+from verse.model import ReasoningLLM
+from verse.train.config import TrainConfig
+from verse.train.loop import step_tensors, train_step
+from verse.train.metrics import flops_per_token
+from verse.train.optim import TrainOptimizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tiny(seed: int = 0) -> ReasoningLLM:
+    torch.manual_seed(seed)
+    return ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32")).train()
+
+
+def _batch(B: int = 2, T: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, 512, (B, T + 1), generator=g)
+    return {"input_ids": seq[:, :-1], "labels": seq[:, 1:].clone()}
+
+
+def test_tied_head_is_counted_as_a_matmul():
+    # SmolLM2-135M: the tied 49152 x 576 matrix is the head's matmul (only the embedding lookup is free)
+    args = ModelArgs.from_preset("smollm2-135m")
+    layer = 2 * 576 + 576 * 576 + 2 * 576 * 192 + 576 * 576 + 3 * 576 * 1536  # norms, q, k+v, o, SwiGLU
+    matmul_params = 576 + 30 * layer + 49152 * 576
+    attention = 6 * 30 * 9 * (64 + 64) * 512 / 2
+    assert flops_per_token(args, 512) == 6 * matmul_params + attention
+
+
+class _SyncCounter:
+    """Counts the calls that make the host wait for the device: Tensor.item/tolist/__bool__/__int__/__float__
+    and torch.cuda.synchronize."""
+
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__")
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.NAMES:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, real))
+        monkeypatch.setattr(torch.cuda, "synchronize", self._wrap("cuda.synchronize", lambda *a, **k: None))
+
+    def _wrap(self, name, real):
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return real(*args, **kwargs)
+
+        return counted
+
+
+def test_step_makes_no_host_sync(monkeypatch):
+    model = _tiny()
+    cfg = TrainConfig(max_seq_len=16, micro_batch_size=2, gradient_accumulation_steps=2, precision="bf16")
+    optimizer = TrainOptimizer(model, cfg)
+    micro = [_batch(seed=0), _batch(seed=1)]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    before = copy.deepcopy(model.state_dict())
+    counter = _SyncCounter(monkeypatch)
+    out = step_tensors(model, optimizer, micro, cfg, autocast)
+    assert counter.calls == []
+    monkeypatch.undo()
+    assert bool(out.applied) and int(out.n_tokens) == 64
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the update ran
+
+
+def test_non_finite_step_is_skipped_on_the_device():
+    model = _tiny()
+    cfg = TrainConfig(max_seq_len=16, micro_batch_size=2, precision="fp32")
+    optimizer = TrainOptimizer(model, cfg)
+    with torch.no_grad():
+        model.embed.weight[7] = float("inf")
+    batch = _batch()
+    batch["input_ids"][0, 3] = 7
+    before = copy.deepcopy(model.state_dict())
+    loss_sum, n_tokens, grad_norm, applied = train_step(model, optimizer, [batch], cfg, torch.autocast("cpu",
+                                                                                                      enabled=False))
+    assert (loss_sum, grad_norm, applied, n_tokens) == (None, None, False, 32)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(int(s["step"]) == 0 for s in optimizer.optimizers[0].state.values())
+
+
+def test_losses_and_weights_match_a_plain_torch_loop():
+    """Three steps of `train_step` (chunked CE, fused AdamW, clipping) against the textbook loop: full logits,
+    F.cross_entropy (mean over the loss tokens), clip_grad_norm_, torch.optim.AdamW (for-loop implementation)."""
+    ours, ref = _tiny(), _tiny()
+    cfg = TrainConfig(max_seq_len=16, micro_batch_size=2, precision="fp32", weight_decay=0.0, grad_clip=0.5,
+                      lr=1e-2, loss_chunk_size=8)
+    optimizer = TrainOptimizer(ours, cfg)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                weight_decay=0.0, foreach=False)
+    off = torch.autocast("cpu", enabled=False)
+    for step in range(3):
+        batch = _batch(seed=step)
+        batch["labels"][1, :5] = -100  # SFT-style masked prompt positions
+        loss_sum, n_tokens, _, applied = train_step(ours, optimizer, [batch], cfg, off)
+        logits = ref(batch["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        assert applied and n_tokens == 27
+        assert loss_sum / n_tokens == pytest.approx(loss.item(), rel=1e-5)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-4, msg=name)  # Adam: tiny grads amplify rounding
+
+
+def test_bench_train_rows_and_json_keys(capsys):
+    pytest.importorskip("transformers")
+    import argparse
+
+    from verse.bench import train as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--seq-len", "16", "--micro-batch", "1", "--steps", "1",
+                              "--warmup", "0", "--json"])
+    assert bench.run(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["tokens_per_s"]) == set(report["mfu"]) == {"verse", "transformers"}
+    assert report["ratio"] == pytest.approx(report["tokens_per_s"]["verse"] / report["tokens_per_s"]["transformers"])
+    assert set(report["rows"]) == {"dense", "moe"}
+    for row in report["rows"].values():
+        for side in ("verse", "transformers"):
+            r = row[side]
+            assert r["tokens_per_s"] > 0 and (r["mfu"] is None or 0 < r["mfu"] <= 1)
+        # the same weights and tokens: transformers computes Verse's first loss (bf16 autocast on both)
+        assert row["verse"]["first_loss"] == pytest.approx(row["transformers"]["first_loss"], abs=2e-2)
+    assert report["device_name"]
+
+
+def test_bench_train_bad_option_is_one_line():
+    import argparse
+
+    from verse.bench import train as bench
+    from verse.errors import VerseError
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(VerseError, match="--preset bytegpt-tiny: the dense row needs a Llama-type preset"):
+        bench.run(parser.parse_args(["--preset", "bytegpt-tiny"]))
+    with pytest.raises(VerseError, match="--steps must be >= 1"):
+        bench.run(parser.parse_args(["--steps", "0"]))
