@@ -208,3 +208,71 @@ def test_unsupported_qwen_config_json_is_one_clear_error(changes, message, tmp_p
     with pytest.raises(CheckpointError) as err:
         verse.load(tmp_path)
     assert message in str(err.value) and "config.json" in str(err.value) and "\n" not in str(err.value)
+
+
+# ---- presets: the published configs (Hub config.json values), counted by transformers on the meta device ----
+
+QWEN = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu")
+LLAMA = dict(rms_norm_eps=1e-5, rope_theta=500000.0, vocab_size=128256, num_key_value_heads=8)
+PUBLISHED = {  # preset -> (transformers class, config.json of the published model, its published parameter count)
+    "qwen2.5-0.5b": ("Qwen2ForCausalLM", dict(QWEN, vocab_size=151936, hidden_size=896, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                     max_position_embeddings=32768, tie_word_embeddings=True), 494_032_768),
+    "qwen2.5-7b": ("Qwen2ForCausalLM", dict(QWEN, vocab_size=152064, hidden_size=3584, num_hidden_layers=28,
+                   num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+                   max_position_embeddings=131072, tie_word_embeddings=False), 7_615_616_512),
+    "qwen3-0.6b": ("Qwen3ForCausalLM", dict(QWEN, vocab_size=151936, hidden_size=1024, num_hidden_layers=28,
+                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                   max_position_embeddings=40960, tie_word_embeddings=True), 596_049_920),
+    "qwen3-8b": ("Qwen3ForCausalLM", dict(QWEN, vocab_size=151936, hidden_size=4096, num_hidden_layers=36,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=12288,
+                 max_position_embeddings=40960, tie_word_embeddings=False), 8_190_735_360),
+    "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", dict(QWEN, vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                      moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960,
+                      tie_word_embeddings=False), 30_532_122_624),
+    "llama-3.2-1b": ("LlamaForCausalLM", dict(LLAMA, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                     head_dim=64, intermediate_size=8192, max_position_embeddings=131072, tie_word_embeddings=True,
+                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                     1_235_814_400),
+    "llama-3.1-8b": ("LlamaForCausalLM", dict(LLAMA, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     intermediate_size=14336, max_position_embeddings=131072, tie_word_embeddings=False,
+                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                     8_030_261_248),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_matches_the_published_model(name):
+    """The preset's count equals transformers' count of the published config (built on meta) and the published
+    number; the published config.json read by Verse is the preset."""
+    import transformers
+
+    from verse.interop.hf import adapter_for
+
+    cls, config, published = PUBLISHED[name]
+    hf_config = getattr(transformers, cls.replace("ForCausalLM", "Config"))(**config)
+    with torch.device("meta"):
+        hf = getattr(transformers, cls)(hf_config)
+    hf_count = sum(p.numel() for p in hf.parameters())  # tied weights are one parameter
+    args = ModelArgs.from_preset(name)
+    assert count_params(args) == hf_count == published
+    with torch.device("meta"):
+        assert ReasoningLLM(args).num_params() == published
+    read = adapter_for(hf_config.model_type, name).args_from_hf({**config, "model_type": hf_config.model_type})
+    skip = {"bos_token_id", "eos_token_id"}  # tokenizer ids: from the preset's tokenizer, not the architecture
+    assert {k: v for k, v in read.to_dict().items() if k not in skip} == \
+        {k: v for k, v in args.to_dict().items() if k not in skip}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_verse_plan_runs_for_each_preset(name, capsys):
+    from verse.cli import main
+
+    assert main(["plan", "--preset", name, "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["params"] == PUBLISHED[name][2]
