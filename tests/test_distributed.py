@@ -69,7 +69,11 @@ TP = "parallel.tp=2 parallel.dp_shard=1"
     pytest.param("bytegpt-tiny", "parallel.dp_shard=2", 2, marks=pytest.mark.slow),  # FSDP2, MLA + MoE
     pytest.param("bytegpt-tiny", "parallel.dp_replicate=2", 2, marks=pytest.mark.slow),  # DDP-like (HSDP, shard 1)
     pytest.param("bytegpt-tiny", TP, 2, marks=pytest.mark.slow),  # MLA heads split, shared RoPE key
-    pytest.param("tiny", "parallel.tp=2 parallel.dp_shard=2", 4, marks=pytest.mark.slow)])  # FSDP2 + TP
+    pytest.param("tiny", "parallel.tp=2 parallel.dp_shard=2", 4, marks=pytest.mark.slow),  # FSDP2 + TP
+    # expert parallel: each rank holds 4 of the 8 experts, all-to-all dispatch (dense weights FSDP2 over ep)
+    pytest.param("bytegpt-tiny", "parallel.ep=2 parallel.dp_shard=1", 2, marks=pytest.mark.slow),
+    pytest.param("bytegpt-tiny", "parallel.ep=2 parallel.dp_shard=2", 4, marks=pytest.mark.slow),  # + FSDP2 experts
+    pytest.param("bytegpt-tiny", "parallel.ep=2 parallel.tp=2 parallel.dp_shard=1", 4, marks=pytest.mark.slow)])
 def test_ranks_match_one_process(tmp_path, model, layout, ranks):
     """N ranks, each data-parallel rank with its part of the global batch == 1 process with the whole batch, for 5
     steps (fp32, within 1e-5): same init (built on meta, initialised per shard), global token normalisation, summed
@@ -122,8 +126,7 @@ def test_parallel_section_is_validated():
         TrainConfig.load(None, ["parallel.tp=0"])
     with pytest.raises(ConfigError, match=r"parallel: unknown key\(s\) fsdp"):
         TrainConfig.load(None, ["parallel.fsdp=2"])
-    with pytest.raises(ConfigError, match=r"parallel.ep=2: expert parallelism is not implemented yet"):
-        TrainConfig.load(None, ["parallel.ep=2"])
+    assert TrainConfig.load(None, ["parallel.ep=2"]).parallel == {"ep": 2}
     with pytest.raises(ConfigError, match="must equal the number of ranks.*WORLD_SIZE=4"):
         ParallelConfig.from_dict({"dp_shard": 3}).resolve(4)
 
@@ -137,6 +140,28 @@ def test_tensor_parallel_needs_divisible_widths():
         model = ReasoningLLM(ModelArgs.from_preset("tiny"))
     with pytest.raises(ConfigError, match=r"parallel.tp=3 must divide n_heads=4, vocab_size=512, inter_dim=128, n_kv_heads=2: "):
         apply_tp(model, Dist(parallel=ParallelConfig(tp=3, dp_shard=1)))
+
+
+def test_expert_parallel_dispatch_splits_experts(tmp_path):
+    """ep=2 (all-to-all around the experts): each rank holds only its 4 of the 8 experts (the one-process values),
+    its outputs are one process's on its own batch, and its experts' gradients are one process's summed over both
+    ranks' batches (tokens of the other rank reached them)."""
+    torchrun(2, str(Path(__file__).parent / "fixtures" / "ep_worker.py"), str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok-0.json", "ok-1.json"]
+
+
+def test_expert_parallel_needs_moe_layers_and_divisible_experts():
+    from verse import ModelArgs, ReasoningLLM
+    from verse.train.distributed import Dist
+    from verse.train.parallelize import apply_ep
+
+    with torch.device("meta"):
+        dense = ReasoningLLM(ModelArgs.from_preset("tiny"))
+        moe = ReasoningLLM(ModelArgs.from_preset("bytegpt-tiny"))
+    with pytest.raises(ConfigError, match=r"^parallel.ep=2 splits MoE experts, but this model has no MoE layer: "):
+        apply_ep(dense, Dist(parallel=ParallelConfig(ep=2, dp_shard=1)))
+    with pytest.raises(ConfigError, match=r"^parallel.ep=3 must divide n_routed_experts=8: "):
+        apply_ep(moe, Dist(parallel=ParallelConfig(ep=3, dp_shard=1)))
 
 
 def test_layout_that_needs_more_ranks_is_one_line(tmp_path, capsys):

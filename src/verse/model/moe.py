@@ -126,13 +126,15 @@ class Experts(nn.Module):
         Returns:
             torch.Tensor: [M, dim].
         """
+        # this rank's experts: all of them, or its block of an expert-parallel split (verse.train.parallelize)
+        w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w2, self.w3))
         if self.use_grouped_mm(x):
             offs = counts.cumsum(0).to(torch.int32)
-            h = F.silu(F.grouped_mm(x, self.w1.mT, offs=offs)) * F.grouped_mm(x, self.w3.mT, offs=offs)
-            return F.grouped_mm(h, self.w2.mT, offs=offs)
+            h = F.silu(F.grouped_mm(x, w1.mT, offs=offs)) * F.grouped_mm(x, w3.mT, offs=offs)
+            return F.grouped_mm(h, w2.mT, offs=offs)
         groups = x.split(counts.tolist())
-        return torch.cat([F.linear(F.silu(F.linear(xe, w1)) * F.linear(xe, w3), w2)
-                          for xe, w1, w2, w3 in zip(groups, self.w1, self.w2, self.w3)])
+        return torch.cat([F.linear(F.silu(F.linear(xe, a)) * F.linear(xe, c), b)
+                          for xe, a, b, c in zip(groups, w1, w2, w3)])
 
 
 class AddAuxLoss(torch.autograd.Function):

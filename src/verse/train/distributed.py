@@ -32,7 +32,8 @@ class ParallelConfig:
         dp_replicate (int): data-parallel replicas (full copies, gradients all-reduced; HSDP with dp_shard).
         dp_shard (int): FSDP2 ranks each holding 1/dp_shard of every parameter; -1 = every rank left over.
         tp (int): tensor-parallel ranks.
-        ep (int): expert-parallel ranks (reserved: only 1 is accepted until MoE experts are split over them).
+        ep (int): expert-parallel ranks: each holds n_routed_experts/ep of every MoE layer's experts and reads its
+            own data (a data-parallel dimension for every other weight).
         cpu_offload (bool): FSDP2 keeps sharded parameters, gradients and optimizer states in CPU memory.
         timeout_s (float): a collective that waits longer than this (a dead or hung rank) ends every rank.
     """
@@ -66,9 +67,6 @@ class ParallelConfig:
             if not ok:
                 extra = " or -1 (every rank left over)" if name == "dp_shard" else ""
                 raise ConfigError(f"{source}: parallel.{name}: must be a positive integer{extra}, got {value!r}")
-        if data.get("ep", 1) != 1:  # a mesh dimension of its own, but no expert split behind it yet
-            raise ConfigError(f"{source}: parallel.ep={data['ep']}: expert parallelism is not implemented yet; "
-                              "keep ep=1 (experts are sharded by dp_shard like every other weight)")
         if not isinstance(data.get("cpu_offload", False), bool):
             raise ConfigError(f"{source}: parallel.cpu_offload: must be true or false, got {data['cpu_offload']!r}")
         timeout = data.get("timeout_s", cls.timeout_s)

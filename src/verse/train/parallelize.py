@@ -1,6 +1,6 @@
 """Parallelism applied to a `ReasoningLLM` from outside, after it is built on the meta device (in the spirit of
 torchtitan's `parallelize_llama`): tensor parallelism with DTensor `parallelize_module` (Megatron-LM column/row
-splits), then FSDP2 `fully_shard` per block and on the root (HSDP over `dp_replicate`), then `to_empty` and an
+splits), expert parallelism (MoE experts split over ranks, all-to-all token dispatch), then FSDP2 `fully_shard` per block and on the root (HSDP over `dp_replicate`), then `to_empty` and an
 initialisation that gives every rank exactly its shard of what one process would have drawn. No rank ever holds
 the full model: at most one module's full parameters exist at a time. The cross-rank parts of training and the
 activation checkpointing the model itself knows nothing of live here too (`update_router_bias`, `apply_ac`).
@@ -11,10 +11,12 @@ from typing import Iterator
 
 import torch
 import torch.distributed as tdist  # `dist` names the job (Dist) here
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch import nn
 
 from verse.errors import ConfigError
 from verse.model import ReasoningLLM
+from verse.model.moe import MoE
 from verse.train.distributed import Dist
 
 
@@ -89,6 +91,80 @@ def _sum_rope_key_grad(out: torch.Tensor, rope: int, mesh) -> torch.Tensor:
     return torch.cat((latent, key), dim=-1)
 
 
+def apply_ep(model: ReasoningLLM, dist: Dist) -> None:
+    """Split every MoE layer's routed experts over the `ep` mesh dimension (GShard, arXiv:2006.16668; DeepSeek-V3):
+    ep rank r holds experts [r * E/ep, (r+1) * E/ep) as a `Shard(0)` DTensor. Routing, shared experts and the
+    balance statistics stay where they are (every rank routes its own tokens, so loads, the bias update and the
+    aux loss see exactly what they see without ep); `ExpertDispatch` sends each routed token to the rank holding
+    its expert and brings the result back, around the `Experts` module (one all-to-all each way).
+
+    Args:
+        model (ReasoningLLM): the model on the meta device (before `apply_fsdp`).
+        dist (Dist): the job (`parallel.ep` > 1).
+
+    Raises:
+        ConfigError: a model without MoE layers, or an ep that does not divide `n_routed_experts`.
+    """
+    from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+
+    ep, layers = dist.parallel.ep, model.moe_layers
+    if not layers:
+        raise ConfigError(f"parallel.ep={ep} splits MoE experts, but this model has no MoE layer: use ep=1 "
+                          "(and dp_shard for its weights)")
+    if model.args.n_routed_experts % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide n_routed_experts={model.args.n_routed_experts}: choose "
+                          "an ep that divides it")
+    mesh = dist.mesh["ep"]
+
+    def split(name: str, module: nn.Module, mesh) -> None:
+        for key, p in list(module.named_parameters(recurse=False)):  # no communication: each rank cuts its block
+            module.register_parameter(key, nn.Parameter(distribute_tensor(p, mesh, [Shard(0)], src_data_rank=None),
+                                                        requires_grad=p.requires_grad))
+
+    for moe in layers.values():
+        dispatch = ExpertDispatch(mesh)
+        distribute_module(moe.experts, mesh, split, input_fn=dispatch.dispatch, output_fn=dispatch.combine)
+
+
+class ExpertDispatch:
+    """All-to-all token exchange around one MoE layer's expert-parallel `Experts` (the seam `MoE.forward` calls
+    with rows sorted by global expert id and the rows per expert).
+
+    Rows for the experts of ep rank j are contiguous (experts are sorted, rank j holds a contiguous block), so one
+    `all_to_all_single` with per-rank split sizes sends them; the counts go first so that each rank knows what it
+    receives. Received rows come grouped by source rank, then by local expert: a stable sort regroups them by
+    local expert for the `Experts` forward, and the inverse permutation and the reverse all-to-all return every
+    result to the rank and position its token came from. Both exchanges are differentiable (the backward is the
+    opposite all-to-all).
+
+    Args:
+        mesh (DeviceMesh): the one-dimensional `ep` mesh.
+    """
+
+    def __init__(self, mesh):
+        self.group, self.ep = mesh.get_group(), mesh.size()
+        self.state: tuple = ()  # (inverse permutation, rows sent per rank, rows received per rank) of this forward
+
+    def dispatch(self, module: nn.Module, inputs: tuple, mesh) -> tuple:
+        """`(x, counts)` for all experts -> `(x, counts)` for this rank's experts, from every rank's tokens."""
+        x, counts = inputs
+        local = counts.numel() // self.ep
+        received = torch.empty_like(counts)  # [source rank, my local expert]
+        tdist.all_to_all_single(received, counts, group=self.group)
+        received = received.view(self.ep, local)
+        send, recv = counts.view(self.ep, local).sum(1).tolist(), received.sum(1).tolist()
+        x = all_to_all_single_autograd(x, recv, send, self.group)
+        expert = torch.arange(local, device=x.device).repeat(self.ep).repeat_interleave(received.flatten())
+        order = expert.argsort(stable=True)
+        self.state = (order.argsort(), send, recv)
+        return x[order], received.sum(0)
+
+    def combine(self, module: nn.Module, y: torch.Tensor, mesh) -> torch.Tensor:
+        """This rank's expert outputs -> the outputs of this rank's own rows, in the order `dispatch` got them."""
+        inverse, send, recv = self.state
+        return all_to_all_single_autograd(y[inverse], send, recv, self.group)
+
+
 def apply_fsdp(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype = torch.float32) -> None:
     """Shard `model` with FSDP2: one `fully_shard` per block, then the root (embedding, final norm, head).
@@ -115,10 +191,16 @@ def apply_fsdp(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | No
     # the MoE routing bias is moved by a rule, not by gradient, from loads summed over all ranks: every rank keeps
     # the whole (tiny) vector and applies the same update
     ignored = {p for p in model.parameters() if not p.requires_grad}
+    # expert-parallel experts are split over `ep` already: FSDP2 shards them over the other data ranks only
+    expert_mesh = dist.mesh["dp_replicate", "dp_shard"] if dist.parallel.dp_replicate > 1 else dist.mesh["dp_shard"]
     for i, block in enumerate(model.layers):
         # the last block's parameters are needed again at once by backward: keep them gathered
+        keep = i < len(model.layers) - 1
+        if dist.parallel.ep > 1 and isinstance(block.ffn, MoE):
+            fully_shard(block.ffn.experts, mesh=expert_mesh, mp_policy=mp, offload_policy=offload,
+                        reshard_after_forward=keep)
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored,
-                    reshard_after_forward=i < len(model.layers) - 1)
+                    reshard_after_forward=keep)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
     # the trainer calls hidden_states (the chunked loss applies the head itself): run FSDP's hooks on it too
     register_fsdp_forward_method(model, "hidden_states")
@@ -203,6 +285,8 @@ def parallelize(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | N
     """
     if dist.parallel.tp > 1:
         apply_tp(model, dist)
+    if dist.parallel.ep > 1:
+        apply_ep(model, dist)
     apply_fsdp(model, dist, param_dtype=param_dtype)
 
 
