@@ -276,3 +276,56 @@ def test_verse_plan_runs_for_each_preset(name, capsys):
     import json
 
     assert json.loads(capsys.readouterr().out)["params"] == PUBLISHED[name][2]
+
+
+# ---- SFT through the real `verse train` CLI, saved directory read back by transformers ----
+
+@pytest.mark.parametrize("case", ["qwen3-untied", "qwen3moe-norm-topk"])
+def test_verse_train_sft_of_a_tiny_qwen3_lowers_the_loss_and_saves_for_transformers(case, tmp_path, capsys):
+    import json
+
+    import verse
+    from transformers import AutoModelForCausalLM
+    from verse.cli import main
+
+    name, changes = HF_CASES[case]
+    hf = make_hf_sized(case, vocab_size=verse.load_tokenizer("byte").vocab_size)  # the byte tokenizer's 261 ids
+    hf.save_pretrained(tmp_path / "base")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"add {i} {i + 1}"},
+                                                      {"role": "assistant", "content": f"{2 * i + 1}"}]}) + "\n"
+                            for i in range(16)))
+    (tmp_path / "sft.yaml").write_text(f"model: {tmp_path / 'base'}\nmode: sft\ntokenizer: byte\n")
+    assert main(["train", str(tmp_path / "sft.yaml"), f"out_dir={tmp_path}/run",
+                 "max_steps=8", "max_seq_len=64", "micro_batch_size=4", "lr=3e-3", "warmup_steps=1",
+                 "precision=fp32", f"data.sources=[{{path: {data}}}]", "data.num_workers=0", "plot=false",
+                 "--no-progress"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 8 and sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses
+    ckpt = tmp_path / "run" / "latest"
+    trained = AutoModelForCausalLM.from_pretrained(ckpt).float().eval()
+    assert type(trained).__name__ == name
+    x = ids(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(trained(x).logits, verse.load(ckpt, dtype="float32")(x), atol=1e-4, rtol=0)
+        assert (trained(x).logits - hf(x).logits).abs().max() > 1e-2  # the weights did change
+    # `verse generate` on the trained directory: transformers' greedy text (up to the tokenizer's first stop id)
+    tok = verse.load_tokenizer(ckpt)
+    prompt = tok.encode("add 3 4")
+    expected = hf_greedy(trained, prompt, 8)
+    expected = expected[:next((i for i, t in enumerate(expected) if t in tok.stop_ids), len(expected))]
+    capsys.readouterr()
+    assert main(["generate", str(ckpt), "--prompt", "add 3 4", "--max-new-tokens", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == tok.decode(expected)
+
+
+def make_hf_sized(case: str, vocab_size: int) -> torch.nn.Module:
+    """`make_hf` with another vocabulary size."""
+    import transformers
+
+    name, changes = HF_CASES[case]
+    config = getattr(transformers, name.replace("ForCausalLM", "Config"))(**{**HF_BASE, **changes,
+                                                                              "vocab_size": vocab_size})
+    torch.manual_seed(0)
+    return randomize(getattr(transformers, name)(config).float())
