@@ -248,3 +248,110 @@ def test_cli_plan_reads_only_the_metadata_of_a_gguf(capsys, no_weight_reads):
     # SmolLM2-135M: 30 layers of dim 576, 9 heads of 64, 3 KV heads, SwiGLU 1536, 49152 tied embeddings
     layer = 2 * 576 + 576 * 576 + 2 * 576 * 192 + 576 * 576 + 3 * 576 * 1536
     assert params == 49152 * 576 + 576 + 30 * layer == count_params(ModelArgs.from_preset("smollm2-135m"))
+
+
+# --- several ranks (`--gpus`, `--parallel`): per-rank memory, layouts, the fewest GPUs --------------------------------
+
+
+@pytest.mark.parametrize("preset, overrides, degrees", [
+    ("tiny", {}, dict(dp_shard=2, tp=2)),
+    ("tiny", {}, dict(dp_replicate=2, dp_shard=2)),
+    ("bytegpt-tiny", {}, dict(dp_shard=4)),  # MLA + MoE, FSDP2
+    ("bytegpt-tiny", {"vocab_size": 256}, dict(dp_shard=2, tp=2))])  # MLA heads split, experts whole per tp rank
+def test_per_rank_parameters_match_the_real_layout(preset, overrides, degrees):
+    """The planner's per-rank parameter count against what `parallelize` really leaves on rank 0 (a meta-device
+    model laid out by FSDP2/DTensor over a fake 4-rank process group: no communication, no memory)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from verse.train.distributed import MESH_DIMS, Dist, ParallelConfig
+    from verse.train.parallelize import parallelize
+    from verse.train.planner import _sharding
+
+    layout = ParallelConfig(**degrees)
+    world = layout.dp_replicate * layout.dp_shard * layout.tp * layout.ep
+    args = ModelArgs.from_preset(preset).replace(**overrides)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", tuple(layout.degrees.values()), mesh_dim_names=MESH_DIMS)
+        mesh[("dp_replicate", "dp_shard", "ep")]._flatten("dp")
+        mesh[("dp_shard", "ep")]._flatten("dp_shard_ep")
+        with torch.device("meta"):
+            model = ReasoningLLM(args)
+        parallelize(model, Dist(rank=0, world_size=world, parallel=layout, mesh=mesh))
+        real = sum(p.to_local().numel() for p in model.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()
+    planned = sum(_sharding(args, layout)["rank_shapes"])
+    assert planned == pytest.approx(real, rel=2e-3)  # FSDP2 pads dim 0 to a multiple of the ranks
+    fp32 = PlanSettings(precision="fp32", param_dtype="float32", seq_len=32)
+    assert plan(args, fp32, parallel=layout)["weights_bytes"] == 4 * planned
+
+
+def test_parallel_plan_hand_computed_on_tiny():
+    """tp=2 halves every matmul, the embedding and the head, not the 5 norms (320 values); dp_shard=2 halves the
+    rest; activations: tp halves the heads' and the MLP's part of the 4376 bytes per token and layer."""
+    from verse.train.distributed import ParallelConfig
+
+    args = ModelArgs.from_preset("tiny")
+    one = plan(args, fp32(), "a100-80gb")
+    tp = plan(args, fp32(), "a100-80gb", parallel=ParallelConfig(dp_shard=1, tp=2))
+    assert tp["weights_bytes"] == 4 * ((P - 320) // 2 + 320) and tp["optimizer_bytes"] == 2 * tp["weights_bytes"]
+    assert tp["gathered_bytes"] == 0  # no FSDP2 with one data-parallel rank
+    # per token and layer: 24 D + 16 I/2 + 8 Q/2 + 8 KV/2 + 4 H/2 + 8 (D 64, I 128, Q 64, KV 32, H 4)
+    assert tp["activations_bytes"] == 2 * 64 * (24 * 64 + 8 * 128 + 4 * 64 + 4 * 32 + 2 * 4 + 8) + 64 * (8 + 8 * 64 + 4)
+    both = plan(args, fp32(), "a100-80gb", parallel=ParallelConfig(dp_shard=2, tp=2))
+    assert both["weights_bytes"] == tp["weights_bytes"] // 2 and both["grads_bytes"] == tp["grads_bytes"] // 2
+    # FSDP2: the root (embedding + head halved by tp, final norm) and the last block stay gathered, plus two blocks
+    block = (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128) // 2 + 2 * 64
+    assert both["gathered_bytes"] == 4 * ((2 * 512 * 64) // 2 + 64 + block + 2 * block)
+    assert one["activations_bytes"] == plan(args, fp32(), "a100-80gb",
+                                            parallel=ParallelConfig(dp_shard=2))["activations_bytes"]
+    assert both["gpus"] == 4 and both["parallel"] == {"dp_replicate": 1, "dp_shard": 2, "ep": 1, "tp": 2}
+
+
+def test_plan_of_the_issue_layouts(capsys):
+    """#14: llama-2-70b full fine-tune on 8 A100-80GB, deepseek-v3-671b on 8 H200 and on 64 H100."""
+    # plain AdamW with fp32 master weights: 18 bytes x 69 B = 1.24 TB, more than 8 x 80 GB; the cheapest fix named
+    assert main(["plan", "--preset", "llama-2-70b", "--gpus", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert not out["fits"] and out["suggestions"] and all("parallel" in m for m in out["suggestions"])
+    assert out["weights_bytes"] == pytest.approx(6 * 68.98e9 / 8, rel=0.01)
+    argv = ["plan", "--preset", "llama-2-70b", "--gpus", "8", "--param-dtype", "bfloat16", "--bf16-update",
+            "stochastic", "--checkpointing", "1"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "dp_shard=8  " in text and "<- smallest that fits" in text.split("dp_shard=8  ")[1].splitlines()[0]
+    assert main(argv + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["parallel"] == {"dp_replicate": 1, "dp_shard": 8, "ep": 1, "tp": 1}
+    # every split of 8 (tp 1, 2, 4, 8; the rest dp_shard x dp_replicate): replicas come first but hold whole copies
+    assert len(out["layouts"]) == 4 + 3 + 2 + 1
+    assert next(r for r in out["layouts"] if r["fits"])["parallel"] == out["parallel"]
+    # 671 B parameters at >= 6 bytes each (bf16 weights, grads, 8-bit moments) cannot fit 8 x 141 GB: the fewest
+    assert main(["plan", "--preset", "deepseek-v3-671b", "--gpu", "h200", "--gpus", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert not out["fits"] and not out["suggestions"]
+    assert out["fewest_gpus"]["gpus"] > 8 and out["fewest_gpus"]["peak_bytes"] <= out["device_bytes"]
+    assert main(["plan", "--preset", "deepseek-v3-671b", "--gpu", "h100-80gb", "--gpus", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["suggestions"] and out["suggestions"][0]["parallel"]["ep"] > 1  # experts split over ranks
+    assert main(["plan", "--preset", "deepseek-v3-671b", "--gpu", "h100-80gb", "--parallel", "dp_shard=8,ep=8",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpus"] == 64 and out["comm_time_s"] > 0 and out["step_time_s"] > out["compute_time_s"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--parallel", "dp_shard=2,tp=3"], "tp=3 does not divide"),
+    (["--parallel", "dp_shard=2,xp=2"], "expected NAME=INT"),
+    (["--parallel", "dp_shard=2", "--gpus", "4"], "--gpus is 4"),
+    (["--parallel", "ep=2"], "needs an MoE model"),
+    (["--parallel", "tp=0"], "parallel.tp"),
+    (["--gpus", "0"], "--gpus 0"),
+    (["--parallel", "dp_shard=-1"], "needs --gpus")])
+def test_cli_plan_bad_layout_is_one_line(capsys, argv, words):
+    assert main(["plan", "--preset", "tiny", "--seq-len", "64", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and words in err

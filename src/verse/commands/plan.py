@@ -1,6 +1,7 @@
 """`verse plan`: memory and time of a training run before launch: does it fit?"""
 
 import argparse
+import dataclasses
 from typing import Optional
 
 HELP = ("Estimate the memory (weights, grads, optimizer, activations, logits, temporaries, peak) and the time of "
@@ -10,6 +11,8 @@ EXAMPLES = """  verse plan --preset mistral-7b --seq-len 2048 --gpu a100-80gb
   verse plan runs/sft/latest --micro-batch 4
   verse plan my_train.yaml --gpu h100-80gb
   verse plan --preset llama-2-70b --finetune qlora --lora-rank 8 --checkpointing 1   # QLoRA on one A100 80 GB
+  verse plan --preset llama-2-70b --gpus 8 --checkpointing 1          # the smallest layout that fits 8 A100s
+  verse plan --preset deepseek-v3-671b --gpu h100-80gb --gpus 64 --parallel dp_shard=8,ep=8 --optimizer adamw8bit
 """
 
 # PlanSettings field -> the option that sets it
@@ -35,18 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune", choices=["full", "lora", "qlora"],
                         help="full (default, or the config's), lora (frozen base) or qlora (frozen NF4 base)")
     parser.add_argument("--lora-rank", type=int, metavar="R", help="adapter rank with --finetune lora|qlora (default 8)")
+    parser.add_argument("--gpus", type=int, metavar="N",
+                        help="ranks of a torchrun job: memory per rank; without --parallel, every layout of N is "
+                             "planned and the one with the least model parallelism that fits is named")
+    parser.add_argument("--parallel", metavar="SPEC", help="the layout, as the config's parallel section: "
+                        "dp_shard=N,tp=N,ep=N,dp_replicate=N (unnamed dimensions 1; dp_shard=-1 = the rest of --gpus)")
     parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the time estimate (default 0.4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
     from verse.config import ModelArgs, count_params, list_presets
     from verse.tokenization.presets import preset_tokenizer
     from verse.errors import ConfigError
-    from verse.train.planner import (GPUS, PlanSettings, check_settings, finetune_from_config, format_plan, plan,
+    from verse.train.distributed import ParallelConfig
+    from verse.train.planner import (GPUS, MOVES, PlanSettings, check_settings, finetune_from_config, format_bytes,
+                                      format_layouts, format_plan, layout_name, plan, search_layouts,
                                       settings_from_config, suggestions)
 
     if args.gpu not in GPUS:
@@ -87,18 +96,102 @@ def run(args: argparse.Namespace) -> int:
         if args.lora_rank < 1:
             raise ConfigError(f"--lora-rank {args.lora_rank}: must be a positive integer")
         finetune["lora_rank"] = args.lora_rank
+    layouts: list = []
+    if args.gpus is not None or args.parallel is not None:
+        layout = _layout(args.parallel, args.gpus, model_args)
+        if layout is None:  # search: the least model parallelism that fits, else the one with the lowest peak
+            layouts = search_layouts(model_args, settings, args.gpu, args.gpus, mfu=args.mfu, **finetune)
+            if not layouts:
+                raise ConfigError(f"--gpus {args.gpus}: no layout of {args.gpus} ranks splits this model (tp must "
+                                  f"divide the heads, vocabulary and MLP width); try a power of two")
+            best = next((r for r in layouts if r["fits"]), min(layouts, key=lambda r: r["peak_bytes"]))
+            layout = ParallelConfig(**best["parallel"])
+        finetune["parallel"] = layout
     result = plan(model_args, settings, args.gpu, mfu=args.mfu, **finetune)
     moves = [] if result["fits"] else suggestions(model_args, settings, args.gpu, **finetune)
+    for move in moves if layouts else []:  # each change with the least model parallelism that fits with it
+        relaid = search_layouts(model_args, dataclasses.replace(settings, **move["changes"]), args.gpu, args.gpus,
+                                mfu=args.mfu)
+        fit = next(r for r in relaid if r["fits"])  # the layout the move was found on fits at least
+        move.update(parallel=fit["parallel"], peak_bytes=fit["peak_bytes"])
+    fewest = None
+    if layouts and not result["fits"] and not moves:  # every move on: the fewest GPUs (doubling) that fit
+        every = dataclasses.replace(settings, **{k: v for _, change in MOVES for k, v in change.items()})
+        n = args.gpus
+        while fewest is None and n < MAX_GPUS:
+            n *= 2
+            fewest = next((r for r in search_layouts(model_args, every, args.gpu, n, mfu=args.mfu) if r["fits"]), None)
     if args.json:
-        print(json.dumps({**result, "vocab_size": model_args.vocab_size, "suggestions": moves}))
+        print(json.dumps({**result, "vocab_size": model_args.vocab_size, "suggestions": moves,
+                          **({"fewest_gpus": {"gpus": fewest["gpus"], "parallel": fewest["parallel"],
+                                              "moves": [m for m, _ in MOVES], "peak_bytes": fewest["peak_bytes"]}}
+                             if fewest else {}),
+                          **({"layouts": [{k: r[k] for k in LAYOUT_KEYS} for r in layouts]} if layouts else {})}))
     else:
+        if layouts:
+            print(f"layouts of {args.gpus} x {args.gpu}, least model parallelism first:")
+            print(format_layouts(layouts))
+            print("no layout fits with these settings; the plan of the one with the lowest peak:"
+                  if not result["fits"] else "the plan of the smallest layout that fits:")
         print(format_plan(model_args, result, moves))
+        if layouts and not result["fits"] and not moves:
+            print(f"with every move above, the fewest GPUs that fit: {fewest['gpus']} x {args.gpu} as "
+                  f"{layout_name(fewest['parallel'])} (peak {format_bytes(fewest['peak_bytes'])} per rank)"
+                  if fewest else f"even with every move, no layout of up to {MAX_GPUS} x {args.gpu} fits")
         if preset and model_args.vocab_size != ModelArgs.from_preset(preset).vocab_size:
             published = ModelArgs.from_preset(preset)
             print(f"vocabulary: {model_args.vocab_size:,} ids of the {tokenizer or preset_tokenizer(preset)} tokenizer "
                   f"(the published {preset} has {published.vocab_size:,}, {count_params(published) / 1e9:.2f} B "
                   f"params; --tokenizer names another)")
     return 0
+
+
+MAX_GPUS = 1024  # how far `--gpus` searches (doubling) for the fewest GPUs when no move fits the given number
+LAYOUT_KEYS = ("parallel", "peak_bytes", "fits", "step_time_s", "tokens_per_s", "comm_time_s")
+
+
+def _layout(spec: Optional[str], gpus: Optional[int], model_args: "ModelArgs"):  # noqa: F821
+    """The `--parallel` layout for `--gpus` ranks (None: search them), checked against the model.
+
+    Raises:
+        ConfigError: a malformed spec, a product that is not --gpus, or a split the model does not allow.
+    """
+    from verse.train.distributed import MESH_DIMS, ParallelConfig
+    from verse.errors import ConfigError
+    from verse.train.planner import layout_problems
+
+    if gpus is not None and (isinstance(gpus, bool) or gpus < 1):
+        raise ConfigError(f"--gpus {gpus}: must be a positive integer")
+    if spec is None:
+        return None
+    degrees = {}
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in MESH_DIMS or not value.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--parallel {spec}: expected NAME=INT items separated by commas, NAME one of "
+                              f"{', '.join(MESH_DIMS)}; got {item!r}")
+        degrees[name] = int(value)
+    ep = degrees.pop("ep", 1)
+    if ep < 1:
+        raise ConfigError(f"--parallel {spec}: ep must be a positive integer, got {ep}")
+    # the config's own validation (ep, still refused by training, is checked here and set after)
+    layout = ParallelConfig.from_dict({"dp_shard": 1 if gpus is None else -1, **degrees}, "--parallel")
+    layout = dataclasses.replace(layout, ep=ep)
+    others = layout.dp_replicate * layout.tp * layout.ep
+    if layout.dp_shard == -1:
+        if gpus is None or gpus % others:
+            raise ConfigError(f"--parallel {spec}: dp_shard=-1 (the rest) needs --gpus N, a multiple of "
+                              f"dp_replicate x tp x ep = {others}")
+        layout = dataclasses.replace(layout, dp_shard=gpus // others)
+    total = others * layout.dp_shard
+    if gpus is not None and total != gpus:
+        raise ConfigError(f"--parallel {spec}: dp_replicate x dp_shard x ep x tp = {total}, but --gpus is {gpus}; "
+                          f"make the product equal the number of GPUs")
+    problems = layout_problems(model_args, layout)
+    if problems:
+        raise ConfigError(f"--parallel {spec}: {'; '.join(problems)}; choose degrees that divide them")
+    return layout
 
 
 def _model_args(source: str, overrides: dict, tokenizer: Optional[str] = None) -> "ModelArgs":  # noqa: F821

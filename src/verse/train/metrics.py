@@ -16,19 +16,22 @@ GiB = 2**30
 # Every GPU Verse knows: usable memory (bytes), dense bf16 tensor-core peak FLOP/s (no sparsity; the vendors'
 # data sheets) and the words of `torch.cuda.get_device_name()` that identify it. Entries are matched in this order,
 # so a name that contains another's words comes first (A100 before A10G, L40S before L4, H100 PCIe before H100).
+# "link" and "network" are the bytes/s one GPU sends per direction to the GPUs of its node (NVLink, else PCIe x16)
+# and to other nodes (its share of a typical node's InfiniBand/Ethernet NICs): what `verse plan --gpus` assumes.
 GPUS: Dict[str, Dict[str, Any]] = {
-    "a100-40gb": {"memory": 40 * GiB, "flops": 312e12, "match": ("a100", "40gb")},
-    "a100-80gb": {"memory": 80 * GiB, "flops": 312e12, "match": ("a100",)},
-    "h100-pcie": {"memory": 80 * GiB, "flops": 756e12, "match": ("h100", "pcie")},
-    "h100-80gb": {"memory": 80 * GiB, "flops": 989e12, "match": ("h100",)},
-    "h200": {"memory": 141 * GiB, "flops": 989e12, "match": ("h200",)},
-    "l40s": {"memory": 48 * GiB, "flops": 362e12, "match": ("l40s",)},
-    "l4": {"memory": 24 * GiB, "flops": 121e12, "match": ("l4",)},
-    "a10g": {"memory": 24 * GiB, "flops": 125e12, "match": ("a10",)},
-    "rtx-4090": {"memory": 24 * GiB, "flops": 165e12, "match": ("4090",)},
-    "rtx-3090": {"memory": 24 * GiB, "flops": 71e12, "match": ("3090",)},
-    "v100": {"memory": 32 * GiB, "flops": 125e12, "match": ("v100",)},
+    "a100-40gb": {"memory": 40 * GiB, "flops": 312e12, "link": 300e9, "network": 25e9, "match": ("a100", "40gb")},
+    "a100-80gb": {"memory": 80 * GiB, "flops": 312e12, "link": 300e9, "network": 25e9, "match": ("a100",)},
+    "h100-pcie": {"memory": 80 * GiB, "flops": 756e12, "link": 64e9, "network": 50e9, "match": ("h100", "pcie")},
+    "h100-80gb": {"memory": 80 * GiB, "flops": 989e12, "link": 450e9, "network": 50e9, "match": ("h100",)},
+    "h200": {"memory": 141 * GiB, "flops": 989e12, "link": 450e9, "network": 50e9, "match": ("h200",)},
+    "l40s": {"memory": 48 * GiB, "flops": 362e12, "link": 32e9, "network": 12.5e9, "match": ("l40s",)},
+    "l4": {"memory": 24 * GiB, "flops": 121e12, "link": 32e9, "network": 12.5e9, "match": ("l4",)},
+    "a10g": {"memory": 24 * GiB, "flops": 125e12, "link": 32e9, "network": 12.5e9, "match": ("a10",)},
+    "rtx-4090": {"memory": 24 * GiB, "flops": 165e12, "link": 32e9, "network": 12.5e9, "match": ("4090",)},
+    "rtx-3090": {"memory": 24 * GiB, "flops": 71e12, "link": 32e9, "network": 12.5e9, "match": ("3090",)},
+    "v100": {"memory": 32 * GiB, "flops": 125e12, "link": 150e9, "network": 12.5e9, "match": ("v100",)},
 }
+GPUS_PER_NODE = 8  # a collective whose ranks span more than this many consecutive ranks crosses nodes
 UNKNOWN_GPU_FLOPS = 100e12
 
 

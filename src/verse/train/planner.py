@@ -22,12 +22,14 @@ optimizer temporaries.
 """
 
 import dataclasses
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from verse.config import ModelArgs, _attention_params, count_params
 from verse.errors import ConfigError
 from verse.model.transformer import torch_dtype
-from verse.train.metrics import GPUS, GiB, compute_dtype, flops_per_token
+from verse.train.distributed import ParallelConfig
+from verse.train.metrics import GPUS, GPUS_PER_NODE, GiB, compute_dtype, flops_per_token
 
 HEADROOM = 0.95  # CUDA context, allocator fragmentation and NCCL buffers take the rest
 DEFAULT_MFU = 0.4
@@ -79,16 +81,17 @@ def _ffn_width(args: ModelArgs, layer_id: int) -> int:
     return args.inter_dim
 
 
-def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings) -> float:
+def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings, tp: int = 1) -> float:
     """Bytes autograd saves per token in one layer (coefficients fitted exactly on this code's saved tensors).
 
     fp32: 24 D + 16 I + 8 Q + 8 KV + 4 H + 8 (the inputs of both norms and their fp32 outputs, q/k/v, the
     attention output and its log-sum-exp, the three SwiGLU hidden tensors and the w2 input, two rstd scalars).
-    bf16 compute halves the matrix inputs; the norms stay fp32; an fp32 residual stream adds 10 D.
+    bf16 compute halves the matrix inputs; the norms stay fp32; an fp32 residual stream adds 10 D. Tensor
+    parallelism (`tp`) divides the heads and a dense MLP's hidden width; an MoE layer runs whole on every tp rank.
     """
-    D, H = args.dim, args.n_heads
-    Q, KV = _attn_widths(args)
-    inter = _ffn_width(args, layer_id)
+    D, H = args.dim, args.n_heads // tp
+    Q, KV = (w // tp for w in _attn_widths(args))
+    inter = _ffn_width(args, layer_id) // (1 if args.is_moe_layer(layer_id) else tp)
     if s.precision == "fp32" and s.param_dtype == "float32":
         per = 24 * D + 16 * inter + 8 * Q + 8 * KV
     else:
@@ -103,25 +106,40 @@ def _compute_bytes(s: PlanSettings) -> int:
     return compute_dtype(s.precision, s.param_dtype).itemsize
 
 
-def _param_shapes(args: ModelArgs) -> List[int]:
-    """Numels of the model's parameter tensors (experts counted per expert)."""
-    D = args.dim
+def _param_tensors(args: ModelArgs) -> List[Tuple[int, int, str]]:
+    """The model's parameter tensors as (numel, layer, split): layer -1 for the root (embedding, final norm, head);
+    split "tp" for the weights tensor parallelism divides (`apply_tp`: embedding and head by vocabulary, attention
+    heads, the dense MLP), "expert" for the stacked routed experts (divided by `ep`), "rep" for the rest (norms,
+    MLA's latent down-projections, the router, the shared experts: whole on every tp rank)."""
+    D, out = args.dim, []
     Q, KV = _attn_widths(args)
-    sizes = [args.vocab_size * D, D] + ([] if args.tie_embeddings else [args.vocab_size * D])
+    out += [(args.vocab_size * D, -1, "tp"), (D, -1, "rep")]
+    if not args.tie_embeddings:
+        out.append((args.vocab_size * D, -1, "tp"))
     for i in range(args.n_layers):
-        sizes += [D, D]
+        out += [(D, i, "rep"), (D, i, "rep")]
         if args.attention == "gqa":
-            sizes += [D * Q, D * KV, D * KV, Q * D]
-            sizes += [Q, KV, KV] if args.qkv_bias else []
-            sizes += [args.head_dim] * 2 if args.qk_norm else []
+            out += [(D * Q, i, "tp"), (D * KV, i, "tp"), (D * KV, i, "tp"), (Q * D, i, "tp")]
+            out += [(Q, i, "tp"), (KV, i, "tp"), (KV, i, "tp")] if args.qkv_bias else []
+            out += [(args.head_dim, i, "rep")] * 2 if args.qk_norm else []
         else:
-            sizes.append(_attention_params(args))  # several MLA projections; only the total matters here
+            H, qk = args.n_heads, args.qk_nope_head_dim + args.qk_rope_head_dim
+            r, c = args.q_lora_rank, args.kv_lora_rank
+            out += ([(D * H * qk, i, "tp")] if r == 0 else [(D * r, i, "rep"), (r, i, "rep"), (r * H * qk, i, "tp")])
+            out += [(D * (c + args.qk_rope_head_dim), i, "rep"), (c, i, "rep"),
+                    (c * H * (args.qk_nope_head_dim + args.v_head_dim), i, "tp"), (H * args.v_head_dim * D, i, "tp")]
         if args.is_moe_layer(i):
-            sizes += [D * args.moe_inter_dim] * 3 * (args.n_routed_experts + args.n_shared_experts)
-            sizes.append(args.n_routed_experts * D)
+            out += [(args.n_routed_experts * D * args.moe_inter_dim, i, "expert")] * 3
+            out += [(D * args.moe_inter_dim * args.n_shared_experts, i, "rep")] * (3 if args.n_shared_experts else 0)
+            out.append((args.n_routed_experts * D, i, "rep"))
         else:
-            sizes += [D * args.inter_dim] * 3
-    return sizes
+            out += [(D * args.inter_dim, i, "tp")] * 3
+    return out
+
+
+def _param_shapes(args: ModelArgs) -> List[int]:
+    """Numels of the model's parameter tensors (routed experts stacked, one tensor per projection)."""
+    return [n for n, _, _ in _param_tensors(args)]
 
 
 def _lora_params(args: ModelArgs, rank: int, targets: Sequence[str] = ("all",)) -> Tuple[int, int]:
@@ -175,16 +193,83 @@ def _largest_matmul(args: ModelArgs) -> int:
                               args.moe_inter_dim * max(args.n_shared_experts, 1)), 1)
 
 
+def _sharding(args: ModelArgs, parallel: ParallelConfig) -> Dict[str, Any]:
+    """What one rank of `parallel` holds, as `verse.train.parallelize` lays the model out.
+
+    Tensor parallelism divides the "tp" tensors of `_param_tensors` by `tp`; expert parallelism the stacked routed
+    experts by `ep`; FSDP2 then shards every dense tensor over `dp_shard x ep` ranks (the `dp_shard_ep` mesh) and the
+    experts over `dp_shard`; `dp_replicate` holds full copies (HSDP). FSDP2 runs when the data-parallel mesh has
+    more than one rank.
+
+    Returns:
+        Dict[str, Any]: rank_shapes (each tensor's numel on this rank), block_full (each block's numel unsharded,
+        still split by tp/ep: what FSDP2 all-gathers), root_full (embedding, final norm and head unsharded), fsdp
+        (whether FSDP2 runs), gather (numel this rank receives per all-gather of every tensor, by shard group:
+        "dense" over dp_shard x ep, "expert" over dp_shard).
+    """
+    tp, ep, shard = parallel.tp, parallel.ep, parallel.dp_shard
+    rank_shapes, block_full, root_full = [], [0.0] * args.n_layers, 0.0
+    gather = {"dense": 0.0, "expert": 0.0}
+    for n, layer, split in _param_tensors(args):
+        full = n / (tp if split == "tp" else ep if split == "expert" else 1)
+        ranks = shard if split == "expert" else shard * ep
+        rank_shapes.append(math.ceil(full / ranks))
+        gather["expert" if split == "expert" else "dense"] += full * (ranks - 1) / ranks
+        if layer < 0:
+            root_full += full
+        else:
+            block_full[layer] += full
+    return {"rank_shapes": rank_shapes, "block_full": block_full, "root_full": root_full, "gather": gather,
+            "fsdp": parallel.dp_replicate * shard * ep > 1}
+
+
+def _comm_time(args: ModelArgs, s: PlanSettings, parallel: ParallelConfig, sharding: Dict[str, Any],
+               spec: Dict[str, Any], compute_time: float, fsdp_mp: bool) -> float:
+    """Seconds of communication a step adds to its compute (a simple model; no latency term).
+
+    Assumes ring collectives at the table's per-direction bandwidth (`GPUS` "link" inside a node of
+    `GPUS_PER_NODE`, "network" when a group's ranks span nodes; mesh order dp_replicate x dp_shard x ep x tp, tp
+    innermost); FSDP2's all-gathers (forward and backward, every micro-batch) and reduce-scatters, and HSDP's
+    all-reduce, overlap with compute (only what exceeds it counts); tensor-parallel all-reduces (two per block in
+    forward, two in backward) and expert-parallel all-to-alls (dispatch and combine, forward and backward) wait.
+    """
+    tp, ep, shard, rep = parallel.tp, parallel.ep, parallel.dp_shard, parallel.dp_replicate
+
+    def bandwidth(stride: int, size: int) -> float:
+        return spec["link"] if stride * size <= GPUS_PER_NODE else spec["network"]
+
+    pbytes = torch_dtype(s.param_dtype).itemsize
+    gather_bytes, reduce_bytes = (2, 4) if fsdp_mp else (pbytes, pbytes)
+    c, micro, tokens, D = _compute_bytes(s), s.gradient_accumulation_steps, s.micro_batch_size * s.seq_len, args.dim
+    hidden = sharding["gather"]
+    overlapped = micro * (2 * gather_bytes + reduce_bytes) * (hidden["dense"] / bandwidth(tp, shard * ep)
+                                                             + hidden["expert"] / bandwidth(tp * ep, shard))
+    if rep > 1:  # HSDP: the reduce-scattered gradient shards are all-reduced over the replicas once per step
+        overlapped += 2 * (rep - 1) / rep * sum(sharding["rank_shapes"]) * reduce_bytes / bandwidth(
+            tp * ep * shard, rep)
+    waiting = 0.0
+    if tp > 1:  # per block 2 + 2 all-reduces of the activations; the embedding's and the head's gathered logits
+        ring = 2 * (tp - 1) / tp
+        waiting += micro * (ring * (4 * args.n_layers + 2) * tokens * D * c
+                            + (tp - 1) / tp * tokens * args.vocab_size * c) / bandwidth(1, tp)
+    if ep > 1:
+        moe_layers = sum(args.is_moe_layer(i) for i in range(args.n_layers))
+        waiting += micro * moe_layers * 4 * tokens * args.n_activated_experts * D * c * (ep - 1) / ep / bandwidth(
+            tp, ep)
+    return waiting + max(0.0, overlapped - compute_time)
+
+
 def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a100-80gb",
          mfu: float = DEFAULT_MFU, device_memory: Optional[float] = None, finetune: str = "full",
          lora_rank: int = 8, lora_targets: Sequence[str] = ("all",), rollout_rows: int = 0,
-         reference: bool = False) -> Dict[str, Any]:
-    """Estimate the memory and time of one training step.
+         reference: bool = False, parallel: Optional[ParallelConfig] = None) -> Dict[str, Any]:
+    """Estimate the memory and time of one training step (of one rank with `parallel`).
 
     Args:
         args (ModelArgs): the model.
         settings (Optional[PlanSettings]): sequence length, batch, optimizer, precision, checkpointing, ...
-        gpu (str): a key of `GPUS` (its memory and peak FLOP/s), or "cpu" with `device_memory`.
+            (`micro_batch_size` per data-parallel rank, as `verse train` reads it).
+        gpu (str): a key of `GPUS` (its memory, peak FLOP/s and bandwidths), or "cpu" with `device_memory`.
         mfu (float): model FLOPs utilisation assumed for the time estimate.
         device_memory (Optional[float]): bytes available, overriding the GPU's.
         finetune (str): full | lora (frozen base in `param_dtype`) | qlora (frozen base matmul weights in NF4 at
@@ -197,11 +282,14 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
             to the weights and optimizer state; 0 = not GRPO.
         reference (bool): GRPO with beta > 0 and a full fine-tune: a frozen copy of the weights (with LoRA the
             reference is the base with adapters off: nothing more).
+        parallel (Optional[ParallelConfig]): a resolved layout (`torchrun` ranks, full fine-tune): every byte is
+            then one rank's (see `_sharding`), and the time adds communication (see `_comm_time`).
 
     Returns:
         Dict[str, Any]: params, active_params, weights_bytes, grads_bytes, optimizer_bytes, activations_bytes,
         logits_bytes, temp_bytes, peak_bytes, device_bytes, fits, step_time_s, tokens_per_s, settings; with
-        GRPO also reference_bytes and generation_bytes.
+        GRPO also reference_bytes and generation_bytes; with `parallel` also gpus, parallel, gathered_bytes,
+        compute_time_s, comm_time_s.
     """
     s = settings or PlanSettings()
     check_settings(s)
@@ -221,6 +309,13 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
         raise ConfigError(f"finetune {finetune!r}: must be full, lora or qlora")
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
         raise ConfigError(f"lora rank {lora_rank!r}: must be a positive integer")
+    if parallel is not None and (finetune != "full" or rollout_rows):
+        raise ConfigError("a parallel layout plans full fine-tuning and pretraining: LoRA, QLoRA and GRPO run on "
+                          "one process for now; drop --parallel/--gpus")
+    tp = parallel.tp if parallel is not None else 1
+    sharding = _sharding(args, parallel) if parallel is not None else None
+    # FSDP2 with fp32 parameters and bf16 compute all-gathers bf16 copies: autocast caches none of its own
+    fsdp_mp = sharding is not None and sharding["fsdp"] and s.precision == "bf16" and not low
     frozen, dequant_temp = 0.0, 0
     if finetune != "full":
         adapter, adapted = _lora_params(args, lora_rank, lora_targets)
@@ -233,18 +328,21 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
         else:
             frozen = params * pbytes
         params_trained, shapes = adapter, [adapter]
+    elif sharding is not None:
+        shapes = sharding["rank_shapes"]
+        params_trained = sum(shapes)
     else:
         params_trained = params
     weights = frozen + params_trained * pbytes + (4 * params_trained if master else 0)
     matmul_params = params - args.vocab_size * args.dim - (2 * args.n_layers + 1) * args.dim  # all but embed, norms
     # autocast caches bf16 copies of fp32 weights that require grad (frozen base weights are cast per use)
-    autocast_copies = (2 * (matmul_params if finetune == "full" else params_trained)
-                       if (s.precision == "bf16" and not low) else 0)
+    autocast_copies = (2 * (matmul_params // tp if finetune == "full" else params_trained)
+                       if (s.precision == "bf16" and not low and not fsdp_mp) else 0)
     grad_bytes = 4 if master else pbytes
     largest = max(shapes)
     grads = (largest * (grad_bytes + (4 if master else 0)) if s.fused_backward
              else params_trained * grad_bytes)
-    params = params_trained if finetune != "full" else params
+    params = params_trained
     state_bytes = 4 if (master or not low) else pbytes
     if s.optimizer == "adamw8bit":
         big = sum(n for n in shapes if n >= 4096 and n % 256 == 0)
@@ -258,7 +356,7 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     # QLoRA's bf16 base makes the residual stream and every matmul bf16, whatever the adapters' dtype
     act = dataclasses.replace(s, precision="bf16", param_dtype="bfloat16") if finetune == "qlora" else s
     c = _compute_bytes(act)
-    layer_full = [_layer_bytes_per_token(args, i, act) * tokens for i in range(args.n_layers)]
+    layer_full = [_layer_bytes_per_token(args, i, act, tp) * tokens for i in range(args.n_layers)]
     resid = 4 if act.param_dtype == "float32" else 2  # the residual stream's dtype
     k = s.activation_checkpointing
     checkpointed = [k > 0 and i % k == 0 for i in range(args.n_layers)]
@@ -267,12 +365,23 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     recompute = max((full for ck, full in zip(checkpointed, layer_full) if ck), default=0)
     chunk = min(s.loss_chunk_size, tokens)
     # one chunk: logits in compute dtype, their fp32 copy (none when computing in fp32), log-softmax, gradient
+    # (tensor parallelism gathers the head's vocabulary columns: every rank holds whole logits)
     logits = chunk * args.vocab_size * (c + (4 if c != 4 else 0) + 4 + 4) + tokens * args.dim * c
     temp = 2 * tokens * args.dim * 4 + recompute + dequant_temp  # grads between layers, the recomputed layer
-    head_grad = args.vocab_size * args.dim * grad_bytes if finetune == "full" else 0
+    head_grad = args.vocab_size * args.dim // tp * grad_bytes if finetune == "full" else 0
+    gathered = 0
+    if sharding is not None and sharding["fsdp"]:
+        # FSDP2 keeps the root (embedding, head) and the last block unsharded from forward to backward, one block
+        # runs while the next is prefetched; in backward a block's unsharded gradients wait for their
+        # reduce-scatter (in fp32 when computed in bf16)
+        gather_bytes = 2 if fsdp_mp else pbytes
+        blocks = sharding["block_full"]
+        gathered = gather_bytes * (sharding["root_full"] + blocks[-1] + 2 * max(blocks[:-1], default=0))
+        temp += max(blocks) * (gather_bytes + (4 if fsdp_mp else 0))
+        head_grad = sharding["root_full"] * (gather_bytes + (4 if fsdp_mp else 0))
     persistent_grads = grads if s.gradient_accumulation_steps > 1 and not s.fused_backward else 0
     # the loss chunks run first in backward and are freed before any layer is recomputed
-    backward_peak = (weights + autocast_copies + optimizer + activations + max(logits, temp)
+    backward_peak = (weights + autocast_copies + optimizer + activations + gathered + max(logits, temp)
                      + max(head_grad, persistent_grads))
     step_peak = weights + optimizer + grads + optimizer_temp
     reference_bytes = count_params(args) * pbytes if reference and finetune == "full" else 0
@@ -287,19 +396,71 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
 
     flops = flops_per_token(args, s.seq_len) * (1 + (1 / 3 if k else 0) / max(k, 1))  # recompute = +1 forward
     step_tokens = tokens * s.gradient_accumulation_steps
-    step_time = step_tokens * flops / (spec["flops"] * mfu) if spec["flops"] else None
+    compute_time = step_tokens * flops / (tp * spec["flops"] * mfu) if spec["flops"] else None
+    comm_time = (_comm_time(args, s, parallel, sharding, spec, compute_time, fsdp_mp)
+                 if sharding is not None and compute_time is not None else 0.0)
+    step_time = compute_time + comm_time if compute_time is not None else None
+    n_gpus = 1 if parallel is None else math.prod(parallel.degrees.values())
+    global_tokens = step_tokens * n_gpus // tp
     return {
         "params": count_params(args), "active_params": count_params(args, active=True),
-        "finetune": finetune, "trainable_params": params,
+        "finetune": finetune, "trainable_params": params if finetune != "full" else count_params(args),
         **({"lora_rank": lora_rank, "lora_targets": list(lora_targets)} if finetune != "full" else {}),
         "weights_bytes": weights + autocast_copies, "grads_bytes": grads, "optimizer_bytes": optimizer,
         "activations_bytes": activations, "logits_bytes": logits, "temp_bytes": temp + optimizer_temp,
         "peak_bytes": peak, "device_bytes": device_bytes, "fits": bool(device_bytes and peak <= device_bytes),
         **({"reference_bytes": reference_bytes, "generation_bytes": generation} if rollout_rows else {}),
+        **({"gpus": n_gpus, "parallel": parallel.degrees, "gathered_bytes": gathered,
+            "compute_time_s": compute_time, "comm_time_s": comm_time} if parallel is not None else {}),
         "gpu": gpu, "mfu": mfu, "step_time_s": step_time,
-        "tokens_per_s": step_tokens / step_time if step_time else None,
+        "tokens_per_s": global_tokens / step_time if step_time else None,
         "settings": dataclasses.asdict(s),
     }
+
+
+def layout_problems(args: ModelArgs, parallel: ParallelConfig) -> List[str]:
+    """Why `parallel` cannot lay out `args` (empty when it can): tensor parallelism must divide the head counts,
+    the vocabulary and the MLP width (as `apply_tp` requires), expert parallelism the routed experts."""
+    problems = []
+    if parallel.tp > 1:
+        widths = {"n_heads": args.n_heads, "vocab_size": args.vocab_size, "inter_dim": args.inter_dim,
+                  **({"n_kv_heads": args.n_kv_heads} if args.attention != "mla" else {})}
+        problems += [f"tp={parallel.tp} does not divide {name}={value}" for name, value in widths.items()
+                     if value % parallel.tp]
+    if parallel.ep > 1 and not args.is_moe:
+        problems.append(f"ep={parallel.ep} needs an MoE model (this one is dense)")
+    elif parallel.ep > 1 and args.n_routed_experts % parallel.ep:
+        problems.append(f"ep={parallel.ep} does not divide n_routed_experts={args.n_routed_experts}")
+    return problems
+
+
+def search_layouts(args: ModelArgs, settings: PlanSettings, gpu: str, gpus: int, **kwargs: Any
+                   ) -> List[Dict[str, Any]]:
+    """Plan every layout of `gpus` ranks the model allows, least model parallelism first.
+
+    Order: tp x ep (ranks that split one copy of the model's compute), then tp, then dp_shard (fewer shards: more
+    replicas, less gathering); tp stays inside a node (`GPUS_PER_NODE`).
+
+    Args:
+        args (ModelArgs): the model.
+        settings (PlanSettings): the step (`micro_batch_size` per data-parallel rank).
+        gpu (str): a key of `GPUS`.
+        gpus (int): number of ranks.
+        **kwargs: more `plan` arguments (mfu, device_memory).
+
+    Returns:
+        List[Dict[str, Any]]: one `plan` result per layout, in that order; the first that fits is the answer.
+    """
+    divisors = [d for d in range(1, gpus + 1) if gpus % d == 0]
+    layouts = []
+    for tp in (d for d in divisors if d <= GPUS_PER_NODE):
+        for ep in (d for d in divisors if (gpus // tp) % d == 0):
+            for shard in (d for d in divisors if (gpus // (tp * ep)) % d == 0):
+                layout = ParallelConfig(dp_replicate=gpus // (tp * ep * shard), dp_shard=shard, tp=tp, ep=ep)
+                if not layout_problems(args, layout):
+                    layouts.append(layout)
+    layouts.sort(key=lambda p: (p.tp * p.ep, p.tp, p.dp_shard))
+    return [plan(args, settings, gpu, parallel=layout, **kwargs) for layout in layouts]
 
 
 # cheapest first: moves that cost no quality, then throughput, then sequence length
@@ -314,8 +475,8 @@ MOVES = [
 
 def suggestions(args: ModelArgs, settings: PlanSettings, gpu: str, device_memory: Optional[float] = None,
                 limit: int = 3, **finetune: Any) -> List[Dict[str, Any]]:
-    """The cheapest combinations of `MOVES` (fewest moves first) that make the run fit, with their peak
-    (`finetune`: `plan`'s finetune, lora_rank, lora_targets)."""
+    """The cheapest combinations of `MOVES` (fewest moves first) that make the run fit, with their peak and their
+    `PlanSettings` changes (`finetune`: `plan`'s finetune, lora_rank, lora_targets, parallel)."""
     from itertools import combinations
 
     found: List[Dict[str, Any]] = []
@@ -329,7 +490,7 @@ def suggestions(args: ModelArgs, settings: PlanSettings, gpu: str, device_memory
             result = plan(args, dataclasses.replace(settings, **changes), gpu, device_memory=device_memory,
                           **finetune)
             if result["fits"] and not any(set(f["moves"]) <= {m for m, _ in combo} for f in found):
-                found.append({"moves": [m for m, _ in combo], "peak_bytes": result["peak_bytes"]})
+                found.append({"moves": [m for m, _ in combo], "peak_bytes": result["peak_bytes"], "changes": changes})
             if len(found) >= limit:
                 return found
     seq = settings.seq_len
@@ -338,7 +499,8 @@ def suggestions(args: ModelArgs, settings: PlanSettings, gpu: str, device_memory
         result = plan(args, dataclasses.replace(settings, seq_len=seq), gpu, device_memory=device_memory,
                       **finetune)
         if result["fits"]:
-            found.append({"moves": [f"max_seq_len={seq}"], "peak_bytes": result["peak_bytes"]})
+            found.append({"moves": [f"max_seq_len={seq}"], "peak_bytes": result["peak_bytes"],
+                          "changes": {"seq_len": seq}})
             break
     return found
 
@@ -376,6 +538,29 @@ def finetune_from_config(cfg: Any) -> Dict[str, Any]:
     return out
 
 
+def layout_name(degrees: Dict[str, int]) -> str:
+    """`dp_shard=8 tp=1 ...` as `--parallel` spells it (dimensions of size 1 left out, dp_shard always shown)."""
+    shown = [f"{k}={v}" for k, v in degrees.items() if v > 1 or k == "dp_shard"]
+    return ",".join(shown)
+
+
+def format_layouts(results: List[Dict[str, Any]], limit: int = 12) -> str:
+    """The table of `search_layouts` candidates (what `verse plan --gpus N` prints before the chosen plan):
+    fully sharded layouts (dp_replicate=1) and the first that fits, at most `limit` rows."""
+    chosen = next((r for r in results if r["fits"]), None)
+    rows = [r for r in results if r["parallel"]["dp_replicate"] == 1 or r is chosen]
+    if chosen is not None and rows.index(chosen) >= limit:  # the answer always shows
+        rows = rows[:limit - 1] + [chosen]
+    lines = [f"{'layout':<30}{'peak/rank':>12}{'s/step':>9}{'tokens/s':>12}"]
+    for r in rows[:limit]:
+        mark = "  <- smallest that fits" if r is chosen else ("" if r["fits"] else "  does not fit")
+        time = (f"{r['step_time_s']:>9.2f}{r['tokens_per_s']:>12,.0f}" if r["step_time_s"] else f"{'':>21}")
+        lines.append(f"{layout_name(r['parallel']):<30}{format_bytes(r['peak_bytes']):>12}{time}{mark}")
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more layouts (--json lists every one)")
+    return "\n".join(lines)
+
+
 def format_bytes(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.1f} MiB"
 
@@ -392,7 +577,12 @@ def format_plan(args: ModelArgs, result: Dict[str, Any], moves: List[Dict[str, A
         lines.append(f"fine-tune: {result['finetune']} rank {result['lora_rank']} on "
                      f"{', '.join(result['lora_targets'])}: {result['trainable_params'] / 1e6:.1f} M trainable "
                      f"parameters{', base in NF4' if result['finetune'] == 'qlora' else ', base frozen'}")
+    if "parallel" in result:
+        lines.append(f"layout: {result['gpus']} x {result['gpu']}, {layout_name(result['parallel'])}; memory per rank "
+                     f"(FSDP2 shards over dp_shard x ep, tp splits heads/MLP/vocabulary, ep the routed experts)")
     keys = ["weights", "grads", "optimizer", "activations", "logits", "temp"]
+    if "parallel" in result:  # FSDP2's unsharded root, last block and the running + prefetched block
+        keys.append("gathered")
     if "generation_bytes" in result:  # GRPO: the frozen reference and the rollout's KV cache
         keys += ["reference", "generation"]
     for key in keys:
@@ -401,8 +591,11 @@ def format_plan(args: ModelArgs, result: Dict[str, Any], moves: List[Dict[str, A
                  f" usable on {result['gpu']} -> {'FITS' if result['fits'] else 'DOES NOT FIT'}")
     if result["step_time_s"]:
         lines.append(f"time: {result['step_time_s']:.2f} s/step, {result['tokens_per_s']:,.0f} tokens/s at "
-                     f"{result['mfu']:.0%} MFU")
+                     f"{result['mfu']:.0%} MFU" + (f" (compute {result['compute_time_s']:.2f} s + communication "
+                                                   f"{result['comm_time_s']:.2f} s not hidden by it)"
+                                                   if "parallel" in result else ""))
     if not result["fits"]:
         lines.append("cheapest changes that fit:" if moves else "no combination of the usual moves fits")
-        lines += [f"  {' '.join(m['moves'])}  -> peak {format_bytes(m['peak_bytes'])}" for m in moves]
+        lines += [f"  {' '.join(m['moves'])}  -> peak {format_bytes(m['peak_bytes'])}"
+                  + (f" on {layout_name(m['parallel'])}" if "parallel" in m else "") for m in moves]
     return "\n".join(lines)
