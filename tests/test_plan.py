@@ -257,6 +257,7 @@ def test_cli_plan_reads_only_the_metadata_of_a_gguf(capsys, no_weight_reads):
     ("tiny", {}, dict(dp_shard=2, tp=2)),
     ("tiny", {}, dict(dp_replicate=2, dp_shard=2)),
     ("bytegpt-tiny", {}, dict(dp_shard=4)),  # MLA + MoE, FSDP2
+    ("bytegpt-tiny", {}, dict(dp_shard=2, ep=2)),  # experts split over ep, FSDP2 over dp_shard
     ("bytegpt-tiny", {"vocab_size": 256}, dict(dp_shard=2, tp=2))])  # MLA heads split, experts whole per tp rank
 def test_per_rank_parameters_match_the_real_layout(preset, overrides, degrees):
     """The planner's per-rank parameter count against what `parallelize` really leaves on rank 0 (a meta-device

@@ -172,12 +172,7 @@ def _layout(spec: Optional[str], gpus: Optional[int], model_args: "ModelArgs"): 
             raise ConfigError(f"--parallel {spec}: expected NAME=INT items separated by commas, NAME one of "
                               f"{', '.join(MESH_DIMS)}; got {item!r}")
         degrees[name] = int(value)
-    ep = degrees.pop("ep", 1)
-    if ep < 1:
-        raise ConfigError(f"--parallel {spec}: ep must be a positive integer, got {ep}")
-    # the config's own validation (ep, still refused by training, is checked here and set after)
     layout = ParallelConfig.from_dict({"dp_shard": 1 if gpus is None else -1, **degrees}, "--parallel")
-    layout = dataclasses.replace(layout, ep=ep)
     others = layout.dp_replicate * layout.tp * layout.ep
     if layout.dp_shard == -1:
         if gpus is None or gpus % others:
