@@ -179,7 +179,8 @@ def test_verse_qwen3_moe_layouts_save_as_transformers_layers(layout, tmp_path):
     ("qwen2", dict(qkv_bias=True, qk_norm=True), "qk_norm"),
     ("qwen3", dict(qk_norm=False), "qk_norm"),
     ("qwen3", dict(qk_norm=True, sliding_window=8), "sliding_window"),
-    ("qwen3_moe", dict(qk_norm=True, n_routed_experts=4, n_activated_experts=2, n_shared_experts=1), "n_shared_experts"),
+    ("qwen3_moe", dict(qk_norm=True, n_routed_experts=4, n_activated_experts=2, n_shared_experts=1),
+     "n_shared_experts"),
     ("llama", dict(qkv_bias=True), "qkv_bias"),
 ])
 def test_saving_what_the_family_cannot_hold_is_one_clear_error(arch, changes, field, tmp_path):
@@ -318,6 +319,10 @@ def test_verse_train_sft_of_a_tiny_qwen3_lowers_the_loss_and_saves_for_transform
     capsys.readouterr()
     assert main(["generate", str(ckpt), "--prompt", "add 3 4", "--max-new-tokens", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == tok.decode(expected)
+    # resuming reads the checkpoint back into the run's model (per-layer `load_into`, experts restacked)
+    assert main(["train", "--resume", str(tmp_path / "run"), "max_steps=10", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 11))
 
 
 def make_hf_sized(case: str, vocab_size: int) -> torch.nn.Module:

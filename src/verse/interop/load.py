@@ -67,8 +67,8 @@ def checkpoint_dir(path: Path) -> Path:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype | str] = None,
                **overrides: Any) -> ReasoningLLM:
-    """Load a Verse checkpoint directory, a Hugging Face Llama/Mistral/Qwen/DeepSeek directory or Hub id, a `.gguf`, or a
-    directory of model-parallel shards (`verse convert --model-parallel N`: the ranks are gathered into one model).
+    """Load a Verse checkpoint directory, a Hugging Face Llama/Mistral/Qwen/DeepSeek directory or Hub id, a `.gguf`,
+    or a directory of model-parallel shards (`verse convert --model-parallel N`: the ranks are gathered into one model).
 
     Args:
         path (str | Path): checkpoint directory (or a training run directory: its `latest` checkpoint), `.gguf`
