@@ -4,6 +4,8 @@ Weights are quantized and dequantized by `gguf.quants` (independent of Verse); a
 per block of 32 by a numpy transcription of llama.cpp's rule written here; products are taken in float64.
 """
 
+import importlib
+import json
 import shutil
 
 import gguf
@@ -20,7 +22,9 @@ from verse.infer.generate import generate
 from verse.model.linear import Linear
 
 QTYPES = (ggml.Q4_0, ggml.Q4_1, ggml.Q8_0)
-QNAME = {ggml.Q4_0: "Q4_0", ggml.Q4_1: "Q4_1", ggml.Q8_0: "Q8_0"}
+KTYPES = (ggml.Q4_K, ggml.Q5_K, ggml.Q6_K)  # 256-value super-blocks: K a multiple of 256
+QNAME = {ggml.Q4_0: "Q4_0", ggml.Q4_1: "Q4_1", ggml.Q8_0: "Q8_0", ggml.Q4_K: "Q4_K", ggml.Q5_K: "Q5_K",
+         ggml.Q6_K: "Q6_K"}
 N = 97  # not a multiple of the kernels' 16-row work chunks
 
 
@@ -30,13 +34,26 @@ def kernels():
         pytest.skip("the AVX2 GGUF kernels are not available here (no AVX2 CPU or no C++ toolchain)")
 
 
+def k_blocks(qtype, rows, cols, rng):
+    """Random valid K-quant super-blocks (gguf has no K-quant quantizer; every bit pattern of the quants and
+    scales is valid): random bytes, with the fp16 scales d (and dmin) set to random magnitudes 1e-4..1e-2."""
+    size = ggml.BLOCK_BYTES[qtype]
+    data = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    scales = (10.0 ** rng.uniform(-4, -2, (rows, cols // 256, 2))).astype(np.float16)
+    if qtype == ggml.Q6_K:  # d ends the 210-byte block; its 16 int8 scales carry the sign
+        data[..., size - 2:] = scales[..., :1].view(np.uint8)
+    else:  # d, dmin lead the block
+        data[..., 0:4] = scales.view(np.uint8)
+    return data.reshape(rows, -1)
+
+
 def quantized(qtype, rows, cols, seed=0):
-    """Random weights in `qtype` blocks: (uint8 torch [rows, cols/32 * bytes], gguf's float64 dequantization)."""
+    """Random weights in `qtype` blocks: (uint8 torch [rows, K/block values * bytes], gguf's float64 dequantization)."""
     rng = np.random.default_rng(seed)
     w = (0.1 * rng.standard_normal((rows, cols)) + 0.03 * rng.standard_normal((rows, 1))).astype(np.float32)
     kind = gguf.GGMLQuantizationType(qtype)
-    blocks = gguf.quants.quantize(w, kind)
-    assert blocks.dtype == np.uint8 and blocks.shape == (rows, cols // 32 * ggml.BLOCK_BYTES[qtype])
+    blocks = k_blocks(qtype, rows, cols, rng) if qtype in KTYPES else gguf.quants.quantize(w, kind)
+    assert blocks.dtype == np.uint8 and blocks.shape == (rows, ggml.row_bytes(qtype, cols))
     dense = gguf.quants.dequantize(blocks, kind).astype(np.float64).reshape(rows, cols)
     return torch.from_numpy(np.ascontiguousarray(blocks)), dense
 
@@ -364,3 +381,142 @@ def test_a_blocks_model_cannot_be_saved_as_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="gemm_impl='bf16'"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("qtype", KTYPES, ids=QNAME.get)
+def test_reference_dequantize_k_quants_bit_exact(qtype):
+    """reference.dequantize reads Q4_K/Q5_K/Q6_K super-blocks bit for bit as gguf.quants.dequantize."""
+    blocks, dense = quantized(qtype, N, 768, seed=qtype)
+    w = reference.dequantize(blocks, qtype)
+    assert w.dtype == torch.float32 and w.shape == (N, 768)
+    assert torch.equal(w, torch.from_numpy(dense).float())
+    assert len(np.unique(dense)) > 1000  # the random blocks exercise many scales and quants
+
+
+def test_reference_dequantize_q4_k_hand_example():
+    """One Q4_K super-block decoded by hand from llama.cpp's layout: sub-block 1 takes the high nibbles of bytes
+    16-47 with scale/min from bytes 5/9; sub-block 4 takes its 6-bit scale/min from byte 12 and bytes 4/8's top bits."""
+    blk = np.zeros(144, np.uint8)
+    blk[0:2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)  # d
+    blk[2:4] = np.frombuffer(np.float16(0.25).tobytes(), np.uint8)  # dmin
+    blk[5], blk[9] = 3, 7  # sc_1 = 3, m_1 = 7
+    blk[4], blk[8], blk[12] = 0b11_000000, 0b01_000000, 0x52  # sc_4 = 0x2 | 3 << 4 = 50, m_4 = 0x5 | 1 << 4 = 21
+    blk[16 + 5] = 0xA0  # element 5 of sub-block 1: nibble 10
+    blk[16 + 64 + 2] = 0x09  # element 2 of sub-block 4: low nibble 9 of byte 2 of the third 32-byte group
+    w = reference.dequantize(torch.from_numpy(blk).view(1, 144), ggml.Q4_K)[0]
+    assert w[32 + 5].item() == 0.5 * 3 * 10 - 0.25 * 7 and w[32].item() == -0.25 * 7
+    assert w[128 + 2].item() == 0.5 * 50 * 9 - 0.25 * 21 and w[128].item() == -0.25 * 21
+    assert w[0].item() == 0.0  # sub-block 0: scale 0, min 0 (its top bits went to sub-block 4)
+    assert torch.equal(w, torch.from_numpy(gguf.quants.dequantize(blk, gguf.GGMLQuantizationType.Q4_K)))
+
+
+@pytest.mark.parametrize("K", (256, 768))
+@pytest.mark.parametrize("M", (1, 2, 3, 4, 5, 16))
+@pytest.mark.parametrize("qtype", KTYPES, ids=QNAME.get)
+def test_kernel_k_quant_gemm_matches_float64_oracle(kernels, qtype, M, K):
+    """The AVX2 K-quant kernel (every row count up to MAX_ROWS, and beyond) equals a float64 product of gguf's
+    weights and independently rounded activations, as the reference does."""
+    blocks, dense = quantized(qtype, N, K, seed=M)
+    x = activations(M, K, seed=K + M)
+    ref = oracle(x, dense)
+    y = kernel_gemm(x, blocks, qtype)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert rel_err(y, ref) < 1e-5
+    assert rel_err(reference.gemm(x, blocks, qtype), ref) < 1e-5
+    assert rel_err(ggml.gemm(x, blocks, qtype), ref) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", KTYPES, ids=QNAME.get)
+def test_kernel_dequantize_k_quants_matches_gguf(kernels, qtype):
+    """torch.ops.verse_ggml.dequantize of K-quant super-blocks equals gguf.quants.dequantize (prompts widen with it)."""
+    blocks, dense = quantized(qtype, N, 768, seed=3)
+    w = torch.ops.verse_ggml.dequantize(blocks, qtype)
+    assert w.dtype == torch.float32 and w.shape == (N, 768)
+    torch.testing.assert_close(w.double(), torch.from_numpy(dense), atol=1e-6, rtol=0)
+    x = activations(20, 768, seed=4)
+    assert rel_err(ggml.gemm(x, blocks, qtype), oracle(x, dense)) < 1e-5  # > PREFILL_ROWS rows: widened weight
+
+
+@pytest.mark.parametrize("M", (1, 4, 17))
+def test_gemm_many_mixes_k_quants_and_blocks_of_32(kernels, M):
+    """A Q4_K_M-style call: Q4_K, Q6_K, Q5_K and Q8_0 weights sharing one input, in one kernel call."""
+    kinds = ((ggml.Q4_K, 40), (ggml.Q6_K, 7), (ggml.Q5_K, 33), (ggml.Q8_0, 16))
+    weights = [quantized(qtype, n, 512, seed=n) for qtype, n in kinds]
+    x = activations(M, 512, seed=M)
+    ys = ggml.gemm_many(x, [b for b, _ in weights], [qtype for qtype, _ in kinds])
+    assert [tuple(y.shape) for y in ys] == [(M, n) for _, n in kinds]
+    for y, (_, dense) in zip(ys, weights):
+        assert rel_err(y, oracle(x, dense)) < 1e-5
+
+
+def test_linear_k_quant_needs_its_type():
+    """A Q4_K row is as long as a Q4_0 row: Linear.ggml_ takes the type it is given, and refuses a row length that
+    does not fit it."""
+    with torch.device("meta"):
+        assert Linear(512, 8).ggml_(2 * 144).ggml_type == ggml.Q4_0  # told by size alone
+        layer = Linear(512, 8).ggml_(2 * 144, ggml.Q4_K)
+        assert layer.ggml_type == ggml.Q4_K and layer.weight.shape == (8, 288) and "Q4_K" in repr(layer)
+        with pytest.raises(ValueError, match="Q6_K"):
+            Linear(512, 8).ggml_(2 * 144, ggml.Q6_K)
+        with pytest.raises(ValueError, match="256"):
+            Linear(576, 8).ggml_(2 * 144, ggml.Q4_K)  # 576 values are not whole super-blocks
+
+
+Q4_K_M = {"blk.0.attn_v.weight": gguf.GGMLQuantizationType.Q6_K, "blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q6_K,
+          "output.weight": gguf.GGMLQuantizationType.Q6_K}  # llama.cpp's Q4_K_M: these in Q6_K, the rest Q4_K
+
+
+@pytest.mark.parametrize("base,mix", [(gguf.GGMLQuantizationType.Q4_K, Q4_K_M),
+                                      (gguf.GGMLQuantizationType.Q5_K, Q4_K_M)], ids=["Q4_K_M", "Q5_K_M"])
+def test_k_quant_model_decodes_on_its_blocks(base, mix, tmp_path, kernels):
+    """A Q4_K_M / Q5_K_M-layout file keeps every matrix in its K-quant blocks; the prompt gives the dense (float32,
+    gguf-dequantized) model's logits and every decoding product matches the oracle."""
+    path = write_gguf(tmp_path / "m.gguf", base, types=mix)
+    dense = verse.load(path, dtype=torch.float32)
+    model = verse.load(path, dtype=torch.float32, gemm_impl="gguf")
+    file = {t.name: int(t.tensor_type) for t in gguf.GGUFReader(path).tensors}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert {m.ggml_type for m in layers.values()} == {int(base), ggml.Q6_K}
+    assert layers["layers.0.attn.wv"].ggml_type == ggml.Q6_K == file["blk.0.attn_v.weight"]
+    assert layers["layers.0.attn.wq"].ggml_type == int(base) == file["blk.0.attn_q.weight"]
+    dense_weights = dict(dense.named_parameters())
+    for name, layer in layers.items():
+        assert torch.equal(reference.dequantize(layer.weight, layer.ggml_type), dense_weights[f"{name}.weight"]), name
+    x = tokens()
+    with torch.no_grad():
+        expected, got, first = dense(x), model(x), model(x[:, :4])
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    assert 0 < ((first - expected[:, :4]).abs().max() / expected.abs().max()).item() < 0.05
+
+
+def test_generate_on_q4_k_m_file_gives_the_dequantized_text(tmp_path, capsys, monkeypatch, kernels):
+    """`verse generate --gemm-impl gguf` on a Q4_K_M-layout file (byte tokenizer) decodes on the Q4_K/Q6_K blocks
+    (the kernel path) and gives the same greedy text as the same file dequantized to float32."""
+    from verse.cli import main
+
+    module = importlib.import_module("verse.infer.generate")  # `verse.infer.generate` is also a function's name
+
+    path = write_gguf(tmp_path / "m.gguf", gguf.GGMLQuantizationType.Q4_K, types=Q4_K_M, vocab=256, seed=3)
+    kinds, ids = [], {}
+
+    def recorded(x, weights, qtypes):
+        kinds.extend(qtypes if x.reshape(-1, x.size(-1)).size(0) <= ggml.PREFILL_ROWS else ())
+        return gemm_many(x, weights, qtypes)
+
+    def streamed(*args, **kwargs):  # the token ids (the byte tokenizer decodes bytes >= 128 alike, as U+FFFD)
+        for token in stream(*args, **kwargs):
+            ids.setdefault(impl, []).append(token)
+            yield token
+
+    gemm_many, stream = ggml.gemm_many, module.stream
+    monkeypatch.setattr(ggml, "gemm_many", recorded)
+    monkeypatch.setattr(module, "stream", streamed)  # `verse generate` imports it when it runs
+    out = {}
+    for impl in ("gguf", "bf16"):
+        argv = [str(path), "--tokenizer", "byte", "--prompt", "Hello", "--max-new-tokens", "12", "--dtype",
+                "float32", "--gemm-impl", impl, "--json"]
+        assert main(["generate", *argv]) == 0
+        out[impl] = json.loads(capsys.readouterr().out)
+    print({impl: (out[impl]["text"], ids[impl]) for impl in out})
+    assert set(kinds) == {ggml.Q4_K, ggml.Q6_K} and len(kinds) >= 11 * 8  # 11 decoding steps x 8 matrices
+    assert len(ids["gguf"]) == 12 and ids["gguf"] == ids["bf16"] and out["gguf"]["text"] == out["bf16"]["text"]

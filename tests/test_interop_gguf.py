@@ -30,10 +30,10 @@ def random_tensor(rng: np.random.Generator, rows: int, cols: int, qtype) -> np.n
         return w
     if qtype == Q.F16:
         return w.astype(np.float16)
-    if qtype in (Q.Q4_K, Q.Q6_K):
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         data = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-        if qtype == Q.Q4_K:  # d, dmin (f16) lead each 144-byte block
+        if qtype in (Q.Q4_K, Q.Q5_K):  # d, dmin (f16) lead each 144- or 176-byte block
             data[..., 0:2] = np.frombuffer(np.float16(1e-4).tobytes(), np.uint8)
             data[..., 2:4] = np.frombuffer(np.float16(5e-5).tobytes(), np.uint8)
         else:  # Q6_K: d (f16) ends each 210-byte block
@@ -42,8 +42,9 @@ def random_tensor(rng: np.random.Generator, rows: int, cols: int, qtype) -> np.n
     return gguf.quants.quantize(w, qtype)
 
 
-def write_gguf(path, qtype=Q.F32, arch="llama", rope_freqs=None, seed=0, tied=False):
-    """A one-layer Llama GGUF as llama.cpp writes it (tensor names, metadata), random weights of type `qtype`."""
+def write_gguf(path, qtype=Q.F32, arch="llama", rope_freqs=None, seed=0, tied=False, types=None, vocab=VOCAB):
+    """A one-layer Llama GGUF as llama.cpp writes it (tensor names, metadata), random weights of type `qtype`
+    (`types`: GGUF tensor name -> type, for the tensors that differ, as in llama.cpp's Q4_K_M mixes)."""
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(CONTEXT)
@@ -54,17 +55,18 @@ def write_gguf(path, qtype=Q.F32, arch="llama", rope_freqs=None, seed=0, tied=Fa
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(500000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(VOCAB)
+    writer.add_vocab_size(vocab)
     head_dim = DIM // HEADS
-    matrices = {"token_embd.weight": (VOCAB, DIM), "blk.0.attn_q.weight": (DIM, DIM),
+    matrices = {"token_embd.weight": (vocab, DIM), "blk.0.attn_q.weight": (DIM, DIM),
                 "blk.0.attn_k.weight": (KV_HEADS * head_dim, DIM), "blk.0.attn_v.weight": (KV_HEADS * head_dim, DIM),
                 "blk.0.attn_output.weight": (DIM, DIM), "blk.0.ffn_gate.weight": (INTER, DIM),
                 "blk.0.ffn_up.weight": (INTER, DIM), "blk.0.ffn_down.weight": (DIM, INTER)}
     if not tied:
-        matrices["output.weight"] = (VOCAB, DIM)
+        matrices["output.weight"] = (vocab, DIM)
     for name, (rows, cols) in matrices.items():
-        data = random_tensor(rng, rows, cols, qtype)
-        writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        kind = (types or {}).get(name, qtype)
+        data = random_tensor(rng, rows, cols, kind)
+        writer.add_tensor(name, data, raw_dtype=kind if data.dtype == np.uint8 else None)
     for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
         writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(DIM)).astype(np.float32))
     if rope_freqs is not None:

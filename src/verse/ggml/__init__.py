@@ -1,4 +1,5 @@
-"""Matrix products on the quantized blocks of GGUF files (Q4_0, Q4_1, Q8_0), as llama.cpp computes them.
+"""Matrix products on the quantized blocks of GGUF files (Q4_0, Q4_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K
+of Q4_K_M/Q5_K_M files), as llama.cpp computes them.
 
 `gemm_impl="gguf"` keeps a GGUF model's weights in their file blocks (0.56-1.06 bytes per weight instead of 2
 for bf16), and every `Linear` multiplies them directly: decoding one token reads each weight once, so its
@@ -14,7 +15,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from verse.ggml.reference import BLOCK_BYTES, NAMES, Q4_0, Q4_1, Q8_0, QK, block_type
+from verse.ggml.reference import (BLOCK_BYTES, BLOCK_VALUES, NAMES, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QK, block_type,
+                                  row_bytes)
 from verse.ggml import reference
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -59,7 +61,8 @@ def _build() -> bool:
     torch.library.register_fake("verse_ggml::gemm")(
         lambda x, blocks, qtypes: [x.new_empty(x.size(0), b.size(0)) for b in blocks])
     torch.library.register_fake("verse_ggml::dequantize")(
-        lambda blocks, qtype: blocks.new_empty(blocks.size(0), blocks.size(1) // BLOCK_BYTES[qtype] * QK,
+        lambda blocks, qtype: blocks.new_empty(blocks.size(0),
+                                               blocks.size(1) // BLOCK_BYTES[qtype] * BLOCK_VALUES[qtype],
                                                dtype=torch.float32))
     return True
 
@@ -69,7 +72,7 @@ def _kernels_for(x: torch.Tensor) -> bool:
 
 
 def dequantize(blocks: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight stored in GGML `blocks` [N, K/32 * block bytes] as a dense [N, K] matrix in `dtype`."""
+    """The weight stored in GGML `blocks` [N, K / block values * block bytes] as a dense [N, K] matrix in `dtype`."""
     if _kernels_for(blocks):
         return torch.ops.verse_ggml.dequantize(blocks, qtype).to(dtype)
     return reference.dequantize(blocks, qtype, dtype)
@@ -84,8 +87,8 @@ def gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
 
     Args:
         x (torch.Tensor): activations [..., K].
-        blocks (torch.Tensor): uint8 [N, K/32 * block bytes].
-        qtype (int): Q4_0, Q4_1 or Q8_0.
+        blocks (torch.Tensor): uint8 [N, K / block values * block bytes].
+        qtype (int): a type of `NAMES`.
 
     Returns:
         torch.Tensor: [..., N].
@@ -99,7 +102,7 @@ def gemm_many(x: torch.Tensor, blocks: Sequence[torch.Tensor], qtypes: Sequence[
 
     Args:
         x (torch.Tensor): activations [..., K].
-        blocks (Sequence[torch.Tensor]): uint8 weights [N_i, K/32 * block bytes].
+        blocks (Sequence[torch.Tensor]): uint8 weights [N_i, K / block values * block bytes].
         qtypes (Sequence[int]): their GGML types.
 
     Returns:
@@ -152,5 +155,5 @@ def _advise_huge_pages(address: int, length: int) -> None:
     libc.madvise(address, length - length % HUGE_PAGE, 14)  # MADV_HUGEPAGE; failure only costs speed
 
 
-__all__ = ["BLOCK_BYTES", "NAMES", "Q4_0", "Q4_1", "Q8_0", "QK", "block_type", "dequantize", "gemm", "gemm_many", "pack",
-           "kernels_available"]
+__all__ = ["BLOCK_BYTES", "BLOCK_VALUES", "NAMES", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "QK", "block_type",
+           "dequantize", "gemm", "gemm_many", "pack", "kernels_available", "row_bytes"]

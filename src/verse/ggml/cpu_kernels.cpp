@@ -1,10 +1,14 @@
-// Matrix products on GGML quantized blocks (Q4_0, Q4_1, Q8_0), AVX2 + FMA + F16C, for CPU decoding.
+// Matrix products on GGML quantized blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K), AVX2 + FMA + F16C, for CPU
+// decoding.
 //
 // A weight row of K values is K/32 blocks, stored exactly as in a GGUF file:
 //   Q4_0: fp16 d, 16 bytes of nibbles          w = d * (q - 8)
 //   Q4_1: fp16 d, fp16 m, 16 bytes of nibbles  w = d * q + m
 //   Q8_0: fp16 d, 32 int8                      w = d * q
-// (nibble j of a block is element j in its low half and element j + 16 in its high half).
+// (nibble j of a block is element j in its low half and element j + 16 in its high half), or K/256 K-quant
+// super-blocks of 8 sub-blocks of 32 (layouts in verse/ggml/reference.py, from llama.cpp's ggml-common.h):
+//   Q4_K/Q5_K: sub-block s is a Q4_1-like block, w = (d sc_s) q - (dmin m_s), 6-bit sc_s, m_s;
+//   Q6_K:      sub-block s is a Q8_0-like block of q - 32 with one scale d sc_t per 16 values.
 // Decoding reads every weight once per token, so its speed is the bytes it reads: 0.56-1.06 bytes per
 // weight here against 2 for bf16. As in llama.cpp, x is first rounded to 8 bits per block of 32
 // (x ~= dx * xq), so each block is an integer dot product (maddubs/madd: 32 pairs in two instructions),
@@ -29,16 +33,23 @@ namespace {
 constexpr int64_t QK = 32;
 constexpr int64_t MAX_ROWS = 4;
 constexpr int64_t PREFETCH_BYTES = 3072;  // how far ahead of the current block to prefetch (measured: 2-4 KB best)
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+constexpr int64_t QK_K = 256;
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
 int64_t block_bytes(int64_t qtype) {
   switch (qtype) {
     case Q4_0: return 18;
     case Q4_1: return 20;
     case Q8_0: return 34;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    case Q6_K: return 210;
   }
-  TORCH_CHECK(false, "verse_ggml: unsupported GGML type ", qtype, " (supported: Q4_0=2, Q4_1=3, Q8_0=8)");
+  TORCH_CHECK(false, "verse_ggml: unsupported GGML type ", qtype,
+              " (supported: Q4_0=2, Q4_1=3, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14)");
 }
+
+int64_t block_values(int64_t qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K ? QK_K : QK; }
 
 inline float half_at(const uint8_t* p) {
   uint16_t h;
@@ -201,6 +212,141 @@ void gemv(const uint8_t* w, int64_t nb, const int8_t* xq, const float* dx, const
   }
 }
 
+// ---- K-quants: a super-block of 256 values is 8 sub-blocks of 32, each multiplied like one 32-value block.
+
+template <int64_t QT>
+constexpr int64_t KB = QT == Q4_K ? 144 : QT == Q5_K ? 176 : 210;
+
+// The 6-bit scales sc[8] and minimums m[8] of a Q4_K/Q5_K super-block (llama.cpp's get_scale_min_k4).
+inline void k_scales(const uint8_t* s, float sc[8], float m[8]) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = static_cast<float>(s[j] & 63);
+    m[j] = static_cast<float>(s[j + 4] & 63);
+    sc[j + 4] = static_cast<float>((s[j + 8] & 15) | ((s[j] >> 6) << 4));
+    m[j + 4] = static_cast<float>((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+  }
+}
+
+// The 32 quants of sub-block s of a super-block as bytes in x's element order: Q4_K/Q5_K unsigned (0..31),
+// Q6_K signed (q - 32).
+template <int64_t QT>
+inline __m256i k_quant_bytes(const uint8_t* blk, int s) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  if constexpr (QT == Q6_K) {  // ql[128] (nibble s/2 % 2 of bytes 64(s/4) + 32(s%2)...), qh[64] (bits 2(s%4))
+    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * (s >> 2) + 32 * (s & 1)));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * (s >> 2)));
+    const __m256i lo = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * ((s >> 1) & 1))), m4);
+    const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * (s & 3))), _mm256_set1_epi8(3));
+    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+  } else {
+    const uint8_t* qs = blk + (QT == Q5_K ? 48 : 16) + 32 * (s >> 1);
+    __m256i q = _mm256_and_si256(
+        _mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs)), _mm_cvtsi32_si128(4 * (s & 1))), m4);
+    if constexpr (QT == Q5_K) {  // bit s of qh[j] is bit 4 of element j
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)), _mm256_set1_epi8(1));
+      q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+    }
+    return q;
+  }
+}
+
+// y[r, n0:n1] = W[n0:n1] . x[r] for R rows of x (1 <= R <= MAX_ROWS), W in K-quant super-blocks: per sub-block
+// an integer dot with the rounded x, scaled by (d sc_s) dx (Q6_K: one scale per half), minus (dmin m_s) * the
+// block sum of x (Q4_K/Q5_K). Each super-block is unpacked once for every row; sub-blocks alternate between
+// two accumulators per row.
+template <int64_t QT, int64_t R>
+void k_rows(const uint8_t* w, int64_t nb, const int8_t* xq, const float* dx, const float* xs, float* y, int64_t N,
+            int64_t n0, int64_t n1) {
+  const int64_t nsb = nb / 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * nsb * KB<QT>;
+    __m256 acc[R][2];
+    float off[R];
+    for (int64_t r = 0; r < R; ++r) {
+      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      off[r] = 0.0f;
+    }
+    for (int64_t sb = 0; sb < nsb; ++sb) {
+      const uint8_t* blk = row + sb * KB<QT>;
+      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_BYTES), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_BYTES + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_BYTES + 128), _MM_HINT_T0);
+      if constexpr (QT == Q6_K) {
+        const float d = half_at(blk + 208);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+        for (int s = 0; s < 8; ++s) {
+          const __m256i q = k_quant_bytes<QT>(blk, s);
+          // lanes 0-3 of the dot hold elements 0-15, lanes 4-7 elements 16-31
+          const __m256 ds = _mm256_set_m128(_mm_set1_ps(d * sc[2 * s + 1]), _mm_set1_ps(d * sc[2 * s]));
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t i = r * nb + sb * 8 + s;
+            acc[r][s & 1] = _mm256_fmadd_ps(_mm256_mul_ps(ds, _mm256_set1_ps(dx[i])),
+                                            block_dot<Q8_0>(q, xq + i * QK), acc[r][s & 1]);
+          }
+        }
+      } else {
+        const float d = half_at(blk), dmin = half_at(blk + 2);
+        float sc[8], m[8];
+        k_scales(blk + 4, sc, m);
+        for (int s = 0; s < 8; ++s) {
+          const __m256i q = k_quant_bytes<QT>(blk, s);
+          const float ds = d * sc[s], ms = dmin * m[s];
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t i = r * nb + sb * 8 + s;
+            acc[r][s & 1] = _mm256_fmadd_ps(_mm256_set1_ps(ds * dx[i]), block_dot<Q4_1>(q, xq + i * QK), acc[r][s & 1]);
+            off[r] -= ms * xs[i];
+          }
+        }
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) y[r * N + n] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + off[r];
+  }
+}
+
+template <int64_t QT>
+void k_weight_rows(const uint8_t* w, int64_t nb, const int8_t* xq, const float* dx, const float* xs, int64_t rows,
+                   float* y, int64_t N, int64_t n0, int64_t n1) {
+  switch (rows) {
+    case 1: k_rows<QT, 1>(w, nb, xq, dx, xs, y, N, n0, n1); break;
+    case 2: k_rows<QT, 2>(w, nb, xq, dx, xs, y, N, n0, n1); break;
+    case 3: k_rows<QT, 3>(w, nb, xq, dx, xs, y, N, n0, n1); break;
+    default: k_rows<QT, MAX_ROWS>(w, nb, xq, dx, xs, y, N, n0, n1);
+  }
+}
+
+// Super-blocks -> float32, 256 values each (prompts widen the weight once).
+template <int64_t QT>
+void k_dequantize_impl(const uint8_t* w, int64_t nsb, float* out, int64_t N) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t i = n0 * nsb; i < n1 * nsb; ++i) {
+      const uint8_t* blk = w + i * KB<QT>;
+      float* dst = out + i * QK_K;
+      float scale[16], minimum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if constexpr (QT == Q6_K) {
+        const float d = half_at(blk + 208);
+        for (int t = 0; t < 16; ++t) scale[t] = d * reinterpret_cast<const int8_t*>(blk + 192)[t];
+      } else {
+        const float d = half_at(blk), dmin = half_at(blk + 2);
+        float sc[8], m[8];
+        k_scales(blk + 4, sc, m);
+        for (int s = 0; s < 8; ++s) {
+          scale[2 * s] = scale[2 * s + 1] = d * sc[s];
+          minimum[s] = dmin * m[s];
+        }
+      }
+      for (int s = 0; s < 8; ++s) {
+        alignas(32) int8_t q[32];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q), k_quant_bytes<QT>(blk, s));
+        for (int j = 0; j < 32; ++j) {
+          const float v = QT == Q6_K ? static_cast<float>(q[j]) : static_cast<float>(static_cast<uint8_t>(q[j]));
+          dst[32 * s + j] = scale[2 * s + j / 16] * v - minimum[s];
+        }
+      }
+    }
+  });
+}
+
 // One weight of a product: its blocks, type, rows, first row in the joint row range, and output [M, N].
 struct Weight {
   const uint8_t* blocks;
@@ -219,6 +365,9 @@ void weight_rows(const Weight& W, int64_t nb, const int8_t* xq, const float* dx,
   switch (W.qtype) {
     case Q4_0: VERSE_GGML_ROWS(Q4_0) break;
     case Q4_1: VERSE_GGML_ROWS(Q4_1) break;
+    case Q4_K: k_weight_rows<Q4_K>(W.blocks, nb, xq, dx, xs, rows, y, W.N, n0, n1); break;
+    case Q5_K: k_weight_rows<Q5_K>(W.blocks, nb, xq, dx, xs, rows, y, W.N, n0, n1); break;
+    case Q6_K: k_weight_rows<Q6_K>(W.blocks, nb, xq, dx, xs, rows, y, W.N, n0, n1); break;
     default: VERSE_GGML_ROWS(Q8_0)
   }
 #undef VERSE_GGML_ROWS
@@ -247,7 +396,7 @@ void check_blocks(const at::Tensor& blocks, int64_t qtype) {
               " bytes is not a whole number of blocks");
 }
 
-// x [M, K] float32 times each GGML weight `blocks[i]` [N_i, K/32 * block bytes]^T -> [M, N_i] float32.
+// x [M, K] float32 times each GGML weight `blocks[i]` [N_i, K / block values * block bytes]^T -> [M, N_i] float32.
 // Several weights that share x (a layer's query/key/value, gate/up) go in one call: x is rounded once, and one
 // parallel loop covers all their rows.
 std::vector<at::Tensor> gemm(const at::Tensor& x_in, at::TensorList blocks, at::IntArrayRef qtypes) {
@@ -261,8 +410,8 @@ std::vector<at::Tensor> gemm(const at::Tensor& x_in, at::TensorList blocks, at::
   int64_t rows_total = 0;
   for (size_t i = 0; i < blocks.size(); ++i) {
     check_blocks(blocks[i], qtypes[i]);
-    TORCH_CHECK(blocks[i].size(1) / block_bytes(qtypes[i]) * QK == K, "verse_ggml: x has ", K,
-                " features, weight ", i, " has ", blocks[i].size(1) / block_bytes(qtypes[i]) * QK);
+    const int64_t features = blocks[i].size(1) / block_bytes(qtypes[i]) * block_values(qtypes[i]);
+    TORCH_CHECK(features == K, "verse_ggml: x has ", K, " features, weight ", i, " has ", features);
     out.push_back(at::empty({M, blocks[i].size(0)}, x.options()));
     weights.push_back({blocks[i].data_ptr<uint8_t>(), qtypes[i], blocks[i].size(0), rows_total,
                        out.back().data_ptr<float>()});
@@ -292,11 +441,14 @@ std::vector<at::Tensor> gemm(const at::Tensor& x_in, at::TensorList blocks, at::
 at::Tensor dequantize(const at::Tensor& blocks, int64_t qtype) {
   check_blocks(blocks, qtype);
   const int64_t N = blocks.size(0), nb = blocks.size(1) / block_bytes(qtype);
-  at::Tensor out = at::empty({N, nb * QK}, blocks.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({N, nb * block_values(qtype)}, blocks.options().dtype(at::kFloat));
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   switch (qtype) {
     case Q4_0: dequantize_impl<Q4_0>(w, nb, out.data_ptr<float>(), N); break;
     case Q4_1: dequantize_impl<Q4_1>(w, nb, out.data_ptr<float>(), N); break;
+    case Q4_K: k_dequantize_impl<Q4_K>(w, nb, out.data_ptr<float>(), N); break;
+    case Q5_K: k_dequantize_impl<Q5_K>(w, nb, out.data_ptr<float>(), N); break;
+    case Q6_K: k_dequantize_impl<Q6_K>(w, nb, out.data_ptr<float>(), N); break;
     default: dequantize_impl<Q8_0>(w, nb, out.data_ptr<float>(), N);
   }
   return out;

@@ -1,8 +1,20 @@
-"""GGML quantized blocks (Q4_0, Q4_1, Q8_0) in plain PyTorch: the layouts, `dequantize` and `gemm`.
+"""GGML quantized blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) in plain PyTorch: the layouts, `dequantize`, `gemm`.
 
 A weight [N, K] is stored as in a GGUF file: each row is K/32 blocks of 32 values, a block being an fp16
 scale d (Q4_1: and an fp16 minimum m) followed by the quants. Nibble j of a 4-bit block holds element j
 in its low half and element j + 16 in its high half. Values: Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q.
+
+The K-quants (llama.cpp's `block_q4_K`, `block_q5_K`, `block_q6_K` in ggml-common.h) store K/256 super-blocks
+of 256 values, each with an fp16 scale d and its own scales for 8 sub-blocks of 32 (Q6_K: 16 of 16):
+  Q4_K (144 bytes): d, dmin, 12 bytes of 6-bit scales sc_s and minimums m_s, 128 bytes of nibbles;
+                    w = d * sc_s * q - dmin * m_s, q in 0..15.
+  Q5_K (176 bytes): as Q4_K, then 32 bytes of fifth bits (bit s of byte j: element j of sub-block s) before
+                    the nibbles; q in 0..31.
+  Q6_K (210 bytes): 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, d last;
+                    w = d * sc_t * (q - 32), q in 0..63, one scale per 16 values.
+The nibbles of Q4_K/Q5_K come 32 bytes per pair of sub-blocks: byte j holds element j of sub-block 2i in its
+low half and of sub-block 2i + 1 in its high half. Every sub-block is thus a block of 32 with its own scale
+and offset, multiplied like a Q4_1 block (Q6_K: like a Q8_0 block with two scales).
 This is the reference the CPU kernels (`verse/ggml/cpu_kernels.cpp`) are tested against; it runs on any
 device.
 
@@ -13,14 +25,36 @@ activation bytes. Relative to float32 activations this adds ~0.5% error per prod
 
 import torch
 
-QK = 32  # values per block
-Q4_0, Q4_1, Q8_0 = 2, 3, 8  # GGML type ids (gguf.GGMLQuantizationType)
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
-NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0"}
+QK = 32  # values per block (K-quants: per sub-block)
+QK_K = 256  # values per K-quant super-block
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14  # GGML type ids (gguf.GGMLQuantizationType)
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}  # bytes per block
+BLOCK_VALUES = {Q4_0: QK, Q4_1: QK, Q8_0: QK, Q4_K: QK_K, Q5_K: QK_K, Q6_K: QK_K}  # values per block
+NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+
+
+def row_bytes(qtype: int, in_features: int) -> int:
+    """Bytes of one weight row of `in_features` values in `qtype` blocks (a whole number of blocks).
+
+    Args:
+        qtype (int): a GGML type of `NAMES`.
+        in_features (int): values per row.
+
+    Returns:
+        int: the row's size in bytes.
+
+    Raises:
+        ValueError: when the row is not a whole number of blocks.
+    """
+    if in_features % BLOCK_VALUES[qtype]:
+        raise ValueError(f"{in_features} values are not whole {NAMES[qtype]} blocks of {BLOCK_VALUES[qtype]}")
+    return in_features // BLOCK_VALUES[qtype] * BLOCK_BYTES[qtype]
 
 
 def block_type(row_bytes: int, in_features: int) -> int:
-    """The GGML type of a block row of `row_bytes` bytes holding `in_features` values.
+    """The GGML type of a block row of `row_bytes` bytes holding `in_features` values, among Q4_0, Q4_1, Q8_0.
+
+    (The K-quants cannot be told by size: a Q4_K row has the size of a Q4_0 row. Their users name the type.)
 
     Args:
         row_bytes (int): bytes per weight row.
@@ -30,18 +64,56 @@ def block_type(row_bytes: int, in_features: int) -> int:
         int: Q4_0, Q4_1 or Q8_0 (their block sizes differ: 18, 20, 34 bytes).
     """
     if in_features % QK == 0:
-        for qtype, size in BLOCK_BYTES.items():
-            if row_bytes == in_features // QK * size:
+        for qtype in (Q4_0, Q4_1, Q8_0):
+            if row_bytes == in_features // QK * BLOCK_BYTES[qtype]:
                 return qtype
     raise ValueError(f"a row of {row_bytes} bytes is not {in_features} values in Q4_0, Q4_1 or Q8_0 blocks")
+
+
+def _half(b: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., 2] of little-endian fp16 values -> float32 [..., 1]."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit scales and minimums packed in 12 bytes [..., 12] of a Q4_K/Q5_K super-block (llama.cpp's
+    `get_scale_min_k4`): bytes 0-3 hold sc_0..3 (low 6 bits), 4-7 m_0..3, 8-11 the low 4 bits of sc_4..7 and
+    m_4..7, whose high 2 bits are the top bits of bytes 0-3 and 4-7."""
+    s = scales.int()
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], dim=-1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _dequantize_k(b: torch.Tensor, qtype: int) -> torch.Tensor:
+    """K-quant super-blocks [N, nb, block bytes] -> float32 [N, nb, 256] (operation order as gguf.quants)."""
+    N, nb = b.shape[:2]
+    if qtype == Q6_K:
+        ql, qh, sc, d = b[..., :128], b[..., 128:192], b[..., 192:208], _half(b[..., 208:210])
+        ds = (d * sc.contiguous().view(torch.int8).float()).view(N, nb, 16, 1)
+        lo = torch.stack([ql.reshape(N, nb, 2, 64) & 15, ql.reshape(N, nb, 2, 64) >> 4], dim=2)  # [.., nib, half, 64]
+        lo = lo.transpose(2, 3).reshape(N, nb, 8, 32)  # sub-block 4h + 2 nib + j//32: ql[64h + j] nibble nib
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 1, 4, 1)
+        hi = ((qh.reshape(N, nb, 2, 1, 32) >> shifts) & 3).reshape(N, nb, 8, 32)
+        q = ((lo | (hi << 4)).to(torch.int8) - 32).float().view(N, nb, 16, 16)
+        return (ds * q).view(N, nb, QK_K)
+    d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])
+    sc, mn = _k_scales(b[..., 4:16])
+    qs = b[..., 48:] if qtype == Q5_K else b[..., 16:]
+    q = torch.stack([qs.reshape(N, nb, 4, 32) & 15, qs.reshape(N, nb, 4, 32) >> 4], dim=3).view(N, nb, 8, 32)
+    if qtype == Q5_K:
+        bits = torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 1, 8, 1)
+        q = q | (((b[..., 16:48].reshape(N, nb, 1, 32) >> bits) & 1) << 4)
+    return ((d * sc)[..., None] * q.float() - (dmin * mn)[..., None]).view(N, nb, QK_K)
 
 
 def dequantize(blocks: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight stored in `blocks`, as a dense matrix.
 
     Args:
-        blocks (torch.Tensor): uint8 [N, K/32 * block bytes].
-        qtype (int): Q4_0, Q4_1 or Q8_0.
+        blocks (torch.Tensor): uint8 [N, K / block values * block bytes].
+        qtype (int): a type of `NAMES`.
         dtype (torch.dtype): result dtype (values are computed in float32).
 
     Returns:
@@ -49,7 +121,9 @@ def dequantize(blocks: torch.Tensor, qtype: int, dtype: torch.dtype = torch.floa
     """
     N = blocks.size(0)
     b = blocks.view(N, -1, BLOCK_BYTES[qtype])
-    d = b[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
+    if BLOCK_VALUES[qtype] == QK_K:
+        return _dequantize_k(b, qtype).reshape(N, -1).to(dtype)
+    d = _half(b[..., 0:2])  # [N, nb, 1]
     if qtype == Q8_0:
         q = b[..., 2:].contiguous().view(torch.int8).float()
         w = d * q
@@ -57,7 +131,7 @@ def dequantize(blocks: torch.Tensor, qtype: int, dtype: torch.dtype = torch.floa
         qs = b[..., 4:] if qtype == Q4_1 else b[..., 2:]
         q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
         if qtype == Q4_1:
-            w = d * q + b[..., 2:4].contiguous().view(torch.float16).float()
+            w = d * q + _half(b[..., 2:4])
         else:
             w = d * (q - 8)
     return w.reshape(N, -1).to(dtype)
@@ -85,8 +159,8 @@ def gemm(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
 
     Args:
         x (torch.Tensor): [M, K] any float dtype.
-        blocks (torch.Tensor): uint8 [N, K/32 * block bytes].
-        qtype (int): Q4_0, Q4_1 or Q8_0.
+        blocks (torch.Tensor): uint8 [N, K / block values * block bytes].
+        qtype (int): a type of `NAMES`.
 
     Returns:
         torch.Tensor: float32 [M, N].

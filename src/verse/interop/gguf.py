@@ -31,7 +31,8 @@ ARCH = "llama"
 Q = gguf.GGMLQuantizationType
 QUANTIZED = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 SUPPORTED = (Q.F32, Q.F16, Q.BF16, *QUANTIZED)
-BLOCK_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)  # kept as they are with gemm_impl="gguf" (verse.ggml); others are dequantized
+# kept as they are with gemm_impl="gguf" (verse.ggml); others are dequantized
+BLOCK_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 WRITE_TYPES = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
 FILE_TYPES = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
               torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}
@@ -224,7 +225,7 @@ def dequantize(tensor: Any, path: Path) -> torch.Tensor:
 
 
 def file_blocks(tensor: Any) -> torch.Tensor:
-    """A quantized GGUF matrix as its raw blocks: uint8 [out, in/32 * block bytes] (see `verse.ggml`)."""
+    """A quantized GGUF matrix as its raw blocks: uint8 [out, in / block values * block bytes] (see `verse.ggml`)."""
     return torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).view(int(tensor.shape[1]), -1)
 
 
@@ -253,7 +254,7 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
         kinds = {Q(t.tensor_type) for t in weights if len(t.shape) > 1}
         dtype = torch.bfloat16 if kinds - {Q.F32, Q.F16} else torch.float16 if Q.F16 in kinds else torch.float32
     args = args.replace(dtype=str(dtype).removeprefix("torch."), **overrides)
-    state = {}
+    state, types = {}, {}
     for tensor in tqdm(weights, desc="dequantizing", unit="tensor", disable=None, leave=False):
         try:
             name = verse_name(tensor.name)
@@ -261,7 +262,7 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
             raise CheckpointError(f"{path}: unexpected tensor {tensor.name} for the llama architecture") from None
         keep = args.gemm_impl == "gguf" and Q(tensor.tensor_type) in BLOCK_TYPES and len(tensor.shape) == 2
         if keep and name != "embed.weight":
-            w = file_blocks(tensor)
+            w, types[name] = file_blocks(tensor), int(tensor.tensor_type)
         else:
             w = dequantize(tensor, path).to(dtype)
         heads = args.n_heads if name.endswith("attn.wq.weight") else args.n_kv_heads
@@ -272,11 +273,11 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
             w = unpermute_qk(w, heads)
         state[name] = w.contiguous().to(device)
         if keep and name == "embed.weight" and args.tie_embeddings:  # lookups use the dense table; the head, blocks
-            state["head.weight"] = file_blocks(tensor).to(device)
+            state["head.weight"], types["head.weight"] = file_blocks(tensor).to(device), int(tensor.tensor_type)
     blocks = [name for name, t in state.items() if t.dtype == torch.uint8]
     if blocks and torch.device(device).type == "cpu":
         state.update(zip(blocks, ggml.pack([state[name] for name in blocks])))
-    return build_model(args, state, path, device)
+    return build_model(args, state, path, device, types)
 
 
 def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int, pre: str) -> bool:

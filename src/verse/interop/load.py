@@ -210,7 +210,7 @@ def check_weights_fit(args: ModelArgs, names: Iterable[str], embed_shape: Option
 
 
 def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: str | Path,
-                device: torch.device | str = "cpu") -> ReasoningLLM:
+                device: torch.device | str = "cpu", ggml_types: Optional[Dict[str, int]] = None) -> ReasoningLLM:
     """Build a `ReasoningLLM` on `meta` and assign `state_dict` (Verse names) to it, checking names and shapes.
 
     Args:
@@ -218,6 +218,8 @@ def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: st
         state_dict (Dict[str, torch.Tensor]): every weight, already in Verse names.
         source (str | Path): the file or directory the weights came from (named in errors).
         device (torch.device | str): where the weights go.
+        ggml_types (Optional[Dict[str, int]]): GGML type of each uint8 (GGUF blocks) weight; None = told from
+            the row size (Q4_0, Q4_1, Q8_0 only).
 
     Returns:
         ReasoningLLM: the model in eval mode, RoPE tables computed, tied weights shared.
@@ -227,7 +229,10 @@ def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: st
     quantize_(model, fp8_layers(state_dict))  # FP8 checkpoints: those layers take float8 weights + block scales
     for name, tensor in state_dict.items():  # gemm_impl="gguf": those layers take the file's blocks
         if tensor.dtype == torch.uint8 and name.endswith(".weight"):
-            model.get_submodule(name.removesuffix(".weight")).ggml_(tensor.size(-1))
+            try:
+                model.get_submodule(name.removesuffix(".weight")).ggml_(tensor.size(-1), (ggml_types or {}).get(name))
+            except ValueError as e:  # the rows do not hold the config's number of input features
+                raise CheckpointError(f"{source}: tensor {name}: {e}; the file does not match its config") from None
     # a head in GGUF blocks is its own tensor even when tied (the embedding lookup needs the dense table)
     tied = args.tie_embeddings and model.head.ggml_type is None
     expected = model.state_dict()

@@ -7,7 +7,8 @@ Face files), so that weight ~= fp8 * scale per 128x128 block. FP8 weights run in
 token (`act_quant`) and multiplies the FP8 operands (`fp8_gemm`).
 
 A `Linear` can also hold a GGUF file's quantized blocks (`gemm_impl="gguf"`): a uint8 `weight`
-[out, in/32 * block bytes] of Q4_0, Q4_1 or Q8_0 blocks, multiplied as they are by `verse.ggml.gemm`.
+[out, in / block values * block bytes] of Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K blocks, multiplied as they are
+by `verse.ggml.gemm`.
 """
 
 from typing import Collection, List, Mapping, Optional, Set
@@ -81,16 +82,23 @@ class Linear(nn.Linear):
         """Whether the weight is stored in FP8 with block scales."""
         return self.scale is not None
 
-    def ggml_(self, row_bytes: int) -> "Linear":
+    def ggml_(self, row_bytes: int, qtype: Optional[int] = None) -> "Linear":
         """Give the layer the layout of GGUF blocks (inference only), ready for `load_state_dict` on `meta`.
 
         Args:
             row_bytes (int): bytes per weight row; with `in_features` it tells Q4_0, Q4_1 or Q8_0 apart.
+            qtype (Optional[int]): the GGML type (needed for the K-quants: a Q4_K row is as long as a Q4_0 one);
+                None = told from `row_bytes`.
 
         Returns:
             Linear: self.
         """
-        self.ggml_type = ggml.block_type(row_bytes, self.in_features)
+        if qtype is None:
+            qtype = ggml.block_type(row_bytes, self.in_features)
+        elif ggml.row_bytes(qtype, self.in_features) != row_bytes:
+            raise ValueError(f"a row of {row_bytes} bytes is not {self.in_features} values in {ggml.NAMES[qtype]} "
+                             "blocks")
+        self.ggml_type = qtype
         self.weight = nn.Parameter(torch.empty(self.out_features, row_bytes, dtype=torch.uint8,
                                                device=self.weight.device), requires_grad=False)
         return self
