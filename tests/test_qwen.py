@@ -261,6 +261,8 @@ def test_preset_matches_the_published_model(name):
     hf_count = sum(p.numel() for p in hf.parameters())  # tied weights are one parameter
     args = ModelArgs.from_preset(name)
     assert count_params(args) == hf_count == published
+    if args.is_moe:  # Qwen3-30B-A3B: "3.3B activated" (model card)
+        assert 3.3e9 <= count_params(args, active=True) < 3.4e9
     with torch.device("meta"):
         assert ReasoningLLM(args).num_params() == published
     read = adapter_for(hf_config.model_type, name).args_from_hf({**config, "model_type": hf_config.model_type})
