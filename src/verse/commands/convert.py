@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         from verse.interop.gguf import gguf_tokenizer_pre, save_gguf
 
         src = Path(args.src)
-        pre = gguf_tokenizer_pre(src) if src.is_file() and src.suffix.lower() == ".gguf" else "default"
+        pre = gguf_tokenizer_pre(src) if src.is_file() and src.suffix.lower() == ".gguf" else None
         save_gguf(model, args.dst, tokenizer=tokenizer, pre=pre, overwrite=args.overwrite)
     else:
         from verse.interop.hf import save_pretrained

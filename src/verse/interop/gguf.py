@@ -1,8 +1,13 @@
-"""GGUF (llama.cpp) files in and out, Llama architecture.
+"""GGUF (llama.cpp) files in and out: the `llama`, `qwen2`, `qwen3` and `qwen3moe` architectures.
 
 Reading dequantizes every tensor with `gguf.quants.dequantize`; writing uses `gguf.GGUFWriter` one tensor at a
-time. llama.cpp stores the query/key rows of each head interleaved for its RoPE (pairs (x0, x1), (x2, x3), ...),
-while Verse and Hugging Face rotate halves (x_i with x_{i + d/2}); `permute_qk`/`unpermute_qk` convert.
+time. In the `llama` architecture llama.cpp stores the query/key rows of each head interleaved for its RoPE (pairs
+(x0, x1), (x2, x3), ...), while Verse and Hugging Face rotate halves (x_i with x_{i + d/2}); `permute_qk`/
+`unpermute_qk` convert. The Qwen architectures keep Hugging Face's order (llama.cpp's NEOX RoPE) and add, as its
+convert_hf_to_gguf.py writes them: `attn_{q,k,v}.bias` (qwen2), `attn_{q,k}_norm.weight` (qwen3, qwen3moe), the
+router `ffn_gate_inp.weight` (kept in F32) and the stacked experts `ffn_{gate,up,down}_exps.weight` [n_expert, out,
+in] with `expert_count`, `expert_used_count`, `expert_feed_forward_length` (qwen3moe: every layer sparse, top-k
+weights renormalised).
 """
 
 import contextlib
@@ -22,12 +27,16 @@ from verse.errors import CheckpointError, ConfigError
 from verse.interop.gguf_header import GGUFFormatError, read_gguf_header, read_gguf_metadata, read_header
 from verse.interop.gguf_header import TensorInfo as GGUFTensorInfo
 from verse.interop.load import build_model, check_weights_fit
+from verse.interop.qwen import _check_saveable
 from verse.jsonio import parse_json
 from verse.model import ReasoningLLM
 from verse.model.rope import rope_frequencies
 from verse.publish import check_destination, staged
 
 ARCH = "llama"
+# Verse arch -> llama.cpp architecture, and back
+GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
+VERSE_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
 Q = gguf.GGMLQuantizationType
 QUANTIZED = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 SUPPORTED = (Q.F32, Q.F16, Q.BF16, *QUANTIZED)
@@ -44,7 +53,12 @@ LAYER_NAMES = {
     "attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight", "attn.wk.weight": "attn_k.weight",
     "attn.wv.weight": "attn_v.weight", "attn.wo.weight": "attn_output.weight", "ffn_norm.weight": "ffn_norm.weight",
     "ffn.w1.weight": "ffn_gate.weight", "ffn.w2.weight": "ffn_down.weight", "ffn.w3.weight": "ffn_up.weight",
+    "attn.wq.bias": "attn_q.bias", "attn.wk.bias": "attn_k.bias", "attn.wv.bias": "attn_v.bias",
+    "attn.q_norm.weight": "attn_q_norm.weight", "attn.k_norm.weight": "attn_k_norm.weight",
+    "ffn.gate.weight": "ffn_gate_inp.weight", "ffn.experts.w1": "ffn_gate_exps.weight",
+    "ffn.experts.w2": "ffn_down_exps.weight", "ffn.experts.w3": "ffn_up_exps.weight",
 }
+F32_NAMES = ("ffn_gate_inp.weight",)  # 2-D tensors llama.cpp keeps in F32 (besides every 1-D one)
 ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -119,7 +133,7 @@ def _header_tensor(path: Path, info: GGUFTensorInfo) -> torch.Tensor:
 
 
 def args_from_gguf(path: Path) -> ModelArgs:
-    """`ModelArgs` of a Llama-architecture GGUF file from its metadata (and tensor shapes where keys are absent).
+    """`ModelArgs` of a GGUF file (`GGUF_ARCHS`) from its metadata (and tensor shapes where keys are absent).
 
     Only the header is read (`read_gguf_header`); no weight is.
 
@@ -135,8 +149,9 @@ def args_from_gguf(path: Path) -> ModelArgs:
 def _args_from_header(metadata: Dict[str, Any], tensors: Dict[str, GGUFTensorInfo], path: Path) -> ModelArgs:
     """`args_from_gguf` on a header already read; every metadata value is type-checked and named in errors."""
     arch = metadata.get(gguf.Keys.General.ARCHITECTURE)
-    if arch != ARCH:
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only {ARCH!r})")
+    if arch not in VERSE_ARCHS:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only "
+                              f"{', '.join(map(repr, VERSE_ARCHS))})")
     if ARGS_KEY in metadata:
         source = f"{path} ({ARGS_KEY})"
         data = metadata[ARGS_KEY]
@@ -149,7 +164,7 @@ def _args_from_header(metadata: Dict[str, Any], tensors: Dict[str, GGUFTensorInf
     keys: Dict[str, str] = {}  # ModelArgs field -> the metadata key it came from, to name it in errors
 
     def read(name: str, key: str, default: Any = None, required: bool = False) -> Any:
-        key = key.format(arch=ARCH)
+        key = key.format(arch=arch)
         value = metadata.get(key)
         if value is None and required:
             raise CheckpointError(f"{path}: metadata key {key!r} is missing")
@@ -167,14 +182,14 @@ def _args_from_header(metadata: Dict[str, Any], tensors: Dict[str, GGUFTensorInf
     n_heads = read("n_heads", gguf.Keys.Attention.HEAD_COUNT, required=True)
     context = read("max_seq_len", gguf.Keys.LLM.CONTEXT_LENGTH, required=True)
     fields: Dict[str, Any] = dict(
-        arch="llama",
+        arch=VERSE_ARCHS[arch],
         vocab_size=read("vocab_size", gguf.Keys.LLM.VOCAB_SIZE, int(tensors["token_embd.weight"].shape[-1])),
         dim=read("dim", gguf.Keys.LLM.EMBEDDING_LENGTH, required=True),
         n_layers=read("n_layers", gguf.Keys.LLM.BLOCK_COUNT, required=True),
         n_heads=n_heads,
         n_kv_heads=read("n_kv_heads", gguf.Keys.Attention.HEAD_COUNT_KV, n_heads),
         head_dim=read("head_dim", gguf.Keys.Attention.KEY_LENGTH) or None,
-        inter_dim=read("inter_dim", gguf.Keys.LLM.FEED_FORWARD_LENGTH, required=True),
+        inter_dim=read("inter_dim", gguf.Keys.LLM.FEED_FORWARD_LENGTH, required=arch != "qwen3moe"),
         norm_eps=float(read("norm_eps", gguf.Keys.Attention.LAYERNORM_RMS_EPS, required=True)),
         max_seq_len=context,
         original_seq_len=context,
@@ -183,7 +198,21 @@ def _args_from_header(metadata: Dict[str, Any], tensors: Dict[str, GGUFTensorInf
         bos_token_id=read("bos_token_id", gguf.Keys.Tokenizer.BOS_ID),
         eos_token_id=read("eos_token_id", gguf.Keys.Tokenizer.EOS_ID),
         tokenizer="hf",
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
     )
+    experts = read("n_routed_experts", gguf.Keys.LLM.EXPERT_COUNT, 0)
+    if experts:
+        sparse = [f"blk.{i}.{LAYER_NAMES['ffn.gate.weight']}" in tensors for i in range(fields["n_layers"])]
+        up = tensors.get(f"blk.{sparse.index(True) if True in sparse else 0}.ffn_up_exps.weight")
+        fields.update(n_routed_experts=experts, score_func="softmax", norm_topk_prob=True,  # llama.cpp's qwen3moe
+                      n_activated_experts=read("n_activated_experts", gguf.Keys.LLM.EXPERT_USED_COUNT, required=True),
+                      moe_inter_dim=read("moe_inter_dim", gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
+                                         int(up.shape[1]) if up is not None else None),
+                      mlp_only_layers=[i for i, moe in enumerate(sparse) if not moe])
+        if fields["moe_inter_dim"] is None:
+            raise CheckpointError(f"{path}: metadata key {arch}.expert_feed_forward_length is missing")
+        fields["inter_dim"] = fields["inter_dim"] or fields["moe_inter_dim"]
     scaling = read("rope_scaling", gguf.Keys.Rope.SCALING_TYPE, "none")
     if scaling in ("linear", "yarn"):
         fields.update(rope_scaling=scaling,
@@ -231,7 +260,7 @@ def file_blocks(tensor: Any) -> torch.Tensor:
 
 def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
               **overrides: Any) -> ReasoningLLM:
-    """Load a Llama-architecture `.gguf` file into a `ReasoningLLM`.
+    """Load a `.gguf` file (architectures `GGUF_ARCHS`) into a `ReasoningLLM`.
 
     Args:
         path (Path): the file.
@@ -247,7 +276,10 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
     for info in header.values():
         supported_type(info, path)
     embed = header[GLOBAL_NAMES["embed.weight"]].shape
-    check_weights_fit(args, (name for name in header if name != ROPE_FREQS), tuple(reversed(embed)), path)
+    stacked = {int(info.shape[-1]) for name, info in header.items() if name.endswith("_exps.weight")}
+    check_weights_fit(args, (name for name in header if name != ROPE_FREQS), tuple(reversed(embed)), path,
+                      n_experts=min(stacked, default=None))
+    gguf_arch = GGUF_ARCHS[args.arch]
     reader = open_gguf(path)  # maps every tensor: only once the header is known to describe this model
     weights = [t for t in reader.tensors if t.name != ROPE_FREQS]
     if dtype is None:
@@ -259,7 +291,8 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
         try:
             name = verse_name(tensor.name)
         except KeyError:
-            raise CheckpointError(f"{path}: unexpected tensor {tensor.name} for the llama architecture") from None
+            raise CheckpointError(f"{path}: unexpected tensor {tensor.name} for the {gguf_arch} architecture") \
+                from None
         keep = args.gemm_impl == "gguf" and Q(tensor.tensor_type) in BLOCK_TYPES and len(tensor.shape) == 2
         if keep and name != "embed.weight":
             w, types[name] = file_blocks(tensor), int(tensor.tensor_type)
@@ -270,7 +303,8 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
             if w.shape[0] != heads * args.head_dim:
                 raise CheckpointError(f"{path}: tensor {tensor.name} has {w.shape[0]} rows, but the metadata says "
                                       f"{heads} heads of {args.head_dim}; the file does not match its metadata")
-            w = unpermute_qk(w, heads)
+            if gguf_arch == ARCH:
+                w = unpermute_qk(w, heads)
         state[name] = w.contiguous().to(device)
         if keep and name == "embed.weight" and args.tie_embeddings:  # lookups use the dense table; the head, blocks
             state["head.weight"], types["head.weight"] = file_blocks(tensor).to(device), int(tensor.tensor_type)
@@ -280,8 +314,9 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: Optional[to
     return build_model(args, state, path, device, types)
 
 
-def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int, pre: str) -> bool:
-    """Add gpt2-style BPE tokenizer keys from the tokenizer's tokenizer.json; False when it is not byte-level BPE."""
+def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int, pre: Optional[str]) -> bool:
+    """Add gpt2-style BPE tokenizer keys from the tokenizer's tokenizer.json; False when it is not byte-level BPE.
+    `pre` None takes the tokenizer's own (`Tokenizer.gguf_pre`)."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         path = Path(tmp) / "tokenizer.json"
@@ -307,7 +342,7 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int
             types.append(gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    writer.add_tokenizer_pre(pre or tokenizer.gguf_pre())
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -315,47 +350,71 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int
                           (writer.add_pad_token_id, tokenizer.pad_id)):
         if value is not None:
             setter(value)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(bool(tokenizer.add_bos))
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
     return True
 
 
+def _check_gguf_arch(args: ModelArgs) -> str:
+    """The llama.cpp architecture a model is written as, or a `ConfigError` naming the field llama.cpp cannot hold."""
+    arch = GGUF_ARCHS.get(args.arch)
+    if arch is None or args.attention != "gqa":
+        raise ConfigError(f"GGUF export supports Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE models, not arch {args.arch!r}")
+    if arch == ARCH:
+        for name, other in (("qkv_bias", "qwen2"), ("qk_norm", "qwen3"), ("n_routed_experts", "qwen3_moe")):
+            if getattr(args, name):
+                raise ConfigError(f"ModelArgs.{name}: llama.cpp's llama architecture has none; use arch {other!r}",
+                                  name)
+        return arch
+    _check_saveable(args, args.arch)  # what transformers' Qwen classes hold, llama.cpp's Qwen architectures hold
+    if args.rope_scaling == "llama3":
+        raise ConfigError(f"ModelArgs.rope_scaling: llama.cpp's {arch} architecture has no llama3 scaling",
+                          "rope_scaling")
+    if args.is_moe and not (all(map(args.is_moe_layer, range(args.n_layers))) and args.norm_topk_prob):
+        bad = "norm_topk_prob" if all(map(args.is_moe_layer, range(args.n_layers))) else "mlp_only_layers"
+        raise ConfigError(f"ModelArgs.{bad}: llama.cpp's qwen3moe makes every layer sparse and renormalises the "
+                          "top-k weights (norm_topk_prob)", bad)
+    return arch
+
+
 def save_gguf(model: ReasoningLLM, path: str | Path, tokenizer: Any = None, dtype: Optional[torch.dtype] = None,
-              pre: str = "default", overwrite: bool = False) -> None:
-    """Write a dense Verse model as a Llama-architecture GGUF file (norms in F32, matrices in `dtype`).
+              pre: Optional[str] = None, overwrite: bool = False) -> None:
+    """Write a Verse model as a GGUF file of llama.cpp's `llama`, `qwen2`, `qwen3` or `qwen3moe` architecture (by
+    `args.arch`; 1-D tensors and the MoE router in F32, the rest in `dtype`).
 
     Args:
-        model (ReasoningLLM): the model (dense: attention == "gqa", no MoE).
+        model (ReasoningLLM): the model (grouped-query attention; MoE only as Qwen3-MoE).
         path (str | Path): output `.gguf` file, new unless `overwrite`; written to a temporary file beside it, then
             published atomically (`verse.publish`).
         tokenizer: optional Verse tokenizer; byte-level BPE tokenizers are stored as gpt2-style metadata.
         dtype (Optional[torch.dtype]): float32, float16 or bfloat16; None = the model's.
-        pre (str): llama.cpp pre-tokenizer name stored with the tokenizer.
+        pre (Optional[str]): llama.cpp pre-tokenizer name stored with the tokenizer; None = the one whose regex
+            the tokenizer's tokenizer.json splits with (`Tokenizer.gguf_pre`).
         overwrite (bool): replace an existing file at `path`.
     """
     args = model.args
-    if args.attention != "gqa" or args.is_moe:
-        raise ConfigError(f"GGUF export supports dense Llama/Mistral models only, not arch {args.arch!r}")
+    arch = _check_gguf_arch(args)
     dtype = dtype or model.embed.weight.dtype
     if dtype not in WRITE_TYPES:
         raise ConfigError(f"GGUF export dtype must be float32, float16 or bfloat16, got {dtype}")
     path = check_destination(path, overwrite=overwrite, directory=False)
     state = {k: v for k, v in model.state_dict().items() if not (args.tie_embeddings and k == "head.weight")}
 
-    def kind_of(tensor: torch.Tensor) -> Any:
-        return WRITE_TYPES[dtype] if tensor.dim() > 1 else Q.F32  # llama.cpp keeps 1-D tensors in F32
+    def kind_of(name: str, tensor: torch.Tensor) -> Any:
+        f32 = tensor.dim() == 1 or gguf_name(name).endswith(F32_NAMES)  # as llama.cpp's converter keeps them
+        return Q.F32 if f32 else WRITE_TYPES[dtype]
 
     def as_numpy(name: str, tensor: torch.Tensor) -> np.ndarray:
-        if name.endswith("attn.wq.weight"):
+        if arch == ARCH and name.endswith("attn.wq.weight"):
             tensor = permute_qk(tensor, args.n_heads)
-        elif name.endswith("attn.wk.weight"):
+        elif arch == ARCH and name.endswith("attn.wk.weight"):
             tensor = permute_qk(tensor, args.n_kv_heads)
-        kind = kind_of(tensor)
+        kind = kind_of(name, tensor)
         tensor = tensor.detach().to("cpu", torch.float32 if kind == Q.F32 else dtype).contiguous()
         return tensor.view(torch.uint16).numpy() if kind == Q.BF16 else tensor.numpy()
 
-    with staged(path, directory=False, replace=overwrite) as tmp, contextlib.closing(gguf.GGUFWriter(tmp, ARCH)) \
+    with staged(path, directory=False, replace=overwrite) as tmp, contextlib.closing(gguf.GGUFWriter(tmp, arch)) \
             as writer:
         writer.add_name(path.stem)
         writer.add_file_type(FILE_TYPES[dtype])
@@ -375,6 +434,10 @@ def save_gguf(model: ReasoningLLM, path: str | Path, tokenizer: Any = None, dtyp
             writer.add_rope_scaling_type(args.rope_scaling)
             writer.add_rope_scaling_factor(args.rope_factor)
             writer.add_rope_scaling_orig_ctx_len(args.original_seq_len)
+        if args.is_moe:
+            writer.add_expert_count(args.n_routed_experts)
+            writer.add_expert_used_count(args.n_activated_experts)
+            writer.add_expert_feed_forward_length(args.moe_inter_dim)
         writer.add_string(ARGS_KEY, json.dumps({**args.to_dict(), "dtype": str(dtype).removeprefix("torch.")}))
         has_tokenizer = tokenizer is not None and _tokenizer_metadata(writer, tokenizer, args.vocab_size, pre)
         if tokenizer is not None and not has_tokenizer:
@@ -390,7 +453,7 @@ def save_gguf(model: ReasoningLLM, path: str | Path, tokenizer: Any = None, dtyp
             base = rope_frequencies(args.replace(rope_scaling="none"), args.head_dim)
             extra[ROPE_FREQS] = (base / rope_frequencies(args, args.head_dim)).numpy()
         for name, tensor in state.items():
-            shape, kind = tuple(tensor.shape), kind_of(tensor)
+            shape, kind = tuple(tensor.shape), kind_of(name, tensor)
             nbytes = tensor.numel() * (4 if kind == Q.F32 else 2)
             np_dtype = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}[kind]
             writer.add_tensor_info(gguf_name(name), shape, np.dtype(np_dtype), nbytes,

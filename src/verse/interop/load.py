@@ -179,7 +179,7 @@ def load_args(path: str | Path) -> ModelArgs:
 
 
 def check_weights_fit(args: ModelArgs, names: Iterable[str], embed_shape: Optional[Sequence[int]],
-                      source: str | Path) -> None:
+                      source: str | Path, n_experts: Optional[int] = None) -> None:
     """Check a config against the tensors a file holds (names and the embedding's shape, read from headers) BEFORE
     the model is built, so a config claiming a million layers or experts fails at once instead of building them.
 
@@ -188,6 +188,8 @@ def check_weights_fit(args: ModelArgs, names: Iterable[str], embed_shape: Option
         names (Iterable[str]): every tensor name in the file(s), in the file's own naming (HF or GGUF).
         embed_shape (Optional[Sequence[int]]): the token embedding's [vocab, dim] (None: missing).
         source (str | Path): the file or directory (named in errors).
+        n_experts (Optional[int]): experts per layer of a file that stacks them in one tensor (GGUF's
+            `ffn_*_exps`); None counts the `experts.N.` tensor names.
     """
     layers, experts = set(), set()
     for name in names:
@@ -204,9 +206,10 @@ def check_weights_fit(args: ModelArgs, names: Iterable[str], embed_shape: Option
     if missing:
         raise CheckpointError(f"{source}: the config says {args.n_layers} layers but the weights hold "
                               f"{len([i for i in layers if i < args.n_layers])} (layer {missing[0]} is missing)")
-    if any(map(args.is_moe_layer, range(args.n_layers))) and args.n_routed_experts > len(experts):
+    held = len(experts) if n_experts is None else n_experts
+    if any(map(args.is_moe_layer, range(args.n_layers))) and args.n_routed_experts > held:
         raise CheckpointError(f"{source}: the config says {args.n_routed_experts} routed experts but the weights "
-                              f"hold {len(experts)}; the file does not match its config")
+                              f"hold {held}; the file does not match its config")
 
 
 def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: str | Path,

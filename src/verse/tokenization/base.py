@@ -257,6 +257,16 @@ class Tokenizer:
             cursor = end
         return ChatEncoding(input_ids=input_ids, loss_mask=loss_mask)
 
+    def gguf_pre(self) -> str:
+        """llama.cpp's pre-tokenizer name for this tokenizer (`tokenizer.ggml.pre` in a GGUF file).
+
+        Returns:
+            str: the name whose regex the tokenizer.json splits text with ("qwen2", "llama-bpe", ...), else "default".
+        """
+        from verse.tokenization.gguf import pre_tokenizer_name
+
+        return pre_tokenizer_name(json.loads(self.to_tokenizer_json()))
+
     def tokenizer_config(self) -> dict:
         """The tokenizer_config.json that goes next to tokenizer.json (transformers reads it).
 

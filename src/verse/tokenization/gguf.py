@@ -23,9 +23,26 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLIT_PATTERNS = {"llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN, "llama-bpe": LLAMA3_PATTERN,
+# the first name of each regex is the one llama.cpp's convert_hf_to_gguf.py writes (`pre_tokenizer_name`)
+SPLIT_PATTERNS = {"llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN,
                   "smaug-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN, "deepseek-r1-qwen": QWEN2_PATTERN,
                   "gpt-4o": O200K_PATTERN}
+
+
+def pre_tokenizer_name(spec: dict) -> str:
+    """llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`) for a tokenizer.json: the first name in
+    `SPLIT_PATTERNS` whose regex its Split pre-tokenizer uses (Qwen2/2.5/3 "qwen2", Llama 3 "llama-bpe"), else "default".
+
+    Args:
+        spec (dict): the parsed tokenizer.json.
+
+    Returns:
+        str: the name.
+    """
+    parts = spec.get("pre_tokenizer") or {}
+    parts = parts.get("pretokenizers") or [parts]
+    patterns = {(part.get("pattern") or {}).get("Regex") for part in parts if part.get("type") == "Split"}
+    return next((name for name, pattern in SPLIT_PATTERNS.items() if pattern in patterns), "default")
 
 
 def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
