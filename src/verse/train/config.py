@@ -1,10 +1,12 @@
 """`TrainConfig`: one flat schema for pretraining and SFT, loaded from YAML plus `key=value` overrides."""
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
+import torch
 import yaml
 
 from verse.errors import ConfigError
@@ -16,7 +18,8 @@ if TYPE_CHECKING:
 MODES = ("sft", "pretrain", "grpo")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32", "fp8")
+FP8_RECIPES = ("tensorwise", "rowwise")
 PARAM_DTYPES = ("float32", "bfloat16")
 BF16_UPDATES = ("master", "stochastic", "nearest")
 FINETUNE_METHODS = ("full", "lora", "qlora")
@@ -63,7 +66,9 @@ class TrainConfig:
     micro_batch_size: int = _f(1, "sequences per forward/backward")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (loss normalised over their tokens)")
 
-    precision: str = _f("bf16", "autocast compute dtype: bf16 | fp32 (no autocast)")
+    precision: str = _f("bf16", "autocast compute dtype: bf16 | fp32 (no autocast) | fp8 (the blocks' linear layers "
+                                "in float8 through torchao, the rest bf16; NVIDIA GPUs of compute capability 9.0+)")
+    fp8_recipe: str = _f("tensorwise", "precision=fp8 scaling (torchao float8): tensorwise | rowwise")
     param_dtype: str = _f("float32", "parameter storage dtype: float32 | bfloat16")
     bf16_update: str = _f("master", "with bfloat16 params: master (fp32 master weights) | stochastic "
                                     "(stochastic rounding, torchao) | nearest")
@@ -173,9 +178,9 @@ class TrainConfig:
             value = getattr(self, name)
             require(value in choices, name, f"must be one of {', '.join(choices)}, got {value!r}")
 
-        for name in ("mode", "optimizer", "schedule", "precision", "param_dtype", "bf16_update"):
+        for name in ("mode", "optimizer", "schedule", "precision", "param_dtype", "bf16_update", "fp8_recipe"):
             one_of(name, {"mode": MODES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
-                          "param_dtype": PARAM_DTYPES, "bf16_update": BF16_UPDATES}[name])
+                          "param_dtype": PARAM_DTYPES, "bf16_update": BF16_UPDATES, "fp8_recipe": FP8_RECIPES}[name])
         for name in ("max_steps", "max_seq_len", "micro_batch_size", "gradient_accumulation_steps",
                      "loss_chunk_size", "max_bad_steps", "eval_batches", "log_every"):
             require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)!r}")
@@ -199,11 +204,17 @@ class TrainConfig:
         from verse.train.distributed import ParallelConfig
 
         ParallelConfig.from_dict(self.parallel, source)
+        require(self.precision != "fp8" or self.finetune_method == "full", "precision",
+                "fp8 trains every weight (finetune.method=full); LoRA/QLoRA adapters train with precision=bf16")
         if self.fused_backward:
             require(self.gradient_accumulation_steps == 1, "fused_backward",
                     "steps inside backward, so it needs gradient_accumulation_steps=1")
             require(self.grad_clip == 0, "fused_backward",
                     "frees each grad right after its step, so global clipping is impossible: set grad_clip=0")
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The autocast context of a step: bf16 for precision bf16 and fp8 (whose FP8 layers cast themselves)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision in ("bf16", "fp8"))
 
     @property
     def finetune_method(self) -> str:

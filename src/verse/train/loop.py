@@ -179,7 +179,7 @@ def _sharded_pretrained(cfg: TrainConfig, overrides: Dict[str, Any], dist: Dist)
 
 def _fsdp_param_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
     """bf16 compute with fp32 stored parameters: FSDP2 all-gathers bf16 and reduces gradients in fp32."""
-    return torch.bfloat16 if cfg.precision == "bf16" and cfg.param_dtype == "float32" else None
+    return torch.bfloat16 if cfg.precision in ("bf16", "fp8") and cfg.param_dtype == "float32" else None
 
 
 def build_loaders(cfg: TrainConfig, tokenizer: Any, dist: Optional[Dist] = None):
@@ -220,14 +220,22 @@ def compiles_blocks(cfg: TrainConfig, device: torch.device) -> bool:
 def prepare_model(model: ReasoningLLM, cfg: TrainConfig, device: torch.device) -> None:
     """The speed options of a run, applied to `model` in place (by `verse train` and `verse bench train` alike).
 
-    Per-block `torch.compile` (regional compilation: one compiled graph reused by every layer of the same shape,
-    so compile time stays short; `compiles_blocks`).
+    `precision: fp8` swaps the blocks' linear layers for torchao float8 ones (`verse.train.fp8`), then per-block
+    `torch.compile` (regional compilation: one compiled graph reused by every layer of the same shape, so compile
+    time stays short; `compiles_blocks`).
 
     Args:
         model (ReasoningLLM): the model to train.
-        cfg (TrainConfig): `compile`.
+        cfg (TrainConfig): `precision`, `fp8_recipe`, `compile`.
         device (torch.device): where it trains.
+
+    Raises:
+        ConfigError: precision=fp8 where FP8 training cannot run.
     """
+    if cfg.precision == "fp8":
+        from verse.train.fp8 import convert_to_fp8
+
+        convert_to_fp8(model, cfg.fp8_recipe, device)
     if compiles_blocks(cfg, device):
         for layer in model.layers:
             layer.compile()
@@ -429,6 +437,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
         check_data(cfg)
     ckpt.check_run_dir(run_dir, resume)
     device = resolve_device(cfg.device)
+    if cfg.precision == "fp8":
+        from verse.train.fp8 import fp8_unsupported
+
+        reason = fp8_unsupported(device)
+        if reason is not None:
+            raise ConfigError(reason, "precision")
     is_preset(cfg)  # the model names a preset or an existing path
     dist = init_distributed(ParallelConfig.from_dict(cfg.parallel), device)
     try:
@@ -512,7 +526,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
         return ckpt.save_checkpoint(run_dir, step, model, state, tokenizer=tokenizer, keep_last=cfg.keep_last,
                                     adapter_base=adapter_base(cfg))
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = cfg.autocast(device)
     # tokens/s are the whole job's: the peak of all its devices
     peak_flops = (cfg.peak_flops or device_peak_flops(device, compute_dtype(cfg.precision, cfg.param_dtype))
                   ) * dist.world_size

@@ -65,8 +65,9 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
 
 
 def compute_dtype(precision: str, param_dtype: str) -> torch.dtype:
-    """The dtype a training step's matmuls run in: bf16 under bf16 autocast, else the parameters' dtype."""
-    return torch.bfloat16 if precision == "bf16" else torch_dtype(param_dtype)
+    """The dtype a training step's matmuls run in: bf16 under bf16 autocast, else the parameters' dtype (fp8
+    counts as bf16: its MFU is against the bf16 peak, so that it compares with a bf16 run)."""
+    return torch.bfloat16 if precision in ("bf16", "fp8") else torch_dtype(param_dtype)
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
