@@ -91,12 +91,13 @@ def test_non_finite_step_is_skipped_on_the_device():
     assert all(int(s["step"]) == 0 for s in optimizer.optimizers[0].state.values())
 
 
-def test_losses_and_weights_match_a_plain_torch_loop():
+@pytest.mark.parametrize("chunk", [8, 4096])
+def test_losses_and_weights_match_a_plain_torch_loop(chunk):
     """Three steps of `train_step` (chunked CE, fused AdamW, clipping) against the textbook loop: full logits,
     F.cross_entropy (mean over the loss tokens), clip_grad_norm_, torch.optim.AdamW (for-loop implementation)."""
     ours, ref = _tiny(), _tiny()
     cfg = TrainConfig(max_seq_len=16, micro_batch_size=2, precision="fp32", weight_decay=0.0, grad_clip=0.5,
-                      lr=1e-2, loss_chunk_size=8)
+                      lr=1e-2, loss_chunk_size=chunk)
     optimizer = TrainOptimizer(ours, cfg)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                 weight_decay=0.0, foreach=False)
@@ -115,6 +116,18 @@ def test_losses_and_weights_match_a_plain_torch_loop():
         assert loss_sum / n_tokens == pytest.approx(loss.item(), rel=1e-5)
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-4, msg=name)  # Adam: tiny grads amplify rounding
+
+
+@pytest.mark.parametrize("chunk, calls", [(4096, 1), (16, 4)])
+def test_one_loss_chunk_is_not_recomputed(chunk, calls):
+    """32 loss tokens: one chunk runs the head once; two chunks of 16 run it twice each (forward, and again in
+    backward under checkpointing)."""
+    model = _tiny()
+    cfg = TrainConfig(max_seq_len=16, micro_batch_size=2, precision="fp32", loss_chunk_size=chunk)
+    seen = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append(args[0].size(0)))
+    train_step(model, TrainOptimizer(model, cfg), [_batch()], cfg, torch.autocast("cpu", enabled=False))
+    assert len(seen) == calls and sum(seen) == 32 * calls // (1 if chunk > 32 else 2)
 
 
 def test_bench_train_rows_and_json_keys(capsys):

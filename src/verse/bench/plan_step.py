@@ -54,7 +54,7 @@ def measure_in_process(spec: Dict[str, Any]) -> Dict[str, Any]:
     cfg = train_config(settings, spec.get("preset", "tiny"), spec.get("model"), spec.get("finetune"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = cfg.autocast(device)
 
     def batches():
         ids = torch.randint(0, model.args.vocab_size, (cfg.micro_batch_size, cfg.max_seq_len), device=device)

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side, after warm-up (default 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default 2)")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype (default bf16)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="Verse's per-block torch.compile (default auto: as `verse train`, on CUDA only)")
     parser.add_argument("--no-moe", action="store_true", help=f"skip the MoE row ({MOE_PRESET} shape vs "
                                                               "transformers' DeepseekV3ForCausalLM)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -75,7 +77,9 @@ def transformers_twin(model: torch.nn.Module, device: torch.device) -> torch.nn.
         torch.nn.Module: e.g. `LlamaForCausalLM` with SDPA attention.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="verse-bench-") as tmp:
         model.save_pretrained(Path(tmp) / "model")
         twin = AutoModelForCausalLM.from_pretrained(Path(tmp) / "model", dtype=model.embed.weight.dtype,
@@ -114,7 +118,7 @@ def _verse_side(model: torch.nn.Module, cfg: Any, batch: Dict[str, torch.Tensor]
 
     prepare_model(model, cfg, device)
     optimizer = TrainOptimizer(model, cfg)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = cfg.autocast(device)
     tokens = int((batch["labels"] != -100).sum())
 
     def step() -> torch.Tensor:
@@ -127,7 +131,7 @@ def _verse_side(model: torch.nn.Module, cfg: Any, batch: Dict[str, torch.Tensor]
 def _transformers_side(twin: torch.nn.Module, cfg: Any, ids: torch.Tensor, device: torch.device) -> _Side:
     optimizer = torch.optim.AdamW(twin.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay, fused=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = cfg.autocast(device)
 
     def step() -> torch.Tensor:
         with autocast:
@@ -195,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     """Training tokens/s of Verse vs transformers: a dense row (`--preset`) and a MoE row, printed or as JSON."""
     from verse.config import list_presets
     from verse.train.config import TrainConfig
+    from verse.train.loop import compiles_blocks
     from verse.train.metrics import compute_dtype, device_name, matmul_flops
 
     for flag in ("seq_len", "micro_batch", "steps"):
@@ -210,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
                          f"row always runs the {MOE_PRESET} shape")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(max_seq_len=args.seq_len, micro_batch_size=args.micro_batch, precision=args.precision,
-                      param_dtype="float32", device=device.type)
+                      param_dtype="float32", device=device.type,
+                      compile={"auto": None, "on": True, "off": False}[args.compile])
     dtype = compute_dtype(cfg.precision, cfg.param_dtype)
 
     def peak() -> float:
@@ -229,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         rows["moe"] = bench_row(shaped(moe_args, moe_len), moe_cfg, device, args.steps, args.warmup, peak)
         rows["moe"]["preset"] = MOE_PRESET
     report = {"device": str(device), "device_name": device_name(device), "precision": args.precision,
-              "steps": args.steps,
+              "steps": args.steps, "verse_compiled": compiles_blocks(cfg, device),
               # the contract of DESIGN.md: the dense row's numbers at the top level
               "tokens_per_s": {s: rows["dense"][s]["tokens_per_s"] for s in ("verse", "transformers")},
               "mfu": {s: rows["dense"][s]["mfu"] for s in ("verse", "transformers")},
@@ -237,8 +243,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    compiled = "per-block compiled" if report["verse_compiled"] else "eager"
     print(f"verse bench train: {report['device_name']} ({device}), {args.precision} autocast, fp32 parameters, "
-          f"AdamW (fused), clip 1.0; fastest of {args.steps} interleaved steps after {args.warmup} warm-up")
+          f"AdamW (fused), clip 1.0; Verse {compiled}; fastest of {args.steps} interleaved steps after "
+          f"{args.warmup} warm-up")
     print(f"{'':44} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak mem':>10} {'1st loss':>9} {'ratio':>7}")
     names = {"dense": ("LlamaForCausalLM",), "moe": ("DeepseekV3ForCausalLM",)}
     for key, row in rows.items():

@@ -1,9 +1,9 @@
 """Chunked cross-entropy over `model.hidden_states` + `model.head`: full fp32 logits never exist.
 
 For a 200k vocabulary the logits of one 2048-token sequence are 1.6 GB in fp32 (and as much again for their
-gradient). Here the head and the loss run on `chunk_size` tokens at a time under activation checkpointing, so
-only one chunk of logits is alive in forward or backward; positions without a label (-100) add nothing (on CPU
-they are dropped first).
+gradient). Here the head and the loss run on `chunk_size` tokens at a time, under activation checkpointing when
+there is more than one chunk, so only one chunk of logits is alive in forward or backward; positions without a
+label (-100) add nothing (on CPU they are dropped first).
 """
 
 from typing import Dict
@@ -42,9 +42,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.M
         keep = labels != IGNORE_INDEX
         hidden, labels = hidden[keep], labels[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
+    # one chunk: the loss is the last op of the forward and the first of the backward, so its logits are needed at
+    # once whether kept or recomputed (the same peak), and recomputing them would only cost a head forward more
+    recompute = torch.is_grad_enabled() and hidden.size(0) > chunk_size
     for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
-        if torch.is_grad_enabled():
-            # recompute this chunk's logits in backward instead of keeping them
+        if recompute:
+            # recompute this chunk's logits in backward instead of keeping every chunk's until then
             total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
         else:
             total = total + _chunk_loss(head, h, y)
