@@ -19,6 +19,7 @@ from verse.infer.runtime import load_for_inference
 from verse.infer.serve import create_app
 
 SLOTS, MAX_LEN = 8, 128
+BODY_CAP = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def server(checkpoint):
     engine = Engine(model.eval(), tok, SLOTS, MAX_LEN)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(create_app(engine, tok, "tiny"), log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(create_app(engine, tok, "tiny", max_body_bytes=BODY_CAP), log_level="warning"))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not uv.started:
@@ -155,6 +156,28 @@ def test_bad_requests_get_400_and_the_server_stays_up(server, content, body, par
     assert engine.free_slots == SLOTS
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_cap_gets_413_and_the_server_stays_up(server, chunked):
+    """Declared (Content-Length) or streamed in chunks (no length), a body over the cap is refused with OpenAI's
+    error shape; one just under it is read (and refused for its over-long prompt, a 400)."""
+    url, engine = server
+
+    def post(size):
+        body = json.dumps({"model": "tiny", "prompt": "x" * size}).encode()
+        content = (body[i:i + 4096] for i in range(0, len(body), 4096)) if chunked else body
+        return httpx.post(url + "/v1/completions", content=content, headers={"Content-Type": "application/json"},
+                          timeout=30)
+
+    response = post(BODY_CAP)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and str(BODY_CAP) in error["message"]
+    assert error["type"] == "invalid_request_error" and "\n" not in error["message"]
+    under = post(BODY_CAP - 100)
+    assert under.status_code == 400 and under.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.get(url + "/health", timeout=30).json()["status"] == "ok" and engine.free_slots == SLOTS
+
+
 def test_reasoning_stream_splits_like_the_whole_reply():
     """Fed in every two-piece split (tags cut anywhere), the deltas add up to `split_reasoning` of the whole."""
     for opened, text in [(False, "<think>\n2+2 is 4, check: 4</think>\n\nThe answer is 4."),
@@ -178,3 +201,5 @@ def test_serve_command_refuses_a_taken_port_in_one_line(checkpoint, capsys):
     assert err.count("\n") == 1 and "cannot listen on 127.0.0.1:" in err and "--port" in err
     assert main(["serve", str(checkpoint), "--slots", "0"]) == 2
     assert "--slots must be >= 1" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--max-body-mb", "0"]) == 2
+    assert "--max-body-mb must be > 0" in capsys.readouterr().err

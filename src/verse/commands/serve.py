@@ -19,6 +19,7 @@ EXAMPLES = """  verse serve runs/sft/final                            # http://1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from verse.infer.runtime import DTYPE_CHOICES
+    from verse.infer.serve import MAX_BODY_BYTES
 
     parser.add_argument("checkpoint", metavar="MODEL", help="checkpoint directory, HF model directory or .gguf file")
     parser.add_argument("--adapter", default=None, metavar="DIR",
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=8, help="most sequences decoded at once (default 8)")
     parser.add_argument("--max-len", type=int, default=None,
                         help="context per sequence, prompt + completion (default: the model's max_seq_len)")
+    parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20,
+                        help=f"refuse request bodies over this many MiB with a 413 (default {MAX_BODY_BYTES // 2**20})")
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
     add_thinking_argument(parser)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
@@ -51,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise VerseError(f"--port must be in 0..65535, got {args.port}")
     if args.slots < 1:
         raise VerseError(f"--slots must be >= 1, got {args.slots}")
+    if not args.max_body_mb > 0:
+        raise VerseError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     if args.max_len is not None and args.max_len < 2:
         raise VerseError(f"--max-len must be >= 2, got {args.max_len}")
     resolve_device(args.device, "--device")
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or Path(args.checkpoint.rstrip("/")).name
     print(f"verse serve: {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {engine.max_len} tokens)",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, name), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, name, int(args.max_body_mb * 2**20)), log_level="warning"))
     server.run(sockets=[sock])
     return 0
 

@@ -4,7 +4,7 @@
 `GET /v1/models`, `GET /health`. Every request becomes an `engine.Request`; the engine thread decodes them all in
 one batch and hands tokens back to the event loop. A reply's `<think>` part comes back as `reasoning_content`
 (message and stream deltas), as vLLM and the DeepSeek API do. A bad request is answered 400 with OpenAI's error
-shape `{"error": {"message", "type", "param", "code"}}`; a client that goes away cancels its request, which frees
+shape `{"error": {"message", "type", "param", "code"}}` (413 for a body over the size cap); a client that goes away cancels its request, which frees
 its slot.
 """
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # as OpenAI's API
 DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is still there
+MAX_BODY_BYTES = 8 * 2**20  # a request body larger than this is refused (413) before it is read whole
 
 
 class BadRequest(Exception):
@@ -281,13 +282,44 @@ class Server:
         yield "data: [DONE]\n\n"
 
 
-def create_app(engine: Engine, tokenizer, model_name: str):
+async def read_body(http, limit: int) -> bytes:
+    """The body of request `http`, read in chunks and refused (413) as soon as it is known to exceed `limit` bytes,
+    so that an oversized upload never sits in memory whole.
+
+    Args:
+        http (starlette.requests.Request): the request.
+        limit (int): most bytes accepted.
+
+    Returns:
+        bytes: the body.
+
+    Raises:
+        BadRequest: status 413 when the body (or its declared Content-Length) is over `limit`.
+    """
+    def too_large(size: str) -> BadRequest:
+        return BadRequest(f"the request body is {size} bytes, over this server's limit of {limit} bytes "
+                          "(verse serve --max-body-mb); send a shorter prompt", status=413, code="request_too_large")
+
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"more than {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, max_body_bytes: int = MAX_BODY_BYTES):
     """The FastAPI application of `verse serve`; it starts the engine thread on startup and stops it on shutdown.
 
     Args:
         engine (Engine): a batching engine over the model (not started).
         tokenizer: the model's tokenizer.
         model_name (str): the model id clients pass as `model`.
+        max_body_bytes (int): larger request bodies are answered 413 (OpenAI's error shape).
 
     Returns:
         fastapi.FastAPI: the ASGI app.
@@ -326,7 +358,7 @@ def create_app(engine: Engine, tokenizer, model_name: str):
 
     async def answer(http: HTTPRequest, chat: bool):
         try:
-            body = json.loads(await http.body())
+            body = json.loads(await read_body(http, max_body_bytes))
         except (ValueError, RecursionError) as e:
             raise BadRequest(f"the request body is not valid JSON ({str(e)[:80]})") from None
         result = await server.complete(body, chat, http.is_disconnected)
