@@ -217,14 +217,16 @@ void gemv(const uint8_t* w, int64_t nb, const int8_t* xq, const float* dx, const
 template <int64_t QT>
 constexpr int64_t KB = QT == Q4_K ? 144 : QT == Q5_K ? 176 : 210;
 
-// The 6-bit scales sc[8] and minimums m[8] of a Q4_K/Q5_K super-block (llama.cpp's get_scale_min_k4).
-inline void k_scales(const uint8_t* s, float sc[8], float m[8]) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = static_cast<float>(s[j] & 63);
-    m[j] = static_cast<float>(s[j + 4] & 63);
-    sc[j + 4] = static_cast<float>((s[j + 8] & 15) | ((s[j] >> 6) << 4));
-    m[j + 4] = static_cast<float>((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
-  }
+// The 6-bit scales (bytes 0-7) and minimums (bytes 8-15) of a Q4_K/Q5_K super-block, unpacked from its 12
+// bytes four at a time (llama.cpp's get_scale_min_k4 on 32-bit words).
+inline void k_scales_bytes(const uint8_t* s, uint32_t u[4]) {
+  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, top2 = 0x03030303;
+  std::memcpy(u, s, 12);
+  u[3] = ((u[2] >> 4) & low4) | (((u[1] >> 6) & top2) << 4);  // m_4..7
+  const uint32_t m = u[1] & low6;                              // m_0..3
+  u[1] = (u[2] & low4) | (((u[0] >> 6) & top2) << 4);          // sc_4..7
+  u[2] = m;
+  u[0] &= low6;                                                // sc_0..3
 }
 
 // The 32 quants of sub-block s of a super-block as bytes in x's element order: Q4_K/Q5_K unsigned (0..31),
@@ -232,7 +234,7 @@ inline void k_scales(const uint8_t* s, float sc[8], float m[8]) {
 template <int64_t QT>
 inline __m256i k_quant_bytes(const uint8_t* blk, int s) {
   const __m256i m4 = _mm256_set1_epi8(15);
-  if constexpr (QT == Q6_K) {  // ql[128] (nibble s/2 % 2 of bytes 64(s/4) + 32(s%2)...), qh[64] (bits 2(s%4))
+  if constexpr (QT == Q6_K) {  // ql: nibble (s/2)%2 of bytes 64(s/4) + 32(s%2) on; qh: bits 2(s%4) of 32(s/4) on
     const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * (s >> 2) + 32 * (s & 1)));
     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * (s >> 2)));
     const __m256i lo = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * ((s >> 1) & 1))), m4);
@@ -251,56 +253,95 @@ inline __m256i k_quant_bytes(const uint8_t* blk, int s) {
   }
 }
 
-// y[r, n0:n1] = W[n0:n1] . x[r] for R rows of x (1 <= R <= MAX_ROWS), W in K-quant super-blocks: per sub-block
-// an integer dot with the rounded x, scaled by (d sc_s) dx (Q6_K: one scale per half), minus (dmin m_s) * the
-// block sum of x (Q4_K/Q5_K). Each super-block is unpacked once for every row; sub-blocks alternate between
-// two accumulators per row.
+inline __m256 bytes8_ps(const void* p, bool is_signed) {  // 8 bytes -> 8 floats
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+}
+
+// y[r, n0:n1] = W[n0:n1] . x[r] for R rows of x (1 <= R <= MAX_ROWS), W in K-quant super-blocks. Sub-block s
+// is an integer dot of its quants with the rounded x (Q6_K: the two 16-value halves weighted by their int8
+// scales in the same madd), scaled by d sc_s dx (Q6_K: d dx); Q4_K/Q5_K subtract dmin m_s times the block sum
+// of x. The per-sub-block factors of a super-block are computed 8 at a time; each super-block is unpacked once
+// for every row, and even/odd sub-blocks go to two accumulators per row.
 template <int64_t QT, int64_t R>
 void k_rows(const uint8_t* w, int64_t nb, const int8_t* xq, const float* dx, const float* xs, float* y, int64_t N,
             int64_t n0, int64_t n1) {
   const int64_t nsb = nb / 8;
+  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * nsb * KB<QT>;
-    __m256 acc[R][2];
-    float off[R];
-    for (int64_t r = 0; r < R; ++r) {
-      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-      off[r] = 0.0f;
-    }
+    __m256 acc[R][2], offset[R];
+    for (int64_t r = 0; r < R; ++r) acc[r][0] = acc[r][1] = offset[r] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < nsb; ++sb) {
       const uint8_t* blk = row + sb * KB<QT>;
-      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_BYTES), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_BYTES + 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_BYTES + 128), _MM_HINT_T0);
+      for (int64_t p = 0; p < KB<QT>; p += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_BYTES + p), _MM_HINT_T0);
+      alignas(32) float scale[R][8];  // the float factor of sub-block s for row r
+      const int64_t i0 = sb * 8;
+      // int8 quants of sub-block s, and the int16 weights of its products in the madd
+      auto dot = [&](const __m256i q, const __m256i weights, int64_t r, int s) {
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (r * nb + i0 + s) * QK));
+        __m256i u = q;
+        if constexpr (QT == Q6_K) {  // maddubs multiplies unsigned by signed: move q's sign onto x
+          x = _mm256_sign_epi8(x, q);
+          u = _mm256_sign_epi8(q, q);
+        }
+        const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), weights);
+        acc[r][s & 1] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[r][s]), _mm256_cvtepi32_ps(sums), acc[r][s & 1]);
+      };
       if constexpr (QT == Q6_K) {
-        const float d = half_at(blk + 208);
-        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-        for (int s = 0; s < 8; ++s) {
-          const __m256i q = k_quant_bytes<QT>(blk, s);
-          // lanes 0-3 of the dot hold elements 0-15, lanes 4-7 elements 16-31
-          const __m256 ds = _mm256_set_m128(_mm_set1_ps(d * sc[2 * s + 1]), _mm_set1_ps(d * sc[2 * s]));
-          for (int64_t r = 0; r < R; ++r) {
-            const int64_t i = r * nb + sb * 8 + s;
-            acc[r][s & 1] = _mm256_fmadd_ps(_mm256_mul_ps(ds, _mm256_set1_ps(dx[i])),
-                                            block_dot<Q8_0>(q, xq + i * QK), acc[r][s & 1]);
-          }
+        const __m256 d = _mm256_set1_ps(half_at(blk + 208));
+        for (int64_t r = 0; r < R; ++r) _mm256_store_ps(scale[r], _mm256_mul_ps(d, _mm256_loadu_ps(dx + r * nb + i0)));
+        // the 16 int8 scales as int16; sub-block s weighs its lanes 0-3 by scale 2s, lanes 4-7 by 2s + 1
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+        const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                              2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+        const __m256i m2 = _mm256_set1_epi8(0x30), m32 = _mm256_set1_epi8(32);
+        for (int h = 0; h < 2; ++h) {  // 128 values: ql 64 bytes, qh 32 bytes, sub-blocks 4h..4h+3
+          const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h));
+          const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h + 32));
+          const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
+          auto sub = [&](int s, __m256i low, __m256i high) {  // quants 0..63 from their low 4 and high 2 bits
+            const __m256i q6 = _mm256_or_si256(_mm256_and_si256(low, m4), _mm256_and_si256(high, m2));
+            const __m256i q = _mm256_sub_epi8(q6, m32);
+            const __m256i weights = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(s)), pick);
+            for (int64_t r = 0; r < R; ++r) dot(q, weights, r, s);
+          };
+          sub(4 * h, ql0, _mm256_slli_epi16(qh, 4));
+          sub(4 * h + 1, ql1, _mm256_slli_epi16(qh, 2));
+          sub(4 * h + 2, _mm256_srli_epi16(ql0, 4), qh);
+          sub(4 * h + 3, _mm256_srli_epi16(ql1, 4), _mm256_srli_epi16(qh, 2));
         }
       } else {
-        const float d = half_at(blk), dmin = half_at(blk + 2);
-        float sc[8], m[8];
-        k_scales(blk + 4, sc, m);
-        for (int s = 0; s < 8; ++s) {
-          const __m256i q = k_quant_bytes<QT>(blk, s);
-          const float ds = d * sc[s], ms = dmin * m[s];
+        uint32_t u[4];
+        k_scales_bytes(blk + 4, u);
+        const __m256 d = _mm256_mul_ps(_mm256_set1_ps(half_at(blk)), bytes8_ps(u, false));
+        const __m256 dmin = _mm256_mul_ps(_mm256_set1_ps(half_at(blk + 2)), bytes8_ps(u + 2, false));
+        for (int64_t r = 0; r < R; ++r) {
+          _mm256_store_ps(scale[r], _mm256_mul_ps(d, _mm256_loadu_ps(dx + r * nb + i0)));
+          offset[r] = _mm256_fmadd_ps(dmin, _mm256_loadu_ps(xs + r * nb + i0), offset[r]);
+        }
+        __m256i qh = _mm256_setzero_si256();
+        if constexpr (QT == Q5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+        const uint8_t* qs = blk + (QT == Q5_K ? 48 : 16);
+        const __m256i bit4 = _mm256_set1_epi8(16);
+        for (int j = 0; j < 4; ++j) {  // 32 bytes: sub-block 2j in the low nibbles, 2j + 1 in the high ones
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
+          __m256i q0 = _mm256_and_si256(raw, m4), q1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+          if constexpr (QT == Q5_K) {  // bit s of qh[i] is bit 4 of element i of sub-block s
+            q0 = _mm256_or_si256(q0, _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit4));
+            q1 = _mm256_or_si256(q1, _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit4));
+            qh = _mm256_srli_epi16(qh, 2);
+          }
           for (int64_t r = 0; r < R; ++r) {
-            const int64_t i = r * nb + sb * 8 + s;
-            acc[r][s & 1] = _mm256_fmadd_ps(_mm256_set1_ps(ds * dx[i]), block_dot<Q4_1>(q, xq + i * QK), acc[r][s & 1]);
-            off[r] -= ms * xs[i];
+            dot(q0, ones, r, 2 * j);
+            dot(q1, ones, r, 2 * j + 1);
           }
         }
       }
     }
-    for (int64_t r = 0; r < R; ++r) y[r * N + n] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + off[r];
+    for (int64_t r = 0; r < R; ++r)
+      y[r * N + n] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - hsum(offset[r]);
   }
 }
 
@@ -328,11 +369,12 @@ void k_dequantize_impl(const uint8_t* w, int64_t nsb, float* out, int64_t N) {
         for (int t = 0; t < 16; ++t) scale[t] = d * reinterpret_cast<const int8_t*>(blk + 192)[t];
       } else {
         const float d = half_at(blk), dmin = half_at(blk + 2);
-        float sc[8], m[8];
-        k_scales(blk + 4, sc, m);
+        uint32_t u[4];
+        k_scales_bytes(blk + 4, u);
+        const uint8_t* sc = reinterpret_cast<const uint8_t*>(u);
         for (int s = 0; s < 8; ++s) {
-          scale[2 * s] = scale[2 * s + 1] = d * sc[s];
-          minimum[s] = dmin * m[s];
+          scale[2 * s] = scale[2 * s + 1] = d * static_cast<float>(sc[s]);
+          minimum[s] = dmin * static_cast<float>(sc[8 + s]);
         }
       }
       for (int s = 0; s < 8; ++s) {
