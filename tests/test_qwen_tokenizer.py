@@ -8,6 +8,8 @@ import re
 from datetime import datetime
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import verse
 from verse.errors import VerseError
@@ -94,6 +96,24 @@ def test_render_ids_and_mask_match_transformers(pair, name, index):
             ours = tok.encode_chat(messages, **kwargs)
             assert ours.input_ids == list(hf.apply_chat_template(messages, return_dict=True, **kwargs)["input_ids"])
             assert ours.loss_mask == oracle_mask(hf, text, replies, family(name), thinking)
+
+
+PIECES = st.sampled_from(["a", "b c", " ", "\n", "<think>", "</think>", "x\n\n", "日本"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(contents=st.lists(st.lists(PIECES, max_size=6).map("".join), min_size=2, max_size=6),
+       name=st.sampled_from(["qwen3", "qwen2.5-instruct", "llama-3.1-instruct"]), thinking=st.sampled_from([None, False]))
+def test_mask_matches_transformers_for_any_contents(pair, contents, name, thinking):
+    """Replies made of whitespace, stray or unclosed <think> tags and text: ids and mask as the oracle says."""
+    tok, hf = pair[name]
+    thinking = thinking if name == "qwen3" else None
+    messages = [{"role": role, "content": c} for role, c in zip(["user", "assistant"] * 3, contents)]
+    text = hf.apply_chat_template(messages, tokenize=False, **kwargs_of(thinking))
+    enc = tok.encode_chat(messages, **kwargs_of(thinking))
+    assert enc.input_ids == list(hf.apply_chat_template(messages, return_dict=True, **kwargs_of(thinking))["input_ids"])
+    replies = sum(m["role"] == "assistant" for m in messages)
+    assert enc.loss_mask == oracle_mask(hf, text, replies, family(name), thinking)
 
 
 def test_qwen3_drops_earlier_reasoning_and_trains_the_last(pair):

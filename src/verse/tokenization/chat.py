@@ -332,37 +332,39 @@ def _reply_start(template: jinja2.Template, history: Sequence[Dict[str, str]], c
     common = base
     while common < len(prompt) and common < len(text) and prompt[common] == text[common]:
         common += 1
-    opened = prompt.find(THINK_OPEN, base, common)
-    return opened if opened >= 0 else common
+    opened = prompt.find(THINK_OPEN, base)
+    return opened if 0 <= opened <= common else common
 
 
 def _locate_reply(text: str, start: int, content: str, ends: Sequence[str]) -> Optional[Tuple[int, int]]:
     """The span of a reply whose header ends at `start`: its content (as written, trimmed, or only the answer after
     `</think>` where the template drops or rewrites the reasoning) and the end token closing it.
 
-    The span starts at the content, or at `start` when the template wrote a `<think>` section before it (that
-    section is part of what the model generates after the prompt).
+    The span starts at `start`: whitespace or a `<think>` section the template wrote before the content is part of
+    what the model generates after the prompt. A placement followed by an end token wins over one that is not
+    (content "<think>" alone matches the start of a section the template wrote).
     """
     if start < 0:
         return None
     answer = content.split(THINK_CLOSE)[-1].strip()
     think = _THINK_SECTION.match(text, start)
+    unclosed = None
     for begin, candidates in ((start, (content, content.strip(), answer)), (think and think.end(), (answer,))):
         if begin is None:
             continue
         for candidate in dict.fromkeys(candidates):
-            found = text.find(candidate, begin) if candidate else _SPACE.match(text, begin).end()
+            found = text.find(candidate, begin) if candidate else begin
             if found < 0 or text[begin:found].strip():
                 continue
             end = found + len(candidate)
             after = _SPACE.match(text, end).end()
             closing = next((s for s in ends if text.startswith(s, after)), None)
+            span = start, (after + len(closing) if closing else end)
             if closing:
-                end = after + len(closing)
-            elif not candidate:
-                continue  # an empty reply is located by its end token
-            return (start if begin != start else found), end
-    return None
+                return span
+            if candidate and unclosed is None:  # an empty reply is located by its end token only
+                unclosed = span
+    return unclosed
 
 
 def render_with_spans(source: str, messages: Sequence[Dict[str, str]], add_generation_prompt: bool,
