@@ -1,7 +1,8 @@
 """GGUF blocks multiplied as they are (`verse.ggml`, `gemm_impl="gguf"`), with the gguf library as the oracle.
 
-Weights are quantized and dequantized by `gguf.quants` (independent of Verse); activations are rounded to 8 bits
-per block of 32 by a numpy transcription of llama.cpp's rule written here; products are taken in float64.
+Weights are quantized and dequantized by `gguf.quants` (independent of Verse; it has no K-quant quantizer, so
+Q4_K/Q5_K/Q6_K weights are random valid blocks that it dequantizes); activations are rounded to 8 bits per block
+of 32 by a numpy transcription of llama.cpp's rule written here; products are taken in float64.
 """
 
 import importlib
@@ -410,6 +411,37 @@ def test_reference_dequantize_q4_k_hand_example():
     assert torch.equal(w, torch.from_numpy(gguf.quants.dequantize(blk, gguf.GGMLQuantizationType.Q4_K)))
 
 
+def test_quantize_k_against_gguf():
+    """reference.quantize_k writes blocks that gguf.quants.dequantize reads back (bit-equal to our reference) with the
+    error of gguf's own quantizers of the same bits: Q4_K ~ Q4_1, Q5_K ~ Q5_1, Q6_K between those and Q8_0."""
+    rng = np.random.default_rng(7)
+    w = (0.1 * rng.standard_normal((64, 768)) + 0.03 * rng.standard_normal((64, 1))).astype(np.float32)
+
+    def error(kind, blocks):
+        dense = gguf.quants.dequantize(np.asarray(blocks), kind).reshape(w.shape)
+        return np.sqrt(((dense - w) ** 2).mean() / (w ** 2).mean()), dense
+
+    gguf_err = {k: error(k, gguf.quants.quantize(w, k))[0] for k in (gguf.GGMLQuantizationType.Q4_1,
+                                                                       gguf.GGMLQuantizationType.Q5_1,
+                                                                       gguf.GGMLQuantizationType.Q8_0)}
+    errs = {}
+    for qtype in KTYPES:
+        blocks = reference.quantize_k(torch.from_numpy(w), qtype)
+        assert blocks.dtype == torch.uint8 and blocks.shape == (64, ggml.row_bytes(qtype, 768))
+        errs[qtype], dense = error(gguf.GGMLQuantizationType(qtype), blocks.numpy())
+        assert torch.equal(reference.dequantize(blocks, qtype), torch.from_numpy(dense))
+    print({QNAME[q]: round(float(e), 4) for q, e in errs.items()},
+          {k.name: round(float(e), 4) for k, e in gguf_err.items()})
+    Q = gguf.GGMLQuantizationType
+    assert errs[ggml.Q4_K] < 1.1 * gguf_err[Q.Q4_1] and errs[ggml.Q5_K] < 1.1 * gguf_err[Q.Q5_1]
+    assert gguf_err[Q.Q8_0] < errs[ggml.Q6_K] < 0.7 * gguf_err[Q.Q5_1]
+    # sub-block s: steps of (56 + s) / 256 from 0 (d = 1/256, sc_s = 56 + s, min 0): representable exactly
+    grid = (torch.arange(256.0).remainder(16) * (56 + torch.arange(256) // 32) / 256).view(1, 256)
+    assert torch.equal(reference.dequantize(reference.quantize_k(grid, ggml.Q4_K), ggml.Q4_K), grid)
+    with pytest.raises(ValueError, match="256"):
+        reference.quantize_k(torch.zeros(2, 576), ggml.Q4_K)
+
+
 @pytest.mark.parametrize("K", (256, 768))
 @pytest.mark.parametrize("M", (1, 2, 3, 4, 5, 16))
 @pytest.mark.parametrize("qtype", KTYPES, ids=QNAME.get)
@@ -462,8 +494,9 @@ def test_linear_k_quant_needs_its_type():
             Linear(576, 8).ggml_(2 * 144, ggml.Q4_K)  # 576 values are not whole super-blocks
 
 
-Q4_K_M = {"blk.0.attn_v.weight": gguf.GGMLQuantizationType.Q6_K, "blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q6_K,
-          "output.weight": gguf.GGMLQuantizationType.Q6_K}  # llama.cpp's Q4_K_M: these in Q6_K, the rest Q4_K
+# llama.cpp's Q4_K_M (and Q5_K_M with Q5_K for the rest): these in Q6_K, the rest Q4_K
+Q4_K_M = {name: gguf.GGMLQuantizationType.Q6_K for name in ("blk.0.attn_v.weight", "blk.0.ffn_down.weight",
+                                                              "output.weight")}
 
 
 @pytest.mark.parametrize("base,mix", [(gguf.GGMLQuantizationType.Q4_K, Q4_K_M),

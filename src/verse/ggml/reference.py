@@ -137,6 +137,57 @@ def dequantize(blocks: torch.Tensor, qtype: int, dtype: torch.dtype = torch.floa
     return w.reshape(N, -1).to(dtype)
 
 
+def quantize_k(w: torch.Tensor, qtype: int) -> torch.Tensor:
+    """A float matrix in Q4_K, Q5_K or Q6_K super-blocks, as GGUF files store them (for writing such files).
+
+    Per sub-block the range is mapped onto the quants (Q4_K/Q5_K: [min(x, 0), max(x)] onto 0..15 / 0..31;
+    Q6_K: max|x| onto +-31 per 16 values); the sub-block scales are then rounded to 6 bits (Q6_K: int8) of the
+    super-block's fp16 scale, and the quants rounded against the scales as stored. This is the plain min/max rule,
+    not llama.cpp's search for the least-squares scales (`make_qkx2_quants`): its error is somewhat larger.
+
+    Args:
+        w (torch.Tensor): [N, K] any float dtype, K a multiple of 256.
+        qtype (int): Q4_K, Q5_K or Q6_K.
+
+    Returns:
+        torch.Tensor: uint8 [N, K / 256 * block bytes].
+    """
+    N = w.size(0)
+    row_bytes(qtype, w.size(1))  # raises unless K is whole super-blocks
+    if qtype == Q6_K:
+        x = w.float().reshape(N, -1, 16, 16)
+        scale = x.abs().amax(-1) / 31  # [N, nb, 16]
+        d = (scale.amax(-1, keepdim=True) / 127).half()
+        sc = torch.where(d == 0, 0.0, torch.round(scale / d.float())).clamp(-128, 127)
+        ds = (d.float() * sc)[..., None]
+        q = (torch.where(ds == 0, 0.0, torch.round(x / ds)).clamp(-32, 31) + 32).to(torch.uint8).view(N, -1, 2, 4, 32)
+        # sub-block 4h + k: low 4 bits in bytes 64h + 32(k % 2) + j, nibble k / 2; high 2 bits at bits 2k of 32h + j
+        ql = ((q[:, :, :, 0:2] & 15) | (q[:, :, :, 2:4] << 4)).reshape(N, -1, 128)
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=w.device).view(1, 1, 1, 4, 1)
+        qh = ((q >> 4).to(torch.int32) << shifts).sum(3).to(torch.uint8).reshape(N, -1, 64)
+        parts = [ql, qh, sc.to(torch.int8).view(torch.uint8), d.view(torch.uint8)]
+        return torch.cat(parts, dim=-1).reshape(N, -1)
+    nmax = 15 if qtype == Q4_K else 31
+    x = w.float().reshape(N, -1, 8, 32)
+    low = x.amin(-1).clamp(max=0)
+    scale, minimum = (x.amax(-1) - low) / nmax, -low  # [N, nb, 8]
+    d = (scale.amax(-1, keepdim=True) / 63).half()
+    dmin = (minimum.amax(-1, keepdim=True) / 63).half()
+    sc = torch.where(d == 0, 0.0, torch.round(scale / d.float())).clamp(0, 63)
+    mn = torch.where(dmin == 0, 0.0, torch.round(minimum / dmin.float())).clamp(0, 63)
+    ds, dm = (d.float() * sc)[..., None], (dmin.float() * mn)[..., None]
+    q = torch.where(ds == 0, 0.0, torch.round((x + dm) / ds)).clamp(0, nmax).to(torch.uint8)  # [N, nb, 8, 32]
+    sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
+    scales = torch.cat([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
+                        (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)], dim=-1)
+    qs = ((q[:, :, 0::2] & 15) | ((q[:, :, 1::2] & 15) << 4)).reshape(N, -1, 128)
+    parts = [d.view(torch.uint8), dmin.view(torch.uint8), scales]
+    if qtype == Q5_K:
+        bits = (q >> 4).to(torch.int32) << torch.arange(8, dtype=torch.int32, device=w.device).view(1, 1, 8, 1)
+        parts.append(bits.sum(2).to(torch.uint8))
+    return torch.cat([*parts, qs], dim=-1).reshape(N, -1)
+
+
 def round_activations(x: torch.Tensor) -> torch.Tensor:
     """`x` [..., K] rounded to 8 bits per block of 32 values, as llama.cpp's Q8_0 activations: per block
     dx = max|x| / 127, x ~= dx * round(x / dx) (round half to even; a block of zeros stays zero).
