@@ -150,6 +150,15 @@ def test_expert_parallel_dispatch_splits_experts(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok-0.json", "ok-1.json"]
 
 
+@pytest.mark.parametrize("model", ["tiny", pytest.param("bytegpt-tiny", marks=pytest.mark.slow)])
+def test_sequence_parallel_and_vocab_parallel_loss(tmp_path, model):
+    """tp=2: between blocks each rank holds half of every sequence (sequence-parallel norms), the head's logits stay
+    split by vocabulary (each rank vocab_size/2 columns) and the chunked loss runs on them with loss_parallel; the
+    loss and every gradient are plain cross-entropy's on one process; a length tp does not divide is one line."""
+    torchrun(2, str(Path(__file__).parent / "fixtures" / "tp_worker.py"), str(tmp_path), model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok-0.json", "ok-1.json"]
+
+
 def test_expert_parallel_needs_moe_layers_and_divisible_experts():
     from verse import ModelArgs, ReasoningLLM
     from verse.train.distributed import Dist

@@ -6,7 +6,7 @@ there is more than one chunk, so only one chunk of logits is alive in forward or
 label (-100) add nothing (on CPU they are dropped first).
 """
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,40 @@ from verse.data.packing import IGNORE_INDEX
 from verse.model.masks import document_mask
 
 
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits split by vocabulary over tensor-parallel ranks (a DTensor `Shard(-1)`, the
+    output of `verse.train.parallelize`'s head), computed by `torch.distributed.tensor.parallel.loss_parallel`:
+    each rank exchanges only per-token maxima, sums and target logits, never the full logits.
+
+    `loss_parallel` must be active for the backward too, which the training loop's `backward()` runs elsewhere:
+    this function's own backward enters it and recomputes the (cheap) softmax from the logits it saved.
+    Returns a plain scalar (the same on every tp rank).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        ctx.save_for_backward(logits, labels)
+        with loss_parallel():
+            return F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX).to_local()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        logits, labels = ctx.saved_tensors
+        with torch.enable_grad(), loss_parallel():
+            logits = logits.detach().requires_grad_()
+            loss = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX).to_local()
+            return torch.autograd.grad(loss, logits, grad)[0], None
+
+
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum", ignore_index=IGNORE_INDEX)
+    logits = head(hidden).float()
+    if hasattr(logits, "placements"):  # split by vocabulary over the tp ranks
+        return VocabParallelCrossEntropy.apply(logits, labels)
+    return F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int = 4096,

@@ -28,12 +28,16 @@ def dp_mesh(dist: Dist):
 
 
 def apply_tp(model: ReasoningLLM, dist: Dist) -> None:
-    """Split the model over the `tp` mesh dimension (Megatron-LM, arXiv:1909.08053): attention heads and the MLP
-    hidden width column-wise (query/key/value, gate/up), their output projections row-wise (one all-reduce each),
-    the embedding by vocabulary rows and the output head by vocabulary columns (gathered for the chunked loss).
+    """Split the model over the `tp` mesh dimension (Megatron-LM, arXiv:1909.08053) with sequence parallelism
+    (Korthikanti et al., arXiv:2205.05198) and a vocabulary-parallel loss, as torchtitan lays out Llama.
 
-    Activations between blocks stay replicated over `tp`: norms, MLA's latent down-projection and MoE layers are
-    computed whole on every tp rank.
+    Attention heads and the MLP hidden width are split column-wise (query/key/value, gate/up) and their output
+    projections row-wise; between them the residual stream is split by sequence (each tp rank holds [B, T/tp, dim]:
+    the norms run on their part, `SequenceParallel`), all-gathered before attention and the FFN and
+    reduce-scattered after them. The embedding is split by vocabulary rows (reduce-scattered into sequence parts);
+    the final norm runs on the gathered sequence and the output head is split by vocabulary columns, its logits left
+    split for `verse.train.loss.VocabParallelCrossEntropy` (no rank holds a full row of logits). MLA's latent
+    down-projection and MoE layers are computed whole on every tp rank.
 
     Args:
         model (ReasoningLLM): the model on the meta device (before `apply_fsdp`).
@@ -42,8 +46,9 @@ def apply_tp(model: ReasoningLLM, dist: Dist) -> None:
     Raises:
         ConfigError: head counts or widths that tp does not divide, or MLA's absorbed attention.
     """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
+                                                   RowwiseParallel, SequenceParallel, parallelize_module)
 
     from verse.model.attention import Attention
     from verse.model.ffn import MLP
@@ -60,24 +65,48 @@ def apply_tp(model: ReasoningLLM, dist: Dist) -> None:
         raise ConfigError(f"parallel.tp={tp} splits MLA's heads in attn_impl=naive (training's); got "
                           f"attn_impl={args.attn_impl}")
     mesh = dist.mesh["tp"]
+
+    def gather(*rest: None, back: bool = False):
+        """The sequence part (first input) gathered whole for a module (plain tensors inside it); `back`: its
+        whole output cut back to this rank's part."""
+        inputs = {"input_layouts": (Shard(1), *rest), "desired_input_layouts": (Replicate(), *rest)}
+        if back:
+            return PrepareModuleInputOutput(**inputs, use_local_input=True, output_layouts=Replicate(),
+                                            desired_output_layouts=Shard(1))
+        return PrepareModuleInput(**inputs, use_local_output=True)
+
     parallelize_module(model, mesh, {
-        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "head": ColwiseParallel(output_layouts=Replicate()),
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": gather(),
+        "head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
     })
     if args.tie_embeddings:  # both split by vocabulary rows (Shard(0)): one parameter again, as before the split
         model.head.weight = model.embed.weight
+    model.embed.register_forward_pre_hook(lambda m, inputs: _check_sequence_split(inputs[0], tp))
     for block in model.layers:
-        plan = {}
+        # Block calls attn(x, cos, sin, mask, input_pos), an MoE ffn(x, aux_loss_scale), an MLP ffn(x)
+        plan = {"attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel(), "attn": gather(None, None, None, None),
+                "attn.wo": RowwiseParallel(output_layouts=Shard(1))}
         if isinstance(block.attn, Attention):
             plan.update({f"attn.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")})
         elif isinstance(block.attn, MLA):
             plan.update({f"attn.{n}": ColwiseParallel() for n in ("wq", "wq_b", "wkv_b") if hasattr(block.attn, n)})
             rope = args.qk_rope_head_dim
             block.attn.wkv_a.register_forward_hook(lambda m, i, out, rope=rope: _sum_rope_key_grad(out, rope, mesh))
-        plan["attn.wo"] = RowwiseParallel()
         if isinstance(block.ffn, MLP):
-            plan.update({"ffn.w1": ColwiseParallel(), "ffn.w3": ColwiseParallel(), "ffn.w2": RowwiseParallel()})
+            plan.update({"ffn": gather(), "ffn.w1": ColwiseParallel(), "ffn.w3": ColwiseParallel(),
+                         "ffn.w2": RowwiseParallel(output_layouts=Shard(1))})
+        else:  # MoE: computed whole on every tp rank
+            plan["ffn"] = gather(None, back=True)
         parallelize_module(block, mesh, plan)
+
+
+def _check_sequence_split(input_ids: torch.Tensor, tp: int) -> None:
+    """Sequence parallelism cuts every sequence into tp equal parts: refuse, in one line, a length tp does not
+    divide (before any collective, on every tp rank alike: they read the same batch)."""
+    if input_ids.size(-1) % tp:
+        raise ConfigError(f"parallel.tp={tp} splits each sequence into {tp} equal parts, but a batch has length "
+                          f"{input_ids.size(-1)}: make max_seq_len and data.pad_to_multiple_of multiples of {tp}")
 
 
 def _sum_rope_key_grad(out: torch.Tensor, rope: int, mesh) -> torch.Tensor:
