@@ -1,9 +1,10 @@
 """Parallelism applied to a `ReasoningLLM` from outside, after it is built on the meta device (in the spirit of
 torchtitan's `parallelize_llama`): tensor parallelism with DTensor `parallelize_module` (Megatron-LM column/row
-splits), expert parallelism (MoE experts split over ranks, all-to-all token dispatch), then FSDP2 `fully_shard` per block and on the root (HSDP over `dp_replicate`), then `to_empty` and an
-initialisation that gives every rank exactly its shard of what one process would have drawn. No rank ever holds
-the full model: at most one module's full parameters exist at a time. The cross-rank parts of training and the
-activation checkpointing the model itself knows nothing of live here too (`update_router_bias`, `apply_ac`).
+splits), expert parallelism (MoE experts split over ranks, all-to-all token dispatch), then FSDP2 `fully_shard` per
+block and on the root (HSDP over `dp_replicate`), then `to_empty` and an initialisation that gives every rank
+exactly its shard of what one process would have drawn. No rank ever holds the full model: at most one module's full
+parameters exist at a time. The cross-rank parts of training and the activation checkpointing the model itself knows
+nothing of live here too (`update_router_bias`, `apply_ac`).
 """
 
 import contextlib
@@ -183,7 +184,8 @@ class ExpertDispatch:
         received = received.view(self.ep, local)
         send, recv = counts.view(self.ep, local).sum(1).tolist(), received.sum(1).tolist()
         x = all_to_all_single_autograd(x, recv, send, self.group)
-        expert = torch.arange(local, device=x.device).repeat(self.ep).repeat_interleave(received.flatten())
+        expert = torch.arange(local, device=x.device).repeat(self.ep).repeat_interleave(received.flatten(),
+                                                                                      output_size=sum(recv))
         order = expert.argsort(stable=True)
         self.state = (order.argsort(), send, recv)
         return x[order], received.sum(0)
