@@ -11,8 +11,8 @@ Bytes are counted per component the way the trainer allocates them:
 - activations: what autograd saves per layer and token (measured layer by layer with saved-tensor hooks on
   this code: see `_layer_bytes_per_token`); a checkpointed layer keeps only its input, and one layer is
   recomputed at a time in backward;
-- logits/loss: one chunk of `loss_chunk_size` tokens of logits in compute dtype (+ an fp32 copy) + log-softmax
-  + their gradient, and the gathered hidden states of the loss tokens;
+- logits/loss: one chunk of `loss_chunk_size` tokens at its backward: the fp32 log-softmax, its incoming and
+  outgoing gradients (bf16 logits are gone by then), and the gathered hidden states of the loss tokens;
 - temporary: the gradient flowing between layers and the recomputed layer's gradient buffers.
 
 Peak = max(backward, optimizer step): weights + optimizer state + all activations + the head's gradient (all
@@ -364,9 +364,10 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     activations += tokens * (8 + 8 * args.dim + 4)  # ids, embedding output, final-norm input and rstd
     recompute = max((full for ck, full in zip(checkpointed, layer_full) if ck), default=0)
     chunk = min(s.loss_chunk_size, tokens)
-    # one chunk: logits in compute dtype, their fp32 copy (none when computing in fp32), log-softmax, gradient
+    # one chunk at its backward: the saved fp32 log-softmax, its incoming gradient and the gradient it returns, 4
+    # bytes each (bf16 logits are freed once copied to fp32, before any of these exist; #15), and the chunk's hidden
     # (tensor parallelism gathers the head's vocabulary columns: every rank holds whole logits)
-    logits = chunk * args.vocab_size * (c + (4 if c != 4 else 0) + 4 + 4) + tokens * args.dim * c
+    logits = chunk * args.vocab_size * 3 * 4 + tokens * args.dim * c
     temp = 2 * tokens * args.dim * 4 + recompute + dequant_temp  # grads between layers, the recomputed layer
     head_grad = args.vocab_size * args.dim // tp * grad_bytes if finetune == "full" else 0
     gathered = 0
