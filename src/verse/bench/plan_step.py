@@ -1,10 +1,11 @@
 """The measuring program of `verse bench plan`: `python -m verse.bench.plan_step SPEC_JSON`.
 
 SPEC_JSON is `{"preset": NAME, "model": {ModelArgs overrides}, "settings": {PlanSettings fields}}`, optionally with
-`"finetune": {finetune section}` (LoRA/QLoRA; `preset` is then the base checkpoint's path). The model and
-the `TrainConfig` are built exactly as `verse train` builds them (`build_model`, every `PlanSettings` field
-forwarded), one warm-up step of the same configuration is run and freed, then two measured steps; the program
-prints one JSON line `{"measured": peak bytes, "plan": verse.train.planner.plan(...)}`.
+`"finetune": {finetune section}` (LoRA/QLoRA; `preset` is then the base checkpoint's path) or `"parallel": {parallel
+section}` (then launched by `torchrun`: every rank measures itself). The model and the `TrainConfig` are built
+exactly as `verse train` builds them (`build_model`, every `PlanSettings` field forwarded; sharded over the ranks),
+one warm-up step of the same configuration is run and freed, then two measured steps; the program (every rank)
+prints one JSON line `{"measured": peak bytes, "plan": verse.train.planner.plan(...), "rank": rank}`.
 """
 
 import gc
@@ -22,7 +23,7 @@ from verse.train.planner import PlanSettings, config_fields, finetune_from_confi
 
 
 def train_config(settings: PlanSettings, preset: str = "tiny", model: Dict[str, Any] | None = None,
-                 finetune: Dict[str, Any] | None = None) -> TrainConfig:
+                 finetune: Dict[str, Any] | None = None, parallel: Dict[str, Any] | None = None) -> TrainConfig:
     """The `TrainConfig` of a measured case: every `PlanSettings` field, a preset and its model overrides.
 
     Args:
@@ -30,6 +31,7 @@ def train_config(settings: PlanSettings, preset: str = "tiny", model: Dict[str, 
         preset (str): the model preset the overrides apply to.
         model (Dict[str, Any] | None): ModelArgs overrides (`dtype` comes from `settings.param_dtype`).
         finetune (Dict[str, Any] | None): the `finetune:` section (LoRA/QLoRA; `preset` is then a checkpoint path).
+        parallel (Dict[str, Any] | None): the `parallel:` section (a torchrun job).
 
     Returns:
         TrainConfig: validated; gradient clipping off with a fused backward (which cannot clip).
@@ -37,6 +39,7 @@ def train_config(settings: PlanSettings, preset: str = "tiny", model: Dict[str, 
     overrides = {k: v for k, v in (model or {}).items() if k != "dtype"}
     return TrainConfig.from_dict({**config_fields(settings), "model": preset, "model_overrides": overrides,
                                   **({"finetune": finetune} if finetune else {}),
+                                  **({"parallel": parallel} if parallel else {}),
                                   "lr": 1e-4, "grad_clip": 0.0 if settings.fused_backward else 1.0,
                                   "device": "cuda" if torch.cuda.is_available() else "cpu"}, "bench plan case")
 
@@ -48,12 +51,18 @@ def _rss() -> Tuple[int, int]:
 
 
 def measure_in_process(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Peak bytes of two real training steps of `spec` in this process, and the plan of the same step."""
+    """Peak bytes of two real training steps of `spec` in this process (this rank under torchrun), and the plan of
+    the same step (of this rank)."""
+    from verse.train.distributed import ParallelConfig, init_distributed
+
     torch.set_num_threads(1)
     settings = PlanSettings(**spec["settings"])
-    cfg = train_config(settings, spec.get("preset", "tiny"), spec.get("model"), spec.get("finetune"))
+    cfg = train_config(settings, spec.get("preset", "tiny"), spec.get("model"), spec.get("finetune"),
+                       spec.get("parallel"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    dist = init_distributed(ParallelConfig.from_dict(cfg.parallel), device)
+    device = dist.device
     autocast = cfg.autocast(device)
 
     def batches():
@@ -62,11 +71,12 @@ def measure_in_process(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     # warm-up: one step of the same configuration loads every kernel and lazy module and compiles what torchao
     # compiles, so that the baseline holds them; then everything is freed
-    model = build_model(cfg, device)
-    train_step(model, TrainOptimizer(model, cfg), batches(), cfg, autocast)
+    model = build_model(cfg, device, dist=dist)
+    train_step(model, TrainOptimizer(model, cfg), batches(), cfg, autocast, dist)
     args = model.args
     del model
     gc.collect()
+    dist.barrier()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -75,12 +85,16 @@ def measure_in_process(spec: Dict[str, Any]) -> Dict[str, Any]:
     else:
         base = _rss()[0]
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, dist=dist)
     optimizer = TrainOptimizer(model, cfg)
     for _ in range(2):
-        train_step(model, optimizer, batches(), cfg, autocast)
+        train_step(model, optimizer, batches(), cfg, autocast, dist)
     peak = (torch.cuda.max_memory_allocated() if cuda else _rss()[1]) - base
-    return {"measured": peak, "plan": plan(args, settings, "cpu", device_memory=0, **finetune_from_config(cfg))}
+    dist.barrier()
+    dist.close()
+    layout = {"parallel": dist.parallel} if dist.enabled else {}
+    return {"measured": peak, "rank": dist.rank,
+            "plan": plan(args, settings, "cpu", device_memory=0, **finetune_from_config(cfg), **layout)}
 
 
 def main(argv: list | None = None) -> int:

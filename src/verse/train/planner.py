@@ -372,14 +372,15 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     head_grad = args.vocab_size * args.dim // tp * grad_bytes if finetune == "full" else 0
     gathered = 0
     if sharding is not None and sharding["fsdp"]:
-        # FSDP2 keeps the root (embedding, head) and the last block unsharded from forward to backward, one block
-        # runs while the next is prefetched; in backward a block's unsharded gradients wait for their
-        # reduce-scatter (in fp32 when computed in bf16)
+        # FSDP2 keeps the root (embedding, norm, head) and the last block unsharded from forward into backward, and
+        # the head's gradient (unsharded, in the gathered dtype) lives until the root's reduce-scatter at the end;
+        # later in backward one block is prefetched while another runs, whose unsharded gradients wait for their
+        # reduce-scatter (an fp32 copy when computed in bf16)
         gather_bytes = 2 if fsdp_mp else pbytes
         blocks = sharding["block_full"]
-        gathered = gather_bytes * (sharding["root_full"] + blocks[-1] + 2 * max(blocks[:-1], default=0))
-        temp += max(blocks) * (gather_bytes + (4 if fsdp_mp else 0))
-        head_grad = sharding["root_full"] * (gather_bytes + (4 if fsdp_mp else 0))
+        gathered = gather_bytes * (sharding["root_full"] + blocks[-1])
+        temp += max(blocks) * (2 * gather_bytes + (4 if fsdp_mp else 0))
+        head_grad = args.vocab_size * args.dim // tp * gather_bytes
     persistent_grads = grads if s.gradient_accumulation_steps > 1 and not s.fused_backward else 0
     # the loss chunks run first in backward and are freed before any layer is recomputed
     backward_peak = (weights + autocast_copies + optimizer + activations + gathered + max(logits, temp)
