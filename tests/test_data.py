@@ -405,6 +405,50 @@ def test_hub_short_names_read_a_local_copy_laid_out_as_the_hub(tok, name, repo, 
         build_loader(cfg([{"name": name, "path": str(directory), "split": "nope"}]), tok, max_seq_len=64)
 
 
+def test_hub_stream_is_split_over_ranks_by_datasets(tmp_path, tok):
+    """#14: each rank of a Hub source reads its own share, the one `datasets.distributed.split_dataset_by_node` gives
+    (the oracle: datasets itself on the same local copy, here in two files: one whole file per rank, not every
+    other row of both); the shares are disjoint and make up the whole; the held-out rows are the same whatever
+    the number of ranks."""
+    import shutil
+
+    import datasets
+    import pyarrow.parquet as pq
+    from datasets.distributed import split_dataset_by_node
+
+    directory = tmp_path / "HuggingFaceH4" / "ultrachat_200k"
+    shutil.copytree(HUB_FIXTURES / "HuggingFaceH4" / "ultrachat_200k", directory)
+    train = directory / "data" / "train_sft-00000-of-00001.parquet"
+    table = pq.read_table(train)
+    half = table.num_rows // 2
+    pq.write_table(table.slice(0, half), directory / "data" / "train_sft-00000-of-00002.parquet")
+    pq.write_table(table.slice(half), directory / "data" / "train_sft-00001-of-00002.parquet")
+    train.unlink()
+    end = "<|im_end|>"
+
+    def answers(rows):
+        return sorted("".join(m["content"] + end for m in r["messages"] if m["role"] == "assistant") for r in rows
+                      if all(m["content"].strip() for m in r["messages"]))
+
+    whole = datasets.load_dataset(str(directory), split="train_sft", streaming=True)
+    kw = dict(max_seq_len=512, micro_batch_size=2, seed=0)
+    source = [{"name": "ultrachat", "path": str(directory)}]
+    shares = []
+    for rank in (0, 1):
+        got = sorted(_texts(build_loader(cfg(source, cycle=False), tok, rank=rank, world_size=2, **kw), tok))
+        assert got == answers(split_dataset_by_node(whole, rank=rank, world_size=2))
+        shares.append(got)
+    assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == answers(whole)
+    assert all(len(share) >= 3 for share in shares)
+    # with a held-out fraction: the same eval rows on 1 and on 2 ranks; train + eval is everything once
+    held = cfg(source, cycle=False, eval_fraction=0.3)
+    one = sorted(_texts(build_loader(held, tok, split="eval", **kw), tok))
+    two = sorted(t for r in (0, 1) for t in _texts(build_loader(held, tok, split="eval", rank=r, world_size=2, **kw),
+                                                    tok))
+    train = [t for r in (0, 1) for t in _texts(build_loader(held, tok, rank=r, world_size=2, **kw), tok)]
+    assert one == two and 0 < len(one) and sorted(train + two) == answers(whole)
+
+
 def test_opencodereasoning_hub_defaults_are_the_hubs():
     from verse.data.config import HUB_SOURCES
 

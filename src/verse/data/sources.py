@@ -4,8 +4,10 @@ Every source is a list of parts (one Hub split, or one local file each) read wit
 `datasets.load_dataset(..., streaming=True)`. JSON Lines go through the `text` builder and are parsed
 line by line here, so that one broken line (bad JSON, non-UTF-8 bytes, a type that would break Arrow's
 schema inference for the whole file) is skipped and reported with its file and line instead of failing
-the file. Row `r` of a part belongs to data-parallel rank `r % world_size`; a hash of the row's position
-decides train vs eval. Rows are shuffled in blocks of `shuffle_buffer` by a permutation seeded by
+the file. A Hub dataset is split over the data-parallel ranks by `datasets.distributed.split_dataset_by_node`
+(whole shards per rank when their number allows, else every `world_size`-th row), and a hash of the row's content
+decides train vs eval (the same rows whatever the number of ranks); row `r` of a local file belongs to rank
+`r % world_size`, and a hash of its position decides train vs eval. Rows are shuffled in blocks of `shuffle_buffer` by a permutation seeded by
 (seed, source, epoch, block), so a position is just (epoch, part, row, block, offset): a resume re-reads
 at most one block per source.
 """
@@ -120,12 +122,14 @@ def source_schema(src: SourceConfig) -> str:
     return hub_defaults(src)[3]
 
 
-def open_part(part: Part, skip: int = 0):
+def open_part(part: Part, skip: int = 0, rank: int = 0, world_size: int = 1):
     """A streaming `datasets.IterableDataset` over a part's rows, after skipping `skip` rows.
 
     Args:
         part: the part.
-        skip: rows to skip (resume).
+        skip: rows to skip (resume; rows of this rank's share for a Hub part).
+        rank: data-parallel rank: a Hub part yields only this rank's share (`split_dataset_by_node`).
+        world_size: number of data-parallel ranks.
 
     Returns:
         datasets.IterableDataset: rows as dicts ({"text": line} for jsonl and text files).
@@ -134,6 +138,10 @@ def open_part(part: Part, skip: int = 0):
 
     if part.kind == "hub":
         ds = datasets.load_dataset(part.path, part.config, split=part.split, streaming=True)
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     elif part.kind in ("jsonl", "text"):
         # "replace" keeps the stream going; the replacement character then marks the line as non-UTF-8.
         ds = datasets.load_dataset("text", data_files=[part.path], split="train", streaming=True,
@@ -275,9 +283,11 @@ class SourceReader:
             here = row
             row += 1
             self._rows_at = (epoch, part, row)
-            if here % self.world_size != self.rank or not self._in_split(part, here):
+            hub = self.parts[part].kind == "hub"  # rows of this rank's share only, numbered within it
+            if (not hub and here % self.world_size != self.rank) or not self._in_split(part, here, raw):
                 continue
-            where = self.parts[part].where(here)
+            where = self.parts[part].where(here) + (f" of rank {self.rank}'s share" if hub and self.world_size > 1
+                                                    else "")
             try:
                 record = parse_row(self.parts[part], raw, self.max_record_bytes)
                 if record is not None:
@@ -292,16 +302,19 @@ class SourceReader:
     def _rows_from(self, epoch: int, part: int, row: int) -> Iterator:
         """The open row iterator when it is at (epoch, part, row), else a new one skipped there."""
         if self._rows is None or self._rows_at != (epoch, part, row):
-            self._rows = iter(open_part(self.parts[part], skip=row))
+            self._rows = iter(open_part(self.parts[part], skip=row, rank=self.rank, world_size=self.world_size))
             self._rows_at = (epoch, part, row)
         return self._rows
 
-    def _in_split(self, part: int, row: int) -> bool:
+    def _in_split(self, part: int, row: int, raw: Dict[str, Any]) -> bool:
         fraction, want_eval = self.holdout
         if not fraction:
             return not want_eval
-        # keyed by file name (or Hub repo) and row, so renaming the source or moving its folder keeps the split
-        digest = hashlib.blake2b(f"{Path(self.parts[part].path).name}/{row}".encode(), digest_size=8).digest()
+        # a local file's rows keyed by file name and row, so renaming the source or moving its folder keeps the
+        # split; a Hub row by its content (its index within a rank's share depends on the number of ranks)
+        key = (json.dumps(raw, sort_keys=True, ensure_ascii=False, default=str) if self.parts[part].kind == "hub"
+               else f"{Path(self.parts[part].path).name}/{row}")
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
         return (int.from_bytes(digest, "little") / 2.0**64 < fraction) == want_eval
 
     def _count(self, e: BadRecord, where: str) -> None:
