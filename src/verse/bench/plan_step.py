@@ -103,7 +103,9 @@ def main(argv: list | None = None) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(__doc__.strip().splitlines()[0], file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    print(json.dumps(measure_in_process(json.loads(argv[0]))))
+    # one write of one line: the ranks of a torchrun job share the pipe, and a write under PIPE_BUF is atomic
+    sys.stdout.write(json.dumps(measure_in_process(json.loads(argv[0]))) + "\n")
+    sys.stdout.flush()
     return 0
 
 
