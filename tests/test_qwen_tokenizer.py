@@ -103,7 +103,8 @@ PIECES = st.sampled_from(["a", "b c", " ", "\n", "<think>", "</think>", "x\n\n",
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(contents=st.lists(st.lists(PIECES, max_size=6).map("".join), min_size=2, max_size=6),
-       name=st.sampled_from(["qwen3", "qwen2.5-instruct", "llama-3.1-instruct"]), thinking=st.sampled_from([None, False]))
+       name=st.sampled_from(["qwen3", "qwen2.5-instruct", "llama-3.1-instruct"]),
+       thinking=st.sampled_from([None, False]))
 def test_mask_matches_transformers_for_any_contents(pair, contents, name, thinking):
     """Replies made of whitespace, stray or unclosed <think> tags and text: ids and mask as the oracle says."""
     tok, hf = pair[name]
@@ -255,3 +256,28 @@ def test_server_chat_template_kwargs(pair, qwen3_checkpoint):
     for bad in ("on", {"enable_thinking": "no"}, {"tools": []}):
         with pytest.raises(BadRequest, match="chat_template_kwargs"):
             server.parse({"messages": messages, "max_tokens": 4, "chat_template_kwargs": bad}, chat=True)
+
+
+def test_data_enable_thinking(pair, published_tokenizers, tmp_path):
+    """`data.enable_thinking: false` trains each reply without the empty <think> block the prompt then holds;
+    the loader (workers included) and `verse data preview` tokenize alike; a template without the switch is refused."""
+    from verse.data.config import DataConfig
+    from verse.data.loader import DataLoader
+    from verse.data.preview import preview_examples
+    from verse.errors import ConfigError
+
+    tok, hf = pair["qwen3"]
+    messages = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    for thinking, trained in ((None, "<think>\n\n</think>\n\nhi<|im_end|>"), (False, "hi<|im_end|>")):
+        cfg = DataConfig.from_dict({"sources": [str(path)], "enable_thinking": thinking, "num_workers": 1,
+                                    "pack": False, "cycle": False})
+        enc = preview_examples(cfg, tok, n=1)[0]
+        assert tok.decode(enc.ids[enc.mask]) == trained
+        batch = next(iter(DataLoader(cfg, tok, max_seq_len=64, micro_batch_size=1, seed=0)))
+        ids = batch["input_ids"][0][: len(enc.ids)].tolist()
+        assert ids == enc.ids.tolist() == list(hf.apply_chat_template(messages, return_dict=True)["input_ids"])
+    cfg = DataConfig.from_dict({"sources": [str(path)], "enable_thinking": False})
+    with pytest.raises(ConfigError, match="enable_thinking"):
+        DataLoader(cfg, verse.load_tokenizer("byte"), max_seq_len=64, micro_batch_size=1, seed=0)

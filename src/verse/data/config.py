@@ -65,6 +65,7 @@ class DataConfig:
           truncation: truncate    # truncate | drop | split (texts cut into chunks): longer examples, counted
           pack: true              # pack several examples per sequence (position ids restart per example)
           train_on: all_assistant # all_assistant | last_assistant: which assistant turns carry loss
+          enable_thinking: null   # Qwen3 templates: false = each reply's empty <think> block is prompt, not trained
           eval_fraction: 0.01     # hold out this fraction of every source for split="eval" ...
           eval_sources: []        # ... or evaluate on these sources instead (same fields as sources)
           shuffle_buffer: 1000    # records shuffled together per source (a deterministic permutation)
@@ -85,6 +86,8 @@ class DataConfig:
         pack: pack examples into full rows; otherwise one example per row, padded to the batch's longest.
         pad_to_multiple_of: unpacked rows are padded to a multiple of this (fewer compiled shapes).
         train_on: "all_assistant" or "last_assistant".
+        enable_thinking: the chat template's reasoning switch (Qwen3's `enable_thinking`) for every render; None
+            keeps the template's default.
         shuffle_buffer: records per source shuffled together (1 = file order).
         num_workers: background tokenizer processes (0 = inline).
         max_record_bytes: larger records are skipped as "too_large".
@@ -99,6 +102,7 @@ class DataConfig:
     pack: bool = True
     pad_to_multiple_of: int = 64
     train_on: str = "all_assistant"
+    enable_thinking: Optional[bool] = None
     shuffle_buffer: int = 1000
     num_workers: int = 1
     max_record_bytes: int = 4 << 20

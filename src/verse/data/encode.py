@@ -52,7 +52,7 @@ class Encoded:
 
 
 def encode_example(tokenizer: Any, example: Example, *, max_seq_len: int, train_on: str, truncation: str,
-                   source: int = 0, where: str = "") -> Encoded:
+                   source: int = 0, where: str = "", enable_thinking: Optional[bool] = None) -> Encoded:
     """Tokenize one example and apply the length policy.
 
     Args:
@@ -64,6 +64,7 @@ def encode_example(tokenizer: Any, example: Example, *, max_seq_len: int, train_
             loader cuts them into max_seq_len chunks; conversations are truncated).
         source: index of the source (carried along for stats).
         where: location of the record (carried along for reports).
+        enable_thinking: the chat template's reasoning switch (Qwen3); None = the template's default.
 
     Returns:
         Encoded: ids and mask, or `dropped` set.
@@ -75,7 +76,8 @@ def encode_example(tokenizer: Any, example: Example, *, max_seq_len: int, train_
             ids += [tokenizer.eos_id] if tokenizer.eos_id is not None else []
             mask = np.ones(len(ids), dtype=bool)
         else:
-            enc = tokenizer.encode_chat(example, train_on=train_on)
+            switch = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+            enc = tokenizer.encode_chat(example, train_on=train_on, **switch)
             ids, mask = enc.input_ids, np.asarray(enc.loss_mask, dtype=bool)
     except Exception as e:  # a record the template rejects is a bad record, not the end of the run
         log.warning("skipped record at %s: the tokenizer failed (%s: %s)", where, type(e).__name__, e)
@@ -161,7 +163,7 @@ class Encoder:
     Args:
         tokenizer: the tokenizer (inherited by forked workers; pickled where only spawn exists).
         num_workers: processes; 0 tokenizes in this process.
-        **options: keyword arguments of `encode_example` (max_seq_len, train_on, truncation).
+        **options: keyword arguments of `encode_example` (max_seq_len, train_on, truncation, enable_thinking).
     """
 
     def __init__(self, tokenizer: Any, num_workers: int, **options: Any) -> None:

@@ -92,6 +92,11 @@ class DataLoader:
         if micro_batch_size < 1 or max_seq_len < 2:
             raise ConfigError(f"micro_batch_size must be >= 1 and max_seq_len >= 2, got {micro_batch_size}, "
                               f"{max_seq_len}")
+        template = getattr(tokenizer, "chat_template", None) or ""
+        if cfg.enable_thinking is not None and "enable_thinking" not in template:
+            name = getattr(tokenizer, "name", "the tokenizer")
+            raise ConfigError(f"data.enable_thinking: the chat template of {name} has no enable_thinking switch "
+                              "(Qwen3's); remove the field")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.max_seq_len, self.micro_batch_size, self.seed = max_seq_len, micro_batch_size, seed
         self.split = split
@@ -142,8 +147,8 @@ class DataLoader:
         stream.load_state_dict(self._resume["stream"] or self._start)
         self.counters = Counter(self._resume["counters"])
         workers = self.cfg.num_workers if self.split == "train" else 0  # eval reads a few batches: no pool
-        encoder = Encoder(self.tokenizer, workers, max_seq_len=self.max_seq_len,
-                          train_on=self.cfg.train_on, truncation=self.cfg.truncation)
+        encoder = Encoder(self.tokenizer, workers, max_seq_len=self.max_seq_len, train_on=self.cfg.train_on,
+                          truncation=self.cfg.truncation, enable_thinking=self.cfg.enable_thinking)
         try:
             yield from self._batches(encoder.map(self._blocks(stream, self._resume["skip"])))
         finally:

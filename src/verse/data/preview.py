@@ -33,7 +33,7 @@ def preview_examples(cfg: DataConfig, tokenizer: Any, *, n: int = 3, max_seq_len
                         micro_batch_size=1, seed=seed)
     stream = MixedStream(loader.readers, loader.weights, seed)
     return [encode_example(tokenizer, example, max_seq_len=loader.max_seq_len, train_on=cfg.train_on,
-                           truncation=cfg.truncation, source=i, where=where)
+                           truncation=cfg.truncation, source=i, where=where, enable_thinking=cfg.enable_thinking)
             for i, example, where in islice(stream, n)]
 
 

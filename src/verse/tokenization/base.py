@@ -194,7 +194,7 @@ class Tokenizer:
                 raise VerseError(f"the chat template of {self.name} has no enable_thinking switch (Qwen3's); "
                                  "leave out --thinking for this model")
             options["enable_thinking"] = bool(enabled)
-        self.chat_options = MappingProxyType(options)
+        self.chat_options = options  # a plain dict: tokenizers travel to data workers by pickle
 
     def apply_chat_template(self, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = False,
                             tokenize: bool = True, **template_kwargs) -> Union[List[int], str]:
