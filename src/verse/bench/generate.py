@@ -22,10 +22,11 @@ PROMPT = "Explain, step by step, why the sky is blue and why sunsets are red."
 BATCHES = (1, 8, 32, 128)
 
 
-ROW_HELP = ("Verse row(s), each DTYPE or gguf, optionally +compile: DTYPE is auto (what `verse generate` picks "
+ROW_HELP = ("Verse row(s), each DTYPE, int8 or gguf, optionally +compile: DTYPE is auto (what `verse generate` picks "
             "here: float32 on CPUs without native bf16, the exact upcast of the same weights), bfloat16, float16 or "
             "float32, with dense weights; gguf keeps a .gguf file's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K blocks "
-            "(gemm_impl=gguf, float32 activations); +compile compiles the decode step. Default: auto, and gguf+compile "
+            "(gemm_impl=gguf, float32 activations); int8 quantizes the dense weights to int8 with per-row scales "
+            "(`--quantize int8`; activations in the auto dtype); +compile compiles the decode step. Default: auto, and gguf+compile "
             "for a quantized .gguf")
 
 
@@ -182,15 +183,19 @@ def bench_llama_cpp(path: Path, prompt: List[int], new_tokens: int, threads: int
 
 
 def parse_row(row: str, dtype: torch.dtype) -> Dict:
-    """"gguf+compile" -> {"weights": "gguf", "dtype": float32, "compile": True} (see `ROW_HELP`)."""
+    """"gguf+compile" -> {"weights": "gguf", "dtype": float32, "compile": True} (see `ROW_HELP`); "int8" ->
+    {"weights": "int8", "dtype": the auto dtype, ...}."""
     from verse.errors import VerseError
     from verse.infer.runtime import inference_dtype
 
     name, _, extra = row.partition("+")
-    if extra not in ("", "compile") or name not in ("auto", "bfloat16", "float16", "float32", "gguf"):
-        raise VerseError(f"--verse {row!r}: expected auto, bfloat16, float16, float32 or gguf, optionally +compile")
+    if extra not in ("", "compile") or name not in ("auto", "bfloat16", "float16", "float32", "gguf", "int8"):
+        raise VerseError(f"--verse {row!r}: expected auto, bfloat16, float16, float32, int8 or gguf, "
+                         "optionally +compile")
     if name == "gguf":
         return {"weights": "gguf", "dtype": torch.float32, "compile": bool(extra)}
+    if name == "int8":
+        return {"weights": "int8", "dtype": inference_dtype("auto", "cpu") or dtype, "compile": bool(extra)}
     resolved = (inference_dtype("auto", "cpu") or dtype) if name == "auto" else getattr(torch, name)
     return {"weights": "dense", "dtype": resolved, "compile": bool(extra)}
 
@@ -220,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from verse.interop.load import load_model
     from verse.tokenization import load_tokenizer
     from verse.assets import smollm2_gguf
+    from verse.model.linear import int8_weights_
     from verse.errors import VerseError
 
     if args.threads:
@@ -245,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
     models = {}
     for row, spec in rows.items():
         models[row] = load_model(path, dtype=spec["dtype"], gemm_impl="gguf" if spec["weights"] == "gguf" else "bf16")
+        if spec["weights"] == "int8":
+            int8_weights_(models[row])
     reference_model = None if args.no_reference else load_transformers(path, dtype)
     runs: Dict[str, List[Dict]] = {row: [] for row in [*rows, "transformers"]}
     tokens: Dict[str, List[int]] = {}

@@ -7,6 +7,7 @@ from verse.commands.generate import (add_generation_arguments, check_generation_
 
 HELP = "Chat with a model in the terminal (/reset, /system, /save; Ctrl-C stops an answer), or in a web UI (--ui)."
 EXAMPLES = """  verse chat model.gguf
+  verse chat runs/sft/final --quantize int8          # int8 weights: faster CPU decoding of a dense checkpoint
   verse chat runs/sft/final --system 'You are a careful reasoner.' --temperature 0.7 --top-p 0.95
   verse chat model.gguf --ui                         # http://127.0.0.1:7860
   verse chat base/ --adapter runs/lora/latest --ui    # a LoRA adapter on its base, unmerged

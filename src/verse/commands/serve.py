@@ -18,7 +18,7 @@ EXAMPLES = """  verse serve runs/sft/final                            # http://1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from verse.infer.runtime import DTYPE_CHOICES
+    from verse.infer.runtime import DTYPE_CHOICES, QUANTIZE_CHOICES
     from verse.infer.serve import MAX_BODY_BYTES
 
     parser.add_argument("checkpoint", metavar="MODEL", help="checkpoint directory, HF model directory or .gguf file")
@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=8, help="most sequences decoded at once (default 8)")
     parser.add_argument("--max-len", type=int, default=None,
                         help="context per sequence, prompt + completion (default: the model's max_seq_len)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="int8: weight-only int8 for dense checkpoints (half the bytes of bf16 per token)")
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20,
                         help=f"refuse request bodies over this many MiB with a 413 (default {MAX_BODY_BYTES // 2**20})")
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(args.device, "--device")
     sock = listen(args.host, args.port)  # before the model loads: a taken port fails in a second, not after it
     model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter,
-                                          thinking=THINKING.get(args.thinking))
+                                          thinking=THINKING.get(args.thinking), quantize=args.quantize)
     engine = Engine(model.eval(), tokenizer, args.slots, args.max_len)
     name = args.name or Path(args.checkpoint.rstrip("/")).name
     print(f"verse serve: {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {engine.max_len} tokens)",

@@ -7,6 +7,7 @@ import torch
 from verse.errors import VerseError
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+QUANTIZE_CHOICES = ("int8",)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -36,7 +37,8 @@ def inference_dtype(name: str, device: str | torch.device) -> Optional[torch.dty
 
 
 def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str = "cpu", dtype: str = "auto",
-                       adapter: Optional[str] = None, thinking: Optional[bool] = None, **overrides):
+                       adapter: Optional[str] = None, thinking: Optional[bool] = None,
+                       quantize: Optional[str] = None, **overrides):
     """Load a model (anything `verse.load` accepts) and its tokenizer.
 
     Args:
@@ -47,6 +49,8 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
         adapter (Optional[str]): a LoRA adapter directory (PEFT format) to apply on top, unmerged.
         thinking (Optional[bool]): the chat template's reasoning switch (Qwen3's `enable_thinking`); None = the
             template's default.
+        quantize (Optional[str]): "int8": weight-only int8 with per-row scales for the dense linear layers
+            (`verse.model.linear.int8_weights_`: half the bytes of bf16 per decoded token; activations keep `dtype`).
         **overrides: execution-only `ModelArgs` fields for `verse.load` (e.g. `attn_impl="absorb"`).
 
     Returns:
@@ -55,16 +59,25 @@ def load_for_inference(path: str, tokenizer: Optional[str] = None, device: str =
 
     Raises:
         VerseError: the tokenizer has ids past the model's vocabulary (e.g. `--tokenizer o200k` on a small model),
-            or `thinking` is set for a template without the switch.
+            or `thinking` is set for a template without the switch; `quantize` is unknown or finds no dense linear
+            layer (e.g. GGUF blocks kept with `--gemm-impl gguf`).
     """
     from verse.interop.load import load_model
     from verse.tokenization import load_tokenizer
 
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise VerseError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     model = load_model(path, device=device, dtype=inference_dtype(dtype, device), **overrides)
     if adapter is not None:
         from verse.interop.adapter import load_adapter
 
         model = load_adapter(model, adapter).eval()
+    if quantize == "int8":
+        from verse.model.linear import int8_weights_
+
+        if not any(getattr(m, "int8_scale", None) is not None for m in int8_weights_(model).modules()):
+            raise VerseError(f"--quantize int8 found no dense linear layer in {path} (its weights are already "
+                             "quantized, e.g. GGUF blocks with --gemm-impl gguf); drop --quantize")
     tokenizer = load_tokenizer(tokenizer or tokenizer_source(path))
     tokenizer.set_thinking(thinking)
     return model, tokenizer.fit_vocab(model.args.vocab_size, f"the model {path}")
