@@ -74,6 +74,25 @@ def test_step_makes_no_host_sync(monkeypatch):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the update ran
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
+def test_step_makes_no_host_sync_on_cuda():
+    """On a GPU, CUDA itself reports every synchronizing call (`set_sync_debug_mode("error")` raises on one)."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32")).train()
+    cfg = TrainConfig(max_seq_len=16, micro_batch_size=2, gradient_accumulation_steps=2, precision="bf16")
+    optimizer = TrainOptimizer(model, cfg)
+    micro = [{k: v.cuda() for k, v in _batch(seed=i).items()} for i in range(2)]
+    step_tensors(model, optimizer, micro, cfg, cfg.autocast(torch.device("cuda")))  # warm-up: lazy tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step_tensors(model, optimizer, micro, cfg, cfg.autocast(torch.device("cuda")))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(out.applied)
+
+
 def test_non_finite_step_is_skipped_on_the_device():
     model = _tiny()
     cfg = TrainConfig(max_seq_len=16, micro_batch_size=2, precision="fp32")

@@ -6,14 +6,14 @@ import importlib
 HELP = "Throughput of Verse vs a reference implementation in one run (absolute times on a shared machine are noise)."
 EXAMPLES = """  verse bench generate                    # decode/prefill tokens/s vs transformers (SmolLM2-135M)
   verse bench generate --model run/final --json
-  verse bench train                       # training tokens/s vs a reference loop
+  verse bench train                       # training tokens/s, MFU, memory vs transformers (+ a MoE row)
   verse bench plan                        # `verse plan` estimates vs measured peak memory
   verse bench tokenize                    # encode_batch tokens/s vs tiktoken and tokenizers
   verse bench data                        # data pipeline tokens/s vs training tokens/s
 """
 BENCHES = {
     "generate": ("verse.bench.generate", "generation: Verse vs transformers generate (and llama.cpp when installed)"),
-    "train": ("verse.bench.train", "training step throughput vs a reference"),
+    "train": ("verse.bench.train", "training step throughput vs transformers (dense and MoE)"),
     "plan": ("verse.bench.plan", "memory plan vs measured peak"),
     "tokenize": ("verse.bench.tokenizer", "encode_batch vs tiktoken and tokenizers"),
     "data": ("verse.bench.data", "data pipeline vs training throughput"),
