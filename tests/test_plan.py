@@ -372,3 +372,21 @@ def test_cli_plan_bad_layout_is_one_line(capsys, argv, words):
     assert main(["plan", "--preset", "tiny", "--seq-len", "64", *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and words in err
+
+
+def test_cli_plan_reads_the_configs_parallel_section(tmp_path, capsys):
+    """A training config's `parallel:` section is the layout planned (as `verse train` would lay it out); --gpus
+    fills its dp_shard=-1; LoRA under a layout is one line (adapters run on one process)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny\nmode: pretrain\nmax_seq_len: 64\nmodel_overrides:\n  vocab_size: 512\n"
+                    "parallel:\n  tp: 2\n")
+    assert main(["plan", str(path), "--gpus", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["parallel"] == {"dp_replicate": 1, "dp_shard": 2, "ep": 1, "tp": 2} and out["gpus"] == 4
+    assert main(["plan", str(path)]) == 2
+    assert "needs --gpus" in capsys.readouterr().err
+    assert main(["plan", str(path), "--parallel", "dp_shard=2", "--json"]) == 0  # the flag wins
+    assert json.loads(capsys.readouterr().out)["parallel"]["dp_shard"] == 2
+    assert main(["plan", "--preset", "tiny", "--seq-len", "64", "--gpus", "2", "--finetune", "lora"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "one process" in err

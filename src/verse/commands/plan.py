@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from verse.config import ModelArgs, count_params, list_presets
     from verse.tokenization.presets import preset_tokenizer
     from verse.errors import ConfigError
-    from verse.train.distributed import ParallelConfig
+    from verse.train.distributed import MESH_DIMS, ParallelConfig
     from verse.train.planner import (GPUS, MOVES, PlanSettings, check_settings, finetune_from_config, format_bytes,
                                       format_layouts, format_plan, layout_name, plan, search_layouts,
                                       settings_from_config, suggestions)
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gpu {args.gpu}: unknown device; choose one of {', '.join(GPUS)}")
     settings = PlanSettings()
     finetune: dict = {}
+    section: dict = {}
     preset, tokenizer = args.preset, args.tokenizer  # the preset trained, and the tokenizer named (if any)
     if args.preset:
         model_args = _model_args(args.preset, {}, args.tokenizer)
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         preset = cfg.model if cfg.model in list_presets() and "vocab_size" not in cfg.model_overrides else None
         settings = settings_from_config(cfg)
         finetune = finetune_from_config(cfg)
+        section = {k: v for k, v in cfg.parallel.items() if k in MESH_DIMS}  # its layout, unless --parallel
     elif args.source:
         model_args = _model_args(args.source, {})
     else:
@@ -97,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--lora-rank {args.lora_rank}: must be a positive integer")
         finetune["lora_rank"] = args.lora_rank
     layouts: list = []
-    if args.gpus is not None or args.parallel is not None:
-        layout = _layout(args.parallel, args.gpus, model_args)
+    if args.gpus is not None or args.parallel is not None or section:
+        layout = _layout(args.parallel, args.gpus, model_args, section)
         if layout is None:  # search: the least model parallelism that fits, else the one with the lowest peak
             layouts = search_layouts(model_args, settings, args.gpu, args.gpus, mfu=args.mfu, **finetune)
             if not layouts:
@@ -150,8 +152,10 @@ MAX_GPUS = 1024  # how far `--gpus` searches (doubling) for the fewest GPUs when
 LAYOUT_KEYS = ("parallel", "peak_bytes", "fits", "step_time_s", "tokens_per_s", "comm_time_s")
 
 
-def _layout(spec: Optional[str], gpus: Optional[int], model_args: "ModelArgs"):  # noqa: F821
-    """The `--parallel` layout for `--gpus` ranks (None: search them), checked against the model.
+def _layout(spec: Optional[str], gpus: Optional[int], model_args: "ModelArgs",  # noqa: F821
+            section: Optional[dict] = None):
+    """The `--parallel` layout (else the config's `parallel:` section) for `--gpus` ranks (None: search them),
+    checked against the model.
 
     Raises:
         ConfigError: a malformed spec, a product that is not --gpus, or a split the model does not allow.
@@ -162,30 +166,35 @@ def _layout(spec: Optional[str], gpus: Optional[int], model_args: "ModelArgs"): 
 
     if gpus is not None and (isinstance(gpus, bool) or gpus < 1):
         raise ConfigError(f"--gpus {gpus}: must be a positive integer")
-    if spec is None:
+    if spec is None and not section:
         return None
-    degrees = {}
-    for item in filter(None, spec.split(",")):
+    degrees = {} if spec is not None else dict(section)
+    for item in filter(None, (spec or "").split(",")):
         name, _, value = item.partition("=")
         name = name.strip()
         if name not in MESH_DIMS or not value.strip().lstrip("-").isdigit():
             raise ConfigError(f"--parallel {spec}: expected NAME=INT items separated by commas, NAME one of "
                               f"{', '.join(MESH_DIMS)}; got {item!r}")
         degrees[name] = int(value)
-    layout = ParallelConfig.from_dict({"dp_shard": 1 if gpus is None else -1, **degrees}, "--parallel")
+    if spec is None:  # the config's section, as `verse train` reads it (dp_shard -1 unless set)
+        label = "the config's parallel: " + ",".join(f"{k}={v}" for k, v in degrees.items())
+    else:
+        label = f"--parallel {spec}"
+        degrees = {"dp_shard": 1 if gpus is None else -1, **degrees}
+    layout = ParallelConfig.from_dict(degrees, "--parallel")
     others = layout.dp_replicate * layout.tp * layout.ep
     if layout.dp_shard == -1:
         if gpus is None or gpus % others:
-            raise ConfigError(f"--parallel {spec}: dp_shard=-1 (the rest) needs --gpus N, a multiple of "
+            raise ConfigError(f"{label}: dp_shard=-1 (the rest) needs --gpus N, a multiple of "
                               f"dp_replicate x tp x ep = {others}")
         layout = dataclasses.replace(layout, dp_shard=gpus // others)
     total = others * layout.dp_shard
     if gpus is not None and total != gpus:
-        raise ConfigError(f"--parallel {spec}: dp_replicate x dp_shard x ep x tp = {total}, but --gpus is {gpus}; "
+        raise ConfigError(f"{label}: dp_replicate x dp_shard x ep x tp = {total}, but --gpus is {gpus}; "
                           f"make the product equal the number of GPUs")
     problems = layout_problems(model_args, layout)
     if problems:
-        raise ConfigError(f"--parallel {spec}: {'; '.join(problems)}; choose degrees that divide them")
+        raise ConfigError(f"{label}: {'; '.join(problems)}; choose degrees that divide them")
     return layout
 
 

@@ -7,9 +7,10 @@ schema inference for the whole file) is skipped and reported with its file and l
 the file. A Hub dataset is split over the data-parallel ranks by `datasets.distributed.split_dataset_by_node`
 (whole shards per rank when their number allows, else every `world_size`-th row), and a hash of the row's content
 decides train vs eval (the same rows whatever the number of ranks); row `r` of a local file belongs to rank
-`r % world_size`, and a hash of its position decides train vs eval. Rows are shuffled in blocks of `shuffle_buffer` by a permutation seeded by
-(seed, source, epoch, block), so a position is just (epoch, part, row, block, offset): a resume re-reads
-at most one block per source.
+`r % world_size`, and a hash of its position decides train vs eval. Rows are shuffled in blocks of
+`shuffle_buffer` by a permutation seeded by (seed, source, epoch, block), so a position is just (epoch, part, row,
+block, offset), the row counted within the rank's share of a Hub part: a resume re-reads at most one block per
+source.
 """
 
 import glob
