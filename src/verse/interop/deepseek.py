@@ -273,7 +273,7 @@ def _rope_target(module: str, args: ModelArgs) -> Optional[bool]:
 
 
 def expert_weight(experts: Dict[tuple, torch.Tensor], layer: int, expert: int, hf: str,
-                   args: ModelArgs) -> torch.Tensor:
+                  args: ModelArgs) -> torch.Tensor:
     """Pop one expert's weight from `experts` (keyed (layer, expert, proj, suffix)), dequantized if FP8."""
     name = f"model.layers.{layer}.mlp.experts.{expert}.{hf}.weight"
     weight = experts.pop((layer, expert, hf, "weight"), None)

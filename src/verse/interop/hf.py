@@ -1,8 +1,8 @@
 """The Hugging Face checkpoint directory: read and write config.json, safetensors (sharded), verse.json, tokenizer.
 
 The architecture-specific parts live in adapters picked by HF `model_type`: `verse.interop.llama` (llama,
-mistral), `verse.interop.qwen` (qwen2, qwen3, qwen3_moe) and `verse.interop.deepseek` (deepseek_v2, deepseek_v3). Each exposes `args_from_hf(config)`,
-`hf_config(args)`, `to_verse(state_dict, args)` and `to_hf(state_dict, args)`.
+mistral), `verse.interop.qwen` (qwen2, qwen3, qwen3_moe) and `verse.interop.deepseek` (deepseek_v2, deepseek_v3).
+Each exposes `args_from_hf(config)`, `hf_config(args)`, `to_verse(state_dict, args)` and `to_hf(state_dict, args)`.
 """
 
 import dataclasses
