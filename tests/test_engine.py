@@ -112,3 +112,24 @@ def test_engine_thread_answers_concurrent_submits(model, tok):
     finally:
         engine.stop()
     assert [r.output for r in requests] == [alone(model, tok, p, 8) for p in PROMPTS]
+
+
+def test_auto_slots_fill_half_the_free_memory_with_kv_cache(model, monkeypatch):
+    """`slots="auto"`: rows of KV cache (keys and values of every layer, float32 here) plus one step's float32
+    logits and probabilities, counted by hand, into half the free memory; the cache allocated is that size."""
+    import verse.infer.engine as engine_module
+
+    args, max_len = model.args, 48
+    cache_row = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4 * max_len  # k and v, float32
+    per_slot = cache_row + 2 * 4 * args.vocab_size
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: 2 * 5 * per_slot + 7)
+    engine = Engine(model, None, slots="auto", max_len=max_len)
+    assert engine.slots == engine_module.auto_slots(model, max_len, 2 * 5 * per_slot + 7) == 5
+    caches = [layer.attn.cache for layer in model.layers]
+    assert sum(c.k.nbytes + c.v.nbytes for c in caches) == 5 * cache_row
+    assert engine_module.auto_slots(model, max_len, 10**15) == engine_module.AUTO_SLOTS_MAX
+    with pytest.raises(VerseError, match="lower --max-len"):
+        engine_module.auto_slots(model, max_len, per_slot)  # half of it is not one slot
+    with pytest.raises(VerseError, match="at least 1 slot"):
+        Engine(model, None, slots=0, max_len=max_len)
+    model.clear_cache()

@@ -200,6 +200,6 @@ def test_serve_command_refuses_a_taken_port_in_one_line(checkpoint, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot listen on 127.0.0.1:" in err and "--port" in err
     assert main(["serve", str(checkpoint), "--slots", "0"]) == 2
-    assert "--slots must be >= 1" in capsys.readouterr().err
+    assert "--slots must be auto or a number >= 1" in capsys.readouterr().err
     assert main(["serve", str(checkpoint), "--max-body-mb", "0"]) == 2
     assert "--max-body-mb must be > 0" in capsys.readouterr().err

@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--name", default=None, help="model id clients pass as `model` (default: MODEL's name)")
-    parser.add_argument("--slots", type=int, default=8, help="most sequences decoded at once (default 8)")
+    parser.add_argument("--slots", default="auto",
+                        help="most sequences decoded at once: N, or auto (default): as many KV-cache rows of --max-len "
+                             "tokens as fit in half the free memory (RAM, or the GPU's), at most 64")
     parser.add_argument("--max-len", type=int, default=None,
                         help="context per sequence, prompt + completion (default: the model's max_seq_len)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
@@ -54,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port < 65536:
         raise VerseError(f"--port must be in 0..65535, got {args.port}")
-    if args.slots < 1:
-        raise VerseError(f"--slots must be >= 1, got {args.slots}")
+    if args.slots != "auto" and not (args.slots.isdigit() and int(args.slots) >= 1):
+        raise VerseError(f"--slots must be auto or a number >= 1, got {args.slots}")
     if not args.max_body_mb > 0:
         raise VerseError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     if args.max_len is not None and args.max_len < 2:
@@ -64,11 +66,12 @@ def run(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)  # before the model loads: a taken port fails in a second, not after it
     model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.adapter,
                                           thinking=THINKING.get(args.thinking), quantize=args.quantize)
-    engine = Engine(model.eval(), tokenizer, args.slots, args.max_len)
+    engine = Engine(model.eval(), tokenizer, args.slots if args.slots == "auto" else int(args.slots), args.max_len)
     name = args.name or Path(args.checkpoint.rstrip("/")).name
-    print(f"verse serve: {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {engine.max_len} tokens)",
+    print(f"verse serve: {name} on http://{args.host}:{args.port}/v1 ({engine.slots} slots of {engine.max_len} tokens)",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, name, int(args.max_body_mb * 2**20)), log_level="warning"))
+    app = create_app(engine, tokenizer, name, int(args.max_body_mb * 2**20))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     server.run(sockets=[sock])
     return 0
 

@@ -28,6 +28,45 @@ from verse.infer.stopping import StopStrings
 
 log = logging.getLogger(__name__)
 GREEDY = SamplingParams()
+AUTO_SLOTS_MEMORY_FRACTION = 0.5  # `slots="auto"` gives the KV cache at most this part of the free memory
+AUTO_SLOTS_MAX = 64  # ... and at most this many slots (wider decode steps add little throughput on a CPU)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device`: CUDA's free memory, or the host's available RAM (psutil)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def auto_slots(model, max_len: int, free_bytes: Optional[int] = None) -> int:
+    """How many slots of `max_len` positions the engine gets with `slots="auto"`: as many rows of KV cache (and
+    one step's logits, `verse.model.mla.generation_bytes_per_row`) as fit in `AUTO_SLOTS_MEMORY_FRACTION` of the
+    free memory, between 1 and `AUTO_SLOTS_MAX`.
+
+    Args:
+        model (ReasoningLLM): the model (its configuration and weights' device and dtype).
+        max_len (int): positions per slot.
+        free_bytes (Optional[int]): free memory; default `free_memory` of the model's device.
+
+    Returns:
+        int: the number of slots.
+
+    Raises:
+        VerseError: not even one slot fits.
+    """
+    from verse.model.mla import generation_bytes_per_row
+
+    device = model.embed.weight.device
+    free = free_memory(device) if free_bytes is None else free_bytes
+    per_slot = generation_bytes_per_row(model.args, max_len, model.embed.weight.dtype)
+    slots = int(free * AUTO_SLOTS_MEMORY_FRACTION) // per_slot
+    if slots < 1:
+        raise VerseError(f"one sequence of {max_len} tokens needs {per_slot / 2**30:.2f} GiB of KV cache and "
+                         f"{free / 2**30:.2f} GiB is free on {device}; lower --max-len or pass --slots N")
+    return min(slots, AUTO_SLOTS_MAX)
 
 
 @dataclass(eq=False)
@@ -99,23 +138,25 @@ class Engine:
     Args:
         model (ReasoningLLM): the model (eval mode).
         tokenizer: a Verse tokenizer (stop ids, stop strings); may be None with neither.
-        slots (int): most sequences decoded at once (rows of the KV cache).
+        slots (int | str): most sequences decoded at once (rows of the KV cache); "auto" sizes them from the free
+            memory (`auto_slots`).
         max_len (Optional[int]): positions per slot (prompt + new tokens); default the model's `max_seq_len`.
         stop_ids (Optional[set[int]]): ids that end a generation; default `tokenizer.stop_ids`.
     """
 
-    def __init__(self, model, tokenizer, slots: int = 8, max_len: Optional[int] = None,
+    def __init__(self, model, tokenizer, slots: int | str = 8, max_len: Optional[int] = None,
                  stop_ids: Optional[set] = None):
-        if slots < 1:
-            raise VerseError(f"the engine needs at least 1 slot, got {slots}")
-        self.model, self.tokenizer, self.slots = model, tokenizer, slots
+        self.model, self.tokenizer = model, tokenizer
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         if self.max_len < 2:
             raise VerseError(f"max_len must be >= 2 positions, got {self.max_len}")
+        self.slots = auto_slots(model, self.max_len) if slots == "auto" else slots
+        if not isinstance(self.slots, int) or self.slots < 1:
+            raise VerseError(f"the engine needs at least 1 slot (or 'auto'), got {slots!r}")
         self.stop_ids = set(getattr(tokenizer, "stop_ids", ()) or ()) if stop_ids is None else set(stop_ids)
         self.device = model.embed.weight.device
-        model.setup_cache(slots, self.max_len)
-        self.last = torch.zeros(slots, dtype=torch.long, device=self.device)  # each row's newest token
+        model.setup_cache(self.slots, self.max_len)
+        self.last = torch.zeros(self.slots, dtype=torch.long, device=self.device)  # each row's newest token
         self.running: List[_Sequence] = []  # row i of the cache is running[i]
         self.waiting: Deque[Request] = deque()
         self.cond = threading.Condition()

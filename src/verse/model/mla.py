@@ -61,6 +61,21 @@ def cache_bytes_per_token(args: ModelArgs, attn_impl: Optional[str] = None, dtyp
     return per_layer * args.n_layers * torch.empty(0, dtype=dtype).element_size()
 
 
+def generation_bytes_per_row(args: ModelArgs, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Memory one generated sequence holds while decoding: its KV cache of `seq_len` positions and one step's
+    float32 logits and probabilities (what the GRPO plan and the serving engine's `--slots auto` count per row).
+
+    Args:
+        args (ModelArgs): model configuration.
+        seq_len (int): cached positions (prompt + completion).
+        dtype (torch.dtype): cache dtype.
+
+    Returns:
+        int: bytes.
+    """
+    return seq_len * cache_bytes_per_token(args, dtype=dtype) + args.vocab_size * 4 * 2
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention with low-rank query (`q_lora_rank` > 0) and key/value compression.
 

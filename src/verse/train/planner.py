@@ -389,11 +389,10 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     reference_bytes = count_params(args) * pbytes if reference and finetune == "full" else 0
     generation = 0
     if rollout_rows:
-        from verse.model.mla import cache_bytes_per_token
+        from verse.model.mla import generation_bytes_per_row
 
         cache_dtype = torch_dtype("bfloat16" if finetune == "qlora" else s.param_dtype)
-        generation = rollout_rows * (s.seq_len * cache_bytes_per_token(args, dtype=cache_dtype)
-                                     + args.vocab_size * 4 * 2)  # the cache; one step's logits and probabilities
+        generation = rollout_rows * generation_bytes_per_row(args, s.seq_len, cache_dtype)
     peak = max(backward_peak, step_peak, weights + optimizer + generation) + reference_bytes
 
     flops = flops_per_token(args, s.seq_len) * (1 + (1 / 3 if k else 0) / max(k, 1))  # recompute = +1 forward
