@@ -57,6 +57,41 @@ def test_requests_joining_at_different_steps_match_one_at_a_time(model, tok):
     assert engine.free_slots == 3
 
 
+@pytest.mark.parametrize("budget", [4096, 40])
+def test_requests_admitted_together_are_prefilled_together(model, tok, monkeypatch, budget):
+    """Six prompts of different lengths (greedy, seeded, repetition penalty) submitted at once are prefilled in one
+    right-padded forward (in groups of at most `budget` padded tokens), and each decodes exactly its batch-1
+    tokens."""
+    import verse.infer.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", budget)
+    specs = [dict(max_tokens=9), dict(max_tokens=8, temperature=0.9, top_p=0.9, seed=3), dict(max_tokens=1),
+             dict(max_tokens=9, temperature=1.2, top_k=20, seed=7), dict(max_tokens=8, repetition_penalty=1.3),
+             dict(max_tokens=7, temperature=0.7, seed=11, repetition_penalty=1.2)]
+    expected = [alone(model, tok, p, **s) for p, s in zip(PROMPTS, specs)]
+    groups = []
+    prefill = Engine._prefill
+    monkeypatch.setattr(Engine, "_prefill", lambda self, group: groups.append([len(r.prompt) for r in group]) or
+                        prefill(self, group))
+    engine = Engine(model, tok, slots=6, max_len=64)
+    requests = []
+    for prompt, spec in zip(PROMPTS, specs):
+        spec = dict(spec)
+        max_tokens, seed = spec.pop("max_tokens"), spec.pop("seed", None)
+        requests.append(engine.submit(Request(tok.encode(prompt), max_tokens, SamplingParams(**spec), seed)))
+    engine.step()
+    lengths = [len(tok.encode(p)) for p in PROMPTS]
+    assert [n for group in groups for n in group] == lengths  # all admitted at the first step, in order
+    if budget >= len(PROMPTS) * max(lengths):
+        assert len(groups) == 1
+    else:  # several groups, each within the budget unless it is a single prompt
+        assert len(groups) > 1 and all(len(g) == 1 or len(g) * max(g) <= budget for g in groups)
+    while engine.step():
+        pass
+    assert [r.output for r in requests] == expected
+    assert engine.free_slots == 6
+
+
 def test_stop_strings_and_updates(model, tok):
     """A stop string taken from the greedy continuation ends it there, as in `generate.stream`; `on_update`
     hands out exactly the final ids, in order."""

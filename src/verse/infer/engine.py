@@ -1,7 +1,8 @@
 """Continuous batching: many generations share one batched decode step, joining and leaving at step boundaries.
 
-The KV cache has a fixed number of slots (rows), one per running sequence. A new request is prefilled alone into a
-free slot (exactly as `generate.stream` prefills it), then decodes with all the others in one forward per step,
+The KV cache has a fixed number of slots (rows), one per running sequence. New requests are prefilled into free
+slots, those admitted at the same step together in one forward (prompts right-padded, each row at its own
+positions, up to `PREFILL_TOKENS` padded tokens a forward), then each decodes with all the others in one forward per step,
 each row at its own position (`input_pos` [B, 1]: per-row cache writes, RoPE positions and causal masks). Running
 sequences always fill rows 0 .. n-1: when one finishes, the last row's cache moves into its place, so a step
 attends over a contiguous view of the cache and never gathers rows. Every request has its own sampling
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 GREEDY = SamplingParams()
 AUTO_SLOTS_MEMORY_FRACTION = 0.5  # `slots="auto"` gives the KV cache at most this part of the free memory
 AUTO_SLOTS_MAX = 64  # ... and at most this many slots (wider decode steps add little throughput on a CPU)
+PREFILL_TOKENS = 4096  # most (padded) prompt tokens prefilled in one forward: several short prompts share one
 
 
 def free_memory(device: torch.device) -> int:
@@ -238,37 +240,55 @@ class Engine:
                 else:
                     admitted.append(request)
         self._drop([row for row, seq in enumerate(self.running) if seq.request.cancelled], "cancelled")
-        for request in admitted:
-            self._prefill(request)
+        group: List[Request] = []
+        for request in admitted:  # consecutive groups, each within the token budget of one forward
+            if group and (len(group) + 1) * max(len(r.prompt) for r in [*group, request]) > PREFILL_TOKENS:
+                self._prefill(group)
+                group = []
+            group.append(request)
+        if group:
+            self._prefill(group)
         if self.running:
             self._decode()
         with self.cond:
             return bool(self.running or self.waiting)
 
-    def _prefill(self, request: Request) -> None:
-        """Run the prompt into the next free row, pick the first token (as `generate.decode_steps` does)."""
-        row, P = len(self.running), len(request.prompt)
-        generator = None if request.seed is None else torch.Generator(self.device).manual_seed(request.seed)
-        ids = torch.as_tensor(request.prompt, dtype=torch.long, device=self.device)[None]
-        seen = None
-        if request.params.repetition_penalty != 1.0:
-            seen = torch.zeros(1, self.model.args.vocab_size, dtype=torch.bool, device=self.device)
-            seen[0, ids[0]] = True
-        stops = StopStrings(self.tokenizer, request.stop_strings) if request.stop_strings else None
-        seq = _Sequence(request, Continuation(self.stop_ids, stops), generator, seen, P)
+    def _prefill(self, requests: List[Request]) -> None:
+        """Run the prompts into the next free rows in one forward and pick each first token (as
+        `generate.decode_steps` does).
+
+        Prompts are right-padded: every row sits at positions 0.., so a prompt's tokens see only its own (causal
+        mask per row); the padding's keys land in the cache past the prompt, where decoding overwrites them before
+        any query reaches them."""
+        first, n = len(self.running), len(requests)
+        lengths = torch.tensor([len(r.prompt) for r in requests], device=self.device)
+        ids = torch.zeros(n, int(lengths.max()), dtype=torch.long, device=self.device)
+        for row, request in enumerate(requests):
+            ids[row, :len(request.prompt)] = torch.as_tensor(request.prompt, dtype=torch.long)
+        positions = torch.arange(ids.size(1), device=self.device).expand(n, -1)
         layers = self.model.layers
         caches = [layer.attn.cache for layer in layers]
         try:
-            for layer, cache in zip(layers, caches):  # the prompt's keys and values go straight into its row
-                layer.attn.cache = cache.rows(row, 1)
-            hidden = self.model.hidden_states(ids, input_pos=torch.arange(P, device=self.device))
+            for layer, cache in zip(layers, caches):  # the prompts' keys and values go straight into their rows
+                layer.attn.cache = cache.rows(first, n)
+            hidden = self.model.hidden_states(ids, input_pos=positions)
         finally:
             for layer, cache in zip(layers, caches):
                 layer.attn.cache = cache
-        token = sample(self.model.head(hidden[:, -1]), request.params, seen, generator)
-        self.running.append(seq)
-        self.last[row] = token[0]
-        self._advance([token])
+        logits = self.model.head(hidden[torch.arange(n, device=self.device), lengths - 1])
+        picks = []
+        for row, request in enumerate(requests):
+            generator = None if request.seed is None else torch.Generator(self.device).manual_seed(request.seed)
+            seen = None
+            if request.params.repetition_penalty != 1.0:
+                seen = torch.zeros(1, self.model.args.vocab_size, dtype=torch.bool, device=self.device)
+                seen[0, ids[row, :len(request.prompt)]] = True
+            stops = StopStrings(self.tokenizer, request.stop_strings) if request.stop_strings else None
+            self.running.append(_Sequence(request, Continuation(self.stop_ids, stops), generator, seen,
+                                          len(request.prompt)))
+            picks.append(sample(logits[row:row + 1], request.params, seen, generator))
+        self.last[first:first + n] = torch.cat(picks)
+        self._advance(picks)
 
     def _decode(self) -> None:
         """One forward for all running rows, each at its own position, and the next token of each."""
