@@ -1,6 +1,7 @@
 """Training on several processes (torchrun, gloo on CPU): the same losses as one process, sharded checkpoints that
 resume on another number of ranks, the `parallel:` section, `python -m verse`."""
 
+import copy
 import importlib.util
 import json
 import os
@@ -73,7 +74,12 @@ TP = "parallel.tp=2 parallel.dp_shard=1"
     # expert parallel: each rank holds 4 of the 8 experts, all-to-all dispatch (dense weights FSDP2 over ep)
     pytest.param("bytegpt-tiny", "parallel.ep=2 parallel.dp_shard=1", 2, marks=pytest.mark.slow),
     pytest.param("bytegpt-tiny", "parallel.ep=2 parallel.dp_shard=2", 4, marks=pytest.mark.slow),  # + FSDP2 experts
-    pytest.param("bytegpt-tiny", "parallel.ep=2 parallel.tp=2 parallel.dp_shard=1", 4, marks=pytest.mark.slow)])
+    pytest.param("bytegpt-tiny", "parallel.ep=2 parallel.tp=2 parallel.dp_shard=1", 4, marks=pytest.mark.slow),
+    pytest.param("bytegpt-tiny", "parallel.ep=2 parallel.dp_replicate=2 parallel.dp_shard=1", 4,
+                 marks=pytest.mark.slow),  # EP + HSDP (experts replicated over dp_replicate)
+    # activation checkpointing recomputes the dispatch (its all-to-alls) in backward
+    pytest.param("bytegpt-tiny", "parallel.ep=2 parallel.dp_shard=1 activation_checkpointing=1", 2,
+                 marks=pytest.mark.slow)])
 def test_ranks_match_one_process(tmp_path, model, layout, ranks):
     """N ranks, each data-parallel rank with its part of the global batch == 1 process with the whole batch, for 5
     steps (fp32, within 1e-5): same init (built on meta, initialised per shard), global token normalisation, summed
@@ -118,6 +124,17 @@ def test_sharded_checkpoint_resumes_on_one_and_four_ranks(tmp_path):
     assert losses(four, 4, "resume") == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.slow
+def test_expert_parallel_checkpoint_resumes_on_one_process(tmp_path):
+    """Saved by 2 expert-parallel ranks at step 3 (each its 4 of the 8 experts), resumed on one process: steps 4-5
+    have the losses of an uninterrupted single-process run."""
+    ref = one_process(tmp_path / "one", "bytegpt-tiny", 5)
+    two = tmp_path / "two"
+    torchrun(2, str(WORKER), str(two), "bytegpt-tiny", "3", "parallel.ep=2", "parallel.dp_shard=1")
+    assert losses(two, 2) == pytest.approx(ref[:3], rel=1e-5, abs=1e-5)
+    assert one_process(two, "bytegpt-tiny", 5, "resume") == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
+
+
 def test_parallel_section_is_validated():
     assert ParallelConfig.from_dict({"dp_shard": 2, "tp": 2}).resolve(4).degrees == {
         "dp_replicate": 1, "dp_shard": 2, "ep": 1, "tp": 2}
@@ -142,11 +159,12 @@ def test_tensor_parallel_needs_divisible_widths():
         apply_tp(model, Dist(parallel=ParallelConfig(tp=3, dp_shard=1)))
 
 
-def test_expert_parallel_dispatch_splits_experts(tmp_path):
+@pytest.mark.parametrize("model", ["bytegpt-tiny", pytest.param("qwen3-30b-a3b", marks=pytest.mark.slow)])
+def test_expert_parallel_dispatch_splits_experts(tmp_path, model):
     """ep=2 (all-to-all around the experts): each rank holds only its 4 of the 8 experts (the one-process values),
     its outputs are one process's on its own batch, and its experts' gradients are one process's summed over both
-    ranks' batches (tokens of the other rank reached them)."""
-    torchrun(2, str(Path(__file__).parent / "fixtures" / "ep_worker.py"), str(tmp_path))
+    ranks' batches (tokens of the other rank reached them). DeepSeek MLA+MoE and (tiny) Qwen3-MoE."""
+    torchrun(2, str(Path(__file__).parent / "fixtures" / "ep_worker.py"), str(tmp_path), model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok-0.json", "ok-1.json"]
 
 
@@ -171,6 +189,29 @@ def test_expert_parallel_needs_moe_layers_and_divisible_experts():
         apply_ep(dense, Dist(parallel=ParallelConfig(ep=2, dp_shard=1)))
     with pytest.raises(ConfigError, match=r"^parallel.ep=3 must divide n_routed_experts=8: "):
         apply_ep(moe, Dist(parallel=ParallelConfig(ep=3, dp_shard=1)))
+
+
+def test_optimizer_state_of_sharded_ranks_steps_on_one_process():
+    """Sharded ranks save a foreach (not fused) AdamW; resumed on one process, its groups say fused=None, and the
+    step must take the host path (a fused-only found_inf made torch's foreach AdamW raise). Oracle: torch's AdamW."""
+    from verse import ModelArgs, ReasoningLLM
+    from verse.train.optim import TrainOptimizer, param_groups
+
+    torch.manual_seed(0)
+    model = ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32", n_layers=1))
+    ref = copy.deepcopy(model)
+    cfg = TrainConfig(precision="fp32", weight_decay=0.0)
+    optimizer = TrainOptimizer(model, cfg)
+    saved = torch.optim.AdamW(param_groups(ref, 0.0), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                              foreach=True)
+    optimizer.torch_optimizer().load_state_dict(saved.state_dict())
+    ids = torch.randint(0, 512, (2, 8))
+    for m in (model, ref):
+        m(ids).float().pow(2).mean().backward()
+    optimizer.step(skip=torch.tensor(False))
+    saved.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
 
 
 def test_layout_that_needs_more_ranks_is_one_line(tmp_path, capsys):

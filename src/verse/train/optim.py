@@ -172,7 +172,10 @@ class TrainOptimizer:
         if self.cfg.fused_backward:
             return
         opt = self.optimizers[0]
-        on_device = self.masters is None and isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused")
+        # what this step will run: a state loaded from another layout (e.g. several ranks' foreach AdamW, resumed on
+        # one process) brings its groups' `fused` along
+        on_device = (self.masters is None and isinstance(opt, torch.optim.AdamW)
+                     and all(g.get("fused") for g in opt.param_groups))
         if skip is not None and not on_device and bool(skip):
             return
         if self.masters is not None:
