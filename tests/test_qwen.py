@@ -298,8 +298,7 @@ def test_verse_train_sft_of_a_tiny_qwen3_lowers_the_loss_and_saves_for_transform
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"add {i} {i + 1}"},
                                                       {"role": "assistant", "content": f"{2 * i + 1}"}]}) + "\n"
                             for i in range(16)))
-    (tmp_path / "sft.yaml").write_text(f"model: {tmp_path / 'base'}\nmode: sft\ntokenizer: byte\n")
-    assert main(["train", str(tmp_path / "sft.yaml"), f"out_dir={tmp_path}/run",
+    assert main(["train", f"model={tmp_path / 'base'}", "mode=sft", "tokenizer=byte", f"out_dir={tmp_path}/run",
                  "max_steps=8", "max_seq_len=64", "micro_batch_size=4", "lr=3e-3", "warmup_steps=1",
                  "precision=fp32", f"data.sources=[{{path: {data}}}]", "data.num_workers=0", "plot=false",
                  "--no-progress"]) == 0

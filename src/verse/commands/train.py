@@ -9,6 +9,7 @@ EXAMPLES = """  verse train --print-config > my.yaml           # every field, it
   verse train my.yaml lr=1e-4 max_steps=2000     # SFT as configured, two values overridden
   verse train --preset bytegpt-tiny max_steps=200 # byte-level MLA+MoE on the stdlib's sources, bits/byte
   verse train --preset tiny max_steps=50 data.sources='[{path: corpus.txt}]'   # pretrain from scratch
+  verse train model=Qwen/Qwen3-0.6B mode=sft data.sources='[{path: chat.jsonl}]'   # no YAML: fields alone
   verse train --resume runs/verse                # continue after a crash, kill or Ctrl-C, exactly
   verse train my.yaml param_dtype=bfloat16 optimizer=adamw8bit activation_checkpointing=1
   torchrun --nproc-per-node 8 -m verse train my.yaml parallel.dp_shard=8   # FSDP2 over 8 GPUs
@@ -41,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
         if config is not None:
             overrides = [config, *overrides] if "=" in config else overrides
         cfg = load_run_config(args.resume, overrides)
-    elif config is None and args.preset is None:
-        raise ConfigError("give a CONFIG.yaml, --preset NAME or --resume RUN_DIR (see verse train --help)")
+    elif config is None and args.preset is None and not any(o.split("=", 1)[0] == "model" for o in overrides):
+        raise ConfigError("give a CONFIG.yaml, --preset NAME, model=DIR_OR_PRESET or --resume RUN_DIR "
+                          "(see verse train --help)")
     else:
         cfg = TrainConfig.load(config, overrides, preset=args.preset)
     if cfg.mode == "grpo":
