@@ -75,3 +75,17 @@ def test_bench_generate_has_int8_rows():
                                                          ["dtype"], "compile": True}
     with pytest.raises(VerseError, match="int8"):
         parse_row("int4", torch.bfloat16)
+
+
+def test_lora_layer_over_a_plain_and_an_int8_base():
+    """A LoRA layer keeps its base's int8 weights (and works over a plain one): base x W^T + s B A x."""
+    from verse.peft.lora import LoraArgs, LoraLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16)
+    for base in (Linear(16, 8), Linear(16, 8).int8_()):
+        layer = LoraLinear(base, LoraArgs(rank=2))
+        torch.nn.init.normal_(layer.lora_B)
+        oracle = (F.linear(x, base.dequantized_weight(torch.float32))
+                  + F.linear(F.linear(x, layer.lora_A), layer.lora_B) * layer.scaling)
+        torch.testing.assert_close(layer(x), oracle, rtol=1e-5, atol=1e-5)

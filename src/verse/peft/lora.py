@@ -85,6 +85,7 @@ class LoraLinear(Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias, self.scale = base.weight, base.bias, base.scale
         self.ggml_type = base.ggml_type
+        self.register_buffer("int8_scale", base.int8_scale, persistent=False)  # an int8 base (Linear.int8_)
         self.gemm_impl, self.block_size = base.gemm_impl, base.block_size  # the base layer's own GEMM settings
         self.init_scale = base.init_scale
         for p in base.parameters(recurse=False):
