@@ -219,7 +219,7 @@ def test_kernel_rejects_mismatched_features(kernels):
     with pytest.raises(RuntimeError, match="features"):
         kernel_gemm(torch.randn(2, 64), blocks, ggml.Q8_0)
     with pytest.raises(RuntimeError):
-        torch.ops.verse_ggml.dequantize(blocks, 7)  # Q5_1 is not one of the three
+        torch.ops.verse_ggml.dequantize(blocks, 7)  # Q5_1 has no kernel
 
 
 def test_reference_fallback_without_kernels(monkeypatch):

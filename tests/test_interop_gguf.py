@@ -86,7 +86,8 @@ def tokens(T=20, vocab=VOCAB, seed=1):
     return torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K],
+                         ids=lambda q: q.name)
 def test_gguf_tensor_types_match_transformers(qtype, tmp_path):
     path = write_gguf(tmp_path / "m.gguf", qtype, tied=qtype == Q.Q4_1)
     model = verse.load(path, dtype=torch.float32)
