@@ -109,6 +109,47 @@ def test_one_iteration_gradient_is_reinforce_with_baseline(tiny_args):
         torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-6)
 
 
+def test_micro_batches_skip_rows_without_signal_and_padding_but_keep_the_gradient(tiny_args):
+    """Rows whose advantage is 0 (a group scored alike) or that have no loss tokens (overlong-filtered) are not run,
+    and each micro-batch is cut at its longest row: the gradient is still the hand REINFORCE-with-baseline gradient
+    of the whole batch."""
+    from verse.model import ReasoningLLM
+    from verse.rl.trainer import micro_batches
+
+    torch.manual_seed(0)
+    model = ReasoningLLM(tiny_args)
+    prompt = [5, 6, 7]
+    completions = [[10, 11, 12, 13, 14], [13, 14], [15], [16, 17, 18], [20, 21], [22], [23, 24, 25], [26]]
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # the second group scored alike: advantage 0
+    T = len(prompt) + max(map(len, completions))
+    ids = torch.zeros(8, T, dtype=torch.long)
+    mask = torch.zeros(8, T - 1, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        ids[i, :len(prompt) + len(c)] = torch.tensor(prompt + c)
+        mask[i, len(prompt) - 1:len(prompt) - 1 + len(c)] = True
+    mask[3] = False  # as `grpo.overlong_filter` leaves a truncated completion
+    n = int(mask.sum())
+    batches = micro_batches(ids, mask, group_advantages(rewards, 4), size=2)
+    # rows 2 and 1 (4 and 5 tokens) together, cut at 5 tokens; row 0 (8 tokens) alone; rows 3..7 never run
+    assert [tuple(b[0].shape) for b in batches] == [(2, 5), (1, 8)]
+    assert [b[0][:, len(prompt)].tolist() for b in batches] == [[15, 13], [10]]
+    assert sum(len(b[2]) for b in micro_batches(ids, mask, group_advantages(rewards, 4), 2, skip_zero=False)) == 7
+    loss = sum(policy_loss(lp := token_logprobs(model, b_ids, b_mask), lp.detach(), adv, b_mask, n)[0]
+               for b_ids, b_mask, adv in batches)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    hand_adv = [(r - 0.5) / (0.5 + 1e-4) for r in (1.0, 0.0, 0.0)]  # rows 0..2; the others add nothing
+    objective = 0.0
+    for i, c in enumerate(completions[:3]):
+        seq = torch.tensor([prompt + c])
+        logprobs = F.log_softmax(model(seq)[0, :-1].float(), dim=-1)
+        picked = logprobs[torch.arange(len(prompt) - 1, seq.size(1) - 1), torch.tensor(c)]
+        objective = objective + hand_adv[i] * picked.sum()
+    oracle = torch.autograd.grad(-objective / n, list(model.parameters()))
+    for g, o in zip(grads, oracle):
+        torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-6)
+
+
 def test_token_logprobs_match_full_logits(tiny_args):
     from verse.model import ReasoningLLM
 
@@ -185,6 +226,7 @@ def test_rollout_matches_the_generator_and_masks_only_completions(tiny_args):
         assert out.input_ids[i, :len(p) + n].tolist() == p + c + ([stop] if stopped else [])
         assert out.mask[i].nonzero().flatten().tolist() == list(range(len(p) - 1, len(p) - 1 + n))
     assert out.lengths.tolist() == [3, 3] + [len(expected[1]) + (len(expected[1]) < 6)] * 2
+    assert out.truncated.tolist() == [len(c) == 6 for c in out.completions]
     # sampling: a seeded generator reproduces the same group
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     a = rollout(model, prompts, 3, 5, [stop], temperature=1.0, generator=g())
@@ -214,6 +256,7 @@ def test_grpo_section_is_typed_and_validated():
     args = cfg.grpo_args()
     assert (args.group_size, args.epsilon, args.epsilon_high, args.beta) == (4, 0.2, 0.28, 0.04)
     assert args.num_iterations == 1 and args.rewards == [{"name": "exact_answer", "weight": 1.0, "args": {}}]
+    assert args.overlong_filter is False
     assert TrainConfig.load(None, ["mode=grpo", "model=x", "grpo.epsilon=0.3"]).grpo_args().epsilon_high == 0.3
     for override, message in [("grpo.group_size=1", "grpo.group_size: must be at least 2"),
                               ("grpo.beta=-1", "grpo.beta: must be a number >= 0"),
@@ -222,7 +265,10 @@ def test_grpo_section_is_typed_and_validated():
                               ("grpo.nope=1", r"grpo: unknown field\(s\) nope"),
                               ("grpo.rewards=[{name: format, weight: x}]", r"grpo.rewards\[0\].weight: must be a num"),
                               ("grpo.rewards=[]", "grpo.rewards: must be a non-empty list"),
-                              ("grpo.rewards=[{weight: 1}]", r"grpo.rewards\[0\]: must be a reward name")]:
+                              ("grpo.rewards=[{weight: 1}]", r"grpo.rewards\[0\]: must be a reward name"),
+                              ("grpo.overlong_filter=1", "grpo.overlong_filter: must be true or false"),
+                              ("gradient_accumulation_steps=2", "gradient_accumulation_steps: mode=grpo accumulates "
+                               "every micro-batch .* set grpo.prompts_per_step for a larger batch")]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig.load(None, ["mode=grpo", "model=x", override])
     with pytest.raises(ConfigError, match="grpo: set mode=grpo to use it"):
@@ -297,6 +343,42 @@ def test_tiny_model_learns_a_toy_task_by_grpo_alone(tmp_path, monkeypatch):
     evals = [r for r in logged if r["kind"] == "eval"]
     assert len(evals) == 1 and evals[0]["eval_problems"] == 4 and 0 <= evals[0]["eval_accuracy"] <= 1
     assert result.final_dir is not None and result.final_dir.name.endswith("0000016")
+
+
+def test_overlong_filter_trains_no_truncated_completion(tmp_path, monkeypatch):
+    """`grpo.overlong_filter: true` (DAPO): completions cut at max_new_tokens get no loss; without it they do."""
+    import json
+
+    import verse
+    from verse.train.config import TrainConfig
+    from verse.rl.trainer import train_grpo as train
+
+    torch.manual_seed(0)
+    verse.ReasoningLLM(verse.ModelArgs.from_preset("tiny", dtype="float32")).save_pretrained(
+        tmp_path / "base", tokenizer=verse.load_tokenizer("byte"))
+    (tmp_path / "data.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                 {"role": "assistant", "content": "Answer: 7"}]}) + "\n" for i in range(4)))
+    (tmp_path / "toy_rewards2.py").write_text(
+        "def mod_seven(prompt, completion, reference):\n    return float(sum(map(ord, completion)) % 7)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runs = {}
+    for flag in (False, True):
+        cfg = TrainConfig.from_dict(dict(
+            mode="grpo", model=str(tmp_path / "base"), out_dir=str(tmp_path / f"run{flag}"), max_steps=1,
+            max_seq_len=64, data={"sources": [str(tmp_path / "data.jsonl")]}, micro_batch_size=8, lr=1e-3,
+            precision="fp32", device="cpu", save_every=0, plot=False, tensorboard=False,
+            grpo={"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 3, "overlong_filter": flag,
+                  "rewards": ["toy_rewards2:mod_seven"]}))
+        try:
+            runs[flag] = train(cfg, progress=False).metrics[0]
+        finally:
+            sys.modules.pop("toy_rewards2", None)
+    # the same seeded rollouts in both runs; a random byte model seldom ends within 3 tokens, so most rows are cut
+    n_rows, cut = 8, round(runs[True]["truncated_fraction"] * 8)
+    assert runs[True]["truncated_fraction"] == runs[False]["truncated_fraction"] and cut >= 4
+    assert runs[False]["loss_tokens"] - runs[True]["loss_tokens"] == 3 * cut  # exactly the cut rows' 3 tokens each
+    assert runs[False]["rows_trained"] > n_rows - cut >= runs[True]["rows_trained"]
 
 
 @pytest.mark.slow

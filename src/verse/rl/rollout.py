@@ -19,12 +19,14 @@ class Rollout:
         mask (torch.Tensor): [N, T - 1] bool, True where the target `input_ids[:, 1:]` is a completion token.
         completions (List[List[int]]): each completion's ids without the stop token (for decoding and rewards).
         prompt_index (List[int]): which prompt each row answers (`group_size` rows per prompt, side by side).
+        truncated (torch.Tensor): [N] bool, True where the completion was cut at `max_new_tokens` (no stop token).
     """
 
     input_ids: torch.Tensor
     mask: torch.Tensor
     completions: List[List[int]]
     prompt_index: List[int]
+    truncated: torch.Tensor
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -87,4 +89,4 @@ def rollout(model, prompts: Sequence[Sequence[int]], group_size: int, max_new_to
         mask[i, p - 1:p - 1 + n] = True
         completions.append(new[i, :n - int(is_stop[i, n - 1])].tolist() if n else [])
     return Rollout(input_ids=ids.to(device), mask=mask.to(device), completions=completions,
-                   prompt_index=[i // group_size for i in range(len(rows))])
+                   prompt_index=[i // group_size for i in range(len(rows))], truncated=~is_stop.any(dim=1))

@@ -89,6 +89,38 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             del m.forward
 
 
+def micro_batches(input_ids: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, size: int,
+                  skip_zero: bool = True) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The rows that carry a gradient, in micro-batches of rows of similar length, each cut to its longest row.
+
+    Without a KL term a row whose advantage is 0 adds exactly 0 to the loss and to its gradient (each token's
+    term is -min(rho * 0, clip(rho) * 0)), so it need not run at all (DAPO's dynamic sampling drops such groups for
+    the same reason); rows without loss tokens (overlong-filtered) neither. Sorting by length and cutting each
+    micro-batch at its own longest row skips the right-padding a whole-batch layout would compute.
+
+    Args:
+        input_ids (torch.Tensor): [N, T] prompt + completion, right-padded.
+        mask (torch.Tensor): [N, T - 1] bool, the loss tokens.
+        advantages (torch.Tensor): [N] one per row.
+        size (int): most rows per micro-batch.
+        skip_zero (bool): drop rows whose advantage is 0 (only exact without a KL term).
+
+    Returns:
+        List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: (input_ids, mask, advantages) per micro-batch.
+    """
+    keep = mask.any(dim=1)
+    if skip_zero:
+        keep &= advantages != 0
+    ends = mask.int().cumsum(dim=1).argmax(dim=1) + 1  # one past the last loss position (the first maximum)
+    rows = keep.nonzero().flatten()
+    rows = rows[torch.argsort(ends[rows], stable=True)]
+    batches = []
+    for chunk in rows.split(size) if len(rows) else ():  # (an empty tensor splits into one empty chunk)
+        end = int(ends[chunk].max())
+        batches.append((input_ids[chunk, :end + 1], mask[chunk, :end], advantages[chunk]))
+    return batches
+
+
 def train_grpo(cfg, **kwargs: Any):
     """`verse.train.loop.train` for a mode=grpo config, with `GrpoTrainer` as its step (what `verse train` calls).
 
@@ -168,31 +200,35 @@ class GrpoTrainer:
         scores = score(self.rewards, questions, texts, [problems[i].reference for i in out.prompt_index])
         rewards = torch.tensor(scores.total)
         advantages = group_advantages(rewards, a.group_size, scale=a.scale_rewards).to(self.device)
-        n_tokens = int(out.mask.sum())
-        rows = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(texts), cfg.micro_batch_size)]
-        old, ref = [None] * len(rows), [None] * len(rows)
+        mask = out.mask
+        if a.overlong_filter:  # DAPO: a completion cut at max_new_tokens is no evidence either way: no loss on it
+            mask = mask & ~out.truncated.to(mask.device)[:, None]
+        n_tokens = int(mask.sum())
+        batches = micro_batches(out.input_ids, mask, advantages, cfg.micro_batch_size, skip_zero=a.beta == 0)
+        old, ref = [None] * len(batches), [None] * len(batches)
         with torch.no_grad():
-            for j, r in enumerate(rows):
+            for j, (ids, m, _) in enumerate(batches):
                 if a.num_iterations > 1:  # with one update, old = current (detached): ratio 1, no extra forward
-                    old[j] = self._logprobs(model, out.input_ids[r], out.mask[r], autocast)
+                    old[j] = self._logprobs(model, ids, m, autocast)
                 if a.beta > 0:
                     ref_model = self.reference if self.reference is not None else model
                     with adapters_disabled(model) if self.reference is None else contextlib.nullcontext():
-                        ref[j] = self._logprobs(ref_model, out.input_ids[r], out.mask[r], autocast)
-        applied_all, loss_sum, grad_norm = True, None, None
+                        ref[j] = self._logprobs(ref_model, ids, m, autocast)
+        applied_all, loss_sum, grad_norm = bool(batches), None, None
         kl, clipped = 0.0, 0.0
         for _ in range(a.num_iterations):
             loss_sum, kl, clipped = 0.0, 0.0, 0.0
-            for j, r in enumerate(rows):
-                logp = self._logprobs(model, out.input_ids[r], out.mask[r], autocast)
-                loss, stats = policy_loss(logp, old[j] if old[j] is not None else logp.detach(), advantages[r],
-                                          out.mask[r], n_tokens, a.epsilon, a.epsilon_high, a.beta, ref[j])
-                if n_tokens:
-                    loss.backward()
+            for j, (ids, m, adv) in enumerate(batches):
+                logp = self._logprobs(model, ids, m, autocast)
+                loss, stats = policy_loss(logp, old[j] if old[j] is not None else logp.detach(), adv, m, n_tokens,
+                                          a.epsilon, a.epsilon_high, a.beta, ref[j])
+                loss.backward()
                 value = float(loss.detach())
                 loss_sum = loss_sum + value * n_tokens if loss_sum is not None and math.isfinite(value) else None
                 kl, clipped = kl + stats.kl, clipped + stats.clipped
-            grad_norm = optimizer.clip_and_norm(cfg.grad_clip) if loss_sum is not None and n_tokens else None
+            if not batches:  # every group scored alike (and no KL term): no signal, no update
+                break
+            grad_norm = optimizer.clip_and_norm(cfg.grad_clip) if loss_sum is not None else None
             applied = grad_norm is not None and bool(torch.isfinite(grad_norm))
             if applied:
                 optimizer.step()
@@ -205,7 +241,8 @@ class GrpoTrainer:
             "reward_errors": sum(scores.errors.values()),
             "kl": kl / n_tokens if n_tokens and a.beta > 0 else 0.0,
             "clip_fraction": clipped / n_tokens if n_tokens else 0.0,
-            "completion_len": float(lengths.mean()), "completion_len_max": int(lengths.max())}
+            "completion_len": float(lengths.mean()), "completion_len_max": int(lengths.max()),
+            "truncated_fraction": float(out.truncated.float().mean()), "rows_trained": sum(len(b[2]) for b in batches)}
         return loss_sum, n_tokens, grad_norm, applied_all, int(out.input_ids.numel()), record
 
     def evaluate(self, progress: bool = False) -> Dict[str, Any]:

@@ -26,7 +26,8 @@ FINETUNE_METHODS = ("full", "lora", "qlora")
 GRPO_DEFAULTS: Dict[str, Any] = {
     "group_size": 8, "prompts_per_step": 4, "num_iterations": 1, "beta": 0.0, "epsilon": 0.2, "epsilon_high": None,
     "scale_rewards": True, "max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0,
-    "rewards": [{"name": "exact_answer", "weight": 1.0}], "eval_every": 0, "eval_problems": 64}
+    "rewards": [{"name": "exact_answer", "weight": 1.0}], "eval_every": 0, "eval_problems": 64,
+    "overlong_filter": False}
 LORA_FIELDS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["all"], "dora": False, "rslora": False}
 
 
@@ -56,7 +57,9 @@ class TrainConfig:
                                   "reference model), epsilon: 0.2, epsilon_high: null (= epsilon), scale_rewards: "
                                   "true (false = Dr. GRPO), max_new_tokens: 256, temperature: 1.0, top_p: 1.0, "
                                   "rewards: [{name: exact_answer | format | length | module:function, weight: 1.0, "
-                                  "args: {}}], eval_every: 0 (held-out accuracy every N steps), eval_problems: 64}")
+                                  "args: {}}], eval_every: 0 (held-out accuracy every N steps), eval_problems: 64, "
+                                  "overlong_filter: false (true = no loss on completions cut at max_new_tokens, "
+                                  "DAPO)}")
     parallel: Dict[str, Any] = _f({}, "several ranks under torchrun: {dp_replicate, dp_shard (FSDP2; -1 = the "
                                       "rest), tp, ep, cpu_offload, timeout_s}; their product is WORLD_SIZE")
     out_dir: str = _f("runs/verse", "run directory: step-NNNNNNN/ checkpoints, latest, metrics.jsonl, plot.png")
@@ -313,7 +316,12 @@ class TrainConfig:
         check(is_num(values["temperature"]) and values["temperature"] > 0, "temperature",
               "must be a positive number (GRPO needs sampled, different completions)")
         check(is_num(values["top_p"]) and 0 < values["top_p"] <= 1, "top_p", "must be in (0, 1]")
-        check(isinstance(values["scale_rewards"], bool), "scale_rewards", "must be true or false")
+        for name in ("scale_rewards", "overlong_filter"):
+            check(isinstance(values[name], bool), name, "must be true or false")
+        if self.gradient_accumulation_steps != 1:
+            raise ConfigError(f"{source}: gradient_accumulation_steps: mode=grpo accumulates every micro-batch of a "
+                              f"step's group_size x prompts_per_step completions into one update already; set "
+                              f"grpo.prompts_per_step for a larger batch (got {self.gradient_accumulation_steps})")
         rewards = values["rewards"]
         check(isinstance(rewards, list) and len(rewards) > 0, "rewards", "must be a non-empty list of "
               "{name, weight, args}")
@@ -355,6 +363,7 @@ class GrpoArgs:
     rewards: List[Dict[str, Any]]
     eval_every: int
     eval_problems: int
+    overlong_filter: bool
 
 
 def apply_override(data: Dict[str, Any], item: str) -> None:
