@@ -10,6 +10,7 @@ EXAMPLES = """  verse bench generate                    # decode/prefill tokens/
   verse bench plan                        # `verse plan` estimates vs measured peak memory
   verse bench tokenize                    # encode_batch tokens/s vs tiktoken and tokenizers
   verse bench data                        # data pipeline tokens/s vs training tokens/s
+  verse bench grpo --group-size 8 --max-new-tokens 32   # GRPO s/step vs TRL's GRPOTrainer (pip install trl)
 """
 BENCHES = {
     "generate": ("verse.bench.generate", "generation: Verse vs transformers generate (and llama.cpp when installed)"),
@@ -17,6 +18,7 @@ BENCHES = {
     "plan": ("verse.bench.plan", "memory plan vs measured peak"),
     "tokenize": ("verse.bench.tokenizer", "encode_batch vs tiktoken and tokenizers"),
     "data": ("verse.bench.data", "data pipeline vs training throughput"),
+    "grpo": ("verse.bench.grpo", "GRPO step time vs TRL's GRPOTrainer on the same tiny model"),
 }
 
 
