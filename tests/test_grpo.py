@@ -519,3 +519,28 @@ def test_cli_grpo_bad_reward_is_one_line_before_anything_is_written(tmp_path, ca
 
     with pytest.raises(ConfigError, match="mode=grpo runs through verse.rl.trainer.train_grpo"):
         train(TrainConfig.load(common[1], common[2:]))
+
+
+def test_bench_grpo_without_trl_is_one_clear_line(monkeypatch, capsys):
+    from verse.cli import main
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if not installed: `import trl` raises ImportError
+    assert main(["bench", "grpo", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TRL's GRPOTrainer, which is not installed: pip install trl" in err[0]
+
+
+@pytest.mark.slow
+def test_bench_grpo_times_verse_and_trl_on_the_same_settings(capsys):
+    """`verse bench grpo --json`: both sides run the same tiny model and settings (both sample the full completion
+    length) and report a positive step time."""
+    import json
+
+    pytest.importorskip("trl")
+    from verse.cli import main
+
+    assert main(["bench", "grpo", "--steps", "1", "--group-size", "2", "--prompts", "1", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["verse"]["completion_len"] == report["trl"]["completion_len"] == 4
+    assert report["verse"]["s_per_step"] > 0 and report["trl"]["s_per_step"] > 0 and report["speedup"] > 0
