@@ -267,3 +267,72 @@ def test_hung_rank_ends_every_rank_after_the_timeout(tmp_path):
     """Rank 1 hangs in step 4: rank 0's collective times out after parallel.timeout_s, and the job ends."""
     proc = _run_with_fault(tmp_path, "hang:1:3", "parallel.timeout_s=5")
     _check_lost_rank(tmp_path, proc, "Timed out waiting 5000ms")
+
+
+LORA = ("finetune.method=lora", "finetune.lora.rank=4", "finetune.lora.alpha=8")
+
+
+def _lora_base(tmp_path: Path, preset: str) -> Path:
+    """A random base checkpoint of the worker's shapes (fp32, its 256-token vocabulary)."""
+    over = {"dtype": "float32", "vocab_size": 256}
+    if preset == "bytegpt-tiny":
+        over.update(n_layers=2, dim=64, kv_lora_rank=32, inter_dim=128, moe_inter_dim=64)
+    torch.manual_seed(3)
+    verse.ReasoningLLM(verse.ModelArgs.from_preset(preset, **over)).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+@pytest.mark.parametrize("preset, layout", [
+    ("tiny", "parallel.dp_shard=2"),  # FSDP2: adapters sharded with the frozen base
+    pytest.param("tiny", "parallel.dp_replicate=2", marks=pytest.mark.slow),  # DDP-like (HSDP, shard 1)
+    pytest.param("bytegpt-tiny", "parallel.dp_shard=2", marks=pytest.mark.slow)])  # MLA + MoE experts adapted
+def test_lora_ranks_match_one_process(tmp_path, preset, layout):
+    """LoRA under torchrun: 2 ranks give one process's losses for 5 steps (fp32, 1e-5), rank 0 writes the same PEFT
+    adapter one process writes (gathered whole), the base files stay bit-identical, and PEFT on the transformers
+    model gives the single-process adapter's logits."""
+    from safetensors.torch import load_file
+
+    from test_lora import _hashes
+
+    base = _lora_base(tmp_path, preset)
+    before = _hashes(base)
+    ref = one_process(tmp_path / "one", str(base), 5, *LORA)
+    torchrun(2, str(WORKER), str(tmp_path / "two"), str(base), "5", *LORA, *layout.split(), timeout=400)
+    assert losses(tmp_path / "two", 2) == pytest.approx(ref, rel=1e-5, abs=1e-5)
+    assert _hashes(base) == before
+    one, two = (tmp_path / name / "run" / "step-0000005" for name in ("one", "two"))
+    assert json.loads((two / "adapter_config.json").read_text()) == json.loads((one / "adapter_config.json").read_text())
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:  # Adam turns float noise in near-zero gradients into lr-sized steps: see test_ranks_match_one_process
+        diff = (a[k] - b[k]).abs()
+        assert diff.mean() < 1e-4 and diff.max() < 1e-2, (k, diff.mean(), diff.max())
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(two / "dcp")).read_metadata().state_dict_metadata
+    model_keys = [k for k in saved if k.startswith("model.")]
+    assert model_keys and all("lora_" in k for k in model_keys), model_keys  # the base is the run's model
+    assert not (two / "model.safetensors").exists()
+    if preset == "tiny":
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = [PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), d).eval()(ids).logits
+                      for d in (one, two)]
+            torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(verse.load(tmp_path / "two" / "run").eval()(ids), logits[1], rtol=1e-4,
+                                       atol=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_sharded_checkpoint_resumes_on_one_process(tmp_path):
+    """A LoRA run saved by 2 FSDP2 ranks at step 3 (DCP shards of the adapters and their optimizer state only)
+    resumes on one process: steps 4-5 have the losses of an uninterrupted single-process run."""
+    base = _lora_base(tmp_path, "tiny")
+    ref = one_process(tmp_path / "one", str(base), 5, *LORA)
+    two = tmp_path / "two"
+    torchrun(2, str(WORKER), str(two), str(base), "3", *LORA, "parallel.dp_shard=2")
+    assert losses(two, 2) == pytest.approx(ref[:3], rel=1e-5, abs=1e-5)
+    assert one_process(two, str(base), 5, "resume", *LORA) == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)

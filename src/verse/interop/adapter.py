@@ -86,16 +86,24 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     for name, module in lora_modules(model).items():
         hf, order = layout[name]
         if isinstance(module, LoraLinear):
-            out[f"{PREFIX}{hf}.lora_A.weight"] = module.lora_A
-            out[f"{PREFIX}{hf}.lora_B.weight"] = module.lora_B[order]
+            out[f"{PREFIX}{hf}.lora_A.weight"] = _whole(module.lora_A)
+            out[f"{PREFIX}{hf}.lora_B.weight"] = _whole(module.lora_B)[order]
             if module.lora_magnitude is not None:
-                out[f"{PREFIX}{hf}.lora_magnitude_vector"] = module.lora_magnitude[order]
+                out[f"{PREFIX}{hf}.lora_magnitude_vector"] = _whole(module.lora_magnitude)[order]
             continue
         for key, proj in expert_names().items():
             for ab in "AB":
-                for e, matrix in enumerate(getattr(module, f"lora_{ab}_{key}").unbind(0)):
+                for e, matrix in enumerate(_whole(getattr(module, f"lora_{ab}_{key}")).unbind(0)):
                     out[f"{PREFIX}{hf}.{e}.{proj}.lora_{ab}.weight"] = matrix
     return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter as one full tensor: a sharded one (FSDP2's DTensor) is gathered from every rank, which must all
+    call this in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.detach().full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def adapter_config(model: nn.Module, args: LoraArgs, base: Optional[str] = None) -> Dict[str, Any]:
@@ -132,7 +140,7 @@ def lora_args_of(model: nn.Module) -> LoraArgs:
 
 
 def save_adapter(model: nn.Module, path: str | Path, args: Optional[LoraArgs] = None, base: Optional[str] = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """Write the adapters of `model` as a PEFT adapter directory, published atomically (`verse.publish`).
 
     Args:
@@ -142,6 +150,8 @@ def save_adapter(model: nn.Module, path: str | Path, args: Optional[LoraArgs] = 
         args (Optional[LoraArgs]): the adapter settings (default: read back from the modules).
         base (Optional[str]): the base model's path or Hub id, recorded as `base_model_name_or_path`.
         overwrite (bool): replace a non-empty `path` whole.
+        state (Optional[Dict[str, torch.Tensor]]): `adapter_state_dict(model)` when already taken (a sharded model's,
+            gathered by every rank).
 
     Returns:
         Path: the directory.
@@ -155,7 +165,7 @@ def save_adapter(model: nn.Module, path: str | Path, args: Optional[LoraArgs] = 
     target = Path(path).expanduser()
     resave = target.is_dir() and not target.is_symlink() and (target / ADAPTER_CONFIG).is_file()
     target = check_destination(target, overwrite=overwrite or resave)
-    state = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+    state = {k: v.cpu() for k, v in (adapter_state_dict(model) if state is None else state).items()}
     config = adapter_config(model, args, base)
     existing = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     keep = [] if overwrite else [name for name in existing if name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]

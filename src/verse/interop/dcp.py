@@ -31,13 +31,17 @@ def load_sharded(step_dir: Path, model: torch.nn.Module, optimizer: Optional[tor
         CheckpointError: missing or unreadable shards.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
 
+    from verse.interop.adapter import is_adapter_dir
+
+    # a LoRA run's shards hold only the trained adapters (the base is the run's model)
+    options = StateDictOptions(ignore_frozen_params=is_adapter_dir(step_dir), strict=not is_adapter_dir(step_dir))
     if optimizer is None:
-        model_sd, optim_sd = get_model_state_dict(model), None
+        model_sd, optim_sd = get_model_state_dict(model, options=options), None
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     target = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optimizer": optim_sd}
     try:
         dcp.load(target, checkpoint_id=str(Path(step_dir) / DCP_DIR), no_dist=not torch.distributed.is_initialized())
@@ -45,9 +49,9 @@ def load_sharded(step_dir: Path, model: torch.nn.Module, optimizer: Optional[tor
         raise CheckpointError(f"{step_dir}: cannot read the sharded checkpoint ({str(e).splitlines()[0][:200]}); "
                               f"resume from an earlier step-*") from None
     if optim_sd is None:
-        set_model_state_dict(model, model_sd)
+        set_model_state_dict(model, model_sd, options=options)
     else:
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
 
 
 def load_sharded_model(step_dir: Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,

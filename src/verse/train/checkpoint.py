@@ -203,7 +203,8 @@ def _publish_step(run_dir: Path, tmp: Path, final: Path, keep_last: int) -> None
 
 
 def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 state: Dict[str, Any], dist: Any, tokenizer: Any = None, keep_last: int = 0) -> Path:
+                 state: Dict[str, Any], dist: Any, tokenizer: Any = None, keep_last: int = 0,
+                 adapter_base: Optional[str] = None) -> Path:
     """Every rank writes its shards of the model and optimizer in parallel (DCP); `latest` moves only after all did.
 
     The step directory holds `dcp/` (DCP files + `verse.json`), `train_state/` (counters, RNG, every data rank's
@@ -220,19 +221,30 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
         dist: the `verse.train.distributed.Dist` of the job.
         tokenizer: saved beside the shards when given.
         keep_last (int): keep this many newest step directories (0 = all).
+        adapter_base (Optional[str]): for LoRA runs, the base model's path: `dcp/` then holds only the trained
+            adapters (and their optimizer state), and rank 0 writes the PEFT adapter, gathered whole, beside it.
 
     Returns:
         Path: the checkpoint directory.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     final, tmp = run_dir / step_dirname(step), run_dir / f".tmp-{step_dirname(step)}"
+    adapter = None
+    if adapter_base is not None:
+        from verse.interop.adapter import adapter_state_dict, save_adapter
+
+        adapter = adapter_state_dict(model)  # every rank takes part in gathering the full tensors
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if adapter is not None:  # the PEFT adapter, written once: what one process writes
+            save_adapter(model, tmp, base=adapter_base, state=adapter)
+        else:
+            tmp.mkdir(parents=True)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = StateDictOptions(ignore_frozen_params=adapter_base is not None)  # the base is in `adapter_base`
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
     loaders = dist.gather_object(state.get("loader"), group="dp")
     if dist.is_main:

@@ -35,6 +35,8 @@ from verse.train.schedule import lr_at
 
 CONFIG_FILE = ckpt.CONFIG_FILE
 # keys a checkpoint's train_state must hold to resume
+# why a QLoRA run is not sharded yet (checked against torchao's NF4Tensor under FSDP2 with gloo on CPU)
+QLORA_FSDP_REASON = "NF4 base weights are not sharded by FSDP2 here yet"
 STATE_KEYS = ("step", "skipped", "bad_in_row", "tokens_seen", "optimizer", "rng")
 
 
@@ -102,9 +104,6 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None, d
             with torch.device(device):
                 model = ReasoningLLM(args)
     elif dist is not None and dist.enabled:
-        if cfg.finetune_method != "full":
-            raise ConfigError(f"finetune.method={cfg.finetune_method} runs on one process for now (adapters are not "
-                              f"sharded): launch without torchrun, or use finetune.method=full")
         model = _sharded_pretrained(cfg, overrides, dist)
     else:
         from verse.interop.load import load_model
@@ -165,16 +164,38 @@ def _sharded_pretrained(cfg: TrainConfig, overrides: Dict[str, Any], dist: Dist)
     from verse.train.parallelize import parallelize
 
     dtype = getattr(torch, cfg.param_dtype)
+    lora = cfg.lora_args()
+    if lora is not None:
+        _check_lora_layout(cfg, dist)
     full = load_model(cfg.model, device="cpu", dtype=dtype, **overrides) if dist.is_main else None
     args = ModelArgs.from_dict(dist.broadcast_object(full.args.to_dict() if full is not None else None))
     with torch.device("meta"):
         model = ReasoningLLM(args)
+    if lora is not None:  # adapters before sharding: FSDP2 shards them with the frozen base (one process's values)
+        from verse.peft import apply_lora
+
+        if full is not None:  # rank 0 draws the adapters' initial values as one process would
+            apply_lora(full, lora, dtype=dtype)
+        apply_lora(model, lora, dtype=dtype)
+        torch.set_rng_state(dist.broadcast_object(torch.get_rng_state()))  # every rank continues from there
     parallelize(model, dist, param_dtype=_fsdp_param_dtype(cfg))
     model.to_empty(device=dist.device)
     model.reset_buffers()
     set_model_state_dict(model, full.state_dict() if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
+
+
+def _check_lora_layout(cfg: TrainConfig, dist: Dist) -> None:
+    """Adapters are sharded by FSDP2 over the data-parallel ranks (`dp_shard`, `dp_replicate`); refuse, in one
+    line, the layouts that would split them in ways not built yet."""
+    if cfg.finetune_method == "qlora":
+        raise ConfigError(f"finetune.method=qlora runs on one process for now: {QLORA_FSDP_REASON}; launch without "
+                          "torchrun, or use finetune.method=lora under torchrun")
+    split = [f"parallel.{k}={getattr(dist.parallel, k)}" for k in ("tp", "ep") if getattr(dist.parallel, k) > 1]
+    if split:
+        raise ConfigError(f"finetune.method={cfg.finetune_method} with {', '.join(split)}: adapters are sharded over "
+                          "data-parallel ranks only; use parallel.dp_shard / parallel.dp_replicate (tp=1, ep=1)")
 
 
 def _fsdp_param_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
@@ -521,7 +542,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
                  "rng": ckpt.rng_state(), "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
         if dist.enabled:
             return ckpt.save_sharded(run_dir, step, model, optimizer.torch_optimizer(), state, dist,
-                                     tokenizer=tokenizer, keep_last=cfg.keep_last)
+                                     tokenizer=tokenizer, keep_last=cfg.keep_last, adapter_base=adapter_base(cfg))
         state["optimizer"] = optimizer.state_dict()
         return ckpt.save_checkpoint(run_dir, step, model, state, tokenizer=tokenizer, keep_last=cfg.keep_last,
                                     adapter_base=adapter_base(cfg))

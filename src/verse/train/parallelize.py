@@ -221,7 +221,8 @@ def apply_fsdp(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | No
     offload = CPUOffloadPolicy() if dist.parallel.cpu_offload and dist.device.type != "cpu" else OffloadPolicy()
     # the MoE routing bias is moved by a rule, not by gradient, from loads summed over all ranks: every rank keeps
     # the whole (tiny) vector and applies the same update
-    ignored = {p for p in model.parameters() if not p.requires_grad}
+    # (LoRA's frozen base weights, also requires_grad=False, are sharded: FSDP2 groups mix frozen and trained ones)
+    ignored = {moe.gate.bias for moe in model.moe_layers.values() if moe.gate.bias is not None}
     # expert-parallel experts are split over `ep` already: FSDP2 shards them over the other data ranks only
     expert_mesh = dist.mesh["dp_replicate", "dp_shard"] if dist.parallel.dp_replicate > 1 else dist.mesh["dp_shard"]
     for i, block in enumerate(model.layers):
