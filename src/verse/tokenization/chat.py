@@ -2,9 +2,11 @@
 
 One render function serves training (loss mask), generation and the UI. Spans of assistant text come from
 `{% generation %}...{% endgeneration %}` blocks when the template has them (transformers' own convention for
-`return_assistant_tokens_mask`); templates without them (e.g. SmolLM2's ChatML) must be prefix-stable: the render
-of the first i messages plus the generation prompt is a prefix of the full render, so each reply starts right
-after it.
+`return_assistant_tokens_mask`); templates without them (SmolLM2's ChatML, Qwen2.5, Qwen3, Llama 3.x) must be
+prefix-stable: the render of the first i messages plus the generation prompt is a prefix of the full render, so each
+reply starts right after it and runs through its end token (Qwen3's reasoning section and its history replies
+reduced to their answers included; with `enable_thinking=False` the prompt's empty `<think>` block is not part of
+the reply).
 """
 
 import ctypes
@@ -12,10 +14,10 @@ import json
 import re
 import threading
 import time
-from datetime import datetime
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
