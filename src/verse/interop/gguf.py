@@ -27,7 +27,7 @@ from verse.errors import CheckpointError, ConfigError
 from verse.interop.gguf_header import GGUFFormatError, read_gguf_header, read_gguf_metadata, read_header
 from verse.interop.gguf_header import TensorInfo as GGUFTensorInfo
 from verse.interop.load import build_model, check_weights_fit
-from verse.interop.qwen import _check_saveable
+from verse.interop.qwen import check_saveable
 from verse.jsonio import parse_json
 from verse.model import ReasoningLLM
 from verse.model.rope import rope_frequencies
@@ -367,7 +367,7 @@ def _check_gguf_arch(args: ModelArgs) -> str:
                 raise ConfigError(f"ModelArgs.{name}: llama.cpp's llama architecture has none; use arch {other!r}",
                                   name)
         return arch
-    _check_saveable(args, args.arch)  # what transformers' Qwen classes hold, llama.cpp's Qwen architectures hold
+    check_saveable(args, args.arch)  # what transformers' Qwen classes hold, llama.cpp's Qwen architectures hold
     if args.rope_scaling == "llama3":
         raise ConfigError(f"ModelArgs.rope_scaling: llama.cpp's {arch} architecture has no llama3 scaling",
                           "rope_scaling")

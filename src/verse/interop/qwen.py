@@ -94,7 +94,7 @@ def args_from_hf(config: Dict[str, Any]) -> ModelArgs:
     return ModelArgs(**fields)
 
 
-def _check_saveable(args: ModelArgs, model_type: str) -> None:
+def check_saveable(args: ModelArgs, model_type: str) -> None:
     """Raise `ConfigError` for a configuration transformers' class of `model_type` cannot hold exactly."""
     wanted = {"qkv_bias": model_type == "qwen2", "qk_norm": model_type != "qwen2"}
     for name, value in wanted.items():
@@ -123,7 +123,7 @@ def hf_config(args: ModelArgs) -> Dict[str, Any]:
         Dict[str, Any]: config.json content (without the dtype, which the writer adds).
     """
     model_type = args.arch
-    _check_saveable(args, model_type)
+    check_saveable(args, model_type)
     config = llama.hf_config(args.replace(arch="llama", qkv_bias=False, qk_norm=False, n_routed_experts=0))
     del config["mlp_bias"]
     config.update(architectures=[ARCHITECTURES[model_type]], model_type=model_type, use_sliding_window=False,
