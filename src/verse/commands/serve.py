@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=None,
                         help="context per sequence, prompt + completion (default: the model's max_seq_len)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                        help="int8: weight-only int8 for dense checkpoints (half the bytes of bf16 per token)")
+                        help="int8: weight-only int8 for dense checkpoints (half the bytes of bf16 per token): faster "
+                             "decoding of one or a few sequences on CPU, slower prompts and wide batches")
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20,
                         help=f"refuse request bodies over this many MiB with a 413 (default {MAX_BODY_BYTES // 2**20})")
     parser.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the checkpoint's)")

@@ -190,8 +190,9 @@ class Linear(nn.Linear):
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y = x (weight * scale[:, None])^T for an int8 `weight` [out, in] with per-row `scale` [out].
 
-    On CPU through `torch._weight_int8pack_mm`, which reads the int8 weight as it is (about 2x faster than a bf16
-    GEMV at batch 1); elsewhere the weight is widened to `x`'s dtype first.
+    On CPU through `torch._weight_int8pack_mm`, which reads the int8 weight as it is: about 2x faster than a bf16
+    GEMV for one row, but one GEMV per row (16 rows or more run about 2x slower than a bf16 GEMM: prompts, wide
+    batches); elsewhere the weight is widened to `x`'s dtype first.
 
     Args:
         x (torch.Tensor): input [..., in], floating point.
