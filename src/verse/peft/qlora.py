@@ -77,3 +77,27 @@ def quantize_nf4_(model: nn.Module, names: Optional[Sequence[str]] = None, dtype
         model.to(device)
         model.reset_buffers()
     return model
+
+
+def check_nf4_shardable(model: nn.Module, shards: int) -> None:
+    """Refuse, in one line, an NF4 base FSDP2 cannot shard evenly over `shards` ranks: torchao's NF4Tensor splits
+    its codes, absmaxes and second-level scales by rows, so each of them (and the rows) must divide by `shards`.
+
+    Args:
+        model (nn.Module): a model whose `Linear` weights may be NF4 (`quantize_nf4_`).
+        shards (int): the ranks FSDP2 shards over (the `dp_shard` size).
+
+    Raises:
+        ConfigError: naming the first weight that does not divide.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or not is_nf4(module.weight):
+            continue
+        w = module.weight
+        parts = {"rows": w.size(0), "absmax blocks": w.quantized_scalers.numel(),
+                 "scale groups": w.quantization_factor.numel()}
+        bad = [f"{count} {what}" for what, count in parts.items() if count % shards]
+        if bad:
+            raise ConfigError(f"{name}: its NF4 weight {tuple(w.shape)} has {', '.join(bad)}, which "
+                              f"{shards} FSDP2 shards cannot split evenly; use a parallel.dp_shard that divides "
+                              f"them, or finetune.method=lora")

@@ -35,8 +35,6 @@ from verse.train.schedule import lr_at
 
 CONFIG_FILE = ckpt.CONFIG_FILE
 # keys a checkpoint's train_state must hold to resume
-# why a QLoRA run is not sharded yet (checked against torchao's NF4Tensor under FSDP2 with gloo on CPU)
-QLORA_FSDP_REASON = "NF4 base weights are not sharded by FSDP2 here yet"
 STATE_KEYS = ("step", "skipped", "bad_in_row", "tokens_seen", "optimizer", "rng")
 
 
@@ -167,6 +165,8 @@ def _sharded_pretrained(cfg: TrainConfig, overrides: Dict[str, Any], dist: Dist)
     lora = cfg.lora_args()
     if lora is not None:
         _check_lora_layout(cfg, dist)
+    if cfg.finetune_method == "qlora":
+        return _sharded_qlora(cfg, overrides, dist)
     full = load_model(cfg.model, device="cpu", dtype=dtype, **overrides) if dist.is_main else None
     args = ModelArgs.from_dict(dist.broadcast_object(full.args.to_dict() if full is not None else None))
     with torch.device("meta"):
@@ -186,12 +186,26 @@ def _sharded_pretrained(cfg: TrainConfig, overrides: Dict[str, Any], dist: Dist)
     return model
 
 
+def _sharded_qlora(cfg: TrainConfig, overrides: Dict[str, Any], dist: Dist) -> ReasoningLLM:
+    """QLoRA's model under FSDP2: every rank reads the bf16 base on the CPU and quantizes it to NF4 itself (the same
+    values everywhere: quantization is deterministic), adds the adapters (the same draws: one seed), then shards it;
+    torchao's NF4Tensor implements FSDP2's all-gather hooks, so the NF4 base is sharded as NF4."""
+    from verse.interop.load import load_model
+    from verse.peft import apply_lora, quantize_nf4_
+    from verse.peft.qlora import check_nf4_shardable
+    from verse.train.parallelize import dp_mesh, parallelize
+
+    model = load_model(cfg.model, device="cpu", dtype=torch.bfloat16, **overrides)
+    quantize_nf4_(model)
+    check_nf4_shardable(model, dp_mesh(dist).size(-1))
+    apply_lora(model, cfg.lora_args(), dtype=getattr(torch, cfg.param_dtype))
+    parallelize(model, dist, param_dtype=_fsdp_param_dtype(cfg))  # fully_shard moves the shards to the device
+    return model
+
+
 def _check_lora_layout(cfg: TrainConfig, dist: Dist) -> None:
     """Adapters are sharded by FSDP2 over the data-parallel ranks (`dp_shard`, `dp_replicate`); refuse, in one
     line, the layouts that would split them in ways not built yet."""
-    if cfg.finetune_method == "qlora":
-        raise ConfigError(f"finetune.method=qlora runs on one process for now: {QLORA_FSDP_REASON}; launch without "
-                          "torchrun, or use finetune.method=lora under torchrun")
     split = [f"parallel.{k}={getattr(dist.parallel, k)}" for k in ("tp", "ep") if getattr(dist.parallel, k) > 1]
     if split:
         raise ConfigError(f"finetune.method={cfg.finetune_method} with {', '.join(split)}: adapters are sharded over "
