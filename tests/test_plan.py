@@ -376,7 +376,7 @@ def test_cli_plan_bad_layout_is_one_line(capsys, argv, words):
 
 def test_cli_plan_reads_the_configs_parallel_section(tmp_path, capsys):
     """A training config's `parallel:` section is the layout planned (as `verse train` would lay it out); --gpus
-    fills its dp_shard=-1; LoRA under a layout is one line (adapters run on one process)."""
+    fills its dp_shard=-1; LoRA under a layout is one line (its per-rank memory is not modelled yet)."""
     path = tmp_path / "run.yaml"
     path.write_text("model: tiny\nmode: pretrain\nmax_seq_len: 64\nmodel_overrides:\n  vocab_size: 512\n"
                     "parallel:\n  tp: 2\n")
@@ -389,4 +389,4 @@ def test_cli_plan_reads_the_configs_parallel_section(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["parallel"]["dp_shard"] == 2
     assert main(["plan", "--preset", "tiny", "--seq-len", "64", "--gpus", "2", "--finetune", "lora"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and len(err.strip().splitlines()) == 1 and "one process" in err
+    assert out == "" and len(err.strip().splitlines()) == 1 and "not modelled yet" in err

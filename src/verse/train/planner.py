@@ -310,8 +310,8 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
         raise ConfigError(f"lora rank {lora_rank!r}: must be a positive integer")
     if parallel is not None and (finetune != "full" or rollout_rows):
-        raise ConfigError("a parallel layout plans full fine-tuning and pretraining: LoRA, QLoRA and GRPO run on "
-                          "one process for now; drop --parallel/--gpus")
+        raise ConfigError("a parallel layout plans full fine-tuning and pretraining: per-rank memory of LoRA, QLoRA "
+                          "and GRPO is not modelled yet; drop --parallel/--gpus to plan one process")
     tp = parallel.tp if parallel is not None else 1
     sharding = _sharding(args, parallel) if parallel is not None else None
     # FSDP2 with fp32 parameters and bf16 compute all-gathers bf16 copies: autocast caches none of its own
