@@ -394,6 +394,24 @@ def test_plan_of_lora_and_qlora_against_measured_cpu_peak(tmp_path):
 
 
 @pytest.mark.slow
+def test_plan_of_lora_and_qlora_under_fsdp2_against_measured_cpu_peaks(tmp_path):
+    """`verse bench plan`'s measuring program as a 2-rank torchrun job (dp_shard=2, gloo): every rank's measured
+    peak of a LoRA / QLoRA run (base and adapters sharded, NF4 base sharded as NF4) within 10 % of its plan."""
+    from verse.bench.plan import BASE_MODEL, BASE_SETTINGS, measure
+
+    torch.manual_seed(0)
+    wide = {**BASE_MODEL, "dim": 512, "n_heads": 8, "n_kv_heads": 4, "inter_dim": 1536}  # NF4 splits over 2 ranks
+    verse.ReasoningLLM(verse.ModelArgs.from_preset("tiny", **wide, dtype="float32")).save_pretrained(tmp_path / "b")
+    for method in ("lora", "qlora"):
+        result = measure({}, BASE_SETTINGS, str(tmp_path / "b"), parallel={"dp_shard": 2},
+                         finetune={"method": method, "lora": {"rank": 16, "alpha": 32}})
+        assert len(result["ranks"]) == 2
+        for rank in result["ranks"]:
+            ratio = rank["plan"]["peak_bytes"] / rank["measured"]
+            assert abs(ratio - 1) <= 0.10, (method, rank["rank"], ratio)
+
+
+@pytest.mark.slow
 def test_qlora_sft_smollm2_lowers_held_out_loss(tmp_path):
     """QLoRA SFT of the real SmolLM2-135M on CPU (NF4 base, bf16 compute, rank-16 adapters on every projection) lowers
     the held-out loss on assistant tokens below the NF4 base's own."""

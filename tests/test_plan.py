@@ -376,7 +376,7 @@ def test_cli_plan_bad_layout_is_one_line(capsys, argv, words):
 
 def test_cli_plan_reads_the_configs_parallel_section(tmp_path, capsys):
     """A training config's `parallel:` section is the layout planned (as `verse train` would lay it out); --gpus
-    fills its dp_shard=-1; LoRA under a layout is one line (its per-rank memory is not modelled yet)."""
+    fills its dp_shard=-1; LoRA under a layout is planned over data-parallel ranks only (tp is one line)."""
     path = tmp_path / "run.yaml"
     path.write_text("model: tiny\nmode: pretrain\nmax_seq_len: 64\nmodel_overrides:\n  vocab_size: 512\n"
                     "parallel:\n  tp: 2\n")
@@ -387,6 +387,9 @@ def test_cli_plan_reads_the_configs_parallel_section(tmp_path, capsys):
     assert "needs --gpus" in capsys.readouterr().err
     assert main(["plan", str(path), "--parallel", "dp_shard=2", "--json"]) == 0  # the flag wins
     assert json.loads(capsys.readouterr().out)["parallel"]["dp_shard"] == 2
-    assert main(["plan", "--preset", "tiny", "--seq-len", "64", "--gpus", "2", "--finetune", "lora"]) == 2
+    assert main(["plan", "--preset", "tiny", "--seq-len", "64", "--gpus", "2", "--finetune", "lora", "--json"]) == 0
+    lora = json.loads(capsys.readouterr().out)
+    assert lora["gpus"] == 2 and lora["parallel"]["tp"] == lora["parallel"]["ep"] == 1
+    assert main(["plan", str(path), "--gpus", "4", "--finetune", "lora"]) == 2  # the config's tp=2
     out, err = capsys.readouterr()
-    assert out == "" and len(err.strip().splitlines()) == 1 and "not modelled yet" in err
+    assert out == "" and len(err.strip().splitlines()) == 1 and "data-parallel ranks only" in err

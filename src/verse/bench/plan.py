@@ -57,13 +57,13 @@ BASE_SETTINGS = dict(seq_len=256, micro_batch_size=2, precision="fp32", param_dt
 
 
 def measure(model: Dict[str, Any], settings: Dict[str, Any], preset: str = "tiny",
-            parallel: Dict[str, Any] | None = None) -> Dict[str, Any]:
+            parallel: Dict[str, Any] | None = None, finetune: Dict[str, Any] | None = None) -> Dict[str, Any]:
     """Run two real training steps in a fresh process (with `parallel`, a `torchrun` job of as many processes as
-    the layout has ranks); return the measured peak bytes and the plan (of the rank that peaked highest relative
-    to its plan, with `ranks`: every rank's result)."""
+    the layout has ranks; with `finetune`, LoRA/QLoRA of the base checkpoint `preset`); return the measured peak
+    bytes and the plan (of the rank that peaked highest relative to its plan, with `ranks`: every rank's result)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     spec = json.dumps({"preset": preset, "model": model, "settings": settings,
-                       **({"parallel": parallel} if parallel else {})})
+                       **({"parallel": parallel} if parallel else {}), **({"finetune": finetune} if finetune else {})})
     cmd = [sys.executable, "-m", "verse.bench.plan_step", spec]
     if parallel:
         ranks = math.prod(parallel.get(k, 1) for k in ("dp_replicate", "dp_shard", "tp", "ep"))

@@ -282,8 +282,9 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
             to the weights and optimizer state; 0 = not GRPO.
         reference (bool): GRPO with beta > 0 and a full fine-tune: a frozen copy of the weights (with LoRA the
             reference is the base with adapters off: nothing more).
-        parallel (Optional[ParallelConfig]): a resolved layout (`torchrun` ranks, full fine-tune): every byte is
-            then one rank's (see `_sharding`), and the time adds communication (see `_comm_time`).
+        parallel (Optional[ParallelConfig]): a resolved layout (`torchrun` ranks; LoRA/QLoRA: dp_shard and
+            dp_replicate only, base and adapters sharded over dp_shard): every byte is then one rank's (see
+            `_sharding`), and the time adds communication (see `_comm_time`).
 
     Returns:
         Dict[str, Any]: params, active_params, weights_bytes, grads_bytes, optimizer_bytes, activations_bytes,
@@ -309,14 +310,19 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
         raise ConfigError(f"finetune {finetune!r}: must be full, lora or qlora")
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
         raise ConfigError(f"lora rank {lora_rank!r}: must be a positive integer")
-    if parallel is not None and (finetune != "full" or rollout_rows):
-        raise ConfigError("a parallel layout plans full fine-tuning and pretraining: per-rank memory of LoRA, QLoRA "
-                          "and GRPO is not modelled yet; drop --parallel/--gpus to plan one process")
+    if parallel is not None and rollout_rows:
+        raise ConfigError("a parallel layout plans full fine-tuning, pretraining, LoRA and QLoRA: GRPO runs on one "
+                          "process for now; drop --parallel/--gpus")
+    if parallel is not None and finetune != "full" and (parallel.tp > 1 or parallel.ep > 1):
+        raise ConfigError(f"finetune {finetune} shards its adapters over data-parallel ranks only (as `verse train` "
+                          f"does): use dp_shard / dp_replicate with tp=1 and ep=1, not {parallel.degrees}")
     tp = parallel.tp if parallel is not None else 1
     sharding = _sharding(args, parallel) if parallel is not None else None
     # FSDP2 with fp32 parameters and bf16 compute all-gathers bf16 copies: autocast caches none of its own
     fsdp_mp = sharding is not None and sharding["fsdp"] and s.precision == "bf16" and not low
-    frozen, dequant_temp = 0.0, 0
+    frozen, dequant_temp, frozen_bytes = 0.0, 0, pbytes
+    # LoRA / QLoRA under FSDP2: the frozen base and the adapters are both sharded over the dp_shard ranks
+    shards = parallel.dp_shard if sharding is not None and sharding["fsdp"] else 1
     if finetune != "full":
         adapter, adapted = _lora_params(args, lora_rank, lora_targets)
         if finetune == "qlora":
@@ -324,10 +330,13 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
 
             layer_matmuls = _layer_matmul_params(args)
             frozen = layer_matmuls * NF4_BYTES_PER_PARAM + (params - layer_matmuls) * 2
+            frozen_bytes = NF4_BYTES_PER_PARAM  # a block is all-gathered as NF4 (its norms are noise)
             dequant_temp = 2 * 2 * _largest_matmul(args)  # one weight dequantized to bf16 (forward or backward)
         else:
             frozen = params * pbytes
-        params_trained, shapes = adapter, [adapter]
+        frozen /= shards
+        params_trained = math.ceil(adapter / shards)
+        shapes = [params_trained]
     elif sharding is not None:
         shapes = sharding["rank_shapes"]
         params_trained = sum(shapes)
@@ -378,9 +387,15 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
         # reduce-scatter (an fp32 copy when computed in bf16)
         gather_bytes = 2 if fsdp_mp else pbytes
         blocks = sharding["block_full"]
-        gathered = gather_bytes * (sharding["root_full"] + blocks[-1])
-        temp += max(blocks) * (2 * gather_bytes + (4 if fsdp_mp else 0))
-        head_grad = args.vocab_size * args.dim // tp * gather_bytes
+        if finetune == "full":
+            gathered = gather_bytes * (sharding["root_full"] + blocks[-1])
+            temp += max(blocks) * (2 * gather_bytes + (4 if fsdp_mp else 0))
+            head_grad = args.vocab_size * args.dim // tp * gather_bytes
+        else:  # a frozen base: gathered blocks only, no unsharded base gradients (the adapters' are noise)
+            root_bytes = 2 if finetune == "qlora" else gather_bytes
+            block_bytes = frozen_bytes if finetune == "qlora" else gather_bytes
+            gathered = root_bytes * sharding["root_full"] + block_bytes * blocks[-1]
+            temp += max(blocks) * block_bytes
     persistent_grads = grads if s.gradient_accumulation_steps > 1 and not s.fused_backward else 0
     # the loss chunks run first in backward and are freed before any layer is recomputed
     backward_peak = (weights + autocast_copies + optimizer + activations + gathered + max(logits, temp)
@@ -458,7 +473,8 @@ def search_layouts(args: ModelArgs, settings: PlanSettings, gpu: str, gpus: int,
         for ep in (d for d in divisors if (gpus // tp) % d == 0):
             for shard in (d for d in divisors if (gpus // (tp * ep)) % d == 0):
                 layout = ParallelConfig(dp_replicate=gpus // (tp * ep * shard), dp_shard=shard, tp=tp, ep=ep)
-                if not layout_problems(args, layout):
+                adapters_split = kwargs.get("finetune", "full") != "full" and tp * ep > 1  # dp ranks only
+                if not layout_problems(args, layout) and not adapters_split:
                     layouts.append(layout)
     layouts.sort(key=lambda p: (p.tp * p.ep, p.tp, p.dp_shard))
     return [plan(args, settings, gpu, parallel=layout, **kwargs) for layout in layouts]
