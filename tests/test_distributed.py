@@ -345,9 +345,10 @@ def test_lora_sharded_checkpoint_resumes_on_one_process(tmp_path):
 @pytest.mark.slow
 def test_qlora_ranks_match_one_process(tmp_path):
     """QLoRA under torchrun: the NF4 base sharded by FSDP2 as NF4 (torchao's all-gather hooks), 2 ranks give one
-    process's losses, the same adapter, the base unchanged. The first step's loss (a forward of the same NF4 values)
-    agrees to 1e-6; QLoRA computes in the base's bf16, so each rank's gradient partial sum is rounded to bf16 before
-    the fp32 reduce-scatter adds them (one process rounds the whole sum once): later steps agree to 2e-4."""
+    process's losses, the same adapter, the base unchanged; their checkpoint resumes on one process. The first
+    step's loss (a forward of the same NF4 values) agrees to 1e-6; QLoRA computes in the base's bf16, so each rank's
+    gradient partial sum is rounded to bf16 before the fp32 reduce-scatter adds them (one process rounds the whole
+    sum once): later steps agree to 2e-4."""
     from safetensors.torch import load_file
 
     from test_lora import _hashes
@@ -367,6 +368,10 @@ def test_qlora_ranks_match_one_process(tmp_path):
     for k in a:  # bf16 gradients, Adam-amplified where near zero; a misplaced shard is off by ~0.02 on average
         diff = (a[k] - b[k]).abs()
         assert diff.mean() < 2e-3 and diff.max() < 5e-2, (k, diff.mean(), diff.max())
+    # saved by the 2 ranks at step 3 (adapter shards only), resumed on one process: steps 4-5 as straight through
+    cut = tmp_path / "cut"
+    torchrun(2, str(WORKER), str(cut), str(base), "3", *qlora, "parallel.dp_shard=2")
+    assert one_process(cut, str(base), 5, "resume", *qlora) == pytest.approx(ref[3:], rel=2e-4, abs=2e-4)
 
 
 def test_nf4_base_that_shards_do_not_divide_is_one_line():
