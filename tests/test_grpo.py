@@ -441,6 +441,9 @@ def test_plan_counts_the_reference_and_the_generation_cache(tmp_path, capsys):
     lora = plan(args, settings, finetune="lora", rollout_rows=rows, reference=True)
     assert lora["reference_bytes"] == 0
     assert plan(args, settings, rollout_rows=rows)["reference_bytes"] == 0  # beta = 0: no reference model
+    # an fp32 policy under bf16 autocast samples from a bf16 copy of itself, with a bf16 cache
+    mixed = plan(args, PlanSettings(seq_len=256, param_dtype="float32", precision="bf16"), rollout_rows=rows)
+    assert mixed["generation_bytes"] == count_params(args) * 2 + cache // 2 + rows * 512 * 4 * 2
 
     path = tmp_path / "grpo.yaml"
     path.write_text("mode: grpo\nmodel: tiny\nmax_seq_len: 256\nparam_dtype: float32\n"
@@ -544,3 +547,29 @@ def test_bench_grpo_times_verse_and_trl_on_the_same_settings(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["verse"]["completion_len"] == report["trl"]["completion_len"] == 4
     assert report["verse"]["s_per_step"] > 0 and report["trl"]["s_per_step"] > 0 and report["speedup"] > 0
+
+
+def test_generation_copy_is_the_policy_cast_and_leaves_it_alone(tiny_args):
+    """An fp32 policy trained under bf16 autocast samples from a bf16 copy: every parameter equals the policy's cast
+    (plain `.to`, the oracle), the policy keeps its fp32 weights, and sampling from the copy matches a bf16 model
+    built by hand; a policy already in bf16 or in fp32 compute is sampled as it is."""
+    import copy as copy_module
+
+    from verse.infer.generate import generate
+    from verse.model import ReasoningLLM
+    from verse.rl.rollout import generation_copy
+
+    torch.manual_seed(0)
+    model = ReasoningLLM(tiny_args)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = generation_copy(model, torch.bfloat16)
+    oracle = copy_module.deepcopy(model).to(torch.bfloat16)
+    oracle.cos, oracle.sin = model.cos, model.sin  # the float32 RoPE tables are not cast
+    assert gen is not model
+    for (name, p), q in zip(gen.named_parameters(), oracle.parameters()):
+        assert p.dtype == torch.bfloat16 and not p.requires_grad and torch.equal(p, q), name
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+    assert generate(gen, None, [[1, 2, 3]], max_new_tokens=5, stop_ids=set()) == \
+        generate(oracle, None, [[1, 2, 3]], max_new_tokens=5, stop_ids=set())
+    assert generation_copy(model, torch.float32) is model and generation_copy(model, None) is model
+    assert generation_copy(oracle, torch.bfloat16) is oracle

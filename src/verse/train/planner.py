@@ -25,6 +25,8 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 from verse.config import ModelArgs, _attention_params, count_params
 from verse.errors import ConfigError
 from verse.model.transformer import torch_dtype
@@ -407,7 +409,11 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
         from verse.model.mla import generation_bytes_per_row
 
         cache_dtype = torch_dtype("bfloat16" if finetune == "qlora" else s.param_dtype)
-        generation = rollout_rows * generation_bytes_per_row(args, s.seq_len, cache_dtype)
+        if finetune != "qlora" and cache_dtype == torch.float32 and _compute_bytes(s) == 2:
+            # an fp32 policy under bf16 autocast samples from a bf16 copy of itself (`rl.rollout.generation_copy`)
+            cache_dtype = torch.bfloat16
+            generation = count_params(args) * 2
+        generation += rollout_rows * generation_bytes_per_row(args, s.seq_len, cache_dtype)
     peak = max(backward_peak, step_peak, weights + optimizer + generation) + reference_bytes
 
     flops = flops_per_token(args, s.seq_len) * (1 + (1 / 3 if k else 0) / max(k, 1))  # recompute = +1 forward
