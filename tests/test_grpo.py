@@ -98,15 +98,7 @@ def test_one_iteration_gradient_is_reinforce_with_baseline(tiny_args):
 
     # oracle: plain torch, full logits, log_softmax, hand advantages (mean 0.5, std 0.5)
     hand_adv = [(r - 0.5) / (0.5 + 1e-4) for r in rewards.tolist()]
-    objective = 0.0
-    for i, c in enumerate(completions):
-        seq = torch.tensor([prompt + c])
-        logprobs = F.log_softmax(model(seq)[0, :-1].float(), dim=-1)
-        picked = logprobs[torch.arange(len(prompt) - 1, seq.size(1) - 1), torch.tensor(c)]
-        objective = objective + hand_adv[i] * picked.sum()
-    oracle = torch.autograd.grad(-objective / n, list(model.parameters()))
-    for g, o in zip(grads, oracle):
-        torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-6)
+    assert_reinforce_gradient(grads, model, prompt, completions, hand_adv, n)
 
 
 def test_micro_batches_skip_rows_without_signal_and_padding_but_keep_the_gradient(tiny_args):
@@ -139,15 +131,7 @@ def test_micro_batches_skip_rows_without_signal_and_padding_but_keep_the_gradien
     grads = torch.autograd.grad(loss, list(model.parameters()))
 
     hand_adv = [(r - 0.5) / (0.5 + 1e-4) for r in (1.0, 0.0, 0.0)]  # rows 0..2; the others add nothing
-    objective = 0.0
-    for i, c in enumerate(completions[:3]):
-        seq = torch.tensor([prompt + c])
-        logprobs = F.log_softmax(model(seq)[0, :-1].float(), dim=-1)
-        picked = logprobs[torch.arange(len(prompt) - 1, seq.size(1) - 1), torch.tensor(c)]
-        objective = objective + hand_adv[i] * picked.sum()
-    oracle = torch.autograd.grad(-objective / n, list(model.parameters()))
-    for g, o in zip(grads, oracle):
-        torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-6)
+    assert_reinforce_gradient(grads, model, prompt, completions[:3], hand_adv, n)
 
 
 def test_token_logprobs_match_full_logits(tiny_args):
@@ -573,3 +557,16 @@ def test_generation_copy_is_the_policy_cast_and_leaves_it_alone(tiny_args):
         generate(oracle, None, [[1, 2, 3]], max_new_tokens=5, stop_ids=set())
     assert generation_copy(model, torch.float32) is model and generation_copy(model, None) is model
     assert generation_copy(oracle, torch.bfloat16) is oracle
+
+def assert_reinforce_gradient(grads, model, prompt, completions, advantages, n):
+    """`grads` equal the REINFORCE-with-baseline gradient -sum_i A_i sum_t grad log p(c_i,t) / n, computed in plain torch
+    (full logits, log_softmax) one completion at a time."""
+    objective = 0.0
+    for adv, c in zip(advantages, completions):
+        seq = torch.tensor([prompt + c])
+        logprobs = F.log_softmax(model(seq)[0, :-1].float(), dim=-1)
+        picked = logprobs[torch.arange(len(prompt) - 1, seq.size(1) - 1), torch.tensor(c)]
+        objective = objective + adv * picked.sum()
+    oracle = torch.autograd.grad(-objective / n, list(model.parameters()))
+    for g, o in zip(grads, oracle):
+        torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-6)

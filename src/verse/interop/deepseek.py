@@ -287,6 +287,34 @@ def expert_weight(experts: Dict[tuple, torch.Tensor], layer: int, expert: int, h
     return weight
 
 
+def stack_experts(experts: Dict[tuple, torch.Tensor], layers, args: ModelArgs) -> Dict[str, torch.Tensor]:
+    """Pop the per-expert weights of each MoE layer in `layers` from `experts` and stack them as Verse stores them.
+
+    Args:
+        experts (Dict[tuple, torch.Tensor]): (layer, expert, proj, suffix) -> tensor; emptied.
+        layers: the layer indices to stack (dense ones are skipped).
+        args (ModelArgs): the model configuration.
+
+    Returns:
+        Dict[str, torch.Tensor]: `layers.{i}.ffn.experts.{w1,w2,w3}` -> [n_experts, out, in].
+
+    Raises:
+        CheckpointError: an expert's weight is missing. KeyError: an expert left over (of a dense layer, or past
+            n_routed_experts), named as in the checkpoint.
+    """
+    out = {}
+    for i in sorted(layers):
+        if not args.is_moe_layer(i):
+            continue
+        for verse, hf in EXPERT_WEIGHTS.items():
+            stacked = [expert_weight(experts, i, e, hf, args) for e in range(args.n_routed_experts)]
+            out[f"layers.{i}.ffn.experts.{verse}"] = torch.stack(stacked)  # [n_experts, out, in]
+    if experts:
+        i, e, hf, suffix = next(iter(experts))
+        raise KeyError(f"model.layers.{i}.mlp.experts.{e}.{hf}.{suffix}")
+    return out
+
+
 def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
     """Hugging Face DeepSeek tensors to Verse names: rename, stack experts, de-interleave the rotary rows.
 
@@ -334,15 +362,7 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
         if key is not None and suffix == "weight":
             tensor = _permute_rope(tensor, args, key, inverse=False, name=name)
         out[f"layers.{layer.group(1)}.{module}.{suffix}"] = tensor
-    for i in sorted(layers):
-        if not args.is_moe_layer(i):
-            continue
-        for verse, hf in EXPERT_WEIGHTS.items():
-            stacked = [expert_weight(experts, i, e, hf, args) for e in range(args.n_routed_experts)]
-            out[f"layers.{i}.ffn.experts.{verse}"] = torch.stack(stacked)
-    if experts:
-        i, e, hf, suffix = next(iter(experts))
-        raise KeyError(f"model.layers.{i}.mlp.experts.{e}.{hf}.{suffix}")
+    out.update(stack_experts(experts, layers, args))
     return out
 
 

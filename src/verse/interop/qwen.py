@@ -16,7 +16,7 @@ import torch
 from verse.config import ModelArgs
 from verse.errors import ConfigError
 from verse.interop import llama
-from verse.interop.deepseek import EXPERT_WEIGHTS, HF_EXPERT, expert_weight
+from verse.interop.deepseek import EXPERT_WEIGHTS, HF_EXPERT, stack_experts
 
 MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -171,15 +171,7 @@ def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, 
         else:
             rest[name] = tensor
     out = llama.to_verse(rest, args, LAYER_NAMES)
-    for i in sorted({key[0] for key in experts}):
-        if not args.is_moe_layer(i):
-            continue
-        for verse, hf in EXPERT_WEIGHTS.items():
-            stacked = [expert_weight(experts, i, e, hf, args) for e in range(args.n_routed_experts)]
-            out[f"layers.{i}.ffn.experts.{verse}"] = torch.stack(stacked)  # [n_experts, out, in]
-    if experts:  # experts of a dense layer, or past n_routed_experts
-        i, e, hf, suffix = next(iter(experts))
-        raise KeyError(f"model.layers.{i}.mlp.experts.{e}.{hf}.{suffix}")
+    out.update(stack_experts(experts, {key[0] for key in experts}, args))
     return out
 
 
