@@ -553,3 +553,21 @@ def test_generate_on_q4_k_m_file_gives_the_dequantized_text(tmp_path, capsys, mo
     print({impl: (out[impl]["text"], ids[impl]) for impl in out})
     assert set(kinds) == {ggml.Q4_K, ggml.Q6_K} and len(kinds) >= 11 * 8  # 11 decoding steps x 8 matrices
     assert len(ids["gguf"]) == 12 and ids["gguf"] == ids["bf16"] and out["gguf"]["text"] == out["bf16"]["text"]
+
+
+def test_a_killed_builds_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch, capsys):
+    """torch's extension builder waits forever on the lock of a build that was killed; Verse removes a lock older than
+    STALE_LOCK_S (with a message) and leaves a recent one (another process building now) alone."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir = ggml._build_directory()
+    assert build_dir.parent == tmp_path and build_dir.is_dir()
+    lock = build_dir / "lock"
+    lock.touch()
+    assert ggml._build_directory() == build_dir and lock.exists()  # a build in progress: kept
+    old = time.time() - ggml.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert ggml._build_directory() == build_dir and not lock.exists()
+    assert "did not finish" in capsys.readouterr().err

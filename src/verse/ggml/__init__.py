@@ -10,6 +10,7 @@ other devices, or when it cannot be built, in the PyTorch reference (`verse.ggml
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -20,6 +21,7 @@ from verse.ggml.reference import (BLOCK_BYTES, BLOCK_VALUES, NAMES, Q4_0, Q4_1, 
 from verse.ggml import reference
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+STALE_LOCK_S = 600  # seconds after which a build lock is a killed build's leftover
 PREFILL_ROWS = 16  # above this many rows of x, widen the weight once and use a dense float32 GEMM
 
 
@@ -42,6 +44,29 @@ def kernels_available() -> bool:
     return _built
 
 
+def _build_directory() -> Path:
+    """Where the kernels are built (under TORCH_EXTENSIONS_DIR or torch's default root), a stale build lock removed.
+
+    torch's builder waits forever on the `lock` file of a build that was killed (Ctrl-C, kill -9, a timeout); a lock
+    older than `STALE_LOCK_S` (a build takes under a minute) is such a leftover, and is removed with a message.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}".replace("+", "_")
+    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / f"verse_ggml_{tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return build_dir
+    if age > STALE_LOCK_S:
+        print(f"verse: removing {lock}, left {age / 60:.0f} min ago by a kernel build that did not finish",
+              file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+    return build_dir
+
+
 def _build() -> bool:
     try:
         import ninja  # torch's extension builder runs the `ninja` binary this package ships
@@ -49,11 +74,12 @@ def _build() -> bool:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         from torch.utils.cpp_extension import load
 
+        build_dir = _build_directory()
         print("verse: loading the AVX2 GGUF block kernels (built once per machine, about 20 s)",
               file=sys.stderr, flush=True)
         # -fopenmp: at::parallel_for is inline OpenMP; the library it links is the libgomp torch already loaded
         load(name="verse_ggml", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+             extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, a broken toolchain, ...: the reference computes the same sums
         print(f"verse: cannot build the GGUF block kernels ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
               f"; using the slower PyTorch reference", file=sys.stderr, flush=True)
