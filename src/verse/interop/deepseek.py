@@ -315,6 +315,13 @@ def stack_experts(experts: Dict[tuple, torch.Tensor], layers, args: ModelArgs) -
     return out
 
 
+def unstack_experts(layer: str, weight: str, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Verse's stacked `layers.{layer}.ffn.experts.{weight}` [n_experts, out, in] as Hugging Face's one tensor per
+    expert (`model.layers.{layer}.mlp.experts.{e}.{gate,up,down}_proj.weight`)."""
+    return {f"model.layers.{layer}.mlp.experts.{e}.{EXPERT_WEIGHTS[weight]}.weight": w.clone()
+            for e, w in enumerate(tensor.unbind(0))}
+
+
 def to_verse(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
     """Hugging Face DeepSeek tensors to Verse names: rename, stack experts, de-interleave the rotary rows.
 
@@ -385,8 +392,7 @@ def to_hf(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, tor
             continue
         i, module, suffix = VERSE_LAYER.fullmatch(name).groups()
         if module == "ffn.experts":
-            for e, weight in enumerate(tensor.unbind(0)):
-                out[f"model.layers.{i}.mlp.experts.{e}.{EXPERT_WEIGHTS[suffix]}.weight"] = weight.clone()
+            out.update(unstack_experts(i, suffix, tensor))
             continue
         key = _rope_target(module, args)
         if key is not None and suffix == "weight":

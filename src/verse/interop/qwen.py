@@ -16,7 +16,7 @@ import torch
 from verse.config import ModelArgs
 from verse.errors import ConfigError
 from verse.interop import llama
-from verse.interop.deepseek import EXPERT_WEIGHTS, HF_EXPERT, stack_experts
+from verse.interop.deepseek import HF_EXPERT, stack_experts, unstack_experts
 
 MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -190,9 +190,7 @@ def to_hf(state_dict: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, tor
     for name, tensor in state_dict.items():
         layer = llama.VERSE_LAYER.fullmatch(name)
         if layer and layer.group(2).startswith("ffn.experts."):
-            weight = layer.group(2).removeprefix("ffn.experts.")
-            for e, w in enumerate(tensor.unbind(0)):  # [n_experts, out, in] -> n_experts x [out, in]
-                out[f"model.layers.{layer.group(1)}.mlp.experts.{e}.{EXPERT_WEIGHTS[weight]}.weight"] = w.clone()
+            out.update(unstack_experts(layer.group(1), layer.group(2).removeprefix("ffn.experts."), tensor))
         else:
             rest[name] = tensor
     out.update(llama.to_hf(rest, args, LAYER_NAMES))
