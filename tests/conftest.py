@@ -32,6 +32,20 @@ def tiny_byte_checkpoint(tmp_path_factory):
     return path
 
 
+def sums_data(directory) -> dict:
+    """120 "What is a plus b?" conversations with a <think> line (sums.jsonl in `directory`), as a `data:` section
+    holding a fifth out for evaluation: a small task SmolLM2 learns in a few steps (the slow training tests)."""
+    import json
+
+    records = [{"messages": [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"<think>{a} + {b} = {a + b}</think>The answer is {a + b}."}]}
+        for a, b in ((i % 37 + 3, i * 7 % 41 + 5) for i in range(120))]
+    data = directory / "sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"sources": [{"path": str(data)}], "eval_fraction": 0.2, "num_workers": 0}
+
+
 @pytest.fixture
 def tiny_args():
     from verse import ModelArgs

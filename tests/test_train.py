@@ -324,14 +324,10 @@ def test_sft_smollm2_lowers_held_out_assistant_loss(tmp_path):
     from verse.data import build_loader
     from verse.train.loop import evaluate
 
+    from conftest import sums_data
+
     gguf = smollm2_gguf()
-    records = [{"messages": [
-        {"role": "user", "content": f"What is {a} plus {b}?"},
-        {"role": "assistant", "content": f"<think>{a} + {b} = {a + b}</think>The answer is {a + b}."}]}
-        for a, b in ((i % 37 + 3, i * 7 % 41 + 5) for i in range(120))]
-    data = tmp_path / "sums.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    data_cfg = {"sources": [{"path": str(data)}], "eval_fraction": 0.2, "num_workers": 0}
+    data_cfg = sums_data(tmp_path)
     tok = verse.load_tokenizer(str(gguf))
     held_out = build_loader(data_cfg, tok, max_seq_len=128, micro_batch_size=4, seed=0, split="eval")
     cpu = torch.device("cpu")
