@@ -22,10 +22,10 @@ from verse.ggml import reference
 from verse.infer.generate import generate
 from verse.model.linear import Linear
 
-QTYPES = (ggml.Q4_0, ggml.Q4_1, ggml.Q8_0)
+QTYPES = (ggml.Q4_0, ggml.Q4_1, ggml.Q5_0, ggml.Q5_1, ggml.Q8_0)
 KTYPES = (ggml.Q4_K, ggml.Q5_K, ggml.Q6_K)  # 256-value super-blocks: K a multiple of 256
-QNAME = {ggml.Q4_0: "Q4_0", ggml.Q4_1: "Q4_1", ggml.Q8_0: "Q8_0", ggml.Q4_K: "Q4_K", ggml.Q5_K: "Q5_K",
-         ggml.Q6_K: "Q6_K"}
+QNAME = {ggml.Q4_0: "Q4_0", ggml.Q4_1: "Q4_1", ggml.Q5_0: "Q5_0", ggml.Q5_1: "Q5_1", ggml.Q8_0: "Q8_0",
+         ggml.Q4_K: "Q4_K", ggml.Q5_K: "Q5_K", ggml.Q6_K: "Q6_K"}
 N = 97  # not a multiple of the kernels' 16-row work chunks
 
 
@@ -92,7 +92,7 @@ def kernel_gemm(x, blocks, qtype):
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=QNAME.get)
 def test_reference_dequantize_matches_gguf(qtype):
-    """reference.dequantize reads Q4_0/Q4_1/Q8_0 blocks exactly as gguf.quants.dequantize."""
+    """reference.dequantize reads Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks exactly as gguf.quants.dequantize."""
     blocks, dense = quantized(qtype, N, 576)
     w = reference.dequantize(blocks, qtype)
     assert w.dtype == torch.float32 and w.shape == (N, 576)
@@ -204,13 +204,69 @@ def test_gemm_batched_input_and_bf16(kernels, shape):
 
 
 def test_block_type():
-    """block_type tells the three layouts apart by row size and rejects a size that matches none."""
-    assert [ggml.block_type(K // 32 * size, K) for K, size in ((64, 18), (64, 20), (96, 34))] == \
-        [ggml.Q4_0, ggml.Q4_1, ggml.Q8_0]
+    """block_type tells the five layouts of 32-value blocks apart by row size and rejects a size that matches none."""
+    assert [ggml.block_type(K // 32 * size, K) for K, size in ((64, 18), (64, 20), (64, 22), (96, 24), (96, 34))] == \
+        [ggml.Q4_0, ggml.Q4_1, ggml.Q5_0, ggml.Q5_1, ggml.Q8_0]
     with pytest.raises(ValueError, match="not 64 values"):
         ggml.block_type(2 * 19, 64)
     with pytest.raises(ValueError):
         ggml.block_type(18, 48)  # 48 values are not whole blocks
+
+
+def q5_blocks(qtype, rows, cols, rng):
+    """Q5_0/Q5_1 blocks [rows, cols / 32 * bytes] with every bit pattern of quants and fifth bits (random bytes), fp16
+    scales d of either sign from 1e-4 to 1 (Q5_1: minimums m too), and the edge rows: 0 every quant is 0, 1 every
+    quant is 31 (all nibbles and fifth bits set), 2 d = 0."""
+    size = ggml.BLOCK_BYTES[qtype]
+    data = rng.integers(0, 256, (rows, cols // 32, size), dtype=np.uint8)
+    fields = 2 if qtype == ggml.Q5_1 else 1  # d (and m) lead the block
+    sign = rng.choice([-1.0, 1.0], (rows, cols // 32, fields))
+    data[..., :2 * fields] = (sign * 10.0 ** rng.uniform(-4, 0, sign.shape)).astype(np.float16).view(np.uint8)
+    data[0, :, 2 * fields:], data[1, :, 2 * fields:], data[2, :, :2] = 0, 255, 0
+    return torch.from_numpy(data.reshape(rows, -1))
+
+
+@pytest.mark.parametrize("qtype", (ggml.Q5_0, ggml.Q5_1), ids=QNAME.get)
+def test_q5_blocks_every_bit_pattern_match_gguf(kernels, qtype):
+    """Q5_0/Q5_1 blocks of any bits (edge rows of all-0 and all-31 quants, zero and negative scales): the reference and
+    the kernel widen them as gguf.quants.dequantize does, and the kernel products (1-5 rows of x, the 4-row tiles
+    and the two-block gemv) equal a float64 product of gguf's weights and independently rounded activations."""
+    blocks = q5_blocks(qtype, N, 576, np.random.default_rng(qtype))
+    dense = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype)).astype(np.float64)
+    d, m = blocks.view(N, 18, -1)[..., :4].contiguous().view(torch.float16).float().unbind(-1)
+
+    def edge(w):  # one value per block -> its 32 elements
+        return np.repeat(w.double().numpy(), 32)
+
+    if qtype == ggml.Q5_0:  # the edge rows by hand (float32 products): w = d (q - 16)
+        assert np.array_equal(dense[0], edge(-16 * d[0])) and np.array_equal(dense[1], edge(15 * d[1]))
+        assert not dense[2].any()
+    else:  # w = d q + m
+        assert np.array_equal(dense[0], edge(m[0])) and np.array_equal(dense[1], edge(31 * d[1] + m[1]))
+        assert np.array_equal(dense[2], edge(m[2]))
+    assert torch.equal(reference.dequantize(blocks, qtype).double(), torch.from_numpy(dense))
+    assert torch.equal(torch.ops.verse_ggml.dequantize(blocks, qtype).double(), torch.from_numpy(dense))
+    for M in (1, 2, 3, 4, 5):
+        x = activations(M, 576, seed=M)
+        x[-1, 32:64] = 100.0  # a block at its rounding's edge: every value is max|x|, rounded to 127
+        assert rel_err(kernel_gemm(x, blocks, qtype), oracle(x, dense)) < 1e-5, M
+
+
+def test_q5_block_hand_example():
+    """One Q5_0 and one Q5_1 block decoded by hand from llama.cpp's block_q5_0/block_q5_1: element j takes the low
+    nibble of qs[j] (j < 16; element j + 16 the high one) and bit j of the little-endian word qh as its fifth bit."""
+    qh = (1 << 3) | (1 << 20)  # fifth bits of elements 3 and 20
+    qs = np.zeros(16, np.uint8)
+    qs[3], qs[4] = 0x27, 0x50  # element 3: 7 | 16 = 23, element 19: 2; element 4: 0, element 20: 5 | 16 = 21
+    d, m = np.float16(0.5).tobytes(), np.float16(-1.0).tobytes()
+    for qtype, head, value in ((ggml.Q5_0, d, lambda q: 0.5 * (q - 16)), (ggml.Q5_1, d + m, lambda q: 0.5 * q - 1)):
+        blk = np.frombuffer(head + qh.to_bytes(4, "little") + qs.tobytes(), np.uint8)
+        assert blk.size == ggml.BLOCK_BYTES[qtype]
+        expected = torch.full((32,), value(0))
+        expected[3], expected[19], expected[4], expected[20] = value(23), value(2), value(0), value(21)
+        w = reference.dequantize(torch.from_numpy(blk.copy()).view(1, -1), qtype)[0]
+        assert torch.equal(w, expected), QNAME[qtype]
+        assert torch.equal(w, torch.from_numpy(gguf.quants.dequantize(blk, gguf.GGMLQuantizationType(qtype))))
 
 
 def test_kernel_rejects_mismatched_features(kernels):
@@ -219,7 +275,7 @@ def test_kernel_rejects_mismatched_features(kernels):
     with pytest.raises(RuntimeError, match="features"):
         kernel_gemm(torch.randn(2, 64), blocks, ggml.Q8_0)
     with pytest.raises(RuntimeError):
-        torch.ops.verse_ggml.dequantize(blocks, 7)  # Q5_1 has no kernel
+        torch.ops.verse_ggml.dequantize(blocks, 10)  # Q2_K has no kernel
 
 
 def test_reference_fallback_without_kernels(monkeypatch):
@@ -522,14 +578,27 @@ def test_k_quant_model_decodes_on_its_blocks(base, mix, tmp_path, kernels):
     assert 0 < ((first - expected[:, :4]).abs().max() / expected.abs().max()).item() < 0.05
 
 
-def test_generate_on_q4_k_m_file_gives_the_dequantized_text(tmp_path, capsys, monkeypatch, kernels):
-    """`verse generate --gemm-impl gguf` on a Q4_K_M-layout file (byte tokenizer) decodes on the Q4_K/Q6_K blocks
-    (the kernel path) and gives the same greedy text as the same file dequantized to float32."""
+# llama.cpp's Q4_K_M / Q5_K_M of a model whose width is not whole super-blocks (SmolLM2-135M: 576): every matrix
+# with rows of 576 values falls back from Q4_K to Q5_0 (Q5_K to Q5_1) and from Q6_K to Q8_0; ffn_down (rows of
+# 1536) keeps its K-quant (here the test model's 256-wide rows stand in for both)
+Q4_K_M_576 = {"blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q4_K,
+              "blk.0.attn_v.weight": gguf.GGMLQuantizationType.Q8_0, "output.weight": gguf.GGMLQuantizationType.Q8_0}
+Q5_K_M_576 = {**Q4_K_M_576, "blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q5_K}
+
+
+@pytest.mark.parametrize("base,mix", [(gguf.GGMLQuantizationType.Q4_K, Q4_K_M),
+                                      (gguf.GGMLQuantizationType.Q5_0, Q4_K_M_576),
+                                      (gguf.GGMLQuantizationType.Q5_1, Q5_K_M_576)],
+                         ids=["Q4_K_M", "Q4_K_M-576", "Q5_K_M-576"])
+def test_generate_on_q4_k_m_file_gives_the_dequantized_text(base, mix, tmp_path, capsys, monkeypatch, kernels):
+    """`verse generate --gemm-impl gguf` on a Q4_K_M-layout file (byte tokenizer) decodes on the file's blocks (the
+    kernel path: Q4_K/Q6_K, or the Q5_0/Q5_1 and Q8_0 a 576-wide model falls back to) and gives the same greedy text
+    as the same file dequantized to float32."""
     from verse.cli import main
 
     module = importlib.import_module("verse.infer.generate")  # `verse.infer.generate` is also a function's name
 
-    path = write_gguf(tmp_path / "m.gguf", gguf.GGMLQuantizationType.Q4_K, types=Q4_K_M, vocab=256, seed=3)
+    path = write_gguf(tmp_path / "m.gguf", base, types=mix, vocab=256, seed=3)
     kinds, ids = [], {}
 
     def recorded(x, weights, qtypes):
@@ -551,7 +620,7 @@ def test_generate_on_q4_k_m_file_gives_the_dequantized_text(tmp_path, capsys, mo
         assert main(["generate", *argv]) == 0
         out[impl] = json.loads(capsys.readouterr().out)
     print({impl: (out[impl]["text"], ids[impl]) for impl in out})
-    assert set(kinds) == {ggml.Q4_K, ggml.Q6_K} and len(kinds) >= 11 * 8  # 11 decoding steps x 8 matrices
+    assert set(kinds) == {int(base), *map(int, mix.values())} and len(kinds) >= 11 * 8  # 11 steps x 8 matrices
     assert len(ids["gguf"]) == 12 and ids["gguf"] == ids["bf16"] and out["gguf"]["text"] == out["bf16"]["text"]
 
 

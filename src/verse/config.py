@@ -90,7 +90,7 @@ class ModelArgs:
     # execution only (never change weights)
     dtype: str = "bfloat16"
     attn_impl: str = "naive"  # MLA: naive (full K/V) | absorb (latent cache)
-    gemm_impl: str = "bf16"  # bf16 | fp8 | gguf (keep a GGUF file's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K blocks)
+    gemm_impl: str = "bf16"  # bf16 | fp8 | gguf (keep a GGUF file's quantized blocks: verse.ggml.NAMES)
     checkpointing: bool = False  # activation checkpointing (verse.load and the trainer call parallelize.apply_ac)
     checkpoint_every: int = 1  # checkpoint every k-th layer when checkpointing
 

@@ -56,8 +56,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLA models: absorb caches only the latent and rope key (default: the checkpoint's)")
     parser.add_argument("--gemm-impl", choices=("bf16", "fp8", "gguf"), default=None,
                         help="FP8 checkpoints: keep FP8 weights (fp8) or compute in bf16 (default: the checkpoint's); "
-                             ".gguf files: gguf multiplies the file's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K blocks as they "
-                             "are, as llama.cpp does (fastest on CPU: several times fewer bytes per token)")
+                             ".gguf files: gguf multiplies the file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks "
+                             "as they are, as llama.cpp does (fastest on CPU: several times fewer bytes per token)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile (faster per token; the first run for a "
                              "model compiles for about a minute, later runs reuse inductor's cache)")

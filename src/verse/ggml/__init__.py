@@ -1,5 +1,6 @@
-"""Matrix products on the quantized blocks of GGUF files (Q4_0, Q4_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K
-of Q4_K_M/Q5_K_M files), as llama.cpp computes them.
+"""Matrix products on the quantized blocks of GGUF files (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K,
+Q5_K, Q6_K of Q4_K_M/Q5_K_M files, whose rows that are not whole 256-value super-blocks fall back to Q5_0, Q5_1
+and Q8_0), as llama.cpp computes them.
 
 `gemm_impl="gguf"` keeps a GGUF model's weights in their file blocks (0.56-1.06 bytes per weight instead of 2
 for bf16), and every `Linear` multiplies them directly: decoding one token reads each weight once, so its
@@ -16,8 +17,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from verse.ggml.reference import (BLOCK_BYTES, BLOCK_VALUES, NAMES, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QK, block_type,
-                                  row_bytes)
+from verse.ggml.reference import (BLOCK_BYTES, BLOCK_VALUES, NAMES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
+                                  QK, block_type, row_bytes)
 from verse.ggml import reference
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -181,5 +182,5 @@ def _advise_huge_pages(address: int, length: int) -> None:
     libc.madvise(address, length - length % HUGE_PAGE, 14)  # MADV_HUGEPAGE; failure only costs speed
 
 
-__all__ = ["BLOCK_BYTES", "BLOCK_VALUES", "NAMES", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "QK", "block_type",
-           "dequantize", "gemm", "gemm_many", "pack", "kernels_available", "row_bytes"]
+__all__ = ["BLOCK_BYTES", "BLOCK_VALUES", "NAMES", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "QK",
+           "block_type", "dequantize", "gemm", "gemm_many", "pack", "kernels_available", "row_bytes"]

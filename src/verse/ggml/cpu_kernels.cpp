@@ -1,18 +1,21 @@
-// Matrix products on GGML quantized blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K), AVX2 + FMA + F16C, for CPU
-// decoding.
+// Matrix products on GGML quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), AVX2 + FMA + F16C,
+// for CPU decoding.
 //
 // A weight row of K values is K/32 blocks, stored exactly as in a GGUF file:
-//   Q4_0: fp16 d, 16 bytes of nibbles          w = d * (q - 8)
-//   Q4_1: fp16 d, fp16 m, 16 bytes of nibbles  w = d * q + m
-//   Q8_0: fp16 d, 32 int8                      w = d * q
-// (nibble j of a block is element j in its low half and element j + 16 in its high half), or K/256 K-quant
+//   Q4_0: fp16 d, 16 bytes of nibbles                       w = d * (q - 8)
+//   Q4_1: fp16 d, fp16 m, 16 bytes of nibbles               w = d * q + m
+//   Q5_0: fp16 d, 4 bytes qh, 16 bytes of nibbles           w = d * (q - 16)
+//   Q5_1: fp16 d, fp16 m, 4 bytes qh, 16 bytes of nibbles   w = d * q + m
+//   Q8_0: fp16 d, 32 int8                                   w = d * q
+// (nibble j of a block is element j in its low half and element j + 16 in its high half; bit j of the
+// little-endian word qh is bit 4 of element j), or K/256 K-quant
 // super-blocks of 8 sub-blocks of 32 (layouts in verse/ggml/reference.py, from llama.cpp's ggml-common.h):
 //   Q4_K/Q5_K: sub-block s is a Q4_1-like block, w = (d sc_s) q - (dmin m_s), 6-bit sc_s, m_s;
 //   Q6_K:      sub-block s is a Q8_0-like block of q - 32 with one scale d sc_t per 16 values.
 // Decoding reads every weight once per token, so its speed is the bytes it reads: 0.56-1.06 bytes per
 // weight here against 2 for bf16. As in llama.cpp, x is first rounded to 8 bits per block of 32
 // (x ~= dx * xq), so each block is an integer dot product (maddubs/madd: 32 pairs in two instructions),
-// scaled once; the offsets (m, -8d) use the block sums of x:
+// scaled once; the offsets (m, -8d, -16d) use the block sums of x:
 //   sum_j w_j x_j = d * dx * sum_j q_j xq_j + m * dx * sum_j xq_j.
 // Up to MAX_ROWS rows of x share each block's unpacking. `dequantize` widens a weight to fp32 (prompts).
 // torch has no CPU kernel for these layouts (its int4 kernel is a different packing and is dequant-bound
@@ -34,19 +37,21 @@ constexpr int64_t QK = 32;
 constexpr int64_t MAX_ROWS = 4;
 constexpr int64_t PREFETCH_BYTES = 3072;  // how far ahead of the current block to prefetch (measured: 2-4 KB best)
 constexpr int64_t QK_K = 256;
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
 int64_t block_bytes(int64_t qtype) {
   switch (qtype) {
     case Q4_0: return 18;
     case Q4_1: return 20;
+    case Q5_0: return 22;
+    case Q5_1: return 24;
     case Q8_0: return 34;
     case Q4_K: return 144;
     case Q5_K: return 176;
     case Q6_K: return 210;
   }
   TORCH_CHECK(false, "verse_ggml: unsupported GGML type ", qtype,
-              " (supported: Q4_0=2, Q4_1=3, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14)");
+              " (supported: Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14)");
 }
 
 int64_t block_values(int64_t qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K ? QK_K : QK; }
@@ -63,55 +68,53 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
-// The 32 quants of one block as four fp32 vectors (elements 0-7, 8-15, 16-23, 24-31).
-inline void widen_u4(const uint8_t* qs, __m256 q[4]) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i mask = _mm_set1_epi8(15);
-  const __m128i lo = _mm_and_si128(bytes, mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-  q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-  q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-  q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-  q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+template <int64_t QT>
+constexpr int64_t BB = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : QT == Q5_0 ? 22 : QT == Q5_1 ? 24 : 34;
+
+// Blocks whose fp16 minimum m follows d (w = d q + m), and the zero point z of the others (w = d (q - z)).
+template <int64_t QT>
+constexpr bool HAS_MIN = QT == Q4_1 || QT == Q5_1;
+template <int64_t QT>
+constexpr float ZERO = QT == Q4_0 ? 8.0f : QT == Q5_0 ? 16.0f : 0.0f;
+
+// Byte i of the result is 0xff where bit i of the 32-bit word at p is set, else 0 (llama.cpp's bytes_from_bits_32).
+inline __m256i bytes_from_bits(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i spread = _mm256_shuffle_epi8(  // byte k of the word into bytes 8k..8k+7
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+  // byte i of this mask has every bit but i % 8 set: OR gives all ones exactly where that bit is set
+  const __m256i others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+  return _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1));
 }
 
-inline void widen_i8(const uint8_t* qs, __m256 q[4]) {
-  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16));
-  q[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
-  q[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)));
-  q[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  q[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+// The 32 quants of one block as bytes in x's element order (Q4: unsigned 0..15; Q5: 0..31; Q8_0: signed).
+template <int64_t QT>
+inline __m256i quant_bytes(const uint8_t* blk) {
+  if constexpr (QT == Q8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+  } else {
+    constexpr int64_t nibbles = QT == Q4_0 ? 2 : QT == Q4_1 ? 4 : QT == Q5_0 ? 6 : 8;
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + nibbles));
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+    if constexpr (QT == Q5_0 || QT == Q5_1)  // the fifth bits, from the 4 bytes before the nibbles
+      return _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(blk + nibbles - 4), _mm256_set1_epi8(16)));
+    return q;
+  }
 }
 
 // One block: scale d, offset m (multiplies the block sum of x), and the 32 quants as fp32.
 template <int64_t QT>
 inline void unpack(const uint8_t* blk, float& d, float& m, __m256 q[4]) {
   d = half_at(blk);
-  if constexpr (QT == Q4_1) {
-    m = half_at(blk + 2);
-    widen_u4(blk + 4, q);
-  } else if constexpr (QT == Q4_0) {
-    m = -8.0f * d;
-    widen_u4(blk + 2, q);
-  } else {
-    m = 0.0f;
-    widen_i8(blk + 2, q);
-  }
-}
-
-template <int64_t QT>
-constexpr int64_t BB = QT == Q4_0 ? 18 : QT == Q4_1 ? 20 : 34;
-
-// The 32 quants of one block as bytes in x's element order (Q4: unsigned 0..15; Q8_0: signed).
-template <int64_t QT>
-inline __m256i quant_bytes(const uint8_t* blk) {
-  if constexpr (QT == Q8_0) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-  } else {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (QT == Q4_1 ? 4 : 2)));
-    const __m128i mask = _mm_set1_epi8(15);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+  m = HAS_MIN<QT> ? half_at(blk + 2) : -ZERO<QT> * d;
+  const __m256i bytes = quant_bytes<QT>(blk);
+  const __m128i halves[2] = {_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)};
+  for (int i = 0; i < 4; ++i) {
+    const __m128i part = i & 1 ? _mm_srli_si128(halves[i >> 1], 8) : halves[i >> 1];
+    q[i] = _mm256_cvtepi32_ps(QT == Q8_0 ? _mm256_cvtepi8_epi32(part) : _mm256_cvtepu8_epi32(part));
   }
 }
 
@@ -128,7 +131,7 @@ inline __m256 block_dot(__m256i q, const int8_t* xq) {
 }
 
 // Rows of x rounded to 8 bits per block of 32 (as llama.cpp's Q8_0/Q8_1): x ~= dx * xq, dx = amax / 127.
-// xs is dx * sum(xq), the block sum that the offsets (m, -8d) multiply.
+// xs is dx * sum(xq), the block sum that the offsets (m, -8d, -16d) multiply.
 void quantize_rows(const float* x, int64_t M, int64_t nb, int8_t* xq, float* dx, float* xs) {
   for (int64_t i = 0; i < M * nb; ++i) {
     const float* v = x + i * QK;
@@ -163,7 +166,7 @@ void gemm_rows(const uint8_t* w, int64_t nb, const int8_t* xq, const float* dx, 
       const uint8_t* blk = row + b * BB<QT>;
       _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_BYTES), _MM_HINT_T0);
       const float d = half_at(blk);
-      const float m = QT == Q4_1 ? half_at(blk + 2) : QT == Q4_0 ? -8.0f * d : 0.0f;
+      const float m = HAS_MIN<QT> ? half_at(blk + 2) : -ZERO<QT> * d;
       const __m256i q = quant_bytes<QT>(blk);
       for (int64_t r = 0; r < M; ++r) {
         const int64_t i = r * nb + b;
@@ -192,10 +195,10 @@ void gemv(const uint8_t* w, int64_t nb, const int8_t* xq, const float* dx, const
       acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * dx[b]), block_dot<QT>(quant_bytes<QT>(b0), xq + b * QK), acc0);
       acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * dx[b + 1]), block_dot<QT>(quant_bytes<QT>(b1), xq + (b + 1) * QK),
                              acc1);
-      if constexpr (QT == Q4_1) {
+      if constexpr (HAS_MIN<QT>) {
         off0 += half_at(b0 + 2) * xs[b];
         off1 += half_at(b1 + 2) * xs[b + 1];
-      } else if constexpr (QT == Q4_0) {
+      } else if constexpr (ZERO<QT> != 0.0f) {
         off0 += d0 * xs[b];
         off1 += d1 * xs[b + 1];
       }
@@ -204,11 +207,11 @@ void gemv(const uint8_t* w, int64_t nb, const int8_t* xq, const float* dx, const
       const uint8_t* b0 = row + b * BB<QT>;
       const float d0 = half_at(b0);
       acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * dx[b]), block_dot<QT>(quant_bytes<QT>(b0), xq + b * QK), acc0);
-      if constexpr (QT == Q4_1) off0 += half_at(b0 + 2) * xs[b];
-      if constexpr (QT == Q4_0) off0 += d0 * xs[b];
+      if constexpr (HAS_MIN<QT>) off0 += half_at(b0 + 2) * xs[b];
+      if constexpr (ZERO<QT> != 0.0f) off0 += d0 * xs[b];
     }
-    float sum = hsum(_mm256_add_ps(acc0, acc1));
-    y[n] = QT == Q4_0 ? sum - 8.0f * (off0 + off1) : sum + off0 + off1;
+    const float sum = hsum(_mm256_add_ps(acc0, acc1));
+    y[n] = HAS_MIN<QT> ? sum + off0 + off1 : sum - ZERO<QT> * (off0 + off1);
   }
 }
 
@@ -407,6 +410,8 @@ void weight_rows(const Weight& W, int64_t nb, const int8_t* xq, const float* dx,
   switch (W.qtype) {
     case Q4_0: VERSE_GGML_ROWS(Q4_0) break;
     case Q4_1: VERSE_GGML_ROWS(Q4_1) break;
+    case Q5_0: VERSE_GGML_ROWS(Q5_0) break;
+    case Q5_1: VERSE_GGML_ROWS(Q5_1) break;
     case Q4_K: k_weight_rows<Q4_K>(W.blocks, nb, xq, dx, xs, rows, y, W.N, n0, n1); break;
     case Q5_K: k_weight_rows<Q5_K>(W.blocks, nb, xq, dx, xs, rows, y, W.N, n0, n1); break;
     case Q6_K: k_weight_rows<Q6_K>(W.blocks, nb, xq, dx, xs, rows, y, W.N, n0, n1); break;
@@ -488,6 +493,8 @@ at::Tensor dequantize(const at::Tensor& blocks, int64_t qtype) {
   switch (qtype) {
     case Q4_0: dequantize_impl<Q4_0>(w, nb, out.data_ptr<float>(), N); break;
     case Q4_1: dequantize_impl<Q4_1>(w, nb, out.data_ptr<float>(), N); break;
+    case Q5_0: dequantize_impl<Q5_0>(w, nb, out.data_ptr<float>(), N); break;
+    case Q5_1: dequantize_impl<Q5_1>(w, nb, out.data_ptr<float>(), N); break;
     case Q4_K: k_dequantize_impl<Q4_K>(w, nb, out.data_ptr<float>(), N); break;
     case Q5_K: k_dequantize_impl<Q5_K>(w, nb, out.data_ptr<float>(), N); break;
     case Q6_K: k_dequantize_impl<Q6_K>(w, nb, out.data_ptr<float>(), N); break;

@@ -1,8 +1,11 @@
-"""GGML quantized blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) in plain PyTorch: the layouts, `dequantize`, `gemm`.
+"""GGML quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) in plain PyTorch: the layouts,
+`dequantize`, `gemm`.
 
 A weight [N, K] is stored as in a GGUF file: each row is K/32 blocks of 32 values, a block being an fp16
-scale d (Q4_1: and an fp16 minimum m) followed by the quants. Nibble j of a 4-bit block holds element j
-in its low half and element j + 16 in its high half. Values: Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q.
+scale d (Q4_1, Q5_1: and an fp16 minimum m) followed by the quants. Nibble j of a 4-bit block holds element j
+in its low half and element j + 16 in its high half; Q5_0/Q5_1 put 4 bytes qh before the nibbles, bit j of
+the little-endian word qh being bit 4 of element j. Values: Q4_0 d * (q - 8), Q4_1 d * q + m, Q5_0 d * (q - 16),
+Q5_1 d * q + m, Q8_0 d * q.
 
 The K-quants (llama.cpp's `block_q4_K`, `block_q5_K`, `block_q6_K` in ggml-common.h) store K/256 super-blocks
 of 256 values, each with an fp16 scale d and its own scales for 8 sub-blocks of 32 (Q6_K: 16 of 16):
@@ -27,10 +30,12 @@ import torch
 
 QK = 32  # values per block (K-quants: per sub-block)
 QK_K = 256  # values per K-quant super-block
-Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14  # GGML type ids (gguf.GGMLQuantizationType)
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}  # bytes per block
-BLOCK_VALUES = {Q4_0: QK, Q4_1: QK, Q8_0: QK, Q4_K: QK_K, Q5_K: QK_K, Q6_K: QK_K}  # values per block
-NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14  # GGML type ids (gguf.GGMLQuantizationType)
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}  # bytes per block
+BLOCK_VALUES = {Q4_0: QK, Q4_1: QK, Q5_0: QK, Q5_1: QK, Q8_0: QK, Q4_K: QK_K, Q5_K: QK_K, Q6_K: QK_K}  # per block
+NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K",
+         Q6_K: "Q6_K"}
+SMALL_BLOCKS = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)  # blocks of 32 values, told apart by their sizes
 
 
 def row_bytes(qtype: int, in_features: int) -> int:
@@ -52,7 +57,7 @@ def row_bytes(qtype: int, in_features: int) -> int:
 
 
 def block_type(row_bytes: int, in_features: int) -> int:
-    """The GGML type of a block row of `row_bytes` bytes holding `in_features` values, among Q4_0, Q4_1, Q8_0.
+    """The GGML type of a block row of `row_bytes` bytes holding `in_features` values, among `SMALL_BLOCKS`.
 
     (The K-quants cannot be told by size: a Q4_K row has the size of a Q4_0 row. Their users name the type.)
 
@@ -61,13 +66,14 @@ def block_type(row_bytes: int, in_features: int) -> int:
         in_features (int): values per row (a multiple of 32).
 
     Returns:
-        int: Q4_0, Q4_1 or Q8_0 (their block sizes differ: 18, 20, 34 bytes).
+        int: Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 (their block sizes differ: 18, 20, 22, 24, 34 bytes).
     """
     if in_features % QK == 0:
-        for qtype in (Q4_0, Q4_1, Q8_0):
+        for qtype in SMALL_BLOCKS:
             if row_bytes == in_features // QK * BLOCK_BYTES[qtype]:
                 return qtype
-    raise ValueError(f"a row of {row_bytes} bytes is not {in_features} values in Q4_0, Q4_1 or Q8_0 blocks")
+    names = ", ".join(NAMES[qtype] for qtype in SMALL_BLOCKS)
+    raise ValueError(f"a row of {row_bytes} bytes is not {in_features} values in {names} blocks")
 
 
 def _half(b: torch.Tensor) -> torch.Tensor:
@@ -128,12 +134,17 @@ def dequantize(blocks: torch.Tensor, qtype: int, dtype: torch.dtype = torch.floa
         q = b[..., 2:].contiguous().view(torch.int8).float()
         w = d * q
     else:
-        qs = b[..., 4:] if qtype == Q4_1 else b[..., 2:]
-        q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
-        if qtype == Q4_1:
+        start = {Q4_0: 2, Q4_1: 4, Q5_0: 6, Q5_1: 8}[qtype]  # where the nibbles begin
+        qs = b[..., start:]
+        q = torch.cat([qs & 15, qs >> 4], dim=-1)
+        if qtype in (Q5_0, Q5_1):  # bit j of the 4 bytes before the nibbles is bit 4 of element j
+            bits = torch.arange(8, dtype=torch.uint8, device=b.device)
+            q = q | (((b[..., start - 4:start, None] >> bits) & 1) << 4).reshape(q.shape)
+        q = q.float()
+        if qtype in (Q4_1, Q5_1):
             w = d * q + _half(b[..., 2:4])
         else:
-            w = d * (q - 8)
+            w = d * (q - (16 if qtype == Q5_0 else 8))
     return w.reshape(N, -1).to(dtype)
 
 

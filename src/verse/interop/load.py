@@ -222,7 +222,7 @@ def build_model(args: ModelArgs, state_dict: Dict[str, torch.Tensor], source: st
         source (str | Path): the file or directory the weights came from (named in errors).
         device (torch.device | str): where the weights go.
         ggml_types (Optional[Dict[str, int]]): GGML type of each uint8 (GGUF blocks) weight; None = told from
-            the row size (Q4_0, Q4_1, Q8_0 only).
+            the row size (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 only).
 
     Returns:
         ReasoningLLM: the model in eval mode, RoPE tables computed, tied weights shared.

@@ -7,8 +7,8 @@ Face files), so that weight ~= fp8 * scale per 128x128 block. FP8 weights run in
 token (`act_quant`) and multiplies the FP8 operands (`fp8_gemm`).
 
 A `Linear` can also hold a GGUF file's quantized blocks (`gemm_impl="gguf"`): a uint8 `weight`
-[out, in / block values * block bytes] of Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K blocks, multiplied as they are
-by `verse.ggml.gemm`.
+[out, in / block values * block bytes] of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K blocks, multiplied as
+they are by `verse.ggml.gemm`.
 
 For inference a `Linear` can also hold an int8 weight with one scale per output row (`int8_()`, weight-only
 quantization as torchao's int8 weight-only config): half the bytes of bf16 read per decoded token, multiplied by
