@@ -506,3 +506,81 @@ def test_hostile_json_lines_are_skipped_and_counted(tmp_path, tok):
 def test_source_weight_must_be_finite_and_positive(weight):
     with pytest.raises(ConfigError, match=r"data.sources\[0\].weight.*(finite|> 0)"):
         cfg([{"path": "x.jsonl", "weight": weight}])
+
+
+def _global_batches(loaders, n):
+    """The next `n` global micro-batches of data-parallel `loaders` (one per rank): their batches' rows, in rank
+    order, as (input_ids, labels) pairs with the padding cut off (a padded batch is padded to its own longest row)."""
+    its = [iter(lo) for lo in loaders]
+    out = []
+    for _ in range(n):
+        rows = []
+        for it in its:
+            batch = next(it)
+            for ids, labels in zip(batch["input_ids"], batch["labels"]):
+                keep = labels != -100
+                rows.append((ids[:int(keep.nonzero().max()) + 2 if keep.any() else 0].tolist(), labels[keep].tolist()))
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_ranks_read_slices_of_one_global_order_and_resume_on_any_number(tmp_path, tok, pack):
+    """#14: N data-parallel ranks keep contiguous slices of the global micro-batches one process reads with N times
+    the micro-batch (the oracle), and a position saved by 2 ranks continues on 1 and on 4 ranks with exactly the
+    rows the uninterrupted read would give next (global batch of 4 rows kept): none twice, none skipped."""
+    c = cfg(_sources(tmp_path), pack=pack, shuffle_buffer=7)
+    kw = dict(max_seq_len=120, seed=3)
+    straight = _global_batches([build_loader(c, tok, micro_batch_size=4, **kw)], 9)
+    two = [build_loader(c, tok, micro_batch_size=2, rank=r, world_size=2, **kw) for r in range(2)]
+    assert _global_batches(two, 5) == straight[:5]
+    states = [json.loads(json.dumps(lo.state_dict())) for lo in two]
+    assert states[0] == states[1] and states[0]["order"] == "global"  # one position, whatever the rank
+    for world, micro in ((1, 4), (4, 1), (2, 2)):
+        resumed = [build_loader(c, tok, micro_batch_size=micro, rank=r, world_size=world, **kw) for r in range(world)]
+        for lo in resumed:
+            lo.load_state_dict(states[0])
+        assert _global_batches(resumed, 4) == straight[5:], world
+
+
+def test_last_incomplete_global_batch_is_split_and_no_rank_is_left_without_a_batch(tmp_path, tok):
+    """A non-cycling pass whose rows do not fill the last global micro-batch: its rows go to the first ranks, every
+    other rank gets a row without loss tokens, so every rank yields as many batches; all examples are read once."""
+    path = write_jsonl(tmp_path / "ot.jsonl", [openthoughts_record(i) for i in range(11)])
+    c = cfg([{"path": path}], cycle=False)
+    kw = dict(max_seq_len=256, micro_batch_size=1, seed=0)
+    rows = sum(len(b["input_ids"]) for b in build_loader(c, tok, **kw))  # one process's rows
+    assert rows % 4 == 2
+    ranks = [all_batches(build_loader(c, tok, rank=r, world_size=4, **kw)) for r in range(4)]
+    assert [len(b) for b in ranks] == [rows // 4 + 1] * 4
+    assert [bool((b[-1]["labels"] != -100).any()) for b in ranks] == [True, True, False, False]
+    texts = [t for r in range(4) for t in _texts(build_loader(c, tok, rank=r, world_size=4, **kw), tok)]
+    assert sorted(texts) == sorted(openthoughts_answer(i) + "<|im_end|>" for i in range(11))
+
+
+def test_per_rank_positions_resume_on_their_own_number_of_ranks_only(tmp_path, tok):
+    """A position saved before the global order (state version 1: rank r of 2 read rows r, r+2, ... of a file)
+    continues on 2 ranks where it stopped (the oracle: the file's rows, by hand); on 4 ranks it is one line. A Hub
+    stream is read in per-rank shares (split_dataset_by_node): a whole-stream position cannot continue on 2 ranks."""
+    import shutil
+
+    path = write_jsonl(tmp_path / "ot.jsonl", [openthoughts_record(i) for i in range(20)])
+    c = cfg([{"path": path}], cycle=False, shuffle_buffer=1)
+    kw = dict(max_seq_len=256, micro_batch_size=1, seed=0)
+    old = {"version": 1, "stream": None, "skip": 3, "piece": 0, "counters": {}, "world_size": 2}  # as _loader_state
+    for rank in (0, 1):
+        lo = build_loader(c, tok, rank=rank, world_size=2, **kw)
+        lo.load_state_dict(old)
+        assert _texts(lo, tok) == [openthoughts_answer(i) + "<|im_end|>" for i in range(rank + 6, 20, 2)]
+    with pytest.raises(ConfigError, match=r"^the saved data position is 2 data-parallel ranks' shares of the sources, "
+                                          r"which continue only on 2 ranks \(now 4\); resume with 2 data-parallel"):
+        build_loader(c, tok, rank=0, world_size=4, **kw).load_state_dict(old)
+    directory = tmp_path / "HuggingFaceH4" / "ultrachat_200k"
+    shutil.copytree(HUB_FIXTURES / "HuggingFaceH4" / "ultrachat_200k", directory)
+    hub = cfg([{"name": "ultrachat", "path": str(directory)}])
+    whole = build_loader(hub, tok, **kw)
+    next(iter(whole))
+    assert not build_loader(hub, tok, **kw).shares and build_loader(hub, tok, world_size=2, **kw).shares
+    with pytest.raises(ConfigError, match=r"^data source 'ultrachat' is a Hub stream, which each of the 2 data-parallel "
+                                          r"ranks reads in its own share \(split_dataset_by_node\).*; resume with 1 "):
+        build_loader(hub, tok, world_size=2, **kw).load_state_dict(whole.state_dict())

@@ -124,6 +124,48 @@ def test_sharded_checkpoint_resumes_on_one_and_four_ranks(tmp_path):
     assert losses(four, 4, "resume") == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
 
 
+def _step_ids(out: Path, world: int, accum: int, tag: str = "run") -> list:
+    """The example ids each step trained on: every rank's micro-batches of the step together (none twice)."""
+    ranks = [json.loads((out / f"ids-{tag}-{world}-{r}.json").read_text()) for r in range(world)]
+    steps = []
+    for s in range(len(ranks[0]) // accum):
+        ids = [i for batches in ranks for batch in batches[s * accum:(s + 1) * accum] for i in batch]
+        assert len(ids) == len(set(ids)), (s, ids)
+        steps.append(sorted(ids))
+    return steps
+
+
+@pytest.mark.slow
+def test_data_position_resumes_exactly_on_another_number_of_ranks(tmp_path):
+    """#14: Verse's own loader (packed rows of a jsonl file): 2 ranks train on the examples one process with the
+    whole global batch trains on, step by step; saved at step 3, the run resumes on 1 rank (accumulating 2
+    micro-batches) and on 4 (micro-batch 1), 4 rows a step throughout: steps 4-5 see exactly the examples of the
+    uninterrupted run (none twice, none skipped) and have its losses (fp32, 1e-5)."""
+    records = [{"text": f"#{i:04d} " + "abcdefghij"[:i % 11] * (1 + i % 2)} for i in range(300)]  # 6-27 bytes
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = "data=" + json.dumps({"sources": [{"path": str(tmp_path / "ids.jsonl")}], "num_workers": 0})
+    ref = one_process(tmp_path / "one", "tiny", 5, data, "micro_batch_size=4")  # the whole global batch
+    ref_ids = _step_ids(tmp_path / "one", 1, 1)
+    seen = [i for step in ref_ids for i in step]
+    assert len(ref_ids) == 5 and len(seen) == len(set(seen)) >= 25  # packed: several examples a row
+    two = (data, "parallel.dp_shard=2", "micro_batch_size=2")
+    torchrun(2, str(WORKER), str(tmp_path / "full"), "tiny", "5", *two)
+    assert _step_ids(tmp_path / "full", 2, 1) == ref_ids
+    assert losses(tmp_path / "full", 2) == pytest.approx(ref, rel=1e-5, abs=1e-5)
+    cut = tmp_path / "cut"
+    torchrun(2, str(WORKER), str(cut), "tiny", "3", *two)
+    assert _step_ids(cut, 2, 1) == ref_ids[:3]
+    four = tmp_path / "four"
+    shutil.copytree(cut, four, symlinks=True)
+    resumed = one_process(cut, "tiny", 5, "resume", data, "micro_batch_size=2", "gradient_accumulation_steps=2")
+    assert _step_ids(cut, 1, 2, "resume") == ref_ids[3:]
+    assert resumed == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
+    torchrun(4, str(WORKER), str(four), "tiny", "5", "resume", data, "parallel.dp_shard=4", "micro_batch_size=1",
+             timeout=400)
+    assert _step_ids(four, 4, 1, "resume") == ref_ids[3:]
+    assert losses(four, 4, "resume") == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
+
+
 @pytest.mark.slow
 def test_expert_parallel_checkpoint_resumes_on_one_process(tmp_path):
     """Saved by 2 expert-parallel ranks at step 3 (each its 4 of the 8 experts), resumed on one process: steps 4-5

@@ -2,16 +2,29 @@
 
 Pipeline: per-source readers (`sources.py`) -> weighted mix -> tokenize in worker processes
 (`encode.py`) -> pack or pad (`packing.py`) -> LongTensor batches. Everything before the tokenizer is
-a pure function of (seed, rank, position), so `state_dict()` is just a position: where the mix and each
+a pure function of (seed, position), so `state_dict()` is just a position: where the mix and each
 source stand at the start of a block of examples, plus how many examples of that block (and chunks of a
 split text) are already in yielded batches. `load_state_dict()` replays from there without tokenizing
 the skipped examples.
+
+Data-parallel ranks (issue #14) read the training data in one GLOBAL order: every rank reads, tokenizes and packs
+the same rows, and of each global micro-batch of `world_size * micro_batch_size` rows rank r keeps the r-th
+contiguous `micro_batch_size`. The rows of a step are then those of one process with the whole batch, and the
+position after a global micro-batch is the same on every rank and does not depend on the number of ranks: a
+checkpoint saved on N ranks resumes exactly on M (no example twice, none skipped) as long as the global batch
+(ranks x micro-batch x accumulation) is kept. The price is that each rank tokenizes the whole stream (in its
+`num_workers` processes), not its share. Two cases read per-rank SHARES instead (`SourceReader` with rank and
+world_size), whose positions differ per rank and resume only on the same number of ranks: a Hub stream (each rank
+streams only its part of it, `datasets.distributed.split_dataset_by_node`, so no rank can see the global order),
+and the eval split (read from the start at every evaluation, never resumed); positions saved before global orders
+existed (state version 1) are read the same way.
 """
 
 import copy
 import dataclasses
 from collections import Counter
 from itertools import islice
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -20,7 +33,7 @@ import torch
 from verse.data.config import DataConfig
 from verse.data.encode import Encoded, Encoder
 from verse.data.packing import collate, packed_row, padded_row
-from verse.data.sources import SourceReader
+from verse.data.sources import SourceReader, is_hub_layout
 from verse.errors import ConfigError, VerseError
 
 BLOCK = 128  # examples tokenized per round trip to the workers
@@ -79,7 +92,12 @@ class MixedStream:
 
 
 class DataLoader:
-    """Batches of `input_ids`, shifted `labels` and (packed) `position_ids` for one rank; see `build_loader`."""
+    """Batches of `input_ids`, shifted `labels` and (packed) `position_ids` for one rank; see `build_loader`.
+
+    Attributes:
+        shares (bool): whether this rank reads its own share of every source (a Hub stream or the eval split on
+            several ranks, or a resumed per-rank position) rather than its slice of the global order.
+    """
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, *, max_seq_len: int, micro_batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, split: str = "train") -> None:
@@ -99,18 +117,16 @@ class DataLoader:
                               "(Qwen3's); remove the field")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.max_seq_len, self.micro_batch_size, self.seed = max_seq_len, micro_batch_size, seed
-        self.split = split
+        self.split, self.rank, self.world_size = split, rank, world_size
         use_eval_sources = split == "eval" and bool(cfg.eval_sources)
         sources = cfg.eval_sources if use_eval_sources else cfg.sources
         if not sources:
             raise ConfigError("data.sources is empty: list at least one training source")
-        holdout = (0.0, False) if use_eval_sources else (cfg.eval_fraction, split == "eval")
-        self.readers = [
-            SourceReader(s, i, seed=seed, rank=rank, world_size=world_size, holdout=holdout,
-                         cycle=cfg.cycle and split == "train",
-                         shuffle_buffer=cfg.shuffle_buffer if split == "train" else 1,  # eval: file order
-                         max_record_bytes=cfg.max_record_bytes)
-            for i, s in enumerate(sources)]
+        self.sources = sources
+        self.hub = next((s.label for s in sources if s.path is None or is_hub_layout(Path(s.path).expanduser())),
+                        None)  # a Hub stream: read in per-rank shares
+        self.shares = world_size > 1 and (split == "eval" or self.hub is not None)
+        self.readers = self._readers()
         weights = np.array([s.weight for s in sources], dtype=np.float64)
         self.weights = weights / weights.sum()
         self.pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
@@ -120,12 +136,47 @@ class DataLoader:
         self._resume: Dict[str, Any] = {"stream": None, "skip": 0, "counters": {}}
         self._start = MixedStream(self.readers, self.weights, seed).state_dict()  # nothing read yet
 
+    def _readers(self) -> List[SourceReader]:
+        """One reader per source: of this rank's share (`shares`), else of the whole source (the global order)."""
+        rank, world_size = (self.rank, self.world_size) if self.shares else (0, 1)
+        holdout = (0.0, False) if self.split == "eval" and self.cfg.eval_sources else (
+            self.cfg.eval_fraction, self.split == "eval")
+        return [SourceReader(s, i, seed=self.seed, rank=rank, world_size=world_size, holdout=holdout,
+                             cycle=self.cfg.cycle and self.split == "train",
+                             shuffle_buffer=self.cfg.shuffle_buffer if self.split == "train" else 1,  # eval: file order
+                             max_record_bytes=self.cfg.max_record_bytes)
+                for i, s in enumerate(self.sources)]
+
     def state_dict(self) -> Dict[str, Any]:
-        """Position after the last yielded batch (plain ints, strings and dicts: JSON- and torch.save-able)."""
-        return copy.deepcopy({"version": 1, **self._resume})
+        """Position after the last yielded batch (plain ints, strings and dicts: JSON- and torch.save-able).
+
+        `order` is "global" (the same on every rank, valid for any number of ranks) or "shares" (this rank's own,
+        with the `world_size` it is valid for)."""
+        order = {"order": "shares", "world_size": self.world_size} if self.shares else {"order": "global"}
+        return copy.deepcopy({"version": 2, **order, **self._resume})
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Make the next iteration continue exactly after the batch the state was taken at."""
+        """Make the next iteration continue exactly after the batch the state was taken at.
+
+        A global position resumes on any number of ranks; a per-rank one (state version 1, or `order: shares`)
+        only on the number of ranks that saved it, or as a global one when that number was 1.
+
+        Raises:
+            ConfigError: a position that cannot continue on this number of ranks.
+        """
+        saved = 1 if state.get("order") == "global" else state.get("world_size", self.world_size)
+        if saved == 1 and self.shares:
+            raise ConfigError(f"data source {self.hub!r} is a Hub stream, which each of the {self.world_size} "
+                              "data-parallel ranks reads in its own share (split_dataset_by_node), but the saved data "
+                              "position is of the whole stream (1 rank); resume with 1 data-parallel rank")
+        if saved not in (1, self.world_size):
+            raise ConfigError(f"the saved data position is {saved} data-parallel ranks' shares of the sources, which "
+                              f"continue only on {saved} ranks (now {self.world_size}); resume with {saved} "
+                              "data-parallel ranks")
+        if saved > 1 and not self.shares:  # a per-rank position of a run from before the global order
+            self.shares = True
+            self.readers = self._readers()
+            self._start = MixedStream(self.readers, self.weights, self.seed).state_dict()
         self._resume = copy.deepcopy({k: state[k] for k in ("stream", "skip", "counters")})
         self._resume["piece"] = state.get("piece", 0)
 
@@ -178,6 +229,7 @@ class DataLoader:
         exactly what came before it.
         """
         T, B, pack = self.max_seq_len, self.micro_batch_size, self.cfg.pack
+        group = B if self.shares else B * self.world_size  # rows read per batch this rank yields
         rows: List[Tuple[Any, dict]] = []  # completed rows (packed dict or one Encoded) and their resume points
         cur: List[Encoded] = []  # the open (packed) row
         cur_len, cur_start = 0, {}
@@ -219,8 +271,8 @@ class DataLoader:
                         if cur_len == T:
                             rows.append((self._packed(cur), cur_start))
                             cur, cur_len = [], 0
-                    while len(rows) >= B:
-                        batch, rows = self._collate([r for r, _ in rows[:B]]), rows[B:]
+                    while len(rows) >= group:
+                        batch, rows = self._micro_batch([r for r, _ in rows[:group]]), rows[group:]
                         more = k + 1 < len(pieces)
                         after = {"stream": snap, "skip": base + i + (not more), "piece": k + 1 if more else 0,
                                  "counters": dict(self.counters)}
@@ -228,9 +280,9 @@ class DataLoader:
                         yield batch
         if cur:
             rows.append((self._packed(cur), cur_start))
-        for start in range(0, len(rows), B):
-            batch = self._collate([r for r, _ in rows[start:start + B]])
-            self._resume = rows[start + B][1] if start + B < len(rows) else self._end_point()
+        for start in range(0, len(rows), group):
+            batch = self._micro_batch([r for r, _ in rows[start:start + group]])
+            self._resume = rows[start + group][1] if start + group < len(rows) else self._end_point()
             yield batch
 
     def _all_dropped_message(self) -> str:
@@ -278,13 +330,40 @@ class DataLoader:
         self.counters["pad_tokens"] += self.max_seq_len - used
         return packed_row(examples, self.max_seq_len, self.pad_id)
 
-    def _collate(self, rows: List[Any]) -> Dict[str, torch.Tensor]:
-        if not self.cfg.pack:  # pad to the longest row, rounded up to pad_to_multiple_of
-            m = self.cfg.pad_to_multiple_of
-            length = min(self.max_seq_len, -(-max(len(e.ids) for e in rows) // m) * m)
-            self.counters["rows"] += len(rows)
-            self.counters["row_tokens"] += length * len(rows)
-            self.counters["pad_tokens"] += sum(length - len(e.ids) for e in rows)
+    def _micro_batch(self, rows: List[Any]) -> Dict[str, torch.Tensor]:
+        """This rank's batch of the rows read for it: all of them (shares), else its slice of a global micro-batch.
+
+        Every rank counts every slice's padding, so the counters (part of the position) agree on all ranks. In the
+        last, incomplete global micro-batch of a pass a rank whose slice is empty gets one row without loss tokens:
+        every rank yields as many batches (each step's collectives pair up) and the loss is unchanged.
+        """
+        if self.shares:
+            return self._collate(rows)
+        B = self.micro_batch_size
+        slices = [rows[i:i + B] for i in range(0, len(rows), B)]  # world_size slices at most: not a hot loop
+        lengths = [self._pad_length(s) for s in slices]
+        if self.rank >= len(slices):
+            empty = Encoded(ids=np.full(1, self.pad_id, dtype=np.int64), mask=np.zeros(1, dtype=bool), length=1,
+                            source=0, where="")
+            return collate([packed_row([empty], self.max_seq_len, self.pad_id) if self.cfg.pack
+                            else padded_row(empty, 1, self.pad_id)])
+        return self._collate(slices[self.rank], lengths[self.rank])
+
+    def _pad_length(self, rows: List[Any]) -> int:
+        """Padded mode: the length `rows` are padded to (the longest, rounded up to pad_to_multiple_of), counted."""
+        if self.cfg.pack:
+            return self.max_seq_len
+        m = self.cfg.pad_to_multiple_of
+        length = min(self.max_seq_len, -(-max(len(e.ids) for e in rows) // m) * m)
+        self.counters["rows"] += len(rows)
+        self.counters["row_tokens"] += length * len(rows)
+        self.counters["pad_tokens"] += sum(length - len(e.ids) for e in rows)
+        return length
+
+    def _collate(self, rows: List[Any], length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Rows (packed dicts, or examples padded to `length`: counted here unless given) as one batch."""
+        if not self.cfg.pack:
+            length = self._pad_length(rows) if length is None else length
             rows = [padded_row(e, length, self.pad_id) for e in rows]
         return collate(rows)
 
@@ -305,7 +384,9 @@ def build_loader(cfg: Union[DataConfig, Dict[str, Any]], tokenizer: Any, *, max_
         micro_batch_size: rows per batch.
         seed: shuffle and mixing seed.
         rank: data-parallel rank of this process.
-        world_size: number of data-parallel ranks (each reads a disjoint share of every source).
+        world_size: number of data-parallel ranks: each keeps its slice of every global micro-batch of
+            `world_size * micro_batch_size` rows, read in one order whatever the number of ranks (a Hub stream and
+            the eval split: each rank reads a disjoint share of every source; see the module docstring).
         split: "train" (endless when `cfg.cycle`) or "eval" (one pass over the held-out data).
 
     Returns:

@@ -538,6 +538,8 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
             if state.get("loader") is not None and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict(state["loader"])
             ckpt.set_rng_state(state["rng"])
+        except ConfigError as e:  # e.g. a data position that cannot continue on this number of ranks
+            raise ConfigError(f"{step_dir}: {e}") from None
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
             raise CheckpointError(f"{step_dir / ckpt.STATE_DIR}: the training state does not fit this run "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume "
@@ -688,14 +690,23 @@ def _lost_rank_message(dist: Dist, step: int, run_dir: Path, e: BaseException) -
 
 
 def _loader_state(saved: List[Any], dist: Dist, step_dir: Path) -> Any:
-    """This rank's data position from the positions of the ranks that saved `step_dir`."""
+    """This rank's data position from the positions of the data-parallel ranks that saved `step_dir`.
+
+    Verse's loader saves one global position (the same on every rank), which continues on any number of ranks; a
+    per-rank position (a Hub stream's share, or a loader of state version 1, from before the global order) only on
+    as many ranks as saved it: the loader checks that against the `world_size` recorded here.
+    """
     if len(saved) == dist.dp_size:
-        return saved[dist.dp_rank]
-    if all(s == saved[0] for s in saved):  # a position that does not depend on the rank count
-        return saved[0]
-    raise ConfigError(f"{step_dir}: the data position was saved by {len(saved)} data-parallel ranks, each reading "
-                      f"its own share of the sources; resume with {len(saved)} data-parallel ranks "
-                      f"(now {dist.dp_size})")
+        state = saved[dist.dp_rank]
+    elif all(s == saved[0] for s in saved):  # a position that does not depend on the rank count
+        state = saved[0]
+    else:
+        raise ConfigError(f"{step_dir}: the data position was saved by {len(saved)} data-parallel ranks, each reading "
+                          f"its own share of the sources; resume with {len(saved)} data-parallel ranks "
+                          f"(now {dist.dp_size})")
+    if isinstance(state, dict) and state.get("version") == 1:  # per-rank shares of this many ranks
+        state = {**state, "world_size": len(saved)}
+    return state
 
 
 def adapter_base(cfg: TrainConfig) -> Optional[str]:
