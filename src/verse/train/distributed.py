@@ -234,9 +234,24 @@ def init_distributed(parallel: ParallelConfig, device: torch.device) -> Dist:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=layout.timeout_s))
+    return Dist(rank=rank, world_size=world, local_rank=local, device=device, parallel=layout,
+                mesh=device_mesh(device.type, layout))
+
+
+def device_mesh(device_type: str, layout: ParallelConfig):
+    """The job's `DeviceMesh` over the initialised process group: `MESH_DIMS`, plus the flattened `dp` and
+    `dp_shard_ep` (see `Dist`).
+
+    Args:
+        device_type (str): "cuda" or "cpu".
+        layout (ParallelConfig): the resolved layout (its degrees multiply to the world size).
+
+    Returns:
+        DeviceMesh: the mesh.
+    """
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, tuple(layout.degrees.values()), mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, tuple(layout.degrees.values()), mesh_dim_names=MESH_DIMS)
     mesh[("dp_replicate", "dp_shard", "ep")]._flatten("dp")
     mesh[("dp_shard", "ep")]._flatten("dp_shard_ep")
-    return Dist(rank=rank, world_size=world, local_rank=local, device=device, parallel=layout, mesh=mesh)
+    return mesh

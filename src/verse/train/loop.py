@@ -109,13 +109,7 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any = None, d
         qlora = cfg.finetune_method == "qlora"  # the bf16 base is read on the CPU and quantized layer by layer
         model = load_model(cfg.model, device="cpu" if qlora else device,
                            dtype=torch.bfloat16 if qlora else getattr(torch, cfg.param_dtype), **overrides)
-        lora = cfg.lora_args()
-        if lora is not None:  # LoRA / QLoRA: frozen (NF4) base, trainable adapters (verse.peft)
-            from verse.peft import apply_lora, quantize_nf4_
-
-            if qlora:
-                quantize_nf4_(model, device=device)
-            apply_lora(model, lora, dtype=getattr(torch, cfg.param_dtype))
+        apply_finetune(model, cfg, device)
     if cfg.max_seq_len > model.args.max_seq_len:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} exceeds the model's limit ({model.args.max_seq_len}); "
                           f"lower max_seq_len")
@@ -141,6 +135,25 @@ def check_data(cfg: TrainConfig) -> None:
     for source in (*data.sources, *data.eval_sources):
         if source.path is not None:  # Hub sources are reached when the loader opens them
             resolve_parts(source)
+
+
+def apply_finetune(model: ReasoningLLM, cfg: TrainConfig, device: torch.device) -> None:
+    """LoRA / QLoRA of `cfg.finetune` applied to a loaded base in place: frozen base (QLoRA: quantized to NF4 on
+    `device`, layer by layer), trainable adapters (`verse.peft`); nothing for a full fine-tune.
+
+    Args:
+        model (ReasoningLLM): the base model (for QLoRA in bf16, on the CPU or on `device`).
+        cfg (TrainConfig): its `finetune_method`, `lora_args()` and `param_dtype` (the adapters' dtype).
+        device (torch.device): where the NF4 weights go.
+    """
+    lora = cfg.lora_args()
+    if lora is None:
+        return
+    from verse.peft import apply_lora, quantize_nf4_
+
+    if cfg.finetune_method == "qlora":
+        quantize_nf4_(model, device=device)
+    apply_lora(model, lora, dtype=getattr(torch, cfg.param_dtype))
 
 
 def _sharded_model(cfg: TrainConfig, args: ModelArgs, dist: Dist) -> ReasoningLLM:

@@ -214,7 +214,9 @@ def apply_fsdp(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | No
                                         register_fsdp_forward_method)
 
     mesh = dp_mesh(dist)
-    if mesh.size() == 1:  # tensor parallelism alone: nothing to shard over data-parallel ranks
+    # tensor/expert parallelism alone: nothing to shard over data-parallel ranks (a job of one rank is still
+    # wrapped: the GPU check runs the FSDP2 path on one GPU)
+    if mesh.size() == 1 and dist.world_size > 1:
         return
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None)
     # a CPU job's shards are in CPU memory already (and pinning needs an accelerator): nothing to offload

@@ -1,0 +1,677 @@
+"""The prepared GPU check of the open issues (#14, #15, #16, #17): one run, all numbers, one JSON file.
+
+A session that is lent a GPU runs this once, in one device call, and copies the table into the closing notes.
+Every section runs in its own process under its own time cap (a hung compile or an out-of-memory step costs that
+section only: its error line is recorded and the next section starts); rows reach the JSON as they are measured,
+so a section stopped at its cap keeps what it had. Sections and their caps on an H200 (estimates from the issues'
+numbers, model builds and compiles included; 470 s in all):
+
+| section | issue | measures | cap s |
+| --- | --- | --- | --- |
+| decode | #17 | batch-1 greedy decode, SmolLM2-135M and Llama 1.24B shapes: Verse eager and compiled, transformers `generate`, copy-bandwidth limit, first-call times; engine throughput at 1/8/32/128 sequences | 150 |
+| train | #16 | `verse bench train` on the 1.24B shape, 8 x 2048: eager, per-block compile, precision=fp8 (torchao) | 130 |
+| distributed | #14 | NCCL job of world size 1 in this process: FSDP2 via train/parallelize.py, compile, fp8; DCP save/load; tokens/s vs one device | 55 |
+| lora | #15 | Llama-3-8B shape LoRA and QLoRA (NF4): peak `max_memory_allocated` vs `verse plan`, tokens/s vs full fine-tuning | 85 |
+| cuda_tests | all | the tests that skip without CUDA (found by their `cuda.is_available` skip) | 50 |
+
+`--dry-run` runs every section on the CPU with tiny shapes in seconds (CUDA-only rows say "skipped: no CUDA"); a
+test runs it so the script cannot rot.
+
+Running it on the lent H200 (torch 2.11 + CUDA 13, transformers, triton, peft are there; torchao, gguf, bpe-openai
+and datasets are not, and nothing can be downloaded there). Here, once, in the repository root, fetch the wheels:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \\
+        -d .whl torchao==0.17.0 gguf==0.17.1 bpe-openai==0.1.4 datasets==4.4.1 \\
+        dill==0.4.0 multiprocess==0.70.18
+
+then one device call, `carry: [".whl"]`, `timeout_s: 600`:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\
+        && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 make gpu-check
+
+(`make gpu-check` = `python3 scripts/gpu_check.py`; results in $OUT/gpu_check.json, or ./gpu_check.json without
+$OUT.) Without the wheels the script still runs: the fp8 and QLoRA rows then say torchao is missing.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if (ROOT / "src" / "verse").is_dir():  # the checkout's sources, not an installed copy
+    sys.path.insert(0, str(ROOT / "src"))
+
+BUDGET_S = 470  # the device call is 8 minutes; the rest is Python start-up and copying $OUT back
+# (name, issue, cap in seconds on a GPU); in this order, each in its own process
+SECTIONS = (("decode", "#17", 150), ("train", "#16", 130), ("distributed", "#14", 55), ("lora", "#15", 85),
+            ("cuda_tests", "all", 50))
+DRY_CAP_S = 300
+NO_CUDA = "skipped: no CUDA"
+
+
+class Rows:
+    """The rows of one section, written to `path` (atomically, whole) after each so a killed section keeps them."""
+
+    def __init__(self, section: str, path: Path):
+        self.section, self.path = section, path
+        self.rows: List[Dict[str, Any]] = []
+        self.current: Optional[str] = None
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rows": self.rows, "current": self.current}, default=str))
+        tmp.replace(self.path)
+
+    def add(self, name: str, **values: Any) -> Dict[str, Any]:
+        """Record and print one measurement."""
+        row = {"name": name, **values}
+        self.rows.append(row)
+        self.current = None
+        self._write()
+        print(format_row(self.section, row), flush=True)
+        return row
+
+    def measure(self, name: str, fn: Callable[[], Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+        """Run one measurement; its exception becomes the row's `error` line, never the section's end."""
+        self.current = name
+        self._write()
+        try:
+            values = fn()
+        except Exception as e:  # noqa: BLE001 - any failure is a measured fact, recorded as one line
+            return self.add(name, error=one_line(e))
+        return self.add(name, **(values or {}))
+
+    def skip(self, name: str, why: str) -> None:
+        """Record a measurement that cannot run here."""
+        self.add(name, skipped=why)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: type, first line of its message, and where it was raised (ours, innermost)."""
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "verse" in f.filename or "gpu_check" in f.filename]
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {text}{where}"
+
+
+def format_row(section: str, row: Dict[str, Any]) -> str:
+    """`section | name | key=value ...`, numbers to 4 significant digits."""
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    values = "  ".join(f"{k}={fmt(v)}" for k, v in row.items() if k != "name")
+    return f"{section:<12}| {row['name']:<44}| {values}"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for the one-rank process group's store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cuda_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def fresh_peak() -> int:
+    """Reset CUDA's peak statistics; return the bytes allocated now."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def release() -> None:
+    """Give freed memory back between measurements (models of other rows must not count in this one's peak)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def random_model(preset: str, device: Any, dtype: str, **overrides: Any):
+    """A randomly initialised `ReasoningLLM` of a preset's shape, built on `device` in `dtype`."""
+    import torch
+
+    from verse.config import ModelArgs
+    from verse.model import ReasoningLLM
+
+    args = ModelArgs.from_preset(preset, **{"dtype": dtype, **overrides})
+    torch.manual_seed(0)
+    with torch.device(device):
+        return ReasoningLLM(args).eval()
+
+
+# --- #17 decode --------------------------------------------------------------------------------------------------
+
+def section_decode(rows: Rows, dry: bool) -> None:
+    """Batch-1 greedy decoding (Verse eager, Verse compiled, transformers) against the copy-bandwidth limit, and the
+    continuous-batching engine at 1/8/32/128 sequences; compiled rows last (their compile may meet the cap)."""
+    import torch
+
+    from verse.bench.generate import (bench_batched, bench_transformers, bench_verse, copy_bandwidth,
+                                      weight_bytes_per_token)
+    from verse.bench.train import transformers_twin
+    from verse.infer.generate import decode_steps
+    from verse.infer.sampling import SamplingParams
+
+    device = torch.device("cpu" if dry else "cuda")
+    shapes = {"tiny": "tiny"} if dry else {"smollm2-135m": "smollm2-135m", "llama-1.24b": "llama-3.2-1b"}
+    new_tokens, batch_tokens = (8, 4) if dry else (256, 64)
+    batches = (1, 4) if dry else (1, 8, 32, 128)
+    overrides = {"max_seq_len": 64} if dry else {}
+    bandwidth = rows.measure("copy bandwidth", lambda: {"bytes_per_s": copy_bandwidth(
+        (8 if dry else 1024) * 2**20, device=device)})
+    bytes_per_s = bandwidth.get("bytes_per_s")
+    generator = torch.Generator().manual_seed(0)
+
+    def verse_row(model, prompt, compile: bool) -> Dict[str, Any]:
+        start = time.perf_counter()
+        list(decode_steps(model, [prompt], 4, SamplingParams(), compile=compile))  # first call: compiles
+        cuda_sync()
+        first_call = time.perf_counter() - start
+        result, tokens = bench_verse(model, prompt, new_tokens, compile=compile)
+        out = {"first_call_s": first_call, "decode_tok_s": result["decode_tok_s"],
+               "prefill_tok_s": result["prefill_tok_s"], "new_tokens": result["new_tokens"]}
+        if bytes_per_s:
+            limit = bytes_per_s / weight_bytes_per_token(model)
+            out.update(bandwidth_limit_tok_s=limit, fraction_of_limit=result["decode_tok_s"] / limit)
+        reference[(id(model), "tokens", compile)] = tokens
+        return out
+
+    reference: Dict[Any, Any] = {}
+    models = {}
+    for label, preset in shapes.items():
+        model = models[label] = random_model(preset, device, "bfloat16", **overrides)
+        prompt = torch.randint(0, model.args.vocab_size, (48 if not dry else 8,), generator=generator).tolist()
+        reference[(label, "prompt")] = prompt
+        gb = weight_bytes_per_token(model) / 1e9
+        eager = rows.measure(f"{label} verse eager", lambda: {**verse_row(model, prompt, False), "weight_gb": gb})
+
+        def transformers_row() -> Dict[str, Any]:
+            twin = transformers_twin(model, device).eval()
+            try:
+                result, tokens = bench_transformers(twin, prompt, new_tokens)
+            finally:
+                del twin
+                release()
+            out = {"decode_tok_s": result["decode_tok_s"], "prefill_tok_s": result["prefill_tok_s"]}
+            if "decode_tok_s" in eager:
+                out["verse_eager_ratio"] = eager["decode_tok_s"] / result["decode_tok_s"]
+            return out
+
+        rows.measure(f"{label} transformers generate", transformers_row)
+        for sequences in batches:
+            def batched(sequences: int = sequences) -> Dict[str, Any]:
+                result, _ = bench_batched(model, prompt, batch_tokens, sequences)
+                return {"tok_s": result["tok_s"], "seconds": result["seconds"], "new_tokens": batch_tokens}
+
+            rows.measure(f"{label} engine x{sequences}", batched)
+    for label, model in models.items():
+        prompt = reference[(label, "prompt")]
+        if dry:
+            rows.skip(f"{label} verse compiled", f"{NO_CUDA} (dry run: compiling takes minutes on a CPU)")
+            continue
+
+        def compiled() -> Dict[str, Any]:
+            out = verse_row(model, prompt, True)
+            eager_tokens = reference.get((id(model), "tokens", False))
+            if eager_tokens is not None:  # greedy output identical to eager decoding (issue #17)
+                ours = reference[(id(model), "tokens", True)]
+                out["same_tokens_as_eager"] = next((i for i, (a, b) in enumerate(zip(ours, eager_tokens)) if a != b),
+                                                   min(len(ours), len(eager_tokens)))
+            return out
+
+        rows.measure(f"{label} verse compiled", compiled)
+
+
+# --- #16 train ---------------------------------------------------------------------------------------------------
+
+def run_cli(argv: List[str], timeout: float) -> Dict[str, Any]:
+    """`python -m verse.cli ARGV --json` in a fresh process (its memory is freed with it); the parsed JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "verse.cli", *argv, "--json"], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    if out.returncode != 0:
+        lines = [line for line in out.stderr.strip().splitlines() if line.strip()] or [f"exit {out.returncode}"]
+        error = next((line for line in reversed(lines) if re.match(r"(verse: )?\w*(Error|Exception)\b", line)),
+                     lines[-1])
+        raise RuntimeError(error[:300])
+    return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+def section_train(rows: Rows, dry: bool) -> None:
+    """`verse bench train` of the 1.24B shape at 8 x 2048, bf16 autocast, fp32 parameters: eager, per-block compile,
+    and precision=fp8 (torchao float8, compiled), each in its own process (the transformers side runs each time)."""
+    import torch
+
+    shape = (["--preset", "tiny", "--seq-len", "32", "--micro-batch", "2", "--steps", "1", "--warmup", "0"] if dry
+             else ["--preset", "llama-3.2-1b", "--seq-len", "2048", "--micro-batch", "8", "--steps", "3",
+                   "--warmup", "1"])
+    variants = [("eager", ["--compile", "off"], 35), ("per-block compile", ["--compile", "on"], 50),
+                ("fp8 compiled", ["--compile", "on", "--precision", "fp8"], 45)]
+    for name, extra, cap in variants:
+        if dry and name != "eager":
+            rows.skip(f"1.24b 8x2048 {name}", f"{NO_CUDA} (dry run: the tiny eager row only)")
+            continue
+        if "fp8" in name:
+            from verse.train.fp8 import fp8_unsupported
+
+            why = fp8_unsupported(torch.device("cuda"))
+            if why:
+                rows.skip(f"1.24b 8x2048 {name}", why)
+                continue
+
+        def bench(extra: List[str] = extra, cap: float = cap) -> Dict[str, Any]:
+            report = run_cli(["bench", "train", *shape, "--no-moe", *extra], cap)
+            row = report["rows"]["dense"]
+            out = {}
+            for side in ("verse", "transformers"):
+                out[f"{side}_tokens_per_s"] = row[side]["tokens_per_s"]
+                out[f"{side}_mfu"] = row[side]["mfu"]
+                memory = row[side]["peak_memory_bytes"]
+                out[f"{side}_peak_gib"] = memory / 2**30 if memory is not None else None
+            out.update(ratio=row["ratio"], peak_tflops=row["peak_flops"] / 1e12, compiled=report["verse_compiled"],
+                       device=report["device_name"])
+            return out
+
+        rows.measure(f"{'tiny 2x32' if dry else '1.24b 8x2048'} {name}", bench)
+
+
+# --- #14 distributed ---------------------------------------------------------------------------------------------
+
+def section_distributed(rows: Rows, dry: bool) -> None:
+    """A process group of one rank (NCCL; gloo in the dry run) built in this process: the model built, FSDP2-wrapped
+    and initialised by `verse.train.parallelize` as `verse train` does under torchrun, compiled per block, trained;
+    tokens/s against the one-device path; fp8 under FSDP2; a DCP save and load that gives back every weight."""
+    import torch
+    import torch.distributed as tdist
+
+    from verse.interop.dcp import load_sharded
+    from verse.train.checkpoint import save_sharded
+    from verse.train.config import TrainConfig
+    from verse.train.distributed import Dist, ParallelConfig, device_mesh
+    from verse.train.fp8 import fp8_unsupported
+    from verse.train.loop import build_model, prepare_model, train_step
+    from verse.train.optim import TrainOptimizer
+
+    device = torch.device("cpu" if dry else "cuda", 0 if not dry else None)
+    if not dry:
+        torch.cuda.set_device(device)
+    preset, seq, batch, steps = ("tiny", 32, 2, 2) if dry else ("smollm2-135m", 2048, 8, 4)
+    tdist.init_process_group("gloo" if dry else "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                             world_size=1)
+    try:
+        layout = ParallelConfig(dp_shard=1).resolve(1)
+        dist = Dist(rank=0, world_size=1, local_rank=0, device=device, parallel=layout,
+                    mesh=device_mesh(device.type, layout))
+
+        def config(precision: str = "bf16") -> TrainConfig:
+            return TrainConfig(model=preset, max_seq_len=seq, micro_batch_size=batch, precision=precision,
+                               device=device.type, compile=not dry, max_steps=steps, seed=0)
+
+        def tokens_per_s(model, cfg: TrainConfig, job: Optional[Dist]) -> tuple:
+            optimizer = TrainOptimizer(model, cfg)
+            prepare_model(model, cfg, device)
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, model.args.vocab_size, (batch, seq), generator=g).to(device)
+            micro = [{"input_ids": ids, "labels": ids}]
+            times, losses = [], []
+            for _ in range(steps):
+                start = time.perf_counter()
+                losses.append(train_step(model, optimizer, micro, cfg, cfg.autocast(device), job)[0])
+                times.append(time.perf_counter() - start)
+            # the first step compiles; the fastest later one is the speed
+            return batch * seq / min(times[1:] or times), losses, optimizer
+
+        single: Dict[str, Any] = {}
+
+        def one_device() -> Dict[str, Any]:
+            cfg = config()
+            torch.manual_seed(cfg.seed)  # the initial weights the sharded build draws (`init_sharded`)
+            model = build_model(cfg, device)
+            single["tok_s"], single["losses"], _ = tokens_per_s(model, cfg, None)
+            del model
+            release()
+            return {"tokens_per_s": single["tok_s"], "first_loss": single["losses"][0]}
+
+        rows.measure(f"{preset} {batch}x{seq} one device", one_device)
+        kept: Dict[str, Any] = {}
+
+        def fsdp2() -> Dict[str, Any]:
+            cfg = config()
+            model = build_model(cfg, device, dist=dist)
+            tok_s, losses, optimizer = tokens_per_s(model, cfg, dist)
+            kept.update(model=model, optimizer=optimizer, cfg=cfg)
+            out = {"tokens_per_s": tok_s, "first_loss": losses[0], "fsdp2_wrapped": hasattr(model, "reshard"),
+                   "backend": tdist.get_backend()}
+            if single.get("tok_s"):
+                out["vs_one_device"] = tok_s / single["tok_s"]
+                out["same_first_loss"] = abs(losses[0] - single["losses"][0]) <= 1e-3 * abs(single["losses"][0])
+            return out
+
+        rows.measure(f"{preset} {batch}x{seq} FSDP2 world 1", fsdp2)
+
+        def dcp_round_trip() -> Dict[str, Any]:
+            if "model" not in kept:
+                raise RuntimeError("no FSDP2 model to save (its row failed)")
+            model, optimizer, cfg = kept["model"], kept["optimizer"], kept["cfg"]
+            with tempfile.TemporaryDirectory(prefix="verse-gpu-check-") as tmp:
+                cuda_sync()
+                start = time.perf_counter()
+                step_dir = save_sharded(Path(tmp), 1, model, optimizer.torch_optimizer(), {"step": 1}, dist)
+                saved_s = time.perf_counter() - start
+                size = sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())
+                fresh = build_model(cfg, device, dist=dist)
+                fresh_optimizer = TrainOptimizer(fresh, cfg)
+                start = time.perf_counter()
+                load_sharded(step_dir, fresh, fresh_optimizer.torch_optimizer())
+                cuda_sync()
+                loaded_s = time.perf_counter() - start
+            before, after = model.state_dict(), fresh.state_dict()
+            same = all(torch.equal(_full(before[k]), _full(after[k])) for k in before)
+            return {"save_s": saved_s, "load_s": loaded_s, "mb": size / 1e6, "weights_identical": same}
+
+        rows.measure(f"{preset} DCP save + load", dcp_round_trip)
+        kept.clear()
+        release()
+        why = NO_CUDA if dry else fp8_unsupported(device)
+        if why:
+            rows.skip(f"{preset} {batch}x{seq} FSDP2 world 1 fp8", why)
+        else:
+            def fp8() -> Dict[str, Any]:
+                cfg = config("fp8")
+                model = build_model(cfg, device, dist=dist)
+                tok_s, losses, _ = tokens_per_s(model, cfg, dist)
+                out = {"tokens_per_s": tok_s, "first_loss": losses[0]}
+                if single.get("tok_s"):
+                    out["vs_one_device_bf16"] = tok_s / single["tok_s"]
+                return out
+
+            rows.measure(f"{preset} {batch}x{seq} FSDP2 world 1 fp8", fp8)
+    finally:
+        tdist.destroy_process_group()
+
+
+def _full(t):
+    """A DTensor's full value (a plain tensor as it is)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# --- #15 LoRA / QLoRA ----------------------------------------------------------------------------------------------
+
+def section_lora(rows: Rows, dry: bool) -> None:
+    """LoRA and QLoRA of the Llama-3-8B shape (random bf16 base built on the GPU, adapters applied as `verse train`
+    applies them): peak `torch.cuda.max_memory_allocated` of the steps against `verse plan`'s peak, tokens/s against
+    full fine-tuning (of the same shape when the plan says it fits on this GPU, else of the 1.24B shape)."""
+    import torch
+
+    from verse.bench.plan_step import train_config
+    from verse.train.loop import apply_finetune, prepare_model, train_step
+    from verse.train.optim import TrainOptimizer
+    from verse.train.planner import PlanSettings, finetune_from_config, plan
+
+    cuda = not dry
+    device = torch.device("cuda" if cuda else "cpu")
+    preset, seq, batch, steps = ("tiny", 32, 1, 2) if dry else ("llama-3-8b", 2048, 1, 3)
+    lora = {"rank": 16, "alpha": 32, "targets": "all"}
+
+    def run(method: str, shape: str, settings: PlanSettings) -> Dict[str, Any]:
+        finetune = {"method": method, **({"lora": lora} if method != "full" else {})}
+        # eager: three shapes' per-block compiles would not fit the section's cap
+        cfg = dataclasses.replace(train_config(settings, shape, finetune=finetune if method != "full" else None),
+                                  compile=False)
+        release()
+        base = fresh_peak() if cuda else 0
+        model = random_model(shape, device, settings.param_dtype).train()
+        apply_finetune(model, cfg, device)
+        optimizer = TrainOptimizer(model, cfg)
+        prepare_model(model, cfg, device)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.args.vocab_size, (batch, seq), generator=g).to(device)
+        micro = [{"input_ids": ids, "labels": ids}]
+        train_step(model, optimizer, micro, cfg, cfg.autocast(device))  # warm-up: lazy state, kernels
+        if cuda:
+            fresh_peak()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            train_step(model, optimizer, micro, cfg, cfg.autocast(device))
+            times.append(time.perf_counter() - start)
+        planned = plan(model.args, settings, "h200" if cuda else "cpu", device_memory=0, **finetune_from_config(cfg))
+        out = {"tokens_per_s": batch * seq / min(times), "plan_gib": planned["peak_bytes"] / 2**30}
+        if cuda:
+            measured = torch.cuda.max_memory_allocated() - base
+            out.update(measured_gib=measured / 2**30, plan_over_measured=planned["peak_bytes"] / measured,
+                       within_5pct=abs(planned["peak_bytes"] / measured - 1) <= 0.05)
+        else:
+            out["measured_gib"] = NO_CUDA
+        del model, optimizer
+        release()
+        return out
+
+    adapters = PlanSettings(seq_len=seq, micro_batch_size=batch, precision="bf16", param_dtype="bfloat16")
+    results: Dict[str, Dict[str, Any]] = {}
+    for method in ("lora", "qlora"):
+        if method == "qlora":
+            try:
+                import torchao.quantization  # noqa: F401
+            except ImportError:
+                rows.skip(f"{preset} qlora 1x{seq}", "torchao is not installed (carry its wheel)")
+                continue
+        results[method] = rows.measure(f"{preset} {method} {batch}x{seq}", lambda m=method: run(m, preset, adapters))
+    # full fine-tuning of the same shape if the plan fits it on this GPU (bf16 parameters), else the 1.24B shape
+    update = "master"  # the dry run skips compiling torchao's stochastic rounding (20 s on a CPU)
+    if cuda:
+        with contextlib.suppress(ImportError):  # bf16 parameters with stochastic rounding keep no fp32 master copy
+            import torchao.optim  # noqa: F401
+            update = "stochastic"
+    full = PlanSettings(seq_len=seq, micro_batch_size=batch, precision="bf16", param_dtype="bfloat16",
+                        bf16_update=update, activation_checkpointing=1)
+    full_shape = preset
+    if cuda:
+        from verse.config import ModelArgs
+
+        memory = torch.cuda.get_device_properties(device).total_memory
+        if plan(ModelArgs.from_preset(preset), full, "h200", device_memory=0)["peak_bytes"] > 0.9 * memory:
+            full_shape = "llama-3.2-1b"
+    note = "" if full_shape == preset else f" (8B full FT does not fit in {memory / 2**30:.0f} GiB)"
+
+    def full_row() -> Dict[str, Any]:
+        out = run("full", full_shape, full)
+        for method, result in results.items():
+            if result and "tokens_per_s" in result:
+                out[f"{method}_vs_full"] = result["tokens_per_s"] / out["tokens_per_s"]
+        return out
+
+    rows.measure(f"{full_shape} full fine-tune {batch}x{seq} ckpt=1{note}", full_row)
+
+
+# --- CUDA-only tests -----------------------------------------------------------------------------------------------
+
+SKIP_PATTERN = re.compile(r"@pytest\.mark\.skipif\((?:[^)]|\)(?!\s*\n\s*(?:@|def)))*cuda\.is_available\(\)"
+                          r"[\s\S]*?\n\s*def (test_\w+)")
+
+
+def cuda_only_tests(tests: Path = ROOT / "tests") -> List[str]:
+    """Node ids of the tests that skip without CUDA (a `skipif(... cuda.is_available() ...)` on the test)."""
+    found = []
+    for path in sorted(tests.glob("test_*.py")):
+        for match in SKIP_PATTERN.finditer(path.read_text()):
+            found.append(f"{path.relative_to(ROOT)}::{match.group(1)}")
+    return found
+
+
+def section_cuda_tests(rows: Rows, dry: bool) -> None:
+    """Run every test that skips without CUDA (slow ones included), one row per test with its outcome."""
+    tests = cuda_only_tests()
+    rows.add("found", tests=len(tests), ids=tests)
+    if dry:
+        for test in tests:
+            rows.skip(test, NO_CUDA)
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "junit.xml"
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", "-rs",
+                              f"--junitxml={report}", *tests], cwd=ROOT, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        outcomes = junit_outcomes(report) if report.exists() else {}
+    for test in tests:
+        rows.add(test, **outcomes.get(test.split("::")[-1], {"outcome": "not run"}))
+    tail = (out.stdout.strip().splitlines() or [""])[-1]
+    rows.add("pytest", exit_code=out.returncode, seconds=seconds, summary=tail)
+
+
+def junit_outcomes(report: Path) -> Dict[str, Dict[str, Any]]:
+    """{test name: {outcome, seconds, message}} from pytest's JUnit XML."""
+    import xml.etree.ElementTree as ET
+
+    outcomes = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        outcome, message = "passed", None
+        for kind in ("failure", "error", "skipped"):
+            node = case.find(kind)
+            if node is not None:
+                outcome, message = {"failure": "failed", "error": "error", "skipped": "skipped"}[kind], \
+                    (node.get("message") or "").splitlines()[0][:300] if node.get("message") else None
+                break
+        name = case.get("name", "").split("[")[0]
+        outcomes[name] = {"outcome": outcome, "seconds": float(case.get("time", 0)),
+                          **({"message": message} if message else {})}
+    return outcomes
+
+
+# --- driver --------------------------------------------------------------------------------------------------------
+
+FUNCTIONS = {"decode": section_decode, "train": section_train, "distributed": section_distributed,
+             "lora": section_lora, "cuda_tests": section_cuda_tests}
+
+
+def environment() -> Dict[str, Any]:
+    """Versions and the GPU, read without creating a CUDA context in this (the driver's) process."""
+    import importlib.metadata as md
+
+    import torch
+
+    def version(name: str) -> Optional[str]:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    gpu = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip() or None
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(), "gpu": gpu,
+            **{name: version(name) for name in ("transformers", "torchao", "triton", "peft")}}
+
+
+def run_section(name: str, rows_path: Path, dry: bool) -> int:
+    """The child process of one section: run it, rows to `rows_path`."""
+    rows = Rows(name, rows_path)
+    if dry:  # tiny shapes: one thread, no contention with whatever else runs on a shared machine
+        import torch
+
+        torch.set_num_threads(1)
+    FUNCTIONS[name](rows, dry)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, in seconds (CUDA rows skipped)")
+    parser.add_argument("--only", nargs="+", choices=[s[0] for s in SECTIONS], help="run only these sections")
+    parser.add_argument("--out", default=None, help="folder of gpu_check.json (default $OUT, else .)")
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for all sections (default {BUDGET_S})")
+    parser.add_argument("--cap", nargs="+", default=[], metavar="SECTION=S", help="another time cap for a section")
+    parser.add_argument("--section", choices=list(FUNCTIONS), help=argparse.SUPPRESS)  # a child: one section
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.section:
+        return run_section(args.section, Path(args.rows), args.dry_run)
+    caps = {name: cap for name, _, cap in SECTIONS}
+    for item in args.cap:
+        name, _, seconds = item.partition("=")
+        try:
+            caps[name] = float(seconds) if name in caps else parser.error(f"--cap {item}: no section {name!r}")
+        except ValueError:
+            parser.error(f"--cap {item}: expected SECTION=SECONDS")
+    out_dir = Path(args.out or os.environ.get("OUT") or ".")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_path = out_dir / "gpu_check.json"
+    started = time.monotonic()
+    result: Dict[str, Any] = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "dry_run": args.dry_run, "budget_s": args.budget, "environment": environment(),
+                              "sections": {}}
+    print(f"gpu check: {result['environment']}", flush=True)
+    if not args.dry_run and not result["environment"]["cuda_available"]:
+        print("gpu check: no CUDA device here; every section runs its CPU parts only (use --dry-run for the fast "
+              "check)", flush=True)
+    selected = [s for s in SECTIONS if not args.only or s[0] in args.only]
+    with tempfile.TemporaryDirectory(prefix="verse-gpu-check-") as tmp:
+        given = {item.partition("=")[0] for item in args.cap}
+        for name, issue, _ in selected:
+            left = args.budget - (time.monotonic() - started)
+            # the dry run's tiny sections may meet a loaded machine: a generous cap unless one is given
+            cap = DRY_CAP_S if args.dry_run and name not in given else min(caps[name], left)
+            entry: Dict[str, Any] = {"issue": issue, "cap_s": round(cap, 1)}
+            rows_path = Path(tmp) / f"{name}.json"
+            start = time.monotonic()
+            if cap < 1:
+                entry.update(status="skipped", error="no time left in the budget", rows=[])
+            else:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--rows", str(rows_path),
+                       *(["--dry-run"] if args.dry_run else [])]
+                try:
+                    proc = subprocess.run(cmd, timeout=cap, stderr=subprocess.PIPE, text=True)
+                    entry["status"] = "ok" if proc.returncode == 0 else "error"
+                    if proc.returncode != 0:
+                        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+                        entry["error"] = (lines[-1] if lines else f"exit {proc.returncode}")[:300]
+                except subprocess.TimeoutExpired:
+                    entry["status"] = "timeout"
+                stored = json.loads(rows_path.read_text()) if rows_path.exists() else {"rows": [], "current": None}
+                entry["rows"] = stored["rows"]
+                if entry["status"] == "timeout":
+                    during = f" during '{stored['current']}'" if stored.get("current") else ""
+                    entry["error"] = f"stopped at its cap of {cap:.0f} s{during}"
+                if entry.get("error"):
+                    print(format_row(name, {"name": f"section {entry['status']}", "error": entry["error"]}),
+                          flush=True)
+            entry["seconds"] = round(time.monotonic() - start, 1)
+            result["sections"][name] = entry
+            result["seconds"] = round(time.monotonic() - started, 1)
+            result_path.write_text(json.dumps(result, indent=1, default=str) + "\n")  # after every section
+    print(f"gpu check: {result['seconds']} s; results in {result_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
