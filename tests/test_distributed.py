@@ -263,14 +263,84 @@ def test_layout_that_needs_more_ranks_is_one_line(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "torchrun --nproc-per-node" in err
 
 
-def test_grpo_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch):
-    from verse.train import train
+GRPO = ("mode=grpo", "max_seq_len=64", "micro_batch_size=4", "grpo.group_size=4", "grpo.prompts_per_step=4",
+        "grpo.max_new_tokens=6", "grpo.num_iterations=2", "grpo.beta=0.1", 'grpo.rewards=["dist_worker:fingerprint"]')
 
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """A random tiny byte model (fp32), 8 prompts, the worker's GRPO settings (2 inner updates: old log-probs; beta:
+    a reference model), and one process's 3 steps: [loss, reward_mean, loss_tokens, completion_len] per step."""
+    root = tmp_path_factory.mktemp("grpo")
+    torch.manual_seed(0)
+    verse.ReasoningLLM(verse.ModelArgs.from_preset("tiny", dtype="float32")).save_pretrained(
+        root / "base", tokenizer=verse.load_tokenizer("byte"))
+    (root / "data.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
+                                 {"role": "assistant", "content": f"Answer: {i + 1}"}]}) + "\n" for i in range(8)))
+    overrides = (*GRPO, f"data.sources=[{root / 'data.jsonl'}]")
+    sys.path.insert(0, str(WORKER.parent))  # the worker's `fingerprint` reward, as torchrun's ranks import it
+    try:
+        ref = one_process(root / "one", str(root / "base"), 3, *overrides)
+    finally:
+        sys.path.remove(str(WORKER.parent))
+        sys.modules.pop("dist_worker", None)
+    return root / "base", overrides, ref
+
+
+def _flat(records: list) -> list:
+    return [x for r in records for x in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parallel.dp_shard=2",  # FSDP2
+                                    "parallel.dp_replicate=2 parallel.dp_shard=1"])  # DDP-like (HSDP, shard 1)
+def test_grpo_ranks_match_one_process(tmp_path, grpo_run, layout):
+    """mode=grpo on 2 ranks, each sampling the groups of its 2 of the step's 4 prompts: the same completions as one
+    process (reward means exactly equal under a reward that fingerprints each completion, same completion tokens)
+    and the same losses for 3 steps (fp32, 1e-5): per-prompt generators, loss over the global token count, summed
+    gradients, the reference model sharded like the policy."""
+    base, overrides, ref = grpo_run
+    torchrun(2, str(WORKER), str(tmp_path), str(base), "3", *overrides, *layout.split(), timeout=400)
+    two = losses(tmp_path, 2)
+    assert [r[1:] for r in two] == [r[1:] for r in ref]  # reward_mean, loss_tokens, completion_len: exact
+    assert _flat(two) == pytest.approx(_flat(ref), rel=1e-5, abs=1e-5)
+    assert ref[0][1] != ref[1][1] != ref[2][1]  # the fingerprint tells the steps' samples apart
+
+
+@pytest.mark.slow
+def test_grpo_sharded_checkpoint_resumes(tmp_path, grpo_run):
+    """A GRPO run saved by 2 FSDP2 ranks at step 2 (DCP) resumes on 2 ranks and on one process: step 3 samples and
+    scores what an uninterrupted run does, with its loss."""
+    base, overrides, ref = grpo_run
+    two = tmp_path / "two"
+    torchrun(2, str(WORKER), str(two), str(base), "2", *overrides, "parallel.dp_shard=2")
+    assert _flat(losses(two, 2)) == pytest.approx(_flat(ref[:2]), rel=1e-5, abs=1e-5)
+    assert (two / "run" / "step-0000002" / "dcp" / ".metadata").is_file()
+    one = tmp_path / "one"
+    shutil.copytree(two, one, symlinks=True)
+    torchrun(2, str(WORKER), str(two), str(base), "3", "resume", *overrides, "parallel.dp_shard=2")
+    assert _flat(losses(two, 2, "resume")) == pytest.approx(_flat(ref[2:]), rel=1e-5, abs=1e-5)
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        assert _flat(one_process(one, str(base), 3, "resume", *overrides)) == pytest.approx(_flat(ref[2:]),
+                                                                                               rel=1e-5, abs=1e-5)
+    finally:
+        sys.path.remove(str(WORKER.parent))
+        sys.modules.pop("dist_worker", None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["grpo.prompts_per_step=3"], "grpo.prompts_per_step=3 does not split over 2 data-parallel ranks"),
+    (["parallel.tp=2", "parallel.dp_shard=1"], "mode=grpo with parallel.tp=2: rollouts run on data-parallel ranks")])
+def test_grpo_layout_it_cannot_split_is_one_line(tmp_path, monkeypatch, capsys, overrides, message):
+    """Under torchrun (2 ranks), `verse train mode=grpo` with prompts the ranks do not divide, or tp/ep: exit 2, one
+    line, before any process group, model or run directory exists."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    cfg = TrainConfig.load(None, ["mode=grpo", f"out_dir={tmp_path}/r"])
-    with pytest.raises(ConfigError, match="mode=grpo runs on one process for now"):
-        train(cfg, algorithm=lambda *args: None, progress=False)
+    code = main(["train", "--preset", "tiny", "mode=grpo", f"out_dir={tmp_path}/r", *overrides, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "r").exists()
 
 

@@ -218,6 +218,24 @@ def test_rollout_matches_the_generator_and_masks_only_completions(tiny_args):
     assert a.completions == b.completions and torch.equal(a.input_ids, b.input_ids)
 
 
+def test_each_group_samples_alike_in_any_batch(tiny_args):
+    """One generator per prompt: a group's samples depend on its prompt and its own generator only, never on the other
+    prompts of the batch (so a rank sampling half of a step's prompts draws what one process draws for them): B's
+    group sampled after A's, with generators (1, 2), equals B's group sampled alone from one plain generator 2."""
+    from verse.model import ReasoningLLM
+    from verse.rl.rollout import rollout
+
+    torch.manual_seed(0)
+    model = ReasoningLLM(tiny_args)
+    a, b = [1, 2, 3, 4, 5], [6, 7]  # different lengths: B is left-padded in the pair, not alone
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    both = rollout(model, [a, b], 4, 6, [0], temperature=1.0, generator=[g(1), g(2)])
+    alone = rollout(model, [b], 4, 6, [0], temperature=1.0, generator=g(2))
+    assert both.completions[4:] == alone.completions
+    assert both.completions[:4] == rollout(model, [a], 4, 6, [0], temperature=1.0, generator=[g(1)]).completions
+    assert len({tuple(c) for c in alone.completions}) > 1  # really sampled (not greedy)
+
+
 def test_training_after_generation_on_the_same_model(tiny_args):
     """GRPO generates (inference mode) and then trains the same model: RoPE tables first built while generating
     must still serve backward (they were inference tensors, and backward raised)."""
@@ -440,6 +458,43 @@ def test_plan_counts_the_reference_and_the_generation_cache(tmp_path, capsys):
     assert main(["plan", str(path)]) == 0
     text = capsys.readouterr().out
     assert "reference:" in text and "generation:" in text
+
+
+def test_plan_per_rank_under_torchrun(tmp_path, capsys):
+    """`verse plan mode=grpo --gpus 2`: each data-parallel rank generates its half of the rows from the policy FSDP2
+    gathers whole (in its compute dtype), next to its shards; the reference is sharded like the policy. By hand for
+    `tiny` as in the single-process plan; tp/ep, or ranks that do not divide the prompts, are refused in one line."""
+    import json
+
+    from verse import ModelArgs
+    from verse.cli import main
+    from verse.config import count_params
+    from verse.errors import ConfigError
+    from verse.train.distributed import ParallelConfig
+    from verse.train.planner import PlanSettings, plan
+
+    args = ModelArgs.from_preset("tiny")
+    n = count_params(args)
+    two = ParallelConfig(dp_shard=2)
+    cache_row, logits_row = 256 * (2 * 2 * 2 * 16 * 4), 512 * 4 * 2  # fp32 cache per row, one step's logits
+    fp32 = plan(args, PlanSettings(seq_len=256, param_dtype="float32", precision="fp32"), rollout_rows=32,
+                reference=True, parallel=two)
+    assert fp32["generation_bytes"] == n * 4 + 16 * (cache_row + logits_row)
+    assert fp32["reference_bytes"] == n * 4 / 2
+    mixed = plan(args, PlanSettings(seq_len=256, param_dtype="float32", precision="bf16"), rollout_rows=32,
+                 parallel=two)  # FSDP2 gathers bf16 copies: a bf16 policy and cache
+    assert mixed["generation_bytes"] == n * 2 + 16 * (cache_row // 2 + logits_row)
+    with pytest.raises(ConfigError, match="mode=grpo samples whole groups on data-parallel ranks"):
+        plan(args, PlanSettings(seq_len=256), rollout_rows=32, parallel=ParallelConfig(dp_shard=1, tp=2))
+    path = tmp_path / "grpo.yaml"
+    path.write_text("mode: grpo\nmodel: tiny\nmax_seq_len: 256\nparam_dtype: float32\n"
+                    "precision: fp32\ngrpo: {group_size: 8, prompts_per_step: 4, beta: 0.04}\n")
+    assert main(["plan", str(path), "--gpus", "2", "--parallel", "dp_shard=2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["parallel"]["dp_shard"] == 2 and out["reference_bytes"] > 0
+    assert main(["plan", str(path), "--gpus", "3", "--parallel", "dp_shard=3"]) == 2  # 4 prompts over 3 ranks
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "mode=grpo samples whole groups" in err
 
 
 def test_quickstart_rl_card_line_and_config(tmp_path, capsys):

@@ -7,7 +7,7 @@ it would get alone.
 
 import contextlib
 import functools
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -41,7 +41,8 @@ def compiled_forward() -> Callable:
 
 @torch.inference_mode()
 def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams,
-                 generator: Optional[torch.Generator] = None, compile: bool = False) -> Iterator[torch.Tensor]:
+                 generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
+                 compile: bool = False) -> Iterator[torch.Tensor]:
     """Run the model: prefill all prompts in one pass, then decode; yield the next token of every row.
 
     The caller decides when to stop (closing the iterator frees the KV cache).
@@ -51,7 +52,8 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
         prompts (Sequence[Sequence[int]]): token ids of each prompt (non-empty).
         max_new_tokens (int): most steps.
         params (SamplingParams): how tokens are picked.
-        generator (Optional[torch.Generator]): random source for sampling.
+        generator (Union[torch.Generator, Sequence[torch.Generator], None]): random source for sampling (one per
+            equal block of rows: see `verse.infer.sampling.sample`).
         compile (bool): run the decode step through `torch.compile` (`compiled_forward`): the first call for a
             model, batch size and cache bucket compiles (about a minute on 2 CPU cores, seconds once inductor's
             cache holds it); every later step skips the per-operator overhead of eager PyTorch. The number of

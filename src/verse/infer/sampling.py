@@ -2,7 +2,7 @@
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -89,14 +89,17 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+           generator: Union[torch.Generator, Sequence[torch.Generator], None] = None) -> torch.Tensor:
     """Pick the next token of every row.
 
     Args:
         logits (torch.Tensor): logits of the last position [B, V], any float dtype.
         params (SamplingParams): temperature, top-k, top-p, repetition penalty.
         seen (Optional[torch.Tensor]): bool [B, V] tokens seen so far (needed for the repetition penalty).
-        generator (Optional[torch.Generator]): random source, for reproducible sampling.
+        generator (Union[torch.Generator, Sequence[torch.Generator], None]): random source, for reproducible
+            sampling; a sequence of k sources splits the rows into k equal blocks, each drawn from its own, so a
+            block's tokens never depend on the other rows (GRPO: one source per prompt's group, whichever rank or
+            batch the group is sampled in).
 
     Returns:
         torch.Tensor: token ids [B].
@@ -106,5 +109,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Te
         apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = top_k_top_p_filter(logits.div_(params.temperature), params.top_k, params.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = top_k_top_p_filter(logits.div_(params.temperature), params.top_k, params.top_p).softmax(dim=-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    blocks = probs.view(len(generator), -1, probs.size(-1)).unbind(0)  # one draw per block (a handful of groups)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(blocks, generator)]).squeeze(-1)

@@ -3,7 +3,7 @@ policy loss (prompt + completion right-padded, a mask on the completion tokens).
 
 import copy
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -61,7 +61,8 @@ def generation_copy(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module
 
 @torch.no_grad()
 def rollout(model, prompts: Sequence[Sequence[int]], group_size: int, max_new_tokens: int, stop_ids: Sequence[int],
-            temperature: float = 1.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> Rollout:
+            temperature: float = 1.0, top_p: float = 1.0,
+            generator: Union[torch.Generator, Sequence[torch.Generator], None] = None) -> Rollout:
     """Sample `group_size` completions of every prompt in one generation batch.
 
     A row ends at its first stop token, which stays in the completion (so the policy learns when to stop);
@@ -75,7 +76,9 @@ def rollout(model, prompts: Sequence[Sequence[int]], group_size: int, max_new_to
         stop_ids (Sequence[int]): ids that end a completion.
         temperature (float): sampling temperature (0 = greedy).
         top_p (float): nucleus sampling (1 = off).
-        generator (Optional[torch.Generator]): random source (seeded per step for exact resume).
+        generator (Union[torch.Generator, Sequence[torch.Generator], None]): random source; a sequence holds one per
+            prompt, so each group's samples depend only on its own source (seeded per step and global prompt index:
+            exact resume, and the same samples whichever rank draws them).
 
     Returns:
         Rollout: the batch.

@@ -461,8 +461,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
         eval_loader (Optional[Iterable]): held-out micro-batches; default the data's eval split.
         tokenizer: saved with each checkpoint; default loaded from `cfg.tokenizer` / the model.
         progress (bool): show a tqdm progress bar.
-        algorithm (Optional[Callable]): mode=grpo: `(cfg, model, tokenizer) ->` the object that runs each step
-            in place of `train_step` (`step(optimizer, step, autocast)`, `evaluate()`, `args.eval_every`);
+        algorithm (Optional[Callable]): mode=grpo: `(cfg, model, tokenizer, dist=Dist) ->` the object that runs
+            each step in place of `train_step` (`step(optimizer, step, autocast)`, `evaluate()`, `args.eval_every`),
+            optionally with a `check_layout(cfg, parallel)` run before anything is built;
             `verse.rl.trainer.train_grpo` passes its `GrpoTrainer`.
 
     Under `torchrun` (WORLD_SIZE > 1) every rank runs this: the `parallel:` section lays the ranks out, `loader`
@@ -476,9 +477,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
     if (cfg.mode == "grpo") != (algorithm is not None):
         raise ConfigError("mode=grpo runs through verse.rl.trainer.train_grpo (as `verse train` does), and only it "
                           "takes an algorithm")
-    if algorithm is not None and env_world()[1] > 1:
-        raise ConfigError("mode=grpo runs on one process for now (its rollouts are not sharded): launch it without "
-                          "torchrun")
+    if algorithm is not None and hasattr(algorithm, "check_layout"):  # e.g. prompts the ranks do not divide
+        algorithm.check_layout(cfg, ParallelConfig.from_dict(cfg.parallel).resolve(env_world()[1]))
     run_dir = Path(cfg.out_dir).expanduser()
     # everything a user can get wrong is checked before anything heavy runs or anything is written
     if loader is None:
@@ -531,9 +531,7 @@ def _train(cfg: TrainConfig, dist: Dist, run_dir: Path, *, resume: bool, loader:
         tokenizer = tokenizer.fit_vocab(model.args.vocab_size, f"model={cfg.model}")
     rl = None
     if algorithm is not None:  # GRPO samples its own batches from the data's prompts (verse.rl)
-        if dist.enabled:
-            raise ConfigError("mode=grpo runs on one process for now: launch without torchrun")
-        rl = algorithm(cfg, model, tokenizer)
+        rl = algorithm(cfg, model, tokenizer, dist=dist)
     elif loader is None:
         loader, default_eval = build_loaders(cfg, tokenizer, dist)
         eval_loader = eval_loader if eval_loader is not None else default_eval

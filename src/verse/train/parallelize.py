@@ -228,8 +228,7 @@ def apply_fsdp(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | No
     # expert-parallel experts are split over `ep` already: FSDP2 shards them over the other data ranks only
     expert_mesh = dist.mesh["dp_replicate", "dp_shard"] if dist.parallel.dp_replicate > 1 else dist.mesh["dp_shard"]
     for i, block in enumerate(model.layers):
-        # the last block's parameters are needed again at once by backward: keep them gathered
-        keep = i < len(model.layers) - 1
+        keep = _reshards_after_forward(i, len(model.layers))
         if dist.parallel.ep > 1 and isinstance(block.ffn, MoE):
             fully_shard(block.ffn.experts, mesh=expert_mesh, mp_policy=mp, offload_policy=offload,
                         reshard_after_forward=keep)
@@ -242,6 +241,46 @@ def apply_fsdp(model: ReasoningLLM, dist: Dist, *, param_dtype: torch.dtype | No
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+
+def _reshards_after_forward(block: int, n_blocks: int) -> bool:
+    """Whether FSDP2 frees block `block`'s gathered parameters after its forward: all but the last, whose parameters
+    backward needs again at once."""
+    return block < n_blocks - 1
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Every FSDP2 module of `model` all-gathered once and kept whole for the forwards run inside, then resharded.
+
+    Generation (GRPO's rollouts, held-out evaluation) runs many small forwards whose number differs between ranks
+    (each stops when its own rows end): inside, a forward runs no collective at all, so ranks decode independently.
+    The gathered parameters are in FSDP2's compute dtype (`MixedPrecisionPolicy.param_dtype`: bf16 for an fp32 model
+    trained in bf16, the dtype one process samples in, `verse.rl.rollout.generation_copy`). A model that is not
+    sharded is left alone. Every rank must enter together (the all-gathers are collectives).
+
+    Args:
+        model (nn.Module): a `ReasoningLLM` sharded by `apply_fsdp` (or a plain one).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        yield
+        return
+    for module in sharded:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        # back to `apply_fsdp`'s choice: a block's (and its experts') by its place; the root keeps its parameters
+        n = len(model.layers)
+        block_of = {id(m): i for i, block in enumerate(model.layers) for m in block.modules()}
+        for module in sharded:
+            i = block_of.get(id(module))
+            module.set_reshard_after_forward(i is not None and _reshards_after_forward(i, n), recurse=False)
+            module.reshard()
 
 
 @contextlib.contextmanager

@@ -281,10 +281,11 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
         lora_targets (Sequence[str]): adapted groups or leaf names (`verse.peft.lora.GROUPS`).
         rollout_rows (int): GRPO (mode=grpo): completions generated together (prompts_per_step x group_size);
             their KV cache (`seq_len` positions each) and one step of fp32 logits live during the rollout, next
-            to the weights and optimizer state; 0 = not GRPO.
-        reference (bool): GRPO with beta > 0 and a full fine-tune: a frozen copy of the weights (with LoRA the
-            reference is the base with adapters off: nothing more).
-        parallel (Optional[ParallelConfig]): a resolved layout (`torchrun` ranks; LoRA/QLoRA: dp_shard and
+            to the weights and optimizer state; 0 = not GRPO. With `parallel` each data-parallel rank generates
+            its share, from the policy FSDP2 gathers whole for the rollout (`verse.train.parallelize.gathered`).
+        reference (bool): GRPO with beta > 0 and a full fine-tune: a frozen copy of the weights, sharded like the
+            policy with `parallel` (with LoRA the reference is the base with adapters off: nothing more).
+        parallel (Optional[ParallelConfig]): a resolved layout (`torchrun` ranks; LoRA/QLoRA and GRPO: dp_shard and
             dp_replicate only, base and adapters sharded over dp_shard): every byte is then one rank's (see
             `_sharding`), and the time adds communication (see `_comm_time`).
 
@@ -313,8 +314,10 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
         raise ConfigError(f"lora rank {lora_rank!r}: must be a positive integer")
     if parallel is not None and rollout_rows:
-        raise ConfigError("a parallel layout plans full fine-tuning, pretraining, LoRA and QLoRA: GRPO runs on one "
-                          "process for now; drop --parallel/--gpus")
+        dp = parallel.dp_replicate * parallel.dp_shard
+        if parallel.tp > 1 or parallel.ep > 1 or rollout_rows % dp:
+            raise ConfigError(f"mode=grpo samples whole groups on data-parallel ranks (as `verse train` does): use "
+                              f"dp_shard / dp_replicate (tp=1, ep=1) dividing prompts_per_step, not {parallel.degrees}")
     if parallel is not None and finetune != "full" and (parallel.tp > 1 or parallel.ep > 1):
         raise ConfigError(f"finetune {finetune} shards its adapters over data-parallel ranks only (as `verse train` "
                           f"does): use dp_shard / dp_replicate with tp=1 and ep=1, not {parallel.degrees}")
@@ -403,13 +406,22 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     backward_peak = (weights + autocast_copies + optimizer + activations + gathered + max(logits, temp)
                      + max(head_grad, persistent_grads))
     step_peak = weights + optimizer + grads + optimizer_temp
-    reference_bytes = count_params(args) * pbytes if reference and finetune == "full" else 0
+    reference_bytes = count_params(args) * pbytes / shards if reference and finetune == "full" else 0
     generation = 0
     if rollout_rows:
         from verse.model.mla import generation_bytes_per_row
 
         cache_dtype = torch_dtype("bfloat16" if finetune == "qlora" else s.param_dtype)
-        if finetune != "qlora" and cache_dtype == torch.float32 and _compute_bytes(s) == 2:
+        if sharding is not None and sharding["fsdp"]:
+            # the policy gathered whole for the rollout, in FSDP2's compute dtype (the NF4 base as NF4), next to
+            # this rank's shards; each data-parallel rank samples its share of the rows
+            rollout_rows //= parallel.dp_replicate * parallel.dp_shard
+            if fsdp_mp:
+                cache_dtype = torch.bfloat16
+            gather_bytes = 2 if fsdp_mp else pbytes
+            generation = frozen * shards if finetune == "qlora" else count_params(args) * gather_bytes
+            generation += params_trained * shards * gather_bytes if finetune != "full" else 0  # the adapters
+        elif finetune != "qlora" and cache_dtype == torch.float32 and _compute_bytes(s) == 2:
             # an fp32 policy under bf16 autocast samples from a bf16 copy of itself (`rl.rollout.generation_copy`)
             cache_dtype = torch.bfloat16
             generation = count_params(args) * 2
@@ -479,8 +491,10 @@ def search_layouts(args: ModelArgs, settings: PlanSettings, gpu: str, gpus: int,
         for ep in (d for d in divisors if (gpus // tp) % d == 0):
             for shard in (d for d in divisors if (gpus // (tp * ep)) % d == 0):
                 layout = ParallelConfig(dp_replicate=gpus // (tp * ep * shard), dp_shard=shard, tp=tp, ep=ep)
-                adapters_split = kwargs.get("finetune", "full") != "full" and tp * ep > 1  # dp ranks only
-                if not layout_problems(args, layout) and not adapters_split:
+                # adapters and GRPO's rollouts: data-parallel ranks only
+                dp_only = kwargs.get("finetune", "full") != "full" or kwargs.get("rollout_rows", 0) > 0
+                rows = kwargs.get("rollout_rows", 0) % (layout.dp_replicate * layout.dp_shard)
+                if not layout_problems(args, layout) and not (dp_only and tp * ep > 1) and not rows:
                     layouts.append(layout)
     layouts.sort(key=lambda p: (p.tp * p.ep, p.tp, p.dp_shard))
     return [plan(args, settings, gpu, parallel=layout, **kwargs) for layout in layouts]
