@@ -8,10 +8,12 @@ is the default). After warm-up the sides alternate step by step, so a slow spell
 each keeps its fastest step. MFU divides by the matmul peak measured between the steps in the step's own dtype
 (`verse.train.metrics.matmul_flops`). Peak memory is what a step adds above what was resident before it
 (activations, gradients, temporaries): the CUDA allocator's peak, or on CPU the process's resident high-water
-mark (reset before each step through /proc/self/clear_refs).
+mark (reset before each step through /proc/self/clear_refs, after the C heap's free pages are handed back).
 """
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import json
 import tempfile
@@ -47,6 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc `malloc_trim`; elsewhere nothing).
+
+    Tensors of up to a few hundred KiB come from the heap, whose freed pages stay resident: without this, a step
+    that reuses the pages the step before freed adds nothing to the resident high-water mark (a MoE step of small
+    tensors read 0 MiB).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _step_memory() -> Callable[[], Optional[int]]:
     """Start measuring one step's peak memory; the returned function gives its bytes above the start (None when
     the platform cannot tell)."""
@@ -57,6 +70,7 @@ def _step_memory() -> Callable[[], Optional[int]]:
         return lambda: torch.cuda.max_memory_allocated() - base
     from verse.train.metrics import memory_bytes
 
+    _release_free_heap()  # what the last step freed counts again when this one takes it
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     except OSError:
@@ -78,6 +92,10 @@ def transformers_twin(model: torch.nn.Module, device: torch.device) -> torch.nn.
     Returns:
         torch.nn.Module: e.g. `LlamaForCausalLM` with SDPA attention.
     """
+    from verse.optional import import_torchao
+
+    with contextlib.suppress(ImportError):  # transformers' loader imports torchao when installed: quietly first
+        import_torchao()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from verse.errors import ConfigError
+from verse.optional import import_torchao
 from verse.model.linear import Linear
 
 NF4_BLOCK = 64
@@ -30,7 +31,7 @@ def to_nf4(weight: torch.Tensor) -> torch.Tensor:
     Returns:
         torch.Tensor: the NF4Tensor (reports the input's float dtype; `.to(dtype)` dequantizes).
     """
-    from torchao.quantization import to_nf4 as torchao_to_nf4
+    torchao_to_nf4 = import_torchao("torchao.quantization").to_nf4
 
     blocks = weight.numel() // NF4_BLOCK
     # torchao double-quantizes the absmaxes in groups that must divide their count: 256, or the largest divisor

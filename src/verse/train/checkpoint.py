@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from verse.errors import CheckpointError, ConfigError
 from verse.interop.dcp import ARGS_FILE, DCP_DIR
 from verse.jsonio import read_json
+from verse.optional import import_torchao
 from verse.publish import fsync_dir, publish, seal
 
 LATEST = "latest"
@@ -75,7 +76,7 @@ def _decode(obj: Any, tensors: Dict[str, torch.Tensor], device: Optional[torch.d
         t = tensors[obj["__tensor__"]]
         return t.to(device if device is not None and obj["device"] != "cpu" else "cpu")
     if "__8bit__" in obj:
-        from torchao.optim.subclass_8bit import OptimState8bit
+        OptimState8bit = import_torchao("torchao.optim.subclass_8bit").OptimState8bit
 
         d = obj["__8bit__"]
         parts = [_decode(d[k], tensors, device) for k in ("codes", "scale", "qmap")]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from verse.errors import ConfigError
+from verse.optional import import_torchao
 
 RECIPES = ("tensorwise", "rowwise")
 # torch._scaled_mm needs both GEMM dimensions divisible by 16
@@ -36,7 +37,7 @@ def fp8_unsupported(device: torch.device) -> Optional[str]:
         return (f"{need}; {torch.cuda.get_device_name(device)} is compute capability {major}.{minor}: "
                 f"use precision=bf16")
     try:
-        import torchao.float8  # noqa: F401
+        import_torchao("torchao.float8")
     except ImportError:
         return f"{need}: `pip install torchao`, or use precision=bf16"
     return None
@@ -79,7 +80,8 @@ def convert_to_fp8(model: nn.Module, recipe: str, device: torch.device,
         raise ConfigError(reason, "precision")
     if recipe not in RECIPES:
         raise ConfigError(f"fp8_recipe: must be one of {', '.join(RECIPES)}, got {recipe!r}", "fp8_recipe")
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    float8 = import_torchao("torchao.float8")
+    Float8LinearConfig, convert_to_float8_training = float8.Float8LinearConfig, float8.convert_to_float8_training
 
     converted: List[str] = []
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from verse.errors import ConfigError
+from verse.optional import import_torchao
 from verse.train.config import TrainConfig
 
 
@@ -53,11 +54,10 @@ def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
 
 def _torchao_optim():
     try:
-        import torchao.optim
+        return import_torchao("torchao.optim")
     except ImportError:
         raise ConfigError("optimizer=adamw8bit and bf16_update=stochastic need torchao: "
                           "`pip install torchao`, or use optimizer=adamw with bf16_update=master") from None
-    return torchao.optim
 
 
 def _make(groups: List[Dict[str, Any]], cfg: TrainConfig, stochastic: bool, device: torch.device
