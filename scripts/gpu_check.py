@@ -10,9 +10,9 @@ numbers, model builds and compiles included; 470 s in all):
 | --- | --- | --- | --- |
 | decode | #17 | batch-1 greedy decode, SmolLM2-135M and Llama 1.24B shapes: Verse eager and compiled, transformers `generate`, copy-bandwidth limit, first-call times; engine throughput at 1/8/32/128 sequences | 150 |
 | train | #16 | `verse bench train` on the 1.24B shape, 8 x 2048: eager, per-block compile, precision=fp8 (torchao) | 130 |
-| distributed | #14 | NCCL job of world size 1 in this process: FSDP2 via train/parallelize.py, compile, fp8; DCP save/load; tokens/s vs one device | 55 |
-| lora | #15 | Llama-3-8B shape LoRA and QLoRA (NF4): peak `max_memory_allocated` vs `verse plan`, tokens/s vs full fine-tuning | 85 |
-| cuda_tests | all | the tests that skip without CUDA (found by their `cuda.is_available` skip) | 50 |
+| distributed | #14 | NCCL job of world size 1 in this process: FSDP2 via train/parallelize.py, compile, fp8; DCP save/load; tokens/s vs one device | 70 |
+| lora | #15 | Llama-3-8B shape LoRA and QLoRA (NF4): peak `max_memory_allocated` vs `verse plan`, tokens/s vs full fine-tuning | 75 |
+| cuda_tests | all | the tests that skip without CUDA (found by their `cuda.is_available` skip) | 45 |
 
 `--dry-run` runs every section on the CPU with tiny shapes in seconds (CUDA-only rows say "skipped: no CUDA"); a
 test runs it so the script cannot rot.
@@ -42,6 +42,8 @@ import datetime
 import json
 import os
 import re
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -57,8 +59,9 @@ if (ROOT / "src" / "verse").is_dir():  # the checkout's sources, not an installe
 
 BUDGET_S = 470  # the device call is 8 minutes; the rest is Python start-up and copying $OUT back
 # (name, issue, cap in seconds on a GPU); in this order, each in its own process
-SECTIONS = (("decode", "#17", 150), ("train", "#16", 130), ("distributed", "#14", 55), ("lora", "#15", 85),
-            ("cuda_tests", "all", 50))
+SECTIONS = (("decode", "#17", 150), ("train", "#16", 130), ("distributed", "#14", 70), ("lora", "#15", 75),
+            ("cuda_tests", "all", 45))
+TESTS_CAP_S = 40  # pytest inside the cuda_tests section
 DRY_CAP_S = 300
 NO_CUDA = "skipped: no CUDA"
 
@@ -69,12 +72,15 @@ class Rows:
     def __init__(self, section: str, path: Path):
         self.section, self.path = section, path
         self.rows: List[Dict[str, Any]] = []
-        self.current: Optional[str] = None
-        self._write()
+        self.current: Optional[str] = None  # the measurement running now
+        self.status, self.error, self.seconds = "running", None, None
+        self.write()
 
-    def _write(self) -> None:
+    def write(self) -> None:
+        """Replace the file with the rows so far and the section's state."""
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": self.rows, "current": self.current}, default=str))
+        tmp.write_text(json.dumps({"status": self.status, "error": self.error, "seconds": self.seconds,
+                                   "current": self.current, "rows": self.rows}, default=str))
         tmp.replace(self.path)
 
     def add(self, name: str, **values: Any) -> Dict[str, Any]:
@@ -82,14 +88,14 @@ class Rows:
         row = {"name": name, **values}
         self.rows.append(row)
         self.current = None
-        self._write()
+        self.write()
         print(format_row(self.section, row), flush=True)
         return row
 
     def measure(self, name: str, fn: Callable[[], Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
         """Run one measurement; its exception becomes the row's `error` line, never the section's end."""
         self.current = name
-        self._write()
+        self.write()
         try:
             values = fn()
         except Exception as e:  # noqa: BLE001 - any failure is a measured fact, recorded as one line
@@ -175,9 +181,6 @@ def section_decode(rows: Rows, dry: bool) -> None:
     from verse.bench.generate import (bench_batched, bench_transformers, bench_verse, copy_bandwidth,
                                       weight_bytes_per_token)
     from verse.bench.train import transformers_twin
-    from verse.infer.generate import decode_steps
-    from verse.infer.sampling import SamplingParams
-
     device = torch.device("cpu" if dry else "cuda")
     shapes = {"tiny": "tiny"} if dry else {"smollm2-135m": "smollm2-135m", "llama-1.24b": "llama-3.2-1b"}
     new_tokens, batch_tokens = (8, 4) if dry else (256, 64)
@@ -189,12 +192,9 @@ def section_decode(rows: Rows, dry: bool) -> None:
     generator = torch.Generator().manual_seed(0)
 
     def verse_row(model, prompt, compile: bool) -> Dict[str, Any]:
-        start = time.perf_counter()
-        list(decode_steps(model, [prompt], 4, SamplingParams(), compile=compile))  # first call: compiles
-        cuda_sync()
-        first_call = time.perf_counter() - start
         result, tokens = bench_verse(model, prompt, new_tokens, compile=compile)
-        out = {"first_call_s": first_call, "decode_tok_s": result["decode_tok_s"],
+        # the warm-up is the model's first call in this mode: compile included
+        out = {"first_call_s": result["warmup_s"], "decode_tok_s": result["decode_tok_s"],
                "prefill_tok_s": result["prefill_tok_s"], "new_tokens": result["new_tokens"]}
         if bytes_per_s:
             limit = bytes_per_s / weight_bytes_per_token(model)
@@ -230,7 +230,7 @@ def section_decode(rows: Rows, dry: bool) -> None:
                 return {"tok_s": result["tok_s"], "seconds": result["seconds"], "new_tokens": batch_tokens}
 
             rows.measure(f"{label} engine x{sequences}", batched)
-    for label, model in models.items():
+    for label, model in reversed(models.items()):  # the 1.24B shape first: the issue's goals are set on it
         prompt = reference[(label, "prompt")]
         if dry:
             rows.skip(f"{label} verse compiled", f"{NO_CUDA} (dry run: compiling takes minutes on a CPU)")
@@ -250,17 +250,50 @@ def section_decode(rows: Rows, dry: bool) -> None:
 
 # --- #16 train ---------------------------------------------------------------------------------------------------
 
-def run_cli(argv: List[str], timeout: float) -> Dict[str, Any]:
-    """`python -m verse.cli ARGV --json` in a fresh process (its memory is freed with it); the parsed JSON."""
+def run_capped(cmd: List[str], cap: float, capture: bool = True) -> tuple:
+    """Run `cmd` in its own process group; at `cap` seconds kill the group (its compile workers and children too,
+    so nothing keeps the GPU busy). Returns (exit code or None when stopped at the cap, stdout, stderr)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "verse.cli", *argv, "--json"], capture_output=True, text=True,
-                         timeout=timeout, env=env)
-    if out.returncode != 0:
-        lines = [line for line in out.stderr.strip().splitlines() if line.strip()] or [f"exit {out.returncode}"]
-        error = next((line for line in reversed(lines) if re.match(r"(verse: )?\w*(Error|Exception)\b", line)),
-                     lines[-1])
-        raise RuntimeError(error[:300])
-    return json.loads(out.stdout[out.stdout.index("{"):])
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(cmd, stdout=pipe, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=cap)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
+
+
+def last_error(stderr: str, code: Optional[int]) -> str:
+    """The line of a failed process's stderr that names its error (else its last line)."""
+    lines = [line for line in (stderr or "").strip().splitlines() if line.strip()] or [f"exit {code}"]
+    return next((line for line in reversed(lines) if re.match(r"(verse: |\[rank\d+\]: )?\w*(Error|Exception)\b",
+                                                            line)), lines[-1])[:300]
+
+
+def run_cli(argv: List[str], cap: float, fresh: bool = True) -> Dict[str, Any]:
+    """`verse ARGV --json` in a fresh process (its memory is freed with it; `fresh=False`: in this one, uncapped, as
+    the dry run does); the parsed JSON."""
+    if not fresh:
+        import io
+
+        from verse.cli import main as verse
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = verse([*argv, "--json"])
+        if code != 0:
+            raise RuntimeError(last_error(err.getvalue(), code))
+        return json.loads(out.getvalue()[out.getvalue().index("{"):])
+    code, out, err = run_capped([sys.executable, "-m", "verse.cli", *argv, "--json"], cap)
+    if code is None:
+        raise TimeoutError(f"stopped at its cap of {cap:.0f} s")
+    if code != 0:
+        raise RuntimeError(last_error(err, code))
+    return json.loads(out[out.index("{"):])
 
 
 def section_train(rows: Rows, dry: bool) -> None:
@@ -271,7 +304,8 @@ def section_train(rows: Rows, dry: bool) -> None:
     shape = (["--preset", "tiny", "--seq-len", "32", "--micro-batch", "2", "--steps", "1", "--warmup", "0"] if dry
              else ["--preset", "llama-3.2-1b", "--seq-len", "2048", "--micro-batch", "8", "--steps", "3",
                    "--warmup", "1"])
-    variants = [("eager", ["--compile", "off"], 35), ("per-block compile", ["--compile", "on"], 50),
+    variants = [("eager", ["--compile", "off"], 35),
+                ("per-block compile", ["--compile", "on"], 50),
                 ("fp8 compiled", ["--compile", "on", "--precision", "fp8"], 45)]
     for name, extra, cap in variants:
         if dry and name != "eager":
@@ -286,7 +320,7 @@ def section_train(rows: Rows, dry: bool) -> None:
                 continue
 
         def bench(extra: List[str] = extra, cap: float = cap) -> Dict[str, Any]:
-            report = run_cli(["bench", "train", *shape, "--no-moe", *extra], cap)
+            report = run_cli(["bench", "train", *shape, "--no-moe", *extra], cap, fresh=not dry)
             row = report["rows"]["dense"]
             out = {}
             for side in ("verse", "transformers"):
@@ -430,7 +464,7 @@ def section_lora(rows: Rows, dry: bool) -> None:
     import torch
 
     from verse.bench.plan_step import train_config
-    from verse.train.loop import apply_finetune, prepare_model, train_step
+    from verse.train.loop import apply_finetune, build_model, prepare_model, train_step
     from verse.train.optim import TrainOptimizer
     from verse.train.planner import PlanSettings, finetune_from_config, plan
 
@@ -446,7 +480,9 @@ def section_lora(rows: Rows, dry: bool) -> None:
                                   compile=False)
         release()
         base = fresh_peak() if cuda else 0
-        model = random_model(shape, device, settings.param_dtype).train()
+        # a random base of the preset's shape built as `verse train` builds it (activation checkpointing included),
+        # then the adapters applied as to a loaded checkpoint (saving and reading 16 GB would not fit the cap)
+        model = build_model(dataclasses.replace(cfg, finetune={"method": "full"}), device)
         apply_finetune(model, cfg, device)
         optimizer = TrainOptimizer(model, cfg)
         prepare_model(model, cfg, device)
@@ -533,18 +569,19 @@ def section_cuda_tests(rows: Rows, dry: bool) -> None:
         for test in tests:
             rows.skip(test, NO_CUDA)
         return
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", "-rs",
-                              f"--junitxml={report}", *tests], cwd=ROOT, env=env, capture_output=True, text=True)
+        # pytest's own per-test timeout, so that a hung test still leaves the report of the others
+        code, out, _ = run_capped([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", "-rs",
+                                   "--timeout=120", f"--junitxml={report}", *tests], TESTS_CAP_S)
         seconds = time.perf_counter() - start
         outcomes = junit_outcomes(report) if report.exists() else {}
     for test in tests:
         rows.add(test, **outcomes.get(test.split("::")[-1], {"outcome": "not run"}))
-    tail = (out.stdout.strip().splitlines() or [""])[-1]
-    rows.add("pytest", exit_code=out.returncode, seconds=seconds, summary=tail)
+    tail = (out.strip().splitlines() or [""])[-1]
+    rows.add("pytest", exit_code=code, seconds=seconds, summary=tail if code is not None else
+             f"stopped at its cap of {TESTS_CAP_S} s")
 
 
 def junit_outcomes(report: Path) -> Dict[str, Dict[str, Any]]:
@@ -593,36 +630,66 @@ def environment() -> Dict[str, Any]:
             **{name: version(name) for name in ("transformers", "torchao", "triton", "peft")}}
 
 
-def run_section(name: str, rows_path: Path, dry: bool) -> int:
-    """The child process of one section: run it, rows to `rows_path`."""
-    rows = Rows(name, rows_path)
+def run_sections(names: List[str], rows_dir: Path, dry: bool) -> int:
+    """The child process: run each section in turn, its rows and outcome in `rows_dir/NAME.json`; a section's
+    exception is its error line, and the next section still runs."""
     if dry:  # tiny shapes: one thread, no contention with whatever else runs on a shared machine
         import torch
 
         torch.set_num_threads(1)
-    FUNCTIONS[name](rows, dry)
+    for name in names:
+        rows = Rows(name, rows_dir / f"{name}.json")
+        start = time.monotonic()
+        try:
+            FUNCTIONS[name](rows, dry)
+            rows.status = "ok"
+        except Exception as e:  # noqa: BLE001 - recorded, and the next section runs
+            rows.status, rows.error = "error", one_line(e)
+        rows.seconds = round(time.monotonic() - start, 1)
+        rows.current = None
+        rows.write()
     return 0
 
 
+def collect(name: str, rows_dir: Path, code: Optional[int], stderr: str, cap: float) -> Dict[str, Any]:
+    """A section's entry of gpu_check.json from its rows file and how its process ended."""
+    path = rows_dir / f"{name}.json"
+    stored = json.loads(path.read_text()) if path.exists() else {"rows": [], "status": "not run"}
+    entry = {k: v for k, v in stored.items() if k != "current" and v is not None}
+    if stored["status"] in ("running", "not run"):  # the process ended inside this section, or before it
+        if code is None:
+            during = f" during '{stored['current']}'" if stored.get("current") else ""
+            entry.update(status="timeout", error=f"stopped at its cap of {cap:.0f} s{during}")
+        elif stored["status"] == "running" or code != 0:
+            entry.update(status="error", error=last_error(stderr, code))
+    return entry
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the selected sections (each in its own capped process; the dry run's all in one), write gpu_check.json
+    after each, and print one row per measurement."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, in seconds (CUDA rows skipped)")
     parser.add_argument("--only", nargs="+", choices=[s[0] for s in SECTIONS], help="run only these sections")
     parser.add_argument("--out", default=None, help="folder of gpu_check.json (default $OUT, else .)")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for all sections (default {BUDGET_S})")
-    parser.add_argument("--cap", nargs="+", default=[], metavar="SECTION=S", help="another time cap for a section")
-    parser.add_argument("--section", choices=list(FUNCTIONS), help=argparse.SUPPRESS)  # a child: one section
+    parser.add_argument("--cap", nargs="+", default=[], metavar="SECTION=S",
+                        help="another time cap for a section (in a dry run: that section then runs in its own process)")
+    parser.add_argument("--sections", nargs="+", choices=list(FUNCTIONS), help=argparse.SUPPRESS)  # a child
     parser.add_argument("--rows", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.section:
-        return run_section(args.section, Path(args.rows), args.dry_run)
+    if args.sections:
+        return run_sections(args.sections, Path(args.rows), args.dry_run)
     caps = {name: cap for name, _, cap in SECTIONS}
     for item in args.cap:
         name, _, seconds = item.partition("=")
+        if name not in caps:
+            parser.error(f"--cap {item}: no section {name!r}")
         try:
-            caps[name] = float(seconds) if name in caps else parser.error(f"--cap {item}: no section {name!r}")
+            caps[name] = float(seconds)
         except ValueError:
             parser.error(f"--cap {item}: expected SECTION=SECONDS")
+    given = {item.partition("=")[0] for item in args.cap}
     out_dir = Path(args.out or os.environ.get("OUT") or ".")
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / "gpu_check.json"
@@ -634,41 +701,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.dry_run and not result["environment"]["cuda_available"]:
         print("gpu check: no CUDA device here; every section runs its CPU parts only (use --dry-run for the fast "
               "check)", flush=True)
-    selected = [s for s in SECTIONS if not args.only or s[0] in args.only]
+    issues = {name: issue for name, issue, _ in SECTIONS}
+    selected = [name for name, _, _ in SECTIONS if not args.only or name in args.only]
+    # a GPU run isolates every section (memory, a hung compile); the dry run's tiny sections share one process
+    # (one import of torch), except those given their own cap
+    groups = [[name] for name in selected if not args.dry_run or name in given]
+    shared = [name for name in selected if args.dry_run and name not in given]
+    if shared:
+        groups.insert(0, shared)
     with tempfile.TemporaryDirectory(prefix="verse-gpu-check-") as tmp:
-        given = {item.partition("=")[0] for item in args.cap}
-        for name, issue, _ in selected:
+        for group in groups:
             left = args.budget - (time.monotonic() - started)
-            # the dry run's tiny sections may meet a loaded machine: a generous cap unless one is given
-            cap = DRY_CAP_S if args.dry_run and name not in given else min(caps[name], left)
-            entry: Dict[str, Any] = {"issue": issue, "cap_s": round(cap, 1)}
-            rows_path = Path(tmp) / f"{name}.json"
+            cap = DRY_CAP_S if group is shared else min(caps[group[0]], left)
             start = time.monotonic()
-            if cap < 1:
-                entry.update(status="skipped", error="no time left in the budget", rows=[])
-            else:
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--rows", str(rows_path),
+            code, err = None, ""
+            if cap >= 1:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--sections", *group, "--rows", tmp,
                        *(["--dry-run"] if args.dry_run else [])]
-                try:
-                    proc = subprocess.run(cmd, timeout=cap, stderr=subprocess.PIPE, text=True)
-                    entry["status"] = "ok" if proc.returncode == 0 else "error"
-                    if proc.returncode != 0:
-                        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-                        entry["error"] = (lines[-1] if lines else f"exit {proc.returncode}")[:300]
-                except subprocess.TimeoutExpired:
-                    entry["status"] = "timeout"
-                stored = json.loads(rows_path.read_text()) if rows_path.exists() else {"rows": [], "current": None}
-                entry["rows"] = stored["rows"]
-                if entry["status"] == "timeout":
-                    during = f" during '{stored['current']}'" if stored.get("current") else ""
-                    entry["error"] = f"stopped at its cap of {cap:.0f} s{during}"
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                code, _, err = run_capped(cmd, cap, capture=False)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            for name in group:
+                entry = {"issue": issues[name], "cap_s": round(cap, 1)}
+                if cap < 1:
+                    entry.update(status="skipped", error="no time left in the budget", rows=[])
+                else:
+                    entry.update(collect(name, Path(tmp), code, err, cap))
+                    if len(group) == 1:
+                        entry["seconds"] = round(time.monotonic() - start, 1)
+                        entry["cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
                 if entry.get("error"):
                     print(format_row(name, {"name": f"section {entry['status']}", "error": entry["error"]}),
                           flush=True)
-            entry["seconds"] = round(time.monotonic() - start, 1)
-            result["sections"][name] = entry
+                result["sections"][name] = entry
             result["seconds"] = round(time.monotonic() - started, 1)
-            result_path.write_text(json.dumps(result, indent=1, default=str) + "\n")  # after every section
+            result_path.write_text(json.dumps(result, indent=1, default=str) + "\n")  # after every process
     print(f"gpu check: {result['seconds']} s; results in {result_path}", flush=True)
     return 0
 

@@ -38,14 +38,15 @@ def test_dry_run_runs_every_section_and_writes_the_json(tmp_path):
 
 def test_a_section_over_its_cap_is_recorded_and_the_next_still_runs(tmp_path):
     """A section stopped at its cap keeps the rows it had, names what it was doing, and does not stop the run."""
-    out = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "decode", "cuda_tests",
-                          "--out", str(tmp_path), "--cap", "decode=3"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "distributed", "cuda_tests",
+                          "--out", str(tmp_path), "--cap", "distributed=1"], capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
-    assert sections["decode"]["status"] == "timeout"
-    assert sections["decode"]["error"].startswith("stopped at its cap of 3 s")
-    assert sections["cuda_tests"]["status"] == "ok"
+    assert sections["distributed"]["status"] == "timeout"
+    assert sections["distributed"]["error"].startswith("stopped at its cap of 1 s")
+    assert sections["cuda_tests"]["status"] == "ok" and sections["cuda_tests"]["rows"]
+    assert "| section timeout" in out.stdout
 
 
 def test_cuda_only_tests_are_found_by_their_skip():

@@ -9,6 +9,7 @@ decoding is one read of every weight per token: measured copy bandwidth / weight
 """
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -89,11 +90,18 @@ def _result(name: str, prompt_tokens: int, new_tokens: int, start: float, first:
 
 def bench_verse(model, prompt: List[int], new_tokens: int, compile: bool = False,
                 label: str = "verse") -> tuple[Dict, List[int]]:
-    """Time Verse's `decode_steps` (greedy) for exactly `new_tokens` tokens (after a warm-up that also compiles)."""
+    """Time Verse's `decode_steps` (greedy) for exactly `new_tokens` tokens, after a warm-up of a few steps of the
+    same generation (the same cache size, so a compiled step compiles there and not in the timed run); the result's
+    `warmup_s` is the warm-up's time (for the first call of a model: its first-call time, compile included)."""
     from verse.infer.generate import decode_steps
     from verse.infer.sampling import SamplingParams
 
-    list(decode_steps(model, [prompt], min(4, new_tokens), SamplingParams(), compile=compile))  # warm-up
+    start = time.perf_counter()
+    warm = decode_steps(model, [prompt], new_tokens, SamplingParams(), compile=compile)
+    for _ in itertools.islice(warm, min(4, new_tokens)):
+        pass
+    warm.close()  # frees the cache
+    warmup = time.perf_counter() - start
     dtype = str(model.embed.weight.dtype).removeprefix("torch.")
     tokens, start, first = [], time.perf_counter(), None
     steps = decode_steps(model, [prompt], new_tokens, SamplingParams(), compile=compile)
@@ -101,7 +109,7 @@ def bench_verse(model, prompt: List[int], new_tokens: int, compile: bool = False
         first = first or time.perf_counter()
         tokens.append(int(token[0]))
     end = time.perf_counter()
-    return _result("verse", len(prompt), len(tokens), start, first, end, dtype), tokens
+    return {**_result("verse", len(prompt), len(tokens), start, first, end, dtype), "warmup_s": warmup}, tokens
 
 
 @torch.inference_mode()
