@@ -270,7 +270,8 @@ GRPO = ("mode=grpo", "max_seq_len=64", "micro_batch_size=4", "grpo.group_size=4"
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory):
     """A random tiny byte model (fp32), 8 prompts, the worker's GRPO settings (2 inner updates: old log-probs; beta:
-    a reference model), and one process's 3 steps: [loss, reward_mean, loss_tokens, completion_len] per step."""
+    a reference model), and `reference(*extra)`: one process's 3 steps with `extra` overrides, [loss, reward_mean,
+    loss_tokens, completion_len] per step, and its run directory (computed once per `extra`)."""
     root = tmp_path_factory.mktemp("grpo")
     torch.manual_seed(0)
     verse.ReasoningLLM(verse.ModelArgs.from_preset("tiny", dtype="float32")).save_pretrained(
@@ -279,40 +280,66 @@ def grpo_run(tmp_path_factory):
         json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
                                  {"role": "assistant", "content": f"Answer: {i + 1}"}]}) + "\n" for i in range(8)))
     overrides = (*GRPO, f"data.sources=[{root / 'data.jsonl'}]")
-    sys.path.insert(0, str(WORKER.parent))  # the worker's `fingerprint` reward, as torchrun's ranks import it
+    done = {}
+
+    def reference(*extra: str) -> tuple:
+        if extra not in done:
+            out = root / f"one{len(done)}"
+            done[extra] = (_grpo_one_process(out, root / "base", 3, *overrides, *extra), out / "run")
+        return done[extra]
+
+    return root / "base", overrides, reference
+
+
+def _grpo_one_process(out: Path, base: Path, steps: int, *overrides: str) -> list:
+    """`one_process` with the worker's `fingerprint` reward importable, as torchrun's ranks import it."""
+    sys.path.insert(0, str(WORKER.parent))
     try:
-        ref = one_process(root / "one", str(root / "base"), 3, *overrides)
+        return one_process(out, str(base), steps, *overrides)
     finally:
         sys.path.remove(str(WORKER.parent))
         sys.modules.pop("dist_worker", None)
-    return root / "base", overrides, ref
 
 
 def _flat(records: list) -> list:
     return [x for r in records for x in r]
 
 
+def _evals(run: Path) -> list:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["parallel.dp_shard=2",  # FSDP2
-                                    "parallel.dp_replicate=2 parallel.dp_shard=1"])  # DDP-like (HSDP, shard 1)
-def test_grpo_ranks_match_one_process(tmp_path, grpo_run, layout):
+@pytest.mark.parametrize("layout, extra", [
+    ("parallel.dp_shard=2", ""),  # FSDP2
+    ("parallel.dp_replicate=2 parallel.dp_shard=1", ""),  # DDP-like (HSDP, shard 1)
+    # LoRA adapters sharded with the frozen base (the reference: adapters off); held-out accuracy split over ranks
+    ("parallel.dp_shard=2", "finetune.method=lora finetune.lora.rank=4 finetune.lora.alpha=8 "
+                            "data.eval_fraction=0.25 grpo.eval_every=3")], ids=["fsdp2", "hsdp", "lora-fsdp2-eval"])
+def test_grpo_ranks_match_one_process(tmp_path, grpo_run, layout, extra):
     """mode=grpo on 2 ranks, each sampling the groups of its 2 of the step's 4 prompts: the same completions as one
     process (reward means exactly equal under a reward that fingerprints each completion, same completion tokens)
     and the same losses for 3 steps (fp32, 1e-5): per-prompt generators, loss over the global token count, summed
     gradients, the reference model sharded like the policy."""
-    base, overrides, ref = grpo_run
-    torchrun(2, str(WORKER), str(tmp_path), str(base), "3", *overrides, *layout.split(), timeout=400)
+    base, overrides, reference = grpo_run
+    ref, ref_run = reference(*extra.split())
+    torchrun(2, str(WORKER), str(tmp_path), str(base), "3", *overrides, *extra.split(), *layout.split(), timeout=400)
     two = losses(tmp_path, 2)
     assert [r[1:] for r in two] == [r[1:] for r in ref]  # reward_mean, loss_tokens, completion_len: exact
     assert _flat(two) == pytest.approx(_flat(ref), rel=1e-5, abs=1e-5)
     assert ref[0][1] != ref[1][1] != ref[2][1]  # the fingerprint tells the steps' samples apart
+    evals = _evals(tmp_path / "run")
+    assert evals == _evals(ref_run) and len(evals) == (1 if extra else 0)
+    if extra:
+        assert evals[0]["eval_problems"] == 2
 
 
 @pytest.mark.slow
 def test_grpo_sharded_checkpoint_resumes(tmp_path, grpo_run):
     """A GRPO run saved by 2 FSDP2 ranks at step 2 (DCP) resumes on 2 ranks and on one process: step 3 samples and
     scores what an uninterrupted run does, with its loss."""
-    base, overrides, ref = grpo_run
+    base, overrides, reference = grpo_run
+    ref = reference()[0]
     two = tmp_path / "two"
     torchrun(2, str(WORKER), str(two), str(base), "2", *overrides, "parallel.dp_shard=2")
     assert _flat(losses(two, 2)) == pytest.approx(_flat(ref[:2]), rel=1e-5, abs=1e-5)
@@ -321,13 +348,8 @@ def test_grpo_sharded_checkpoint_resumes(tmp_path, grpo_run):
     shutil.copytree(two, one, symlinks=True)
     torchrun(2, str(WORKER), str(two), str(base), "3", "resume", *overrides, "parallel.dp_shard=2")
     assert _flat(losses(two, 2, "resume")) == pytest.approx(_flat(ref[2:]), rel=1e-5, abs=1e-5)
-    sys.path.insert(0, str(WORKER.parent))
-    try:
-        assert _flat(one_process(one, str(base), 3, "resume", *overrides)) == pytest.approx(_flat(ref[2:]),
-                                                                                               rel=1e-5, abs=1e-5)
-    finally:
-        sys.path.remove(str(WORKER.parent))
-        sys.modules.pop("dist_worker", None)
+    assert _flat(_grpo_one_process(one, base, 3, "resume", *overrides)) == pytest.approx(_flat(ref[2:]), rel=1e-5,
+                                                                                          abs=1e-5)
 
 
 @pytest.mark.parametrize("overrides, message", [
