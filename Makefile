@@ -38,7 +38,7 @@ bench: setup
 # the prepared GPU check (scripts/gpu_check.py): runs on a lent GPU machine with the Python that has torch there, so
 # it neither needs nor builds the venv
 gpu-check:
-	PYTHONPATH=src $(PY) scripts/gpu_check.py $(ARGS)
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

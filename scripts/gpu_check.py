@@ -6,33 +6,38 @@ section only: its error line is recorded and the next section starts); rows reac
 so a section stopped at its cap keeps what it had. Sections and their caps on an H200 (estimates from the issues'
 numbers, model builds and compiles included; 470 s in all):
 
-| section | issue | measures | cap s |
-| --- | --- | --- | --- |
-| decode | #17 | batch-1 greedy decode, SmolLM2-135M and Llama 1.24B shapes: Verse eager and compiled, transformers `generate`, copy-bandwidth limit, first-call times; engine throughput at 1/8/32/128 sequences | 150 |
-| train | #16 | `verse bench train` on the 1.24B shape, 8 x 2048: eager, per-block compile, precision=fp8 (torchao) | 130 |
-| distributed | #14 | NCCL job of world size 1 in this process: FSDP2 via train/parallelize.py, compile, fp8; DCP save/load; tokens/s vs one device | 70 |
-| lora | #15 | Llama-3-8B shape LoRA and QLoRA (NF4): peak `max_memory_allocated` vs `verse plan`, tokens/s vs full fine-tuning | 75 |
-| cuda_tests | all | the tests that skip without CUDA (found by their `cuda.is_available` skip) | 45 |
+- decode (#17, 150 s): batch-1 greedy decoding of the SmolLM2-135M and Llama 1.24B shapes (bf16, random weights):
+  Verse eager and compiled, transformers `generate`, the copy-bandwidth limit, first-call times; the engine's
+  throughput at 1/8/32/128 sequences. Estimate: eager rows, twins and engine ~60 s, compiles the rest.
+- train (#16, 130 s): `verse bench train` of the 1.24B shape at 8 x 2048 (Verse vs transformers): eager (35 s),
+  per-block compile (50 s), precision=fp8 (45 s), each its own process.
+- distributed (#14, 70 s): a one-rank NCCL job built in the process: FSDP2 by `verse.train.parallelize`, per-block
+  compile, fp8; tokens/s against the one-device path; DCP save and load (SmolLM2-135M shape, 8 x 2048).
+- lora (#15, 75 s): Llama-3-8B shape LoRA and QLoRA (NF4), 1 x 2048: peak `max_memory_allocated` against
+  `verse plan`, tokens/s against full fine-tuning (of the 8B shape if the plan fits it, else the 1.24B shape).
+- cuda_tests (45 s): every test that skips without CUDA (found by its `cuda.is_available` skip), slow ones included.
 
 `--dry-run` runs every section on the CPU with tiny shapes in seconds (CUDA-only rows say "skipped: no CUDA"); a
 test runs it so the script cannot rot.
 
-Running it on the lent H200 (torch 2.11 + CUDA 13, transformers, triton, peft are there; torchao, gguf, bpe-openai
-and datasets are not, and nothing can be downloaded there). Here, once, in the repository root, fetch the wheels:
+Running it on the lent H200 (torch 2.11 + CUDA 13, transformers, triton, peft, pytest are there; torchao, gguf,
+bpe-openai and datasets are not, and nothing can be downloaded there). The check needs only torchao (fp8 training,
+QLoRA's NF4, bf16 stochastic rounding): torchao 0.17.0 is the release built for torch 2.11 (3.2 MB, no
+dependencies). Here, once, in the root of the checkout the device call sends (the session's own):
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \\
-        -d .whl torchao==0.17.0 gguf==0.17.1 bpe-openai==0.1.4 datasets==4.4.1 \\
-        dill==0.4.0 multiprocess==0.70.18
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl torchao==0.17.0
 
-then one device call, `carry: [".whl"]`, `timeout_s: 600`:
+then one device call with `carry: [".whl"]` and `timeout_s: 600` (the check's budget is 470 s, see `--budget`):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\
         && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 make gpu-check
 
-(`make gpu-check` = `python3 scripts/gpu_check.py`; results in $OUT/gpu_check.json, or ./gpu_check.json without
-$OUT.) Without the wheels the script still runs: the fp8 and QLoRA rows then say torchao is missing.
+`make gpu-check` is `python3 scripts/gpu_check.py` (the script puts the checkout's src/ first itself); the results
+land in $OUT/gpu_check.json (./gpu_check.json without $OUT) and the printed table is the output's tail. Without the
+wheel the script still runs: the fp8 rows then say torchao is missing and QLoRA is skipped. `--only SECTION ...`
+reruns some sections, `--cap SECTION=S` changes a cap.
 """
 
 import argparse
@@ -464,6 +469,7 @@ def section_lora(rows: Rows, dry: bool) -> None:
     import torch
 
     from verse.bench.plan_step import train_config
+    from verse.optional import import_torchao
     from verse.train.loop import apply_finetune, build_model, prepare_model, train_step
     from verse.train.optim import TrainOptimizer
     from verse.train.planner import PlanSettings, finetune_from_config, plan
@@ -514,7 +520,7 @@ def section_lora(rows: Rows, dry: bool) -> None:
     for method in ("lora", "qlora"):
         if method == "qlora":
             try:
-                import torchao.quantization  # noqa: F401
+                import_torchao("torchao.quantization")
             except ImportError:
                 rows.skip(f"{preset} qlora 1x{seq}", "torchao is not installed (carry its wheel)")
                 continue
@@ -523,7 +529,7 @@ def section_lora(rows: Rows, dry: bool) -> None:
     update = "master"  # the dry run skips compiling torchao's stochastic rounding (20 s on a CPU)
     if cuda:
         with contextlib.suppress(ImportError):  # bf16 parameters with stochastic rounding keep no fp32 master copy
-            import torchao.optim  # noqa: F401
+            import_torchao("torchao.optim")
             update = "stochastic"
     full = PlanSettings(seq_len=seq, micro_batch_size=batch, precision="bf16", param_dtype="bfloat16",
                         bf16_update=update, activation_checkpointing=1)
