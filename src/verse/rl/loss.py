@@ -7,7 +7,9 @@ of those tokens (DAPO's token-level loss), not GRPO's mean of per-sequence means
 token of a long completion less weight than a token of a short one, so long wrong answers are penalised less
 and long right ones rewarded less (the length bias Dr. GRPO points out); the token-level sum treats every token
 alike, and dividing by the batch's token count (a constant of the step) keeps the gradient scale stable and makes
-micro-batching exact: micro-batches pass the step's total as `n_tokens`.
+micro-batching exact: micro-batches pass the step's total as `n_tokens`. Under torchrun that total is the step's
+completion tokens over ALL data-parallel ranks (all-reduced before dividing; `verse.rl.trainer.GrpoTrainer.step`),
+so with gradients summed over ranks N ranks compute the one-process loss and gradient.
 """
 
 from dataclasses import dataclass
@@ -51,7 +53,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         old_logp (torch.Tensor): [B, T] the same under the policy that sampled them (no grad).
         advantages (torch.Tensor): [B] one advantage per completion.
         mask (torch.Tensor): [B, T] bool, True on completion tokens.
-        n_tokens (int): completion tokens of the whole step (all micro-batches), the normaliser.
+        n_tokens (int): completion tokens of the whole step (all micro-batches of all ranks), the normaliser.
         eps_low (float): lower clip range.
         eps_high (float): upper clip range (DAPO's clip-higher when > eps_low).
         beta (float): weight of the KL penalty; 0 = none.
