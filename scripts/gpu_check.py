@@ -13,9 +13,9 @@ numbers, model builds and compiles included; 470 s in all):
   per-block compile (50 s), precision=fp8 (45 s), each its own process.
 - distributed (#14, 70 s): a one-rank NCCL job built in the process: FSDP2 by `verse.train.parallelize`, per-block
   compile, fp8; tokens/s against the one-device path; DCP save and load (SmolLM2-135M shape, 8 x 2048).
-- lora (#15, 75 s): Llama-3-8B shape LoRA and QLoRA (NF4), 1 x 2048: peak `max_memory_allocated` against
+- lora (#15, 70 s): Llama-3-8B shape LoRA and QLoRA (NF4), 1 x 2048: peak `max_memory_allocated` against
   `verse plan`, tokens/s against full fine-tuning (of the 8B shape if the plan fits it, else the 1.24B shape).
-- cuda_tests (45 s): every test that skips without CUDA (found by its `cuda.is_available` skip), slow ones included.
+- cuda_tests (50 s): every test that skips without CUDA (found by its `cuda.is_available` skip), slow ones included.
 
 `--dry-run` runs every section on the CPU with tiny shapes in seconds (CUDA-only rows say "skipped: no CUDA"); a
 test runs it so the script cannot rot.
@@ -64,9 +64,8 @@ if (ROOT / "src" / "verse").is_dir():  # the checkout's sources, not an installe
 
 BUDGET_S = 470  # the device call is 8 minutes; the rest is Python start-up and copying $OUT back
 # (name, issue, cap in seconds on a GPU); in this order, each in its own process
-SECTIONS = (("decode", "#17", 150), ("train", "#16", 130), ("distributed", "#14", 70), ("lora", "#15", 75),
-            ("cuda_tests", "all", 45))
-TESTS_CAP_S = 40  # pytest inside the cuda_tests section
+SECTIONS = (("decode", "#17", 150), ("train", "#16", 130), ("distributed", "#14", 70), ("lora", "#15", 70),
+            ("cuda_tests", "all", 50))
 DRY_CAP_S = 300
 NO_CUDA = "skipped: no CUDA"
 
@@ -74,8 +73,8 @@ NO_CUDA = "skipped: no CUDA"
 class Rows:
     """The rows of one section, written to `path` (atomically, whole) after each so a killed section keeps them."""
 
-    def __init__(self, section: str, path: Path):
-        self.section, self.path = section, path
+    def __init__(self, section: str, path: Path, deadline: float = float("inf")):
+        self.section, self.path, self.deadline = section, path, deadline
         self.rows: List[Dict[str, Any]] = []
         self.current: Optional[str] = None  # the measurement running now
         self.status, self.error, self.seconds = "running", None, None
@@ -106,6 +105,10 @@ class Rows:
         except Exception as e:  # noqa: BLE001 - any failure is a measured fact, recorded as one line
             return self.add(name, error=one_line(e))
         return self.add(name, **(values or {}))
+
+    def left(self) -> float:
+        """Seconds until the section's process is stopped (its cap)."""
+        return self.deadline - time.time()
 
     def skip(self, name: str, why: str) -> None:
         """Record a measurement that cannot run here."""
@@ -328,7 +331,7 @@ def section_train(rows: Rows, dry: bool) -> None:
                 continue
 
         def bench(extra: List[str] = extra, cap: float = cap) -> Dict[str, Any]:
-            report = run_cli(["bench", "train", *shape, "--no-moe", *extra], cap, fresh=not dry)
+            report = run_cli(["bench", "train", *shape, "--no-moe", *extra], min(cap, rows.left() - 1), fresh=not dry)
             row = report["rows"]["dense"]
             out = {}
             for side in ("verse", "transformers"):
@@ -571,44 +574,44 @@ def cuda_only_tests(tests: Path = ROOT / "tests") -> List[str]:
 
 
 def section_cuda_tests(rows: Rows, dry: bool) -> None:
-    """Run every test that skips without CUDA (slow ones included), one row per test with its outcome."""
+    """Run every test that skips without CUDA (slow ones included), one row per test with its outcome; outcomes are
+    read as pytest prints them, so a run stopped at the cap keeps those that finished."""
     tests = cuda_only_tests()
     rows.add("found", tests=len(tests), ids=tests)
     if dry:
         for test in tests:
             rows.skip(test, NO_CUDA)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "junit.xml"
-        start = time.perf_counter()
-        # pytest's own per-test timeout, so that a hung test still leaves the report of the others
-        code, out, _ = run_capped([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", "-rs",
-                                   "--timeout=120", f"--junitxml={report}", *tests], TESTS_CAP_S)
-        seconds = time.perf_counter() - start
-        outcomes = junit_outcomes(report) if report.exists() else {}
+    start = time.perf_counter()
+    cap = rows.left() - 2
+    code, out, _ = run_capped([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "", "-rfEs",
+                               f"--timeout={max(int(cap), 1)}", *tests], cap)
+    seconds = time.perf_counter() - start
+    outcomes = pytest_outcomes(out or "")
     for test in tests:
-        rows.add(test, **outcomes.get(test.split("::")[-1], {"outcome": "not run"}))
-    tail = (out.strip().splitlines() or [""])[-1]
-    rows.add("pytest", exit_code=code, seconds=seconds, summary=tail if code is not None else
-             f"stopped at its cap of {TESTS_CAP_S} s")
+        rows.add(test, **outcomes.get(test, {"outcome": "not run"}))
+    tail = (out or "").strip().splitlines()[-1:] or [""]
+    rows.add("pytest", exit_code=code, seconds=seconds,
+             summary=tail[0] if code is not None else f"stopped at its cap of {cap:.0f} s")
 
 
-def junit_outcomes(report: Path) -> Dict[str, Dict[str, Any]]:
-    """{test name: {outcome, seconds, message}} from pytest's JUnit XML."""
-    import xml.etree.ElementTree as ET
-
-    outcomes = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        outcome, message = "passed", None
-        for kind in ("failure", "error", "skipped"):
-            node = case.find(kind)
-            if node is not None:
-                outcome, message = {"failure": "failed", "error": "error", "skipped": "skipped"}[kind], \
-                    (node.get("message") or "").splitlines()[0][:300] if node.get("message") else None
-                break
-        name = case.get("name", "").split("[")[0]
-        outcomes[name] = {"outcome": outcome, "seconds": float(case.get("time", 0)),
-                          **({"message": message} if message else {})}
+def pytest_outcomes(output: str) -> Dict[str, Dict[str, Any]]:
+    """{node id: {outcome, message}} from `pytest -v -rfEs` output (parametrized ids under their test's id)."""
+    outcomes: Dict[str, Dict[str, Any]] = {}
+    for match in re.finditer(r"^(\S+::\w+)(?:\[\S*\])? (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", output, re.M):
+        node, outcome = match.groups()
+        if outcomes.get(node, {}).get("outcome") not in ("FAILED", "ERROR"):  # a failing case wins
+            outcomes[node] = {"outcome": outcome.lower()}
+    for match in re.finditer(r"^(?:FAILED|ERROR) (\S+?)(?:\[\S*\])? - (.*)$", output, re.M):
+        if match.group(1) in outcomes:
+            outcomes[match.group(1)].setdefault("message", match.group(2)[:300])
+    # a skip is summarised by file and line, not by test: its reason goes to the file's next skipped test
+    for match in re.finditer(r"^SKIPPED \[(\d+)\] (\S+?):\d+: (.*)$", output, re.M):
+        count, path, reason = int(match.group(1)), match.group(2), match.group(3)
+        waiting = [e for n, e in outcomes.items() if n.split("::")[0] == path and e["outcome"] == "skipped"
+                   and "message" not in e]
+        for entry in waiting[:count]:
+            entry["message"] = reason[:300]
     return outcomes
 
 
@@ -639,7 +642,7 @@ def environment() -> Dict[str, Any]:
             **{name: version(name) for name in ("transformers", "torchao", "triton", "peft")}}
 
 
-def run_sections(names: List[str], rows_dir: Path, dry: bool) -> int:
+def run_sections(names: List[str], rows_dir: Path, dry: bool, deadline: float = float("inf")) -> int:
     """The child process: run each section in turn, its rows and outcome in `rows_dir/NAME.json`; a section's
     exception is its error line, and the next section still runs."""
     if dry:  # tiny shapes: one thread, no contention with whatever else runs on a shared machine
@@ -647,7 +650,7 @@ def run_sections(names: List[str], rows_dir: Path, dry: bool) -> int:
 
         torch.set_num_threads(1)
     for name in names:
-        rows = Rows(name, rows_dir / f"{name}.json")
+        rows = Rows(name, rows_dir / f"{name}.json", deadline)
         start = time.monotonic()
         try:
             FUNCTIONS[name](rows, dry)
@@ -686,9 +689,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="another time cap for a section (in a dry run: that section then runs in its own process)")
     parser.add_argument("--sections", nargs="+", choices=list(FUNCTIONS), help=argparse.SUPPRESS)  # a child
     parser.add_argument("--rows", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)  # time.time()
     args = parser.parse_args(argv)
     if args.sections:
-        return run_sections(args.sections, Path(args.rows), args.dry_run)
+        return run_sections(args.sections, Path(args.rows), args.dry_run, args.deadline)
     caps = {name: cap for name, _, cap in SECTIONS}
     for item in args.cap:
         name, _, seconds = item.partition("=")
@@ -708,8 +712,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                               "sections": {}}
     print(f"gpu check: {result['environment']}", flush=True)
     if not args.dry_run and not result["environment"]["cuda_available"]:
-        print("gpu check: no CUDA device here; every section runs its CPU parts only (use --dry-run for the fast "
-              "check)", flush=True)
+        print("gpu check: no CUDA device here: the sections' GPU rows will fail (--dry-run is the CPU check)",
+              flush=True)
     issues = {name: issue for name, issue, _ in SECTIONS}
     selected = [name for name, _, _ in SECTIONS if not args.only or name in args.only]
     # a GPU run isolates every section (memory, a hung compile); the dry run's tiny sections share one process
@@ -726,7 +730,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             code, err = None, ""
             if cap >= 1:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--sections", *group, "--rows", tmp,
-                       *(["--dry-run"] if args.dry_run else [])]
+                       "--deadline", str(time.time() + cap), *(["--dry-run"] if args.dry_run else [])]
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 code, _, err = run_capped(cmd, cap, capture=False)
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -59,3 +59,29 @@ def test_cuda_only_tests_are_found_by_their_skip():
     assert "tests/test_trainspeed.py::test_step_makes_no_host_sync_on_cuda" in found
     assert "tests/test_trainspeed.py::test_fp8_loss_curve_tracks_bf16_on_hopper" in found
     assert all(not t.endswith("test_fp8_with_lora_is_refused_at_validation") for t in found)
+
+
+def test_pytest_outcomes_are_read_from_pytests_own_output(tmp_path):
+    """The cuda_tests section reads each test's outcome from the streamed `pytest -v -rfEs` output (so a run stopped
+    at its cap keeps what finished): checked against a real pytest run of known outcomes."""
+    (tmp_path / "test_known.py").write_text(
+        "import pytest\n"
+        "def test_passes():\n    pass\n"
+        "def test_fails():\n    assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skipif(True, reason='needs a CUDA GPU')\n"
+        "def test_skips():\n    pass\n"
+        "@pytest.mark.parametrize('n', [1, 2])\n"
+        "def test_param(n):\n    assert n == 1\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfEs", "test_known.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    outcomes = gpu_check.pytest_outcomes(out.stdout)
+    assert {k: v["outcome"] for k, v in outcomes.items()} == {
+        "test_known.py::test_passes": "passed", "test_known.py::test_fails": "failed",
+        "test_known.py::test_skips": "skipped", "test_known.py::test_param": "failed"}
+    assert "one is not two" in outcomes["test_known.py::test_fails"]["message"]
+    assert outcomes["test_known.py::test_skips"]["message"] == "needs a CUDA GPU"
