@@ -192,7 +192,7 @@ def test_plan_within_10_percent_of_measured_peak():
 @pytest.mark.slow
 def test_parallel_plan_within_10_percent_of_every_ranks_measured_peak():
     """#14: `verse plan`'s per-rank peak against each rank's measured peak RSS in 2-process gloo runs (FSDP2, TP, EP,
-    FSDP2 with checkpointing), `verse bench plan`'s distributed cases."""
+    FSDP2 and TP with checkpointing), `verse bench plan`'s distributed cases."""
     from verse.bench.plan import BASE_MODEL, BASE_SETTINGS, DIST_CASES, measure
 
     for case in DIST_CASES:
@@ -308,7 +308,8 @@ def test_per_rank_parameters_match_the_real_layout(preset, overrides, degrees):
 
 def test_parallel_plan_hand_computed_on_tiny():
     """tp=2 halves every matmul, the embedding and the head, not the 5 norms (320 values); dp_shard=2 halves the
-    rest; activations: tp halves the heads' and the MLP's part of the 4376 bytes per token and layer."""
+    rest; activations: tp halves the heads' and the MLP's part of the bytes per token and layer and (sequence
+    parallelism) the norms' part; the loss chunk holds half of the vocabulary's columns."""
     from verse.train.distributed import ParallelConfig
 
     args = ModelArgs.from_preset("tiny")
@@ -316,8 +317,12 @@ def test_parallel_plan_hand_computed_on_tiny():
     tp = plan(args, fp32(), "a100-80gb", parallel=ParallelConfig(dp_shard=1, tp=2))
     assert tp["weights_bytes"] == 4 * ((P - 320) // 2 + 320) and tp["optimizer_bytes"] == 2 * tp["weights_bytes"]
     assert tp["gathered_bytes"] == 0  # no FSDP2 with one data-parallel rank
-    # per token and layer: 24 D + 16 I/2 + 8 Q/2 + 8 KV/2 + 4 H/2 + 8 (D 64, I 128, Q 64, KV 32, H 4)
-    assert tp["activations_bytes"] == 2 * 64 * (24 * 64 + 8 * 128 + 4 * 64 + 4 * 32 + 2 * 4 + 8) + 64 * (8 + 8 * 64 + 4)
+    # per token and layer: 16 D/2 + 8 D + 16 I/2 + 8 Q/2 + 8 KV/2 + 4 H/2 + 8/2 (D 64, I 128, Q 64, KV 32, H 4): the
+    # norms run on half of each sequence (sequence parallelism), the matmuls' inputs are gathered whole
+    assert tp["activations_bytes"] == (2 * 64 * (8 * 64 + 8 * 64 + 8 * 128 + 4 * 64 + 4 * 32 + 2 * 4 + 4)
+                                       + 64 * (8 + 8 * 64 + 4))
+    # the loss chunk: 4 fp32 copies of vocab_size/2 columns (saved logits, log-softmax, its two gradients) + hidden
+    assert tp["logits_bytes"] == 64 * 512 // 2 * 4 * 4 + 64 * 64 * 4
     both = plan(args, fp32(), "a100-80gb", parallel=ParallelConfig(dp_shard=2, tp=2))
     assert both["weights_bytes"] == tp["weights_bytes"] // 2 and both["grads_bytes"] == tp["grads_bytes"] // 2
     # FSDP2: the root (embedding + head halved by tp, final norm) and the last block stay gathered into backward
@@ -393,3 +398,16 @@ def test_cli_plan_reads_the_configs_parallel_section(tmp_path, capsys):
     assert main(["plan", str(path), "--gpus", "4", "--finetune", "lora"]) == 2  # the config's tp=2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and "data-parallel ranks only" in err
+
+
+def test_tensor_parallel_never_moves_or_holds_whole_logits():
+    """#14: under tp the head's logits stay split by vocabulary (loss_parallel exchanges per-token scalars only): the
+    communication time does not grow with the vocabulary, and each rank's loss chunk holds vocab_size / tp columns."""
+    from verse.train.distributed import ParallelConfig
+
+    args = ModelArgs.from_preset("tiny")
+    tp = ParallelConfig(dp_shard=1, tp=2)
+    small, large = (plan(args.replace(vocab_size=v), fp32(), "h100-80gb", parallel=tp) for v in (512, 512 * 64))
+    assert large["comm_time_s"] == pytest.approx(small["comm_time_s"], rel=1e-9)
+    one = plan(args.replace(vocab_size=512 * 64), fp32(), "h100-80gb")
+    assert (large["logits_bytes"] - 64 * 64 * 4) * 2 == (one["logits_bytes"] - 64 * 64 * 4) * 4 / 3

@@ -50,6 +50,8 @@ DIST_CASES: List[Dict[str, Any]] = [
      "parallel": {"dp_shard": 1, "ep": 2}},
     {"name": "2 ranks dp_shard=2 ckpt=1", "model": {}, "settings": {"activation_checkpointing": 1},
      "parallel": {"dp_shard": 2}},
+    {"name": "2 ranks tp=2 ckpt=1", "model": {"n_kv_heads": 2}, "settings": {"activation_checkpointing": 1},
+     "parallel": {"dp_shard": 1, "tp": 2}},
 ]
 BASE_MODEL = dict(arch="llama", vocab_size=8192, dim=384, n_layers=4, n_heads=6, n_kv_heads=3, inter_dim=1152,
                   max_seq_len=1024)

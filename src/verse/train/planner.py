@@ -12,7 +12,10 @@ Bytes are counted per component the way the trainer allocates them:
   this code: see `_layer_bytes_per_token`); a checkpointed layer keeps only its input, and one layer is
   recomputed at a time in backward;
 - logits/loss: one chunk of `loss_chunk_size` tokens at its backward: the fp32 log-softmax, its incoming and
-  outgoing gradients (bf16 logits are gone by then), and the gathered hidden states of the loss tokens;
+  outgoing gradients (bf16 logits are gone by then), and the gathered hidden states of the loss tokens; with
+  tensor parallelism each rank's vocab_size / tp columns of them, plus the saved fp32 logits (`loss_parallel`);
+- tensor parallelism (`tp`) divides the heads, the MLP width, the embedding and the head; with its sequence
+  parallelism the residual stream between blocks, the norms and the gradients between layers hold tokens / tp;
 - temporary: the gradient flowing between layers and the recomputed layer's gradient buffers.
 
 Peak = max(backward, optimizer step): weights + optimizer state + all activations + the head's gradient (all
@@ -86,19 +89,24 @@ def _ffn_width(args: ModelArgs, layer_id: int) -> int:
 def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings, tp: int = 1) -> float:
     """Bytes autograd saves per token in one layer (coefficients fitted exactly on this code's saved tensors).
 
-    fp32: 24 D + 16 I + 8 Q + 8 KV + 4 H + 8 (the inputs of both norms and their fp32 outputs, q/k/v, the
-    attention output and its log-sum-exp, the three SwiGLU hidden tensors and the w2 input, two rstd scalars).
-    bf16 compute halves the matrix inputs; the norms stay fp32; an fp32 residual stream adds 10 D. Tensor
-    parallelism (`tp`) divides the heads and a dense MLP's hidden width; an MoE layer runs whole on every tp rank.
+    fp32: 24 D + 16 I + 8 Q + 8 KV + 4 H + 8: 16 D for the inputs of both norms and their fp32 outputs, 8 D for the
+    norms' outputs as the matmuls' input, q/k/v, the attention output and its log-sum-exp, the three SwiGLU hidden
+    tensors and the w2 input, 8 for two rstd scalars. bf16 compute halves the matrix inputs (4 D); the norms stay
+    fp32 (12 D for bf16 inputs; fp32 ones keep 16 D, and their matmul inputs take 10 D). Tensor parallelism (`tp`)
+    divides the heads and a dense MLP's hidden width; its sequence parallelism runs the norms on a 1/tp part of each
+    sequence (their tensors and rstd divided by tp; the matmul inputs are gathered whole); an MoE layer runs whole
+    on every tp rank (measured with saved-tensor hooks on 2 gloo ranks, fp32, bf16 autocast and bf16).
     """
     D, H = args.dim, args.n_heads // tp
     Q, KV = (w // tp for w in _attn_widths(args))
     inter = _ffn_width(args, layer_id) // (1 if args.is_moe_layer(layer_id) else tp)
     if s.precision == "fp32" and s.param_dtype == "float32":
-        per = 24 * D + 16 * inter + 8 * Q + 8 * KV
+        per = 16 * D / tp + 8 * D + 16 * inter + 8 * Q + 8 * KV
+    elif s.param_dtype == "float32":
+        per = 16 * D / tp + 10 * D + 8 * inter + 4 * Q + 4 * KV
     else:
-        per = (26 if s.param_dtype == "float32" else 16) * D + 8 * inter + 4 * Q + 4 * KV
-    per += 4 * H + 8
+        per = 12 * D / tp + 4 * D + 8 * inter + 4 * Q + 4 * KV
+    per += 4 * H + 8 / tp
     if args.is_moe_layer(layer_id):
         per += 4 * args.n_routed_experts * 3 + 16 * args.n_activated_experts  # router scores, top-k ids/weights
     return per
@@ -250,10 +258,12 @@ def _comm_time(args: ModelArgs, s: PlanSettings, parallel: ParallelConfig, shard
         overlapped += 2 * (rep - 1) / rep * sum(sharding["rank_shapes"]) * reduce_bytes / bandwidth(
             tp * ep * shard, rep)
     waiting = 0.0
-    if tp > 1:  # per block 2 + 2 all-reduces of the activations; the embedding's and the head's gathered logits
+    # tp: per block 2 + 2 all-reduces' worth of activations (sequence parallelism: an all-gather before attention and
+    # the FFN and a reduce-scatter after, mirrored in backward), the embedding's and the final norm's; loss_parallel
+    # exchanges per-token maxima, sums and target logits (fp32), never the logits
+    if tp > 1:
         ring = 2 * (tp - 1) / tp
-        waiting += micro * (ring * (4 * args.n_layers + 2) * tokens * D * c
-                            + (tp - 1) / tp * tokens * args.vocab_size * c) / bandwidth(1, tp)
+        waiting += micro * ring * ((4 * args.n_layers + 2) * tokens * D * c + 3 * tokens * 4) / bandwidth(1, tp)
     if ep > 1:
         moe_layers = sum(args.is_moe_layer(i) for i in range(args.n_layers))
         waiting += micro * moe_layers * 4 * tokens * args.n_activated_experts * D * c * (ep - 1) / ep / bandwidth(
@@ -370,19 +380,23 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     # QLoRA's bf16 base makes the residual stream and every matmul bf16, whatever the adapters' dtype
     act = dataclasses.replace(s, precision="bf16", param_dtype="bfloat16") if finetune == "qlora" else s
     c = _compute_bytes(act)
-    layer_full = [_layer_bytes_per_token(args, i, act, tp) * tokens for i in range(args.n_layers)]
+    layer_full = [round(_layer_bytes_per_token(args, i, act, tp) * tokens) for i in range(args.n_layers)]
     resid = 4 if act.param_dtype == "float32" else 2  # the residual stream's dtype
     k = s.activation_checkpointing
     checkpointed = [k > 0 and i % k == 0 for i in range(args.n_layers)]
-    activations = sum(resid * args.dim * tokens if ck else full for ck, full in zip(checkpointed, layer_full))
+    # with tp the residual stream between blocks is split by sequence (tokens / tp rows on each rank)
+    activations = sum(resid * args.dim * tokens // tp if ck else full for ck, full in zip(checkpointed, layer_full))
     activations += tokens * (8 + 8 * args.dim + 4)  # ids, embedding output, final-norm input and rstd
     recompute = max((full for ck, full in zip(checkpointed, layer_full) if ck), default=0)
     chunk = min(s.loss_chunk_size, tokens)
     # one chunk at its backward: the saved fp32 log-softmax, its incoming gradient and the gradient it returns, 4
     # bytes each (bf16 logits are freed once copied to fp32, before any of these exist; #15), and the chunk's hidden
-    # (tensor parallelism gathers the head's vocabulary columns: every rank holds whole logits)
-    logits = chunk * args.vocab_size * 3 * 4 + tokens * args.dim * c
-    temp = 2 * tokens * args.dim * 4 + recompute + dequant_temp  # grads between layers, the recomputed layer
+    # (gathered whole by the final norm). Tensor parallelism leaves the logits split by vocabulary (each rank holds
+    # vocab_size / tp columns), and `loss.VocabParallelCrossEntropy` saves the fp32 logits themselves to recompute
+    # the log-softmax in backward: one copy more
+    logits = chunk * args.vocab_size // tp * (4 if tp > 1 else 3) * 4 + tokens * args.dim * c
+    # the gradients between layers (of the sequence part with tp) and the recomputed layer
+    temp = 2 * tokens * args.dim * 4 // tp + recompute + dequant_temp
     head_grad = args.vocab_size * args.dim // tp * grad_bytes if finetune == "full" else 0
     gathered = 0
     if sharding is not None and sharding["fsdp"]:
