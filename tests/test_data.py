@@ -366,8 +366,12 @@ def test_split_long_texts_resume_inside_a_document(tmp_path, tok, pack):
 def test_source_without_usable_records_stops_with_one_clear_error(tmp_path, tok, workers):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}, {"text": 3}])
     loader = build_loader(cfg([{"path": path}], num_workers=workers), tok, max_seq_len=64)
-    with pytest.raises(VerseError, match="no usable records.*empty: 1.*wrong_type: 1"):
+    with pytest.raises(VerseError, match=r"no usable records \(bad records: empty: 1.*wrong_type: 1"):
         next(iter(loader))
+    # on 2 ranks every rank reads the whole source (the global order): the same message, no rank's share in it
+    with pytest.raises(VerseError, match=r"no usable records \(bad records: empty: 1.*wrong_type: 1"):
+        next(iter(build_loader(cfg([{"path": path}], num_workers=workers), tok, max_seq_len=64, rank=1,
+                               world_size=2)))
 
 
 HUB_FIXTURES = Path(__file__).parent / "fixtures" / "data" / "hub"

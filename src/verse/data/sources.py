@@ -326,7 +326,8 @@ class SourceReader:
 
     def _no_records_message(self) -> str:
         bad = ", ".join(f"{k}: {v}" for k, v in sorted(self.bad.items())) or "none"
-        return (f"data source {self.src.label!r}: no usable records for rank {self.rank} (bad records: {bad}); "
+        share = f" in rank {self.rank}'s share" if self.world_size > 1 else ""
+        return (f"data source {self.src.label!r}: no usable records{share} (bad records: {bad}); "
                 "check the file, its schema, or the eval_fraction")
 
 
