@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-SECTIONS = {"decode", "train", "distributed", "lora", "cuda_tests"}
+SECTIONS = {"decode", "decode_restart", "train", "distributed", "lora", "cuda_tests"}
 
 
 def test_dry_run_runs_every_section_and_writes_the_json(tmp_path):
