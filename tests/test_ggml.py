@@ -400,13 +400,16 @@ def test_greedy_generation_on_blocks(tmp_path):
           f"{(logits.argmax(-1) == torch.tensor(out[0])).sum().item()}/8 steps")
 
 
-def test_smollm2_on_its_file_blocks_agrees_with_the_dequantized_model():
-    """SmolLM2-135M as shipped (Q4_1 matrices, Q8_0 embedding/head) decoding on its blocks, token by token with the
-    KV cache (the kernel path), vs the same file dequantized to float32: logits within a few percent of their
-    scale and the same top token at nearly every step; the prompt (prefill path) gives the dense logits."""
+@pytest.mark.parametrize("mix", ["Q4_1", pytest.param("Q4_K_M", marks=pytest.mark.slow)])
+def test_smollm2_on_its_file_blocks_agrees_with_the_dequantized_model(mix, tmp_path):
+    """SmolLM2-135M as shipped (Q4_1 matrices, Q8_0 embedding/head), or requantized as llama.cpp's Q4_K_M (its
+    576-wide matrices in the Q5_0/Q8_0 fallbacks, ffn_down in Q4_K/Q6_K), decoding on its blocks, token by token
+    with the KV cache (the kernel path), vs the same file dequantized to float32: logits within a few percent of
+    their scale and the same top token at nearly every step; the prompt (prefill path) gives the dense logits."""
     from verse.assets import smollm2_gguf
 
-    path = str(smollm2_gguf())
+    path = str(smollm2_gguf() if mix == "Q4_1" else q4_k_m_like(smollm2_gguf(), tmp_path / "q4_k_m.gguf"))
+    expected = {"Q4_1": (ggml.Q4_1, ggml.Q4_1, ggml.Q8_0), "Q4_K_M": (ggml.Q5_0, ggml.Q6_K, ggml.Q8_0)}[mix]
     tok = verse.load_tokenizer(path)
     ids = tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue? Answer in two sentences."},
                                    {"role": "assistant", "content": "Sunlight scatters off air molecules, and blue "
@@ -415,7 +418,7 @@ def test_smollm2_on_its_file_blocks_agrees_with_the_dequantized_model():
     with torch.inference_mode():
         dense = verse.load(path, dtype=torch.float32)(x)[0]
         model = verse.load(path, dtype=torch.float32, gemm_impl="gguf")
-        assert model.layers[0].ffn.w1.ggml_type == ggml.Q4_1 and model.head.ggml_type == ggml.Q8_0
+        assert (model.layers[0].ffn.w1.ggml_type, model.layers[0].ffn.w2.ggml_type, model.head.ggml_type) == expected
         model.setup_cache(1, len(ids))
         pos = torch.arange(len(ids))
         prefill = model(x[:, :P], input_pos=pos[:P])[0]
@@ -640,3 +643,49 @@ def test_a_killed_builds_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypat
     os.utime(lock, (old, old))
     assert ggml._build_directory() == build_dir and not lock.exists()
     assert "did not finish" in capsys.readouterr().err
+
+
+def use_more_bits(layer, layers):
+    """llama.cpp's rule (llama-quant.cpp) for the layers whose attn_v / ffn_down a Q4_K_M file keeps in Q6_K."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def q4_k_m_like(source, path):
+    """`source` (a GGUF file) with every matrix requantized to the type llama.cpp's Q4_K_M picks for it
+    (llama_tensor_get_type): Q6_K for the tied embedding / output and for attn_v, ffn_down of `use_more_bits`
+    layers, Q4_K for the others; a matrix whose rows are not whole 256-value super-blocks falls back from Q4_K to
+    Q5_0 and from Q6_K to Q8_0. Q5_0/Q8_0 by gguf.quants.quantize, the K-quants by reference.quantize_k (the plain
+    min/max rule, not llama.cpp's search: a Q4_K_M-like file, not llama.cpp's bytes)."""
+    Q = gguf.GGMLQuantizationType
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    layers = reader.fields[f"{arch}.block_count"].contents()
+    writer = gguf.GGUFWriter(str(path), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    tied = all(t.name != "output.weight" for t in reader.tensors)
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        if len(t.shape) == 1:
+            writer.add_tensor(t.name, w)
+            continue
+        layer = int(t.name.split(".")[1]) if t.name.startswith("blk.") else -1
+        more = t.name == "output.weight" or (tied and t.name == "token_embd.weight") or \
+            t.name.endswith(("attn_v.weight", "ffn_down.weight")) and use_more_bits(layer, layers)
+        kind = Q.Q6_K if more else Q.Q4_K
+        w = w.reshape(int(t.shape[1]), int(t.shape[0]))
+        if w.shape[1] % 256:
+            blocks = gguf.quants.quantize(w, Q.Q8_0 if kind == Q.Q6_K else Q.Q5_0)
+            kind = Q.Q8_0 if kind == Q.Q6_K else Q.Q5_0
+        else:
+            blocks = reference.quantize_k(torch.from_numpy(w), int(kind)).numpy()
+        writer.add_tensor(t.name, blocks, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

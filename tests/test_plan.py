@@ -40,13 +40,27 @@ def test_tiny_plan_matches_hand_computed_bytes():
     assert r["fits"] and not plan(args, fp32(), "a100-80gb", device_memory=r["peak_bytes"] - 1)["fits"]
 
 
-@pytest.mark.parametrize("dtype, precision", [("float32", "fp32"), ("bfloat16", "bf16")])
+def to_fp8(model):
+    """`model`'s block Linear layers swapped for torchao Float8Linear as `precision: fp8` does (the Hopper check
+    skipped: torch runs the float8 GEMMs on CPU too)."""
+    from verse.train.fp8 import convert_to_fp8
+
+    assert convert_to_fp8(model, "tensorwise", torch.device("cpu"), check=lambda device: None)
+    return model
+
+
+# fp8 with bf16 params only: on CPU torchao does not see autocast (it casts inputs under CUDA's), so fp32 params
+# would give it fp32 inputs where a GPU run gives bf16 ones
+@pytest.mark.parametrize("dtype, precision", [("float32", "fp32"), ("bfloat16", "bf16"), ("bfloat16", "fp8")])
 def test_activation_bytes_match_saved_tensors(tiny_args, dtype, precision):
     """The activation estimate against what autograd really saves (unique storages; parameters and buffers, such
-    as the RoPE tables, exist anyway and are excluded)."""
+    as the RoPE tables, exist anyway and are excluded). torchao's float8 layers save their bf16 inputs (not float8
+    copies), as bf16 autocast does."""
     torch.manual_seed(0)
     tiny_args = tiny_args.replace(dtype=dtype)
     model = ReasoningLLM(tiny_args).train()
+    if precision == "fp8":
+        to_fp8(model)
     ids = torch.randint(0, 512, (2, 32))
     params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
     saved = {}
@@ -57,10 +71,52 @@ def test_activation_bytes_match_saved_tensors(tiny_args, dtype, precision):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
-            "cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            "cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
         model.hidden_states(ids)
     estimate = plan(tiny_args, fp32(param_dtype=dtype, precision=precision), "a100-80gb")["activations_bytes"]
     assert abs(estimate / sum(saved.values()) - 1) < 0.05
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_autocast_weight_copies_match_saved_casts(tiny_args, precision):
+    """fp32 parameters under bf16 autocast: the plan's weights are the fp32 parameters plus a bf16 copy of every
+    matmul weight autocast casts (bf16: all of them; fp8: only the head, torchao's Float8Linear keeps the fp32
+    weight itself for backward) -- by hand from the tiny preset, and against the bf16 casts of parameters that a
+    forward pass saves."""
+    torch.manual_seed(0)
+    model = ReasoningLLM(tiny_args.replace(dtype="float32")).train()
+    if precision == "fp8":
+        to_fp8(model)
+    casts = {}
+
+    def pack(t):  # a saved bf16 tensor equal to a parameter cast to bf16 (saved transposed) is autocast's copy
+        if t.dtype == torch.bfloat16 and t.dim() == 2 and any(
+                p.shape == t.T.shape and torch.equal(p.bfloat16().T, t) for p in model.parameters()):
+            casts[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 512, (2, 32)))
+    head = 512 * 64
+    matmuls = P - 2 * 64 - 3 * 64 - head  # every matrix but the embedding (norms: 2 per layer + the final one)
+    expected = 2 * (matmuls if precision == "bf16" else head)
+    assert sum(casts.values()) == expected
+    r = plan(tiny_args, fp32(precision=precision), "a100-80gb")
+    assert r["weights_bytes"] == 4 * P + expected
+    assert r["activations_bytes"] == plan(tiny_args, fp32(precision="bf16"), "a100-80gb")["activations_bytes"]
+
+
+def test_fp8_converts_the_block_matmuls_the_plan_counts():
+    """The plan's float8 weights (`_layer_matmul_params`) are the Linear weights `verse.train.fp8` converts."""
+    from verse.train.fp8 import fp8_eligible
+    from verse.train.planner import _layer_matmul_params
+
+    for preset in ("tiny", "smollm2-135m", "qwen3-30b-a3b"):
+        args = ModelArgs.from_preset(preset)
+        with torch.device("meta"):
+            model = ReasoningLLM(args)
+        converted = sum(m.weight.numel() for name, m in model.named_modules() if fp8_eligible(m, name))
+        assert converted == _layer_matmul_params(args), preset
 
 
 def test_mistral_7b_full_finetune_fits_80gb_with_documented_setting():

@@ -3,14 +3,18 @@
 Bytes are counted per component the way the trainer allocates them:
 
 - weights: parameters in `param_dtype` (+ fp32 master copies with `bf16_update=master`), plus the bf16 copies
-  autocast caches for every matmul weight during forward when parameters are fp32 and compute is bf16;
+  autocast caches for every matmul weight during forward when parameters are fp32 and compute is bf16; with
+  `precision: fp8` only for the matmuls torchao leaves in bf16 (head, routers, routed experts): its `Float8Linear`
+  casts the blocks' weights to float8 at each use and keeps only the fp32 parameter for backward;
 - grads: one per parameter in its dtype (fp32 when master weights receive them); with `fused_backward` only
   the largest parameter's gradient is ever alive;
 - optimizer: AdamW two moments per parameter (fp32 with master weights, else in `param_dtype`); 8-bit AdamW
   (torchao) one byte per moment plus an fp32 scale per 256-value block (tensors under 4096 values stay fp32);
 - activations: what autograd saves per layer and token (measured layer by layer with saved-tensor hooks on
   this code: see `_layer_bytes_per_token`); a checkpointed layer keeps only its input, and one layer is
-  recomputed at a time in backward;
+  recomputed at a time in backward; fp8 (torchao 0.18's `matmul_with_hp_or_float8_args`) saves each converted
+  layer's input as it came in, bf16 under autocast, as bf16 does: the same bytes (float8 copies are kept only
+  where `torch.compile` chooses them; not counted);
 - logits/loss: one chunk of `loss_chunk_size` tokens at its backward: the fp32 log-softmax, its incoming and
   outgoing gradients (bf16 logits are gone by then), and the gathered hidden states of the loss tokens; with
   tensor parallelism each rank's vocab_size / tp columns of them, plus the saved fp32 logits (`loss_parallel`);
@@ -190,8 +194,8 @@ def _lora_params(args: ModelArgs, rank: int, targets: Sequence[str] = ("all",)) 
 
 
 def _layer_matmul_params(args: ModelArgs) -> int:
-    """Parameters of the `Linear` layers inside the blocks (what QLoRA stores in NF4; routed experts, stacked,
-    stay bf16)."""
+    """Parameters of the `Linear` layers inside the blocks (what QLoRA stores in NF4 and `precision: fp8` trains in
+    float8; the routers and the stacked routed experts stay bf16)."""
     return _lora_params(args, 1, ("attention", "w1", "w2", "w3"))[1]
 
 
@@ -359,9 +363,11 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
         params_trained = params
     weights = frozen + params_trained * pbytes + (4 * params_trained if master else 0)
     matmul_params = params - args.vocab_size * args.dim - (2 * args.n_layers + 1) * args.dim  # all but embed, norms
-    # autocast caches bf16 copies of fp32 weights that require grad (frozen base weights are cast per use)
-    autocast_copies = (2 * (matmul_params // tp if finetune == "full" else params_trained)
-                       if (s.precision == "bf16" and not low and not fsdp_mp) else 0)
+    # autocast caches bf16 copies of fp32 weights that require grad (frozen base weights are cast per use); fp8 casts
+    # the blocks' Linear weights to float8 per use instead (`verse.train.fp8`), so only the others get copies
+    cast = matmul_params - (_layer_matmul_params(args) if s.precision == "fp8" else 0)
+    autocast_copies = (2 * (cast // tp if finetune == "full" else params_trained)
+                       if (s.precision in ("bf16", "fp8") and not low and not fsdp_mp) else 0)
     grad_bytes = 4 if master else pbytes
     largest = max(shapes)
     grads = (largest * (grad_bytes + (4 if master else 0)) if s.fused_backward
