@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -59,6 +62,8 @@ def test_cuda_only_tests_are_found_by_their_skip():
     assert "tests/test_trainspeed.py::test_step_makes_no_host_sync_on_cuda" in found
     assert "tests/test_trainspeed.py::test_fp8_loss_curve_tracks_bf16_on_hopper" in found
     assert all(not t.endswith("test_fp8_with_lora_is_refused_at_validation") for t in found)
+    # a skipif written inside a string (this file's pytest-output test) is no test's decorator
+    assert not [t for t in found if t.startswith("tests/test_gpu_check.py")]
 
 
 def test_pytest_outcomes_are_read_from_pytests_own_output(tmp_path):
@@ -85,3 +90,44 @@ def test_pytest_outcomes_are_read_from_pytests_own_output(tmp_path):
         "test_known.py::test_skips": "skipped", "test_known.py::test_param": "failed"}
     assert "one is not two" in outcomes["test_known.py::test_fails"]["message"]
     assert outcomes["test_known.py::test_skips"]["message"] == "needs a CUDA GPU"
+
+
+def test_bench_train_fp8_where_it_cannot_run_is_one_line(capsys):
+    """The GPU check's fp8 row runs `verse bench train --precision fp8`; without a Hopper GPU (and torchao) that is
+    one line naming what is missing, before any model is built."""
+    from verse.cli import main
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        pytest.skip("fp8 training runs on this GPU (the GPU check measures it)")
+    assert main(["bench", "train", "--precision", "fp8", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "precision=fp8 needs an NVIDIA GPU of compute capability 9.0" in err[0]
+
+
+def test_bench_generate_warms_up_on_the_timed_runs_cache_size(monkeypatch):
+    """A compiled decode step is one graph per cache size: the warm-up must decode with the timed run's length (its
+    cache bucket), else the timed run compiles. Both calls of `decode_steps` ask for the same number of tokens, and
+    the warm-up stops after a few of them."""
+    import importlib
+
+    from verse import ModelArgs, ReasoningLLM
+    from verse.bench.generate import bench_verse
+
+    generate = importlib.import_module("verse.infer.generate")  # (the package's `generate` is the function)
+
+    calls, real = [], generate.decode_steps
+
+    def recording(model, prompts, max_new_tokens, *args, **kwargs):
+        calls.append({"max_new_tokens": max_new_tokens, "taken": 0})
+        for token in real(model, prompts, max_new_tokens, *args, **kwargs):
+            calls[-1]["taken"] += 1
+            yield token
+
+    monkeypatch.setattr(generate, "decode_steps", recording)
+
+    torch.manual_seed(0)
+    model = ReasoningLLM(ModelArgs.from_preset("tiny")).eval()
+    result, tokens = bench_verse(model, [1, 2, 3], 12)
+    assert [c["max_new_tokens"] for c in calls] == [12, 12]
+    assert calls[0]["taken"] == 4 and calls[1]["taken"] == 12 == len(tokens)
+    assert result["warmup_s"] > 0

@@ -234,6 +234,12 @@ def run(args: argparse.Namespace) -> int:
         raise VerseError(f"--preset {args.preset}: the dense row needs a Llama-type preset (GQA, no MoE); the MoE "
                          f"row always runs the {MOE_PRESET} shape")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.precision == "fp8":  # before any model is built
+        from verse.train.fp8 import fp8_unsupported
+
+        why = fp8_unsupported(device)
+        if why:
+            raise VerseError(f"--precision fp8: {why}")
     cfg = TrainConfig(max_seq_len=args.seq_len, micro_batch_size=args.micro_batch, precision=args.precision,
                       param_dtype="float32", device=device.type,
                       compile={"auto": None, "on": True, "off": False}[args.compile])
