@@ -286,14 +286,19 @@ def test_cpu_step_memory_counts_reused_small_tensors():
     assert used >= 0.8 * 3200 * 16 * 256 * 4
 
 
-def test_torchao_import_says_nothing(tmp_path):
-    """transformers' loader imports torchao; Verse imports it first, quietly: no 'Failed to load ..._C_...so' or
-    pytree register_constant lines reach the user."""
+def test_torchao_import_says_nothing():
+    """transformers' loader imports torchao (bench train's twins) and so may Verse (8-bit AdamW): quietly, no
+    'Failed to load ..._C_...so' or pytree register_constant lines reach the user."""
     pytest.importorskip("torchao")
+    pytest.importorskip("transformers")
     import subprocess
     import sys
 
-    code = "from verse.optional import import_torchao; import_torchao('torchao.optim'); import transformers"
+    code = ("import torch; from verse.config import ModelArgs; from verse.model import ReasoningLLM; "
+            "from verse.bench.train import transformers_twin; from verse.optional import import_torchao; "
+            "import_torchao('torchao.optim'); "
+            "[transformers_twin(ReasoningLLM(ModelArgs.from_preset(p, dtype='float32')), torch.device('cpu')) "
+            "for p in ('tiny', 'bytegpt-tiny')]")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Failed to load" not in out.stderr and "register_constant" not in out.stderr, out.stderr

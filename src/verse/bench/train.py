@@ -92,15 +92,14 @@ def transformers_twin(model: torch.nn.Module, device: torch.device) -> torch.nn.
     Returns:
         torch.nn.Module: e.g. `LlamaForCausalLM` with SDPA attention.
     """
-    from verse.optional import import_torchao
+    from verse.optional import TORCHAO_IMPORT_LOGGERS, quiet_loggers
 
-    with contextlib.suppress(ImportError):  # transformers' loader imports torchao when installed: quietly first
-        import_torchao()
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    # transformers' loader imports torchao (when installed) and some of its submodules: quietly
+    with tempfile.TemporaryDirectory(prefix="verse-bench-") as tmp, quiet_loggers(*TORCHAO_IMPORT_LOGGERS):
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory(prefix="verse-bench-") as tmp:
+        hf_logging.disable_progress_bar()
         model.save_pretrained(Path(tmp) / "model")
         twin = AutoModelForCausalLM.from_pretrained(Path(tmp) / "model", dtype=model.embed.weight.dtype,
                                                     attn_implementation="sdpa")
