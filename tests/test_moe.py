@@ -96,6 +96,28 @@ def test_moe_forward_matches_per_token_oracle(dtype, dim, inter, grouped):
     torch.testing.assert_close(moe(x).float(), expected, atol=atol, rtol=1e-4 if dtype == torch.float32 else 0.0)
 
 
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="this torch has no grouped_mm")
+def test_fp32_experts_under_bf16_autocast_take_one_grouped_mm(monkeypatch):
+    """Training's usual setting (fp32 parameters, bf16 autocast): the experts run as grouped GEMMs (3 calls, no
+    per-expert loop or host sync) and still match the per-token oracle, gradients included."""
+    args = moe_args(dim=32, moe_inter_dim=16, n_heads=2)
+    moe = random_moe(args, seed=1)
+    x = torch.randn(3, 7, 32)
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("host sync in the experts"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    monkeypatch.undo()
+    assert len(calls) == 3
+    expected = reference_moe(moe, x)
+    torch.testing.assert_close(y.float(), expected, atol=1e-2 * expected.abs().max().item(), rtol=0.0)
+    weights = [moe.experts.w1, moe.experts.w2, moe.experts.w3]
+    for g, ref in zip(torch.autograd.grad(y.float().sum(), weights), torch.autograd.grad(expected.sum(), weights)):
+        torch.testing.assert_close(g, ref, atol=2e-2 * ref.abs().max().item(), rtol=0.0)
+
+
 def test_bias_changes_selection_not_weights():
     args = moe_args(n_expert_groups=1, n_limited_groups=1, norm_topk_prob=False, route_scale=1.0)
     moe = random_moe(args)

@@ -85,9 +85,9 @@ class Gate(nn.Module):
 class Experts(nn.Module):
     """`n_experts` SwiGLU experts with stacked weights, applied to tokens already sorted by expert.
 
-    Uses `torch.nn.functional.grouped_mm` (one kernel for all experts) for bfloat16 with 16-byte aligned widths, what
-    its CUDA kernel and torch.compile accept; otherwise a loop over the experts' contiguous token groups (never over
-    tokens).
+    Uses `torch.nn.functional.grouped_mm` (one kernel for all experts, CPU and CUDA) for bfloat16 with 16-byte aligned
+    widths, what its CUDA kernel and torch.compile accept, fp32 parameters under bf16 autocast included; otherwise a
+    loop over the experts' contiguous token groups (never over tokens).
 
     Args:
         n_experts (int): number of experts.
@@ -128,6 +128,11 @@ class Experts(nn.Module):
         """
         # this rank's experts: all of them, or its block of an expert-parallel split (verse.train.parallelize)
         w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w2, self.w3))
+        if torch.is_autocast_enabled(x.device.type):
+            # grouped_mm is on none of autocast's lists: cast as autocast casts a linear's operands, so that fp32
+            # parameters trained under bf16 autocast take the one-kernel path too (not a loop over the experts)
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2, w3 = (t.to(dtype) for t in (x, w1, w2, w3))
         if self.use_grouped_mm(x):
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(F.grouped_mm(x, w1.mT, offs=offs)) * F.grouped_mm(x, w3.mT, offs=offs)
