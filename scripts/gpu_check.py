@@ -357,9 +357,10 @@ def section_train(rows: Rows, dry: bool) -> None:
                 continue
 
         def bench(extra: List[str] = extra, cap: float = cap) -> Dict[str, Any]:
-            report = run_cli(["bench", "train", *shape, "--no-moe", *extra], min(cap, rows.left() - 1), fresh=not dry)
+            argv = ["bench", "train", *shape, "--no-moe", *extra]
+            report = run_cli(argv, min(cap, rows.left() - 1), fresh=not dry)
             row = report["rows"]["dense"]
-            out = {}
+            out: Dict[str, Any] = {}
             for side in ("verse", "transformers"):
                 out[f"{side}_tokens_per_s"] = row[side]["tokens_per_s"]
                 out[f"{side}_mfu"] = row[side]["mfu"]
@@ -371,6 +372,7 @@ def section_train(rows: Rows, dry: bool) -> None:
                 if result.get("verse_tokens_per_s"):
                     key = f"verse_vs_{other.replace(' ', '_')}"
                     out[key] = out["verse_tokens_per_s"] / result["verse_tokens_per_s"]
+            out["command"] = " ".join(["verse", *argv, "--json"])
             return out
 
         done[name] = rows.measure(f"{'tiny 2x32' if dry else '1.24b 8x2048'} {name}", bench)
@@ -771,7 +773,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 code, _, err = run_capped(cmd, cap, capture=False)
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
             for name in group:
-                entry = {"issue": issues[name], "cap_s": round(cap, 1)}
+                entry = {"issue": issues[name], "cap_s": round(cap, 1),
+                         "command": f"python3 scripts/gpu_check.py --only {name}"}
                 if cap < 1:
                     entry.update(status="skipped", error="no time left in the budget", rows=[])
                 else:
