@@ -424,31 +424,16 @@ def section_distributed(rows: Rows, dry: bool) -> None:
             # the first step compiles; the fastest later one is the speed
             return batch * seq / min(times[1:] or times), losses, optimizer
 
-        single: Dict[str, Any] = {}
-
-        def one_device() -> Dict[str, Any]:
-            cfg = config()
-            torch.manual_seed(cfg.seed)  # the initial weights the sharded build draws (`init_sharded`)
-            model = build_model(cfg, device)
-            single["tok_s"], single["losses"], _ = tokens_per_s(model, cfg, None)
-            del model
-            release()
-            return {"tokens_per_s": single["tok_s"], "first_loss": single["losses"][0]}
-
-        rows.measure(f"{preset} {batch}x{seq} one device", one_device)
+        # the FSDP2 path first (what the section is for), then the one-device run it is compared with
         kept: Dict[str, Any] = {}
 
         def fsdp2() -> Dict[str, Any]:
             cfg = config()
             model = build_model(cfg, device, dist=dist)
             tok_s, losses, optimizer = tokens_per_s(model, cfg, dist)
-            kept.update(model=model, optimizer=optimizer, cfg=cfg)
-            out = {"tokens_per_s": tok_s, "first_loss": losses[0], "fsdp2_wrapped": hasattr(model, "reshard"),
-                   "backend": tdist.get_backend()}
-            if single.get("tok_s"):
-                out["vs_one_device"] = tok_s / single["tok_s"]
-                out["same_first_loss"] = abs(losses[0] - single["losses"][0]) <= 1e-3 * abs(single["losses"][0])
-            return out
+            kept.update(model=model, optimizer=optimizer, cfg=cfg, tok_s=tok_s, losses=losses)
+            return {"tokens_per_s": tok_s, "first_loss": losses[0], "fsdp2_wrapped": hasattr(model, "reshard"),
+                    "backend": tdist.get_backend()}
 
         rows.measure(f"{preset} {batch}x{seq} FSDP2 world 1", fsdp2)
 
@@ -473,8 +458,25 @@ def section_distributed(rows: Rows, dry: bool) -> None:
             return {"save_s": saved_s, "load_s": loaded_s, "mb": size / 1e6, "weights_identical": same}
 
         rows.measure(f"{preset} DCP save + load", dcp_round_trip)
+        fsdp = {k: kept.pop(k) for k in ("tok_s", "losses") if k in kept}
         kept.clear()
         release()
+        single: Dict[str, Any] = {}
+
+        def one_device() -> Dict[str, Any]:
+            cfg = config()
+            torch.manual_seed(cfg.seed)  # the initial weights the sharded build drew (`init_sharded`)
+            model = build_model(cfg, device)
+            single["tok_s"], losses, _ = tokens_per_s(model, cfg, None)
+            del model
+            release()
+            out = {"tokens_per_s": single["tok_s"], "first_loss": losses[0]}
+            if fsdp:
+                out["fsdp2_vs_one_device"] = fsdp["tok_s"] / single["tok_s"]
+                out["same_first_loss"] = abs(fsdp["losses"][0] - losses[0]) <= 1e-3 * abs(losses[0])
+            return out
+
+        rows.measure(f"{preset} {batch}x{seq} one device", one_device)
         why = NO_CUDA if dry else fp8_unsupported(device)
         if why:
             rows.skip(f"{preset} {batch}x{seq} FSDP2 world 1 fp8", why)
