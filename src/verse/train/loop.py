@@ -1,4 +1,4 @@
-"""`train(cfg)`: the training loop behind `verse train` (pretraining and SFT, one device)."""
+"""`train(cfg)`: the loop behind `verse train` (pretraining, SFT, GRPO; one process or every torchrun rank)."""
 
 import contextlib
 import dataclasses
