@@ -514,10 +514,39 @@ def test_quickstart_rl_card_line_and_config(tmp_path, capsys):
     cfg = TrainConfig.from_dict(rl_config(QuickstartConfig(rl=True), tmp_path, "sft-model", "tok.gguf",
                                           torch.device("cpu")))
     assert cfg.mode == "grpo" and cfg.model == "sft-model" and cfg.out_dir == str(tmp_path / "rl")
-    assert [r["name"] for r in cfg.grpo_args().rewards] == ["exact_answer", "format"]
+    assert [r["name"] for r in cfg.grpo_args().rewards] == ["exact_answer"]
     assert cfg.data["sources"][0]["path"] == str(tmp_path / "data" / "train.jsonl")
     assert main(["quickstart", "--rl", "--finetune", "lora", "--out", str(tmp_path / "qs")]) == 2
     assert "--rl continues a full fine-tune" in capsys.readouterr().err
+
+
+def test_quickstart_rl_rewards_only_right_answers_and_its_references_fit(tmp_path):
+    """--rl's rewards give a group whose answers are all wrong (a formatted guess, a tally cut at max_new_tokens, no
+    format) advantage 0 everywhere; a 0.2 format term, divided by such a group's tiny std, gave the formatted guesses
+    the +-2.6 advantages of a right answer. One right answer gets (1 - 1/8) / sqrt(1/8 * 7/8) = sqrt(7). And every
+    reference reply (the longest list) fits in max_new_tokens with its stop token, so a cut completion is a runaway."""
+    from verse.assets import smollm2_gguf
+    from verse.quickstart import task
+    from verse.quickstart.pipeline import QuickstartConfig, rl_config
+    from verse.tokenization import load_tokenizer
+    from verse.train.config import TrainConfig
+
+    qs = QuickstartConfig(rl=True)
+    args = TrainConfig.from_dict(rl_config(qs, tmp_path, "sft-model", "tok.gguf", torch.device("cpu"))).grpo_args()
+    rewards = [Reward(r["name"], r["weight"], r["args"]) for r in args.rewards]
+    tally = "<think>\nfig = kiwi? no, 0\nkiwi = kiwi? yes, 1\n"
+    wrong = [tally + "</think>\nAnswer: 1", tally * 9, "Answer: 3", tally + "</think>\nAnswer: 0"] * 2
+    total = torch.tensor(score(rewards, ["q"] * 8, wrong, ["2"] * 8).total)
+    assert group_advantages(total, 8, scale=args.scale_rewards).tolist() == [0.0] * 8
+    right = torch.tensor(score(rewards, ["q"] * 8, [tally + "kiwi = kiwi? yes, 2\n</think>\nAnswer: 2"] + wrong[1:],
+                               ["2"] * 8).total)
+    advantages = group_advantages(right, 8, scale=args.scale_rewards)
+    assert float(advantages[0]) == pytest.approx(math.sqrt(7), rel=1e-3) and bool((advantages[1:] < 0).all())
+
+    tokenizer = load_tokenizer(str(smollm2_gguf()))
+    train, heldout = task.make_splits(qs.n_train, qs.n_eval, seed=qs.seed)
+    longest = max(len(tokenizer.encode(p.solution())) for p in train + heldout)
+    assert longest + 1 <= args.max_new_tokens, (longest, args.max_new_tokens)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ EXAMPLES = """  verse quickstart                              # runs/quickstart:
   verse quickstart --budget-s 300 --n-eval 32   # a shorter run (fewer steps, fewer held-out problems)
   verse quickstart --device cuda --steps 100
   verse quickstart --finetune lora              # LoRA adapters (rank 16, all projections) on the frozen base
-  verse quickstart --rl                         # a short SFT, then GRPO on the same task: before -> SFT -> RL
+  verse quickstart --rl                         # SFT, then GRPO on the same task: before -> SFT -> RL
 """
 
 
@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune", choices=("full", "lora", "qlora"), default=d.finetune,
                         help="full fine-tune (default), or LoRA / QLoRA adapters on the frozen base")
     parser.add_argument("--rl", action="store_true",
-                        help="after a short SFT, reinforcement learning (GRPO, rewarded for the right answer and the "
-                             "<think> format) on the same task; prints accuracy before -> after SFT -> after RL")
+                        help="after the SFT, reinforcement learning (GRPO, rewarded for the right answer) on the same "
+                             "task; prints accuracy before -> after SFT -> after RL")
     parser.add_argument("--rl-steps", type=int, default=d.rl_steps, help=f"GRPO steps with --rl (default "
                                                                           f"{d.rl_steps})")
     parser.add_argument("--device", default=d.device, help="auto (default), cpu, cuda")

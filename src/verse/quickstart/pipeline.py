@@ -35,9 +35,13 @@ OWN_ENTRIES = ("data", "train.yaml", "train", "rl.yaml", "rl", "final", "report.
 DEFAULT_LR = {"full": 2e-4, "lora": 1e-3, "qlora": 1e-3}
 LORA = {"rank": 16, "alpha": 32, "targets": ["all"]}
 LAST_NUMBER = r"(-?\d+)"
-# with --rl: SFT stops early (it would otherwise leave RL little to add), then GRPO on the same task
-RL_SFT_STEPS = 10
+# with --rl: SFT, then GRPO, which reinforces whatever its samples get right. After 10 or 16 SFT steps the sampled
+# tallies were right 12-19% of the time, less than guessing the commonest count (`Answer: 1`, a third of the
+# problems): GRPO learned to cut the tally short and guess (held-out 25 -> 30%, 44 -> 30%). SFT runs its full course
+RL_SFT_STEPS = 30
 RL_LR = 2e-5
+# rollouts at 0.7: at 1.0 the samples scramble the tally, right far less often than the greedy reply (16% vs 44%)
+RL_TEMPERATURE = 0.7
 
 
 @dataclass
@@ -60,7 +64,7 @@ class QuickstartConfig:
         max_new_tokens (int): reply length limit when scoring.
         device (str): auto | cpu | cuda.
         rl (bool): continue after SFT (capped at `RL_SFT_STEPS` steps) with `rl_steps` GRPO steps on the same
-            task, rewarded for the right `Answer: N` and the `<think>` format.
+            task, rewarded for the right `Answer: N` (sampled at `RL_TEMPERATURE`).
         rl_steps (int): GRPO steps.
     """
 
@@ -235,9 +239,13 @@ def rl_config(cfg: QuickstartConfig, run_dir: Path, model_path: str, tokenizer_p
     sft["data"].update(pack=False)
     return {**sft, "mode": "grpo", "tokenizer": tokenizer_path, "out_dir": str(run_dir / "rl"),
             "lr": RL_LR, "min_lr": RL_LR, "schedule": "constant", "warmup_steps": 0, "micro_batch_size": 8,
+            # the longest reference (8 items) is 100 tokens + the stop token, within max_new_tokens: a completion cut
+            # there is a runaway tally, a wrong answer that scores 0 (so no overlong_filter)
             "grpo": {"group_size": 8, "prompts_per_step": 4, "num_iterations": 1, "beta": 0.0,
-                     "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0,
-                     "rewards": [{"name": "exact_answer", "weight": 1.0}, {"name": "format", "weight": 0.2}]}}
+                     "max_new_tokens": cfg.max_new_tokens, "temperature": RL_TEMPERATURE,
+                     # the right answer only: SFT already teaches the format, and a format term, divided by the std
+                     # of a group whose answers are all wrong, gives it the advantages of a right answer (+-2.6)
+                     "rewards": [{"name": "exact_answer", "weight": 1.0}]}}
 
 
 def run_stage(run_dir: Path, name: str, config: Dict[str, Any], trainer, progress: bool, log, what: str
