@@ -170,6 +170,31 @@ def test_bench_generate_runs_and_matches_transformers(tmp_path, capsys):
     assert all(b["tok_s"] > 0 for b in report["batched"])
 
 
+def test_static_decode_equals_full_recompute():
+    """Static-shape decode steps (attention over the whole cache bucket, unwritten positions masked: the shapes CUDA
+    graphs replay) give the recompute oracle's greedy tokens, one prompt and a left-padded batch, sliding window too."""
+    model = tiny_model(n_layers=2, sliding_window=5, arch="mistral")
+    one, batch = [PROMPTS[1]], PROMPTS[:2]
+    assert generate(model, None, one, max_new_tokens=10, static=True) == [recompute(model, one[0], 10)]
+    assert generate(model, None, batch, max_new_tokens=8, static=True) == [recompute(model, p, 8) for p in batch]
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_equals_full_recompute():
+    """The compiled static-shape decode step (what CUDA compiles by default, there replayed as a CUDA graph), run on
+    CPU: the recompute oracle's greedy tokens, and one graph serves every step (no recompile as the cache fills)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    model = tiny_model(n_layers=2, sliding_window=5, arch="mistral")
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    assert generate(model, None, [PROMPTS[1]], max_new_tokens=12, compile=True, static=True) == [
+        recompute(model, PROMPTS[1], 12)]
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+    assert generate(model, None, PROMPTS[:2], max_new_tokens=8, compile=True, static=True) == [
+        recompute(model, p, 8) for p in PROMPTS[:2]]
+
+
 def test_compiled_decode_equals_full_recompute():
     """The torch.compile'd decode step (whole cache bucket, dynamic attention width) gives the recompute oracle's
     greedy tokens, for one prompt and for a left-padded batch, and a second call reuses the compiled graph."""

@@ -31,18 +31,23 @@ CACHE_BUCKET = 256  # compiled decoding allocates the cache in multiples of this
 
 
 @functools.cache
-def compiled_forward() -> Callable:
+def compiled_forward(cuda_graphs: bool = False) -> Callable:
     """`ReasoningLLM.forward` through `torch.compile`: one graph per model, batch size and cache bucket, in which
-    inductor fuses each layer's norms, RoPE, attention and residuals around the GEMMs."""
+    inductor fuses each layer's norms, RoPE, attention and residuals around the GEMMs.
+
+    Args:
+        cuda_graphs (bool): replay each compiled step as a CUDA graph (`mode="reduce-overhead"`: one launch per
+            token instead of hundreds); the step's shapes must then be static (`decode_steps(static=True)`).
+    """
     from verse.model import ReasoningLLM
 
-    return torch.compile(ReasoningLLM.forward, options={"size_asserts": False})
+    return torch.compile(ReasoningLLM.forward, options={"size_asserts": False, "triton.cudagraphs": cuda_graphs})
 
 
 @torch.inference_mode()
 def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams,
                  generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
-                 compile: bool = False) -> Iterator[torch.Tensor]:
+                 compile: bool = False, static: Optional[bool] = None) -> Iterator[torch.Tensor]:
     """Run the model: prefill all prompts in one pass, then decode; yield the next token of every row.
 
     The caller decides when to stop (closing the iterator frees the KV cache).
@@ -57,7 +62,11 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
         compile (bool): run the decode step through `torch.compile` (`compiled_forward`): the first call for a
             model, batch size and cache bucket compiles (about a minute on 2 CPU cores, seconds once inductor's
             cache holds it); every later step skips the per-operator overhead of eager PyTorch. The number of
-            cached positions attended is the graph's one dynamic size.
+            cached positions attended is the graph's one dynamic size, unless `static`.
+        static (Optional[bool]): every decode step attends over the whole KV cache (its bucket), the positions not
+            written yet masked out, so the step has the same shapes at every token: one graph, never recompiled,
+            which a compiled step on CUDA replays as a CUDA graph. None = on when compiling on CUDA. Greedy tokens
+            are those of the default (the masked keys weigh 0).
 
     Yields:
         torch.Tensor: token ids [B], one per step.
@@ -69,9 +78,12 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
     if total > model.args.max_seq_len:
         raise VerseError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_seq_len ({model.args.max_seq_len}); shorten the prompt or lower max_new_tokens")
-    if compile:
+    if static is None:
+        static = compile and device.type == "cuda"
+    if compile or static:
         total = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, model.args.max_seq_len)
-    forward = functools.partial(compiled_forward(), model) if compile else model
+    cuda_graphs = compile and static and device.type == "cuda"
+    forward = functools.partial(compiled_forward(cuda_graphs), model) if compile else model
     padded = bool(pad.any())
     positions = torch.arange(total, device=device)
     seen = None
@@ -97,15 +109,18 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, p
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
             cur = P + step
-            mask = causal_mask(positions[cur:cur + 1], cur + 1, model.args.sliding_window)  # the filled positions
+            width = total if static else cur + 1  # the whole cache, or its filled positions
+            mask = causal_mask(positions[cur:cur + 1], width, model.args.sliding_window)
             if padded:
                 position_ids = (cur - pad)[:, None]
-                mask = (mask & key_valid[:, None, :cur + 1]).unsqueeze(1)
-            if compile:  # one graph for every number of cached positions
+                mask = (mask & key_valid[:, None, :width]).unsqueeze(1)
+            if compile and not static:  # one graph for every number of cached positions
                 torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
             # the first steps compile what they need (a graph, then `input_pos` offsets made dynamic); later steps
             # change nothing their guards check (shapes, dtypes, the model), so evaluating them is skipped
             skip_guards = compile and step > 2
+            if cuda_graphs:  # the last step's outputs (logits) are read already: the graph may overwrite them
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else contextlib.nullcontext():
                 logits = forward(token[:, None], position_ids, mask, input_pos=positions[cur:cur + 1])
             token = sample(logits[:, -1], params, seen, generator)
@@ -183,7 +198,7 @@ class Continuation:
 def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop_ids: Optional[Iterable[int]] = None, stop_strings: Optional[Sequence[str]] = None,
-             seed: Optional[int] = None, compile: bool = False) -> List[List[int]]:
+             seed: Optional[int] = None, compile: bool = False, static: Optional[bool] = None) -> List[List[int]]:
     """Generate continuations of a batch of prompts.
 
     Args:
@@ -199,6 +214,7 @@ def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int 
         stop_strings (Optional[Sequence[str]]): texts that end a row (not included in the output).
         seed (Optional[int]): seed of a private `torch.Generator` for reproducible sampling.
         compile (bool): compile the decode step (see `decode_steps`).
+        static (Optional[bool]): decode steps of static shapes over the whole cache (see `decode_steps`).
 
     Returns:
         List[List[int]]: the new tokens of each prompt, without the stop token.
@@ -207,7 +223,7 @@ def generate(model, tokenizer, prompts: List[List[int]], *, max_new_tokens: int 
                                                   top_p, repetition_penalty, stop_ids, stop_strings, seed)
     outputs: List[List[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    steps = decode_steps(model, prompts, max_new_tokens, params, generator, compile)
+    steps = decode_steps(model, prompts, max_new_tokens, params, generator, compile, static)
     try:
         for tokens in steps:
             for row, token in enumerate(tokens.tolist()):
