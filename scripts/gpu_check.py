@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import inspect
 import json
 import os
 import re
@@ -192,6 +193,7 @@ def section_decode(rows: Rows, dry: bool) -> None:
     from verse.bench.generate import (bench_batched, bench_transformers, bench_verse, copy_bandwidth,
                                       weight_bytes_per_token)
     from verse.bench.train import transformers_twin
+    from verse.infer.generate import decode_steps
     device = torch.device("cpu" if dry else "cuda")
     shapes = {"tiny": "tiny"} if dry else {"smollm2-135m": "smollm2-135m", "llama-1.24b": "llama-3.2-1b"}
     new_tokens, batch_tokens = (8, 4) if dry else (256, 64)
@@ -251,6 +253,10 @@ def section_decode(rows: Rows, dry: bool) -> None:
 
         def compiled() -> Dict[str, Any]:
             out = verse_row(model, prompt, True)
+            # which compiled path `verse generate` offers here: the static-cache step replayed as CUDA graphs (the
+            # default of a compiled decode on CUDA where `decode_steps` has `static`), else the dynamic-cache one
+            out["path"] = ("static cache + CUDA graphs" if "static" in inspect.signature(decode_steps).parameters
+                           else "dynamic cache")
             eager_tokens = reference.get((id(model), "tokens", False))
             if eager_tokens is not None:  # greedy output identical to eager decoding (issue #17)
                 ours = reference[(id(model), "tokens", True)]
