@@ -7,8 +7,9 @@ so a section stopped at its cap keeps what it had. Sections and their caps on an
 numbers, model builds and compiles included; 470 s in all):
 
 - decode (#17, 145 s): batch-1 greedy decoding of the SmolLM2-135M and Llama 1.24B shapes (bf16, random weights):
-  Verse eager and compiled, transformers `generate`, the copy-bandwidth limit, first-call times; the engine's
-  throughput at 1/8/32/128 sequences. Estimate: eager rows, twins and engine ~60 s, compiles the rest.
+  Verse eager and compiled (`decode_steps(compile=True)`: on CUDA the static-cache step replayed as CUDA graphs),
+  transformers `generate`, the copy-bandwidth limit, first-call times; the engine's throughput at 1/8/32/128
+  sequences. Estimate: eager rows, twins and engine ~60 s, compiles the rest.
 - decode_restart (#17, 25 s): the compiled SmolLM2-135M-shape decode's first call in a second process (warm
   on-disk compile caches).
 - train (#16, 120 s): `verse bench train` of the 1.24B shape at 8 x 2048 (Verse vs transformers): eager (35 s),
