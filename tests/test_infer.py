@@ -170,6 +170,33 @@ def test_bench_generate_runs_and_matches_transformers(tmp_path, capsys):
     assert all(b["tok_s"] > 0 for b in report["batched"])
 
 
+@pytest.mark.slow
+def test_bench_generate_static_row(tmp_path, capsys):
+    """`verse bench generate --verse float32+static`: the compiled static-cache row runs beside the eager one and
+    decodes transformers' greedy tokens."""
+    import json
+
+    import verse
+    from verse.bench.generate import parse_row
+    from verse.cli import main
+
+    pytest.importorskip("transformers")
+    assert parse_row("bfloat16+static", torch.float32) == {"weights": "dense", "dtype": torch.bfloat16,
+                                                           "compile": True, "static": True}
+    tok = verse.load_tokenizer("byte")
+    torch.manual_seed(0)
+    model = ReasoningLLM(ModelArgs.from_preset("tiny", dtype="float32", vocab_size=tok.vocab_size, n_layers=2))
+    with torch.no_grad():
+        model.head.weight.mul_(20)  # no near-ties between the two implementations
+    model.save_pretrained(tmp_path, tokenizer=tok)
+    assert main(["bench", "generate", "--model", str(tmp_path), "--dtype", "float32", "--new-tokens", "6",
+                 "--verse", "float32", "float32+static", "--rounds", "1", "--batch", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r.get("row"): r for r in report["results"]}
+    assert (rows["float32+static"]["compiled"], rows["float32+static"]["static"]) == (True, True)
+    assert rows["float32+static"]["greedy_tokens_identical"] == rows["float32"]["greedy_tokens_identical"] == 6
+
+
 def test_static_decode_equals_full_recompute():
     """Static-shape decode steps (attention over the whole cache bucket, unwritten positions masked: the shapes CUDA
     graphs replay) give the recompute oracle's greedy tokens, one prompt and a left-padded batch, sliding window too."""

@@ -72,7 +72,7 @@ def test_bench_generate_has_int8_rows():
     from verse.bench.generate import parse_row
 
     assert parse_row("int8+compile", torch.bfloat16) == {"weights": "int8", "dtype": parse_row("auto", torch.bfloat16)
-                                                         ["dtype"], "compile": True}
+                                                         ["dtype"], "compile": True, "static": False}
     with pytest.raises(VerseError, match="int8"):
         parse_row("int4", torch.bfloat16)
 

@@ -23,12 +23,13 @@ PROMPT = "Explain, step by step, why the sky is blue and why sunsets are red."
 BATCHES = (1, 8, 32, 128)
 
 
-ROW_HELP = ("Verse row(s), each DTYPE, int8 or gguf, optionally +compile: DTYPE is auto (what `verse generate` picks "
+ROW_HELP = ("Verse row(s), each DTYPE, int8 or gguf, optionally +compile or +static: DTYPE is auto (what `verse generate` picks "
             "here: float32 on CPUs without native bf16, the exact upcast of the same weights), bfloat16, float16 or "
             "float32, with dense weights; gguf keeps a .gguf file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks "
             "(gemm_impl=gguf, float32 activations); int8 quantizes the dense weights to int8 with per-row scales "
-            "(`--quantize int8`; activations in the auto dtype); +compile compiles the decode step. Default: auto, and gguf+compile "
-            "for a quantized .gguf")
+            "(`--quantize int8`; activations in the auto dtype); +compile compiles the decode step; +static compiles the "
+            "static-shape step (attention over the whole KV cache bucket, one graph for every token: the step CUDA "
+            "replays as a CUDA graph). Default: auto, and gguf+compile for a quantized .gguf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,22 +90,23 @@ def _result(name: str, prompt_tokens: int, new_tokens: int, start: float, first:
 
 
 def bench_verse(model, prompt: List[int], new_tokens: int, compile: bool = False,
-                label: str = "verse") -> tuple[Dict, List[int]]:
+                label: str = "verse", static: Optional[bool] = None) -> tuple[Dict, List[int]]:
     """Time Verse's `decode_steps` (greedy) for exactly `new_tokens` tokens, after a warm-up of a few steps of the
     same generation (the same cache size, so a compiled step compiles there and not in the timed run); the result's
-    `warmup_s` is the warm-up's time (for the first call of a model: its first-call time, compile included)."""
+    `warmup_s` is the warm-up's time (for the first call of a model: its first-call time, compile included);
+    `static` as in `decode_steps`."""
     from verse.infer.generate import decode_steps
     from verse.infer.sampling import SamplingParams
 
     start = time.perf_counter()
-    warm = decode_steps(model, [prompt], new_tokens, SamplingParams(), compile=compile)
+    warm = decode_steps(model, [prompt], new_tokens, SamplingParams(), compile=compile, static=static)
     for _ in itertools.islice(warm, min(4, new_tokens)):
         pass
     warm.close()  # frees the cache
     warmup = time.perf_counter() - start
     dtype = str(model.embed.weight.dtype).removeprefix("torch.")
     tokens, start, first = [], time.perf_counter(), None
-    steps = decode_steps(model, [prompt], new_tokens, SamplingParams(), compile=compile)
+    steps = decode_steps(model, [prompt], new_tokens, SamplingParams(), compile=compile, static=static)
     for token in tqdm(steps, label, new_tokens, leave=False):
         first = first or time.perf_counter()
         tokens.append(int(token[0]))
@@ -194,21 +196,24 @@ def bench_llama_cpp(path: Path, prompt: List[int], new_tokens: int, threads: int
 
 
 def parse_row(row: str, dtype: torch.dtype) -> Dict:
-    """"gguf+compile" -> {"weights": "gguf", "dtype": float32, "compile": True} (see `ROW_HELP`); "int8" ->
+    """"gguf+compile" -> {"weights": "gguf", "dtype": float32, "compile": True, "static": False} (see `ROW_HELP`);
+    "bfloat16+static" -> {..., "compile": True, "static": True}; "int8" ->
     {"weights": "int8", "dtype": the auto dtype, ...}."""
     from verse.errors import VerseError
     from verse.infer.runtime import inference_dtype
 
     name, _, extra = row.partition("+")
-    if extra not in ("", "compile") or name not in ("auto", "bfloat16", "float16", "float32", "gguf", "int8"):
+    if extra not in ("", "compile", "static") or name not in ("auto", "bfloat16", "float16", "float32", "gguf",
+                                                               "int8"):
         raise VerseError(f"--verse {row!r}: expected auto, bfloat16, float16, float32, int8 or gguf, "
-                         "optionally +compile")
+                         "optionally +compile or +static")
+    mode = {"compile": bool(extra), "static": extra == "static"}
     if name == "gguf":
-        return {"weights": "gguf", "dtype": torch.float32, "compile": bool(extra)}
+        return {"weights": "gguf", "dtype": torch.float32, **mode}
     if name == "int8":
-        return {"weights": "int8", "dtype": inference_dtype("auto", "cpu") or dtype, "compile": bool(extra)}
+        return {"weights": "int8", "dtype": inference_dtype("auto", "cpu") or dtype, **mode}
     resolved = (inference_dtype("auto", "cpu") or dtype) if name == "auto" else getattr(torch, name)
-    return {"weights": "dense", "dtype": resolved, "compile": bool(extra)}
+    return {"weights": "dense", "dtype": resolved, **mode}
 
 
 def default_rows(path: Path) -> List[str]:
@@ -269,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     tokens: Dict[str, List[int]] = {}
     for round_ in range(args.rounds):  # alternate, so that a slow spell of the machine hits every row alike
         for row, spec in rows.items():
-            result, tokens[row] = bench_verse(models[row], prompt, args.new_tokens, spec["compile"], f"verse {row}")
+            result, tokens[row] = bench_verse(models[row], prompt, args.new_tokens, spec["compile"], f"verse {row}",
+                                              spec["static"])
             runs[row].append(result)
         if reference_model is not None:
             result, tokens["transformers"] = bench_transformers(reference_model, prompt, args.new_tokens)
@@ -277,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for row, spec in rows.items():
         result = _best(runs[row])
-        result.update(row=row, weights=spec["weights"], compiled=spec["compile"],
+        result.update(row=row, weights=spec["weights"], compiled=spec["compile"], static=spec["static"],
                       weight_bytes_per_token=weight_bytes_per_token(models[row]))
         if reference_model is not None:
             result["greedy_tokens_identical"] = _first_difference(tokens[row], tokens["transformers"])
