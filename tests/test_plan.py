@@ -24,10 +24,12 @@ def test_tiny_plan_matches_hand_computed_bytes():
     assert r["params"] == P == 139584
     assert (r["weights_bytes"], r["grads_bytes"], r["optimizer_bytes"]) == (4 * P, 4 * P, 8 * P)
     # saved per layer and token in fp32: 24 D + 16 I + 8 Q + 8 KV + 4 H + 8 = 4376 bytes; 64 tokens, 2 layers,
-    # plus ids (8), embedding output (4 D), final-norm input (4 D) and rstd (4) per token
-    assert r["activations_bytes"] == 2 * 64 * 4376 + 64 * (8 + 8 * 64 + 4)
+    # plus ids (8), the final norm's input (4 D), normalized tensor (4 D) and rstd (4) per token, and the RoPE
+    # cos and sin tables (fp32, 32 positions x head_dim 16 each)
+    rope = 2 * 4 * 32 * 16
+    assert r["activations_bytes"] == 2 * 64 * 4376 + 64 * (8 + 8 * 64 + 4) + rope
     ckpt = plan(args, fp32(activation_checkpointing=1), "a100-80gb")
-    assert ckpt["activations_bytes"] == 2 * 64 * 4 * 64 + 64 * (8 + 8 * 64 + 4)  # only each layer's input
+    assert ckpt["activations_bytes"] == 2 * 64 * 4 * 64 + 64 * (8 + 8 * 64 + 4) + rope  # only each layer's input
     assert plan(args, fp32(optimizer="sgd"), "a100-80gb")["optimizer_bytes"] == 4 * P
     # 8-bit AdamW quantizes tensors of >= 4096 values in 256-blocks: embed, head, wq, wo, w1-3 (131072 values)
     big = 2 * 512 * 64 + 2 * (64 * 64 * 2 + 3 * 64 * 128)
@@ -49,32 +51,75 @@ def to_fp8(model):
     return model
 
 
+def saved_activation_bytes(model, ids, autocast: bool) -> int:
+    """Bytes autograd saves in the forward to the final norm: unique storages, less the parameters and buffers
+    (such as the RoPE tables) and autocast's bf16 copies of fp32 parameters (`weights_bytes` counts those)."""
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def is_weight_copy(t):
+        flat = (t if t.is_contiguous() else t.mT).contiguous().flatten()
+        return t.dtype == torch.bfloat16 and any(p.dtype == torch.float32 and p.numel() == t.numel()
+                                                 and torch.equal(p.bfloat16().flatten(), flat)
+                                                 for p in model.parameters())
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and storage.data_ptr() not in saved and not is_weight_copy(t):
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=autocast):
+        model.hidden_states(ids)
+    return sum(saved.values())
+
+
 # fp8 with bf16 params only: on CPU torchao does not see autocast (it casts inputs under CUDA's), so fp32 params
 # would give it fp32 inputs where a GPU run gives bf16 ones
 @pytest.mark.parametrize("dtype, precision", [("float32", "fp32"), ("bfloat16", "bf16"), ("bfloat16", "fp8")])
 def test_activation_bytes_match_saved_tensors(tiny_args, dtype, precision):
-    """The activation estimate against what autograd really saves (unique storages; parameters and buffers, such
-    as the RoPE tables, exist anyway and are excluded). torchao's float8 layers save their bf16 inputs (not float8
-    copies), as bf16 autocast does."""
+    """The activation estimate against what autograd really saves. torchao's float8 layers save their bf16 inputs
+    (not float8 copies), as bf16 autocast does."""
     torch.manual_seed(0)
     tiny_args = tiny_args.replace(dtype=dtype)
     model = ReasoningLLM(tiny_args).train()
     if precision == "fp8":
         to_fp8(model)
-    ids = torch.randint(0, 512, (2, 32))
-    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
-            "cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
-        model.hidden_states(ids)
+    saved = saved_activation_bytes(model, torch.randint(0, 512, (2, 32)), precision != "fp32")
     estimate = plan(tiny_args, fp32(param_dtype=dtype, precision=precision), "a100-80gb")["activations_bytes"]
-    assert abs(estimate / sum(saved.values()) - 1) < 0.05
+    assert abs(estimate / saved - 1) < 0.05
+
+
+# MLA + MoE with a dense first layer: bytegpt-tiny (query/key heads 48 wide, values 32: CPU's SDPA runs its math
+# kernel, which the plan counts for gpu "cpu") and a DeepSeek-like variant with a query latent, softmax routing
+# without groups and equal head widths (CPU's flash kernel saves what CUDA's kernels save)
+MLA_MOE = {"bytegpt-tiny": ("cpu", dict(n_layers=2)),
+           "deepseek-like": ("a100-80gb", dict(n_layers=3, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                                               v_head_dim=32, score_func="softmax", n_expert_groups=1,
+                                               n_limited_groups=1, moe_layer_freq=1))}
+
+
+@pytest.mark.parametrize("model_name", list(MLA_MOE))
+@pytest.mark.parametrize("dtype, precision", [("float32", "fp32"), ("float32", "bf16"), ("bfloat16", "bf16")])
+@pytest.mark.parametrize("checkpointing", [0, 1])
+def test_mla_moe_activation_bytes_match_saved_tensors(model_name, dtype, precision, checkpointing):
+    """MLA's latent norms, per-head q/k concatenations and values, the MoE router, the experts' gathered input,
+    hidden tensors and combined output (the terms of `_mla_bytes` / `_moe_bytes`) against autograd's saved
+    tensors, with and without activation checkpointing (a checkpointed block saves only its input)."""
+    from verse.train.parallelize import apply_ac
+
+    gpu, over = MLA_MOE[model_name]
+    args = ModelArgs.from_preset("bytegpt-tiny", dtype=dtype, **over)
+    assert args.is_moe and not args.is_moe_layer(0)
+    torch.manual_seed(0)
+    model = ReasoningLLM(args).train()
+    if checkpointing:
+        apply_ac(model, checkpointing)
+    saved = saved_activation_bytes(model, torch.randint(0, args.vocab_size, (2, 64)), precision != "fp32")
+    settings = fp32(seq_len=64, param_dtype=dtype, precision=precision, activation_checkpointing=checkpointing)
+    estimate = plan(args, settings, gpu, device_memory=0)["activations_bytes"]
+    assert abs(estimate / saved - 1) < 0.05, (estimate, saved)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
@@ -374,9 +419,10 @@ def test_parallel_plan_hand_computed_on_tiny():
     assert tp["weights_bytes"] == 4 * ((P - 320) // 2 + 320) and tp["optimizer_bytes"] == 2 * tp["weights_bytes"]
     assert tp["gathered_bytes"] == 0  # no FSDP2 with one data-parallel rank
     # per token and layer: 16 D/2 + 8 D + 16 I/2 + 8 Q/2 + 8 KV/2 + 4 H/2 + 8/2 (D 64, I 128, Q 64, KV 32, H 4): the
-    # norms run on half of each sequence (sequence parallelism), the matmuls' inputs are gathered whole
+    # norms run on half of each sequence (sequence parallelism), the matmuls' inputs are gathered whole (as are the
+    # RoPE tables of the whole sequence)
     assert tp["activations_bytes"] == (2 * 64 * (8 * 64 + 8 * 64 + 8 * 128 + 4 * 64 + 4 * 32 + 2 * 4 + 4)
-                                       + 64 * (8 + 8 * 64 + 4))
+                                       + 64 * (8 + 8 * 64 + 4) + 2 * 4 * 32 * 16)
     # the loss chunk: 4 fp32 copies of vocab_size/2 columns (saved logits, log-softmax, its two gradients) + hidden
     assert tp["logits_bytes"] == 64 * 512 // 2 * 4 * 4 + 64 * 64 * 4
     both = plan(args, fp32(), "a100-80gb", parallel=ParallelConfig(dp_shard=2, tp=2))

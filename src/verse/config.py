@@ -106,6 +106,11 @@ class ModelArgs:
     def is_moe(self) -> bool:
         return self.n_routed_experts > 0
 
+    @property
+    def rope_dim(self) -> int:
+        """Channels RoPE rotates per head (`qk_rope_head_dim` for MLA, else `head_dim`)."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
     def is_moe_layer(self, layer_id: int) -> bool:
         """Whether layer `layer_id` uses a Mixture-of-Experts FFN (else a dense SwiGLU)."""
         return (

@@ -87,7 +87,7 @@ class ReasoningLLM(nn.Module):
 
     @property
     def rope_dim(self) -> int:
-        return self.args.qk_rope_head_dim if self.args.attention == "mla" else self.args.head_dim
+        return self.args.rope_dim
 
     @property
     def moe_layers(self) -> Dict[int, MoE]:

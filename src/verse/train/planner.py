@@ -11,7 +11,8 @@ Bytes are counted per component the way the trainer allocates them:
 - optimizer: AdamW two moments per parameter (fp32 with master weights, else in `param_dtype`); 8-bit AdamW
   (torchao) one byte per moment plus an fp32 scale per 256-value block (tensors under 4096 values stay fp32);
 - activations: what autograd saves per layer and token (measured layer by layer with saved-tensor hooks on
-  this code: see `_layer_bytes_per_token`); a checkpointed layer keeps only its input, and one layer is
+  this code: see `_layer_bytes_per_token`, `_mla_bytes`, `_moe_bytes`), the final norm's and the forward's RoPE
+  tables; a checkpointed layer keeps only its input, and one layer is
   recomputed at a time in backward; fp8 (torchao 0.18's `matmul_with_hp_or_float8_args`) saves each converted
   layer's input as it came in, bf16 under autocast, as bf16 does: the same bytes (float8 copies are kept only
   where `torch.compile` chooses them; not counted);
@@ -90,30 +91,85 @@ def _ffn_width(args: ModelArgs, layer_id: int) -> int:
     return args.inter_dim
 
 
-def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings, tp: int = 1) -> float:
-    """Bytes autograd saves per token in one layer (coefficients fitted exactly on this code's saved tensors).
+def _math_attention(args: ModelArgs, gpu: str) -> bool:
+    """Whether SDPA falls back to its math kernel: on CPU (`gpu` "cpu") when MLA's query/key and value head widths
+    differ (CPU's flash kernel needs them equal; CUDA's memory-efficient kernel does not)."""
+    return gpu == "cpu" and args.attention == "mla" and (
+        args.qk_nope_head_dim + args.qk_rope_head_dim != args.v_head_dim)
 
-    fp32: 24 D + 16 I + 8 Q + 8 KV + 4 H + 8: 16 D for the inputs of both norms and their fp32 outputs, 8 D for the
-    norms' outputs as the matmuls' input, q/k/v, the attention output and its log-sum-exp, the three SwiGLU hidden
-    tensors and the w2 input, 8 for two rstd scalars. bf16 compute halves the matrix inputs (4 D); the norms stay
-    fp32 (12 D for bf16 inputs; fp32 ones keep 16 D, and their matmul inputs take 10 D). Tensor parallelism (`tp`)
-    divides the heads and a dense MLP's hidden width; its sequence parallelism runs the norms on a 1/tp part of each
-    sequence (their tensors and rstd divided by tp; the matmul inputs are gathered whole); an MoE layer runs whole
-    on every tp rank (measured with saved-tensor hooks on 2 gloo ranks, fp32, bf16 autocast and bf16).
+
+def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings, tp: int = 1,
+                           math_attention: bool = False) -> float:
+    """Bytes autograd saves per token in one layer (each term the tensor an op saves; measured with saved-tensor
+    hooks on this code in fp32, bf16 autocast over fp32 or bf16 parameters, 1 and 2 gloo ranks).
+
+    Per norm: its fp32 input (`x.float()`), the normalized tensor in the residual dtype (saved by `* weight`) and
+    the rstd; its output is saved once by the matmuls that read it, or once per matmul as autocast's bf16 cast of
+    fp32 activations. GQA: q/k/v, the attention output and its log-sum-exp, the `wo` input (the dense formula
+    24 D + 16 I + 8 Q + 8 KV + 4 H + 8 in fp32). MLA (attn_impl naive, as training runs it) and MoE: see
+    `_mla_bytes` and `_moe_bytes`. Tensor parallelism (`tp`) divides the heads and a dense MLP's hidden width; its
+    sequence parallelism runs the norms on a 1/tp part of each sequence (their tensors and rstd divided by tp; the
+    matmul inputs are gathered whole); MLA's latent projections and an MoE layer run whole on every tp rank.
     """
     D, H = args.dim, args.n_heads // tp
-    Q, KV = (w // tp for w in _attn_widths(args))
-    inter = _ffn_width(args, layer_id) // (1 if args.is_moe_layer(layer_id) else tp)
-    if s.precision == "fp32" and s.param_dtype == "float32":
-        per = 16 * D / tp + 8 * D + 16 * inter + 8 * Q + 8 * KV
-    elif s.param_dtype == "float32":
-        per = 16 * D / tp + 10 * D + 8 * inter + 4 * Q + 4 * KV
+    c = _compute_bytes(s)
+    resid = torch_dtype(s.param_dtype).itemsize
+    autocast = c < resid  # fp32 activations cast to bf16 per matmul
+    moe = args.is_moe_layer(layer_id)
+    # matmuls reading the attention norm's output, then the FFN norm's (MoE: the router, the shared w1/w3)
+    readers = (2 if args.attention == "mla" else 3) + (1 + 2 * bool(args.n_shared_experts) if moe else 2)
+    per = ((8 + 2 * resid) * D + 8) / tp  # the two norms: fp32 inputs, normalized tensors, rstd
+    per += 2 * D * readers if autocast else 2 * resid * D  # their outputs as matmul inputs
+    if args.attention == "mla":
+        per += _mla_bytes(args, c, tp, s.seq_len if math_attention else 0)
     else:
-        per = 12 * D / tp + 4 * D + 8 * inter + 4 * Q + 4 * KV
-    per += 4 * H + 8 / tp
-    if args.is_moe_layer(layer_id):
-        per += 4 * args.n_routed_experts * 3 + 16 * args.n_activated_experts  # router scores, top-k ids/weights
+        Q, KV = (w // tp for w in _attn_widths(args))
+        per += c * (2 * Q + 2 * KV) + 4 * H
+    if moe:
+        per += _moe_bytes(args, c, resid, autocast)
+    else:
+        per += 4 * c * args.inter_dim // tp  # SwiGLU: w1 and w3 outputs, silu output, the w2 input
     return per
+
+
+def _latent_norm_bytes(width: int, stored: int, c: int) -> int:
+    """An MLA latent RMSNorm's saved bytes per token: its input (fp32: the projection's whole output of `stored`
+    columns it is a slice of; bf16: the fp32 copy), rstd, the normalized latent and its output as the next
+    matmul's input, in the compute dtype."""
+    return 4 * (stored if c == 4 else width) + 4 + 2 * c * width
+
+
+def _mla_bytes(args: ModelArgs, c: int, tp: int, math_seq_len: int = 0) -> float:
+    """MLA attention's saved bytes per token (attn_impl naive), past its input: the latent norms, the per-head query
+    and key concatenations, the values (a view of `wkv_b`'s whole output), SDPA's output and log-sum-exp and the
+    `wo` input (the output made contiguous); with SDPA's math kernel (`math_seq_len`: the sequence length) it
+    saves fp32 copies of q, k, v and the softmax probabilities (seq_len per head and token) instead."""
+    H = args.n_heads // tp
+    qk, rope, v = args.qk_nope_head_dim + args.qk_rope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+    per = _latent_norm_bytes(args.kv_lora_rank, args.kv_lora_rank + rope, c)
+    if args.q_lora_rank:
+        per += _latent_norm_bytes(args.q_lora_rank, args.q_lora_rank, c)
+    if math_seq_len:
+        per += 4 * H * (2 * qk + v + math_seq_len) + c * H * v
+    else:
+        per += c * H * (2 * qk + args.qk_nope_head_dim + v + v) + 4 * H + c * H * v
+    return per
+
+
+def _moe_bytes(args: ModelArgs, c: int, resid: int, autocast: bool) -> float:
+    """An MoE layer's saved bytes per token, past its input (see `verse.model.moe.MoE.forward`)."""
+    D, k, E, G = args.dim, args.n_activated_experts, args.n_routed_experts, args.n_expert_groups
+    per = 4 * E + 8 * k + 4 + c * k  # router: scores, top-k ids, the weights' sum and the weights (gather)
+    if c == 2 and not autocast:  # bf16 parameters: autocast casts the router's `x.float()` back for its linear
+        per += 2 * D
+    if G > 1:  # group-limited routing: per-group top-2 ids, the kept groups, the group mask
+        per += 16 * G + 8 * args.n_limited_groups + G
+    per += 16 * k + c * k  # the (token, slot) order and token ids, the weights in that order
+    per += c * k * D  # the experts' gathered input (grouped_mm / linear input)
+    per += 4 * c * k * args.moe_inter_dim  # each expert's SwiGLU hidden tensors
+    per += c * k * D + resid * k * D  # the experts' output (saved by `* weights`) and `index_add_`'s source
+    per += 4 * c * args.moe_inter_dim * args.n_shared_experts  # the shared experts' SwiGLU
+    return per + 4  # the balance loss' per-token score sums
 
 
 def _compute_bytes(s: PlanSettings) -> int:
@@ -386,13 +442,16 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     # QLoRA's bf16 base makes the residual stream and every matmul bf16, whatever the adapters' dtype
     act = dataclasses.replace(s, precision="bf16", param_dtype="bfloat16") if finetune == "qlora" else s
     c = _compute_bytes(act)
-    layer_full = [round(_layer_bytes_per_token(args, i, act, tp) * tokens) for i in range(args.n_layers)]
+    math_kernel = _math_attention(args, gpu)
+    layer_full = [round(_layer_bytes_per_token(args, i, act, tp, math_kernel) * tokens) for i in range(args.n_layers)]
     resid = 4 if act.param_dtype == "float32" else 2  # the residual stream's dtype
     k = s.activation_checkpointing
     checkpointed = [k > 0 and i % k == 0 for i in range(args.n_layers)]
     # with tp the residual stream between blocks is split by sequence (tokens / tp rows on each rank)
     activations = sum(resid * args.dim * tokens // tp if ck else full for ck, full in zip(checkpointed, layer_full))
-    activations += tokens * (8 + 8 * args.dim + 4)  # ids, embedding output, final-norm input and rstd
+    # ids, the final norm's fp32 input, its normalized tensor (in the residual dtype) and rstd
+    activations += tokens * (8 + (4 + resid) * args.dim + 4)
+    activations += 2 * 4 * args.rope_dim * s.seq_len  # this forward's fp32 RoPE cos and sin, one row per position
     recompute = max((full for ck, full in zip(checkpointed, layer_full) if ck), default=0)
     chunk = min(s.loss_chunk_size, tokens)
     # one chunk at its backward: the saved fp32 log-softmax, its incoming gradient and the gradient it returns, 4
