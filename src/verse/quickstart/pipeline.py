@@ -37,7 +37,8 @@ LORA = {"rank": 16, "alpha": 32, "targets": ["all"]}
 LAST_NUMBER = r"(-?\d+)"
 # with --rl: SFT, then GRPO, which reinforces whatever its samples get right. After 10 or 16 SFT steps the sampled
 # tallies were right 12-19% of the time, less than guessing the commonest count (`Answer: 1`, a third of the
-# problems): GRPO learned to cut the tally short and guess (held-out 25 -> 30%, 44 -> 30%). SFT runs its full course
+# problems): GRPO learned to cut the tally short and guess (held-out 25 -> 30%, 44 -> 30%). SFT runs its full course:
+# its samples at RL_TEMPERATURE are right 50% of the time, pass@8 75% (greedy 56%; 16 held-out problems)
 RL_SFT_STEPS = 30
 RL_LR = 2e-5
 # rollouts at 0.7: at 1.0 the samples scramble the tally, right far less often than the greedy reply (16% vs 44%)
