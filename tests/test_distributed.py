@@ -205,7 +205,8 @@ def test_tensor_parallel_needs_divisible_widths():
 def test_expert_parallel_dispatch_splits_experts(tmp_path, model):
     """ep=2 (all-to-all around the experts): each rank holds only its 4 of the 8 experts (the one-process values),
     its outputs are one process's on its own batch, and its experts' gradients are one process's summed over both
-    ranks' batches (tokens of the other rank reached them). DeepSeek MLA+MoE and (tiny) Qwen3-MoE."""
+    ranks' batches (tokens of the other rank reached them), and its saved activations are the plan's. DeepSeek
+    MLA+MoE and (tiny) Qwen3-MoE."""
     torchrun(2, str(Path(__file__).parent / "fixtures" / "ep_worker.py"), str(tmp_path), model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok-0.json", "ok-1.json"]
 

@@ -91,27 +91,31 @@ def test_activation_bytes_match_saved_tensors(tiny_args, dtype, precision):
     assert abs(estimate / saved - 1) < 0.05
 
 
-# MLA + MoE with a dense first layer: bytegpt-tiny (query/key heads 48 wide, values 32: CPU's SDPA runs its math
-# kernel, which the plan counts for gpu "cpu") and a DeepSeek-like variant with a query latent, softmax routing
-# without groups and equal head widths (CPU's flash kernel saves what CUDA's kernels save)
-MLA_MOE = {"bytegpt-tiny": ("cpu", dict(n_layers=2)),
-           "deepseek-like": ("a100-80gb", dict(n_layers=3, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
-                                               v_head_dim=32, score_func="softmax", n_expert_groups=1,
-                                               n_limited_groups=1, moe_layer_freq=1))}
+# MoE models: bytegpt-tiny (MLA, a dense first layer; query/key heads 48 wide, values 32: CPU's SDPA runs its math
+# kernel, which the plan counts for gpu "cpu"), a DeepSeek-like variant with a query latent, softmax routing without
+# groups and equal head widths (CPU's flash kernel saves what CUDA's kernels save), and Qwen3-MoE's layout (GQA with
+# q/k norms, no shared expert)
+MOE_MODELS = {"bytegpt-tiny": ("bytegpt-tiny", "cpu", dict(n_layers=2)),
+              "deepseek-like": ("bytegpt-tiny", "a100-80gb",
+                                dict(n_layers=3, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32,
+                                     score_func="softmax", n_expert_groups=1, n_limited_groups=1, moe_layer_freq=1)),
+              "qwen3-moe": ("qwen3-30b-a3b", "a100-80gb",
+                            dict(vocab_size=64, n_layers=2, dim=32, moe_inter_dim=16, n_routed_experts=8, n_heads=4,
+                                 n_kv_heads=2, head_dim=8, n_activated_experts=2))}
 
 
-@pytest.mark.parametrize("model_name", list(MLA_MOE))
+@pytest.mark.parametrize("model_name", list(MOE_MODELS))
 @pytest.mark.parametrize("dtype, precision", [("float32", "fp32"), ("float32", "bf16"), ("bfloat16", "bf16")])
 @pytest.mark.parametrize("checkpointing", [0, 1])
-def test_mla_moe_activation_bytes_match_saved_tensors(model_name, dtype, precision, checkpointing):
-    """MLA's latent norms, per-head q/k concatenations and values, the MoE router, the experts' gathered input,
-    hidden tensors and combined output (the terms of `_mla_bytes` / `_moe_bytes`) against autograd's saved
+def test_moe_activation_bytes_match_saved_tensors(model_name, dtype, precision, checkpointing):
+    """MLA's latent norms, per-head q/k concatenations and values, q/k norms, the MoE router, the experts' gathered
+    input, hidden tensors and combined output (the terms of `_mla_bytes` / `_moe_bytes`) against autograd's saved
     tensors, with and without activation checkpointing (a checkpointed block saves only its input)."""
     from verse.train.parallelize import apply_ac
 
-    gpu, over = MLA_MOE[model_name]
-    args = ModelArgs.from_preset("bytegpt-tiny", dtype=dtype, **over)
-    assert args.is_moe and not args.is_moe_layer(0)
+    preset, gpu, over = MOE_MODELS[model_name]
+    args = ModelArgs.from_preset(preset, dtype=dtype, **over)
+    assert args.is_moe
     torch.manual_seed(0)
     model = ReasoningLLM(args).train()
     if checkpointing:

@@ -106,7 +106,7 @@ def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings, tp: 
     Per norm: its fp32 input (`x.float()`), the normalized tensor in the residual dtype (saved by `* weight`) and
     the rstd; its output is saved once by the matmuls that read it, or once per matmul as autocast's bf16 cast of
     fp32 activations. GQA: q/k/v, the attention output and its log-sum-exp, the `wo` input (the dense formula
-    24 D + 16 I + 8 Q + 8 KV + 4 H + 8 in fp32). MLA (attn_impl naive, as training runs it) and MoE: see
+    24 D + 16 I + 8 Q + 8 KV + 4 H + 8 in fp32), and with `qk_norm` the per-head norms' tensors. MLA (attn_impl naive, as training runs it) and MoE: see
     `_mla_bytes` and `_moe_bytes`. Tensor parallelism (`tp`) divides the heads and a dense MLP's hidden width; its
     sequence parallelism runs the norms on a 1/tp part of each sequence (their tensors and rstd divided by tp; the
     matmul inputs are gathered whole); MLA's latent projections and an MoE layer run whole on every tp rank.
@@ -119,12 +119,17 @@ def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings, tp: 
     # matmuls reading the attention norm's output, then the FFN norm's (MoE: the router, the shared w1/w3)
     readers = (2 if args.attention == "mla" else 3) + (1 + 2 * bool(args.n_shared_experts) if moe else 2)
     per = ((8 + 2 * resid) * D + 8) / tp  # the two norms: fp32 inputs, normalized tensors, rstd
-    per += 2 * D * readers if autocast else 2 * resid * D  # their outputs as matmul inputs
+    # their outputs as matmul inputs; with bf16 parameters an MoE router reads a copy (`x.float()`), so without
+    # shared experts nothing keeps the FFN norm's output itself
+    shared_output = not moe or args.n_shared_experts > 0 or c == 4
+    per += 2 * D * readers if autocast else resid * D * (1 + shared_output)
     if args.attention == "mla":
         per += _mla_bytes(args, c, tp, s.seq_len if math_attention else 0)
     else:
         Q, KV = (w // tp for w in _attn_widths(args))
         per += c * (2 * Q + 2 * KV) + 4 * H
+        if args.qk_norm:  # per-head q/k RMSNorms: fp32 input, normalized tensor (compute dtype), rstd per head
+            per += (4 + c) * (Q + KV) + 4 * (H + args.n_kv_heads // tp)
     if moe:
         per += _moe_bytes(args, c, resid, autocast)
     else:
