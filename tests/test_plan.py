@@ -97,8 +97,9 @@ def test_activation_bytes_match_saved_tensors(tiny_args, dtype, precision):
 # q/k norms, no shared expert)
 MOE_MODELS = {"bytegpt-tiny": ("bytegpt-tiny", "cpu", dict(n_layers=2)),
               "deepseek-like": ("bytegpt-tiny", "a100-80gb",
-                                dict(n_layers=3, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32,
-                                     score_func="softmax", n_expert_groups=1, n_limited_groups=1, moe_layer_freq=1)),
+                                dict(n_layers=3, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                                     v_head_dim=32, score_func="softmax", n_expert_groups=1, n_limited_groups=1,
+                                     moe_layer_freq=1)),
               "qwen3-moe": ("qwen3-30b-a3b", "a100-80gb",
                             dict(vocab_size=64, n_layers=2, dim=32, moe_inter_dim=16, n_routed_experts=8, n_heads=4,
                                  n_kv_heads=2, head_dim=8, n_activated_experts=2))}

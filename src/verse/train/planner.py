@@ -85,12 +85,6 @@ def _attn_widths(args: ModelArgs) -> tuple:
     return args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
 
 
-def _ffn_width(args: ModelArgs, layer_id: int) -> int:
-    if args.is_moe_layer(layer_id):
-        return args.moe_inter_dim * (args.n_activated_experts + args.n_shared_experts)
-    return args.inter_dim
-
-
 def _math_attention(args: ModelArgs, gpu: str) -> bool:
     """Whether SDPA falls back to its math kernel: on CPU (`gpu` "cpu") when MLA's query/key and value head widths
     differ (CPU's flash kernel needs them equal; CUDA's memory-efficient kernel does not)."""
@@ -106,10 +100,11 @@ def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings, tp: 
     Per norm: its fp32 input (`x.float()`), the normalized tensor in the residual dtype (saved by `* weight`) and
     the rstd; its output is saved once by the matmuls that read it, or once per matmul as autocast's bf16 cast of
     fp32 activations. GQA: q/k/v, the attention output and its log-sum-exp, the `wo` input (the dense formula
-    24 D + 16 I + 8 Q + 8 KV + 4 H + 8 in fp32), and with `qk_norm` the per-head norms' tensors. MLA (attn_impl naive, as training runs it) and MoE: see
-    `_mla_bytes` and `_moe_bytes`. Tensor parallelism (`tp`) divides the heads and a dense MLP's hidden width; its
-    sequence parallelism runs the norms on a 1/tp part of each sequence (their tensors and rstd divided by tp; the
-    matmul inputs are gathered whole); MLA's latent projections and an MoE layer run whole on every tp rank.
+    24 D + 16 I + 8 Q + 8 KV + 4 H + 8 in fp32), and with `qk_norm` the per-head norms' tensors. MLA (attn_impl
+    naive, as training runs it) and MoE: see `_mla_bytes` and `_moe_bytes`. Tensor parallelism (`tp`) divides the
+    heads and a dense MLP's hidden width; its sequence parallelism runs the norms on a 1/tp part of each sequence
+    (their tensors and rstd divided by tp; the matmul inputs are gathered whole); MLA's latent projections and an
+    MoE layer run whole on every tp rank.
     """
     D, H = args.dim, args.n_heads // tp
     c = _compute_bytes(s)
@@ -155,8 +150,9 @@ def _mla_bytes(args: ModelArgs, c: int, tp: int, math_seq_len: int = 0) -> float
     if args.q_lora_rank:
         per += _latent_norm_bytes(args.q_lora_rank, args.q_lora_rank, c)
     if math_seq_len:
-        per += 4 * H * (2 * qk + v + math_seq_len) + c * H * v
+        per += 4 * H * (2 * qk + v + math_seq_len) + c * H * v  # fp32 q, k, v, probabilities; the wo input
     else:
+        # q and k (H x qk each), v's storage (H x (nope + v)), the output (H x v), its log-sum-exp, the wo input
         per += c * H * (2 * qk + args.qk_nope_head_dim + v + v) + 4 * H + c * H * v
     return per
 
@@ -448,7 +444,8 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     act = dataclasses.replace(s, precision="bf16", param_dtype="bfloat16") if finetune == "qlora" else s
     c = _compute_bytes(act)
     math_kernel = _math_attention(args, gpu)
-    layer_full = [round(_layer_bytes_per_token(args, i, act, tp, math_kernel) * tokens) for i in range(args.n_layers)]
+    layer_full = [round(_layer_bytes_per_token(args, i, act, tp, math_kernel) * tokens)
+                  for i in range(args.n_layers)]
     resid = 4 if act.param_dtype == "float32" else 2  # the residual stream's dtype
     k = s.activation_checkpointing
     checkpointed = [k > 0 and i % k == 0 for i in range(args.n_layers)]
