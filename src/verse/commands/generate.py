@@ -60,7 +60,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                              "as they are, as llama.cpp does (fastest on CPU: several times fewer bytes per token)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile (faster per token; the first run for a "
-                             "model compiles for about a minute, later runs reuse inductor's cache)")
+                             "model compiles for about a minute, later runs reuse inductor's cache; on CUDA a static "
+                             "KV cache whose one graph is replayed as a CUDA graph per token)")
 
 
 def check_generation_arguments(args: argparse.Namespace) -> None:
