@@ -32,7 +32,8 @@ class Gate(nn.Module):
     """Router: scores every expert, keeps the best `n_limited_groups` groups, picks `n_activated_experts` experts.
 
     Group score is the top-1 score of the group (DeepSeek-V2) without a bias, the sum of its top-2 biased scores
-    (DeepSeek-V3) with one. The router runs in float32, like transformers and the DeepSeek reference.
+    (DeepSeek-V3) with one. Scores, top-k and weights are float32; under bf16 autocast the router's matmul itself
+    runs in bf16, as transformers' DeepseekV3 router does (DeepSeek's reference keeps it in float32).
 
     Args:
         args (ModelArgs): `dim`, `n_routed_experts`, `n_activated_experts`, `score_func`, `n_expert_groups`,
