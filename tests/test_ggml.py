@@ -689,3 +689,19 @@ def q4_k_m_like(source, path):
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def test_bench_reference_is_transformers_dense_model_of_the_file(tmp_path):
+    """`verse bench generate`'s transformers reference of a quantized GGUF is the dense dequantized model in the
+    asked dtype (asked for explicitly: where transformers has GGUF kernels it keeps blocks computed in float32)."""
+    pytest.importorskip("transformers")
+    from verse.bench.generate import load_transformers
+
+    path = write_gguf(tmp_path / "m.gguf", gguf.GGMLQuantizationType.Q4_1, tied=False)
+    model = load_transformers(path, torch.bfloat16)
+    linears = [m for m in model.modules() if "linear" in type(m).__name__.lower()]
+    assert linears and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in linears)
+    file = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    v = file["blk.0.attn_v.weight"]
+    dense = torch.from_numpy(gguf.quants.dequantize(v.data, v.tensor_type).reshape(128, -1).copy())
+    assert torch.equal(model.model.layers[0].self_attn.v_proj.weight, dense.to(torch.bfloat16))

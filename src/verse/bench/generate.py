@@ -155,11 +155,16 @@ class _Clock:
 
 
 def load_transformers(path: Path, dtype: torch.dtype):
-    """The same checkpoint in transformers (a model directory, or a GGUF through `gguf_file=`)."""
-    from transformers import AutoModelForCausalLM
+    """The same checkpoint in transformers as a dense `dtype` model (a model directory, or a GGUF through `gguf_file=`).
+
+    A GGUF file is dequantized explicitly (`GgufConfig(dequantize=True)`): where transformers has GGUF kernels for
+    the device it would keep the blocks and compute in float32, which is not the dense model the rows compare with.
+    """
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                    quantization_config=GgufConfig(dequantize=True)).eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
