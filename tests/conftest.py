@@ -32,6 +32,16 @@ def tiny_byte_checkpoint(tmp_path_factory):
     return path
 
 
+def plus_one_data(path, n: int):
+    """`n` "i+1?" -> "Answer: i+1" conversations written to the jsonl file `path` (returned): a verifiable toy task."""
+    import json
+
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
+                                                     {"role": "assistant", "content": f"Answer: {i + 1}"}]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
 def sums_data(directory) -> dict:
     """120 "What is a plus b?" conversations with a <think> line (sums.jsonl in `directory`), as a `data:` section
     holding a fifth out for evaluation: a small task SmolLM2 learns in a few steps (the slow training tests)."""

@@ -273,13 +273,13 @@ def grpo_run(tmp_path_factory):
     """A random tiny byte model (fp32), 8 prompts, the worker's GRPO settings (2 inner updates: old log-probs; beta:
     a reference model), and `reference(*extra)`: one process's 3 steps with `extra` overrides, [loss, reward_mean,
     loss_tokens, completion_len] per step, and its run directory (computed once per `extra`)."""
+    from conftest import plus_one_data
+
     root = tmp_path_factory.mktemp("grpo")
     torch.manual_seed(0)
     verse.ReasoningLLM(verse.ModelArgs.from_preset("tiny", dtype="float32")).save_pretrained(
         root / "base", tokenizer=verse.load_tokenizer("byte"))
-    (root / "data.jsonl").write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
-                                 {"role": "assistant", "content": f"Answer: {i + 1}"}]}) + "\n" for i in range(8)))
+    plus_one_data(root / "data.jsonl", 8)
     overrides = (*GRPO, f"data.sources=[{root / 'data.jsonl'}]")
     done = {}
 

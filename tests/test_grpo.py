@@ -389,6 +389,8 @@ def test_grpo_resume_is_exact(tmp_path):
     import dataclasses
     import json
 
+    from conftest import plus_one_data
+
     import verse
     from verse.train.config import TrainConfig
     from verse.rl.trainer import train_grpo as train
@@ -396,9 +398,7 @@ def test_grpo_resume_is_exact(tmp_path):
     torch.manual_seed(0)
     verse.ReasoningLLM(verse.ModelArgs.from_preset("tiny", dtype="float32")).save_pretrained(
         tmp_path / "base", tokenizer=verse.load_tokenizer("byte"))
-    (tmp_path / "data.jsonl").write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
-                                 {"role": "assistant", "content": f"Answer: {i + 1}"}]}) + "\n" for i in range(5)))
+    plus_one_data(tmp_path / "data.jsonl", 5)
     cfg = TrainConfig.from_dict(dict(
         mode="grpo", model=str(tmp_path / "base"), out_dir=str(tmp_path / "straight"), max_steps=4, max_seq_len=64,
         data={"sources": [str(tmp_path / "data.jsonl")]}, micro_batch_size=3, lr=1e-2, schedule="constant",
