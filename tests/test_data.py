@@ -585,6 +585,7 @@ def test_per_rank_positions_resume_on_their_own_number_of_ranks_only(tmp_path, t
     whole = build_loader(hub, tok, **kw)
     next(iter(whole))
     assert not build_loader(hub, tok, **kw).shares and build_loader(hub, tok, world_size=2, **kw).shares
-    with pytest.raises(ConfigError, match=r"^data source 'ultrachat' is a Hub stream, which each of the 2 data-parallel "
-                                          r"ranks reads in its own share \(split_dataset_by_node\).*; resume with 1 "):
+    with pytest.raises(ConfigError, match=r"^data source 'ultrachat' is a Hub stream, which each of the 2 "
+                                          r"data-parallel ranks reads in its own share \(split_dataset_by_node\).*; "
+                                          r"resume with 1 "):
         build_loader(hub, tok, world_size=2, **kw).load_state_dict(whole.state_dict())

@@ -643,8 +643,8 @@ def test_generation_copy_is_the_policy_cast_and_leaves_it_alone(tiny_args):
     assert generation_copy(oracle, torch.bfloat16) is oracle
 
 def assert_reinforce_gradient(grads, model, prompt, completions, advantages, n):
-    """`grads` equal the REINFORCE-with-baseline gradient -sum_i A_i sum_t grad log p(c_i,t) / n, computed in plain torch
-    (full logits, log_softmax) one completion at a time."""
+    """`grads` equal the REINFORCE-with-baseline gradient -sum_i A_i sum_t grad log p(c_i,t) / n, computed in plain
+    torch (full logits, log_softmax) one completion at a time."""
     objective = 0.0
     for adv, c in zip(advantages, completions):
         seq = torch.tensor([prompt + c])

@@ -23,13 +23,14 @@ PROMPT = "Explain, step by step, why the sky is blue and why sunsets are red."
 BATCHES = (1, 8, 32, 128)
 
 
-ROW_HELP = ("Verse row(s), each DTYPE, int8 or gguf, optionally +compile or +static: DTYPE is auto (what `verse generate` picks "
-            "here: float32 on CPUs without native bf16, the exact upcast of the same weights), bfloat16, float16 or "
-            "float32, with dense weights; gguf keeps a .gguf file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks "
-            "(gemm_impl=gguf, float32 activations); int8 quantizes the dense weights to int8 with per-row scales "
-            "(`--quantize int8`; activations in the auto dtype); +compile compiles the decode step; +static compiles the "
-            "static-shape step (attention over the whole KV cache bucket, one graph for every token: the step CUDA "
-            "replays as a CUDA graph). Default: auto, and gguf+compile for a quantized .gguf")
+ROW_HELP = ("Verse row(s), each DTYPE, int8 or gguf, optionally +compile or +static: DTYPE is auto (what "
+            "`verse generate` picks here: float32 on CPUs without native bf16, the exact upcast of the same weights), "
+            "bfloat16, float16 or float32, with dense weights; gguf keeps a .gguf file's "
+            "Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks (gemm_impl=gguf, float32 activations); int8 quantizes the "
+            "dense weights to int8 with per-row scales (`--quantize int8`; activations in the auto dtype); +compile "
+            "compiles the decode step; +static compiles the static-shape step (attention over the whole KV cache "
+            "bucket, one graph for every token: the step CUDA replays as a CUDA graph). Default: auto, and "
+            "gguf+compile for a quantized .gguf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
