@@ -604,7 +604,8 @@ def test_bench_grpo_without_trl_is_one_clear_line(monkeypatch, capsys):
 @pytest.mark.slow
 def test_bench_grpo_times_verse_and_trl_on_the_same_settings(capsys):
     """`verse bench grpo --json`: both sides run the same tiny model and settings (both sample the full completion
-    length) and report a positive step time."""
+    length) and report a positive step time; stdout is the one JSON object (TRL's per-step log dicts are not
+    printed)."""
     import json
 
     pytest.importorskip("trl")
@@ -612,7 +613,9 @@ def test_bench_grpo_times_verse_and_trl_on_the_same_settings(capsys):
 
     assert main(["bench", "grpo", "--steps", "1", "--group-size", "2", "--prompts", "1", "--max-new-tokens", "4",
                  "--json"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out
+    report = json.loads(out[0])
     assert report["verse"]["completion_len"] == report["trl"]["completion_len"] == 4
     assert report["verse"]["s_per_step"] > 0 and report["trl"]["s_per_step"] > 0 and report["speedup"] > 0
 

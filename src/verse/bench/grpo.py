@@ -12,6 +12,7 @@ import json
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -57,7 +58,8 @@ def _verse_side(model_dir: Path, data: Path, out: Path, args: argparse.Namespace
 def _trl_side(model_dir: Path, prompts: List[str], out: Path, args: argparse.Namespace, device: str
               ) -> Dict[str, Any]:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
     times: List[float] = []
@@ -85,16 +87,23 @@ def _trl_side(model_dir: Path, prompts: List[str], out: Path, args: argparse.Nam
         temperature=1.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=device == "cpu",
         bf16=False, fp16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
+    # the reference's per-step log dicts and loading bars are not the bench's output
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[reward], args=config, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Timer()])
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     return {"s_per_step": statistics.median(times[1:]), "completion_len": statistics.mean(lengths[1:] or lengths)}
 
 
 def run(args: argparse.Namespace) -> int:
     """Seconds per GRPO step, Verse vs TRL, on the same tiny model and settings."""
+    from verse.optional import TORCHAO_IMPORT_LOGGERS, quiet_loggers
+
     try:
-        import trl
+        with quiet_loggers(*TORCHAO_IMPORT_LOGGERS):  # trl imports torchao when it is installed
+            import trl
     except ImportError:
         raise VerseError("verse bench grpo compares against TRL's GRPOTrainer, which is not installed: "
                          "pip install trl (it is in Verse's dev extra)") from None
@@ -120,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
                                                          {"role": "assistant", "content": "Answer: 2"}]}) + "\n"
                                 for p in prompts))
         results["verse"] = _verse_side(tmp_path / "model", data, tmp_path / "verse", args, device)
-        results["trl"] = _trl_side(tmp_path / "model", prompts, tmp_path / "trl", args, device)
+        # the reference's own import and deprecation noise is not the bench's output
+        with quiet_loggers(*TORCHAO_IMPORT_LOGGERS), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            results["trl"] = _trl_side(tmp_path / "model", prompts, tmp_path / "trl", args, device)
     ratio = results["trl"]["s_per_step"] / results["verse"]["s_per_step"]
     if args.json:
         print(json.dumps({"device": device, "trl_version": trl.__version__, "group_size": args.group_size,
