@@ -3,6 +3,7 @@ losses match a plain PyTorch loop, the FLOPs of a tied head, and FP8 training's 
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,3 +303,46 @@ def test_torchao_import_says_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Failed to load" not in out.stderr and "register_constant" not in out.stderr, out.stderr
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="resident size needs Linux /proc")
+def test_freed_memory_stays_for_reuse_inside_the_block_and_is_returned_after():
+    """glibc hands a freed 64 MiB tensor's pages back at once (its own mmap) by default; inside
+    `reuse_freed_memory` they stay resident for the next allocation, and leaving the block returns them."""
+    from verse.train.heap import _glibc, reuse_freed_memory
+
+    if _glibc() is None:
+        pytest.skip("not glibc: the block does nothing here")
+    size = 64 * 2**20
+
+    def held_after_free() -> int:
+        x = torch.ones(size // 4)  # touched: resident
+        before = _rss_bytes()
+        del x
+        return before - _rss_bytes()  # how much the free gave back
+
+    assert held_after_free() > 0.9 * size  # the default: returned at free
+    with reuse_freed_memory():
+        assert held_after_free() < 0.1 * size  # kept in the heap
+        inside = _rss_bytes()
+    assert inside - _rss_bytes() > 0.9 * size  # returned on exit
+    assert held_after_free() > 0.9 * size  # and the default is back
+
+
+def test_bench_train_child_side_failure_is_one_line(tmp_path):
+    """transformers' side runs in a child process on CPU; when it cannot load its model, one line says so."""
+    pytest.importorskip("transformers")
+    from verse.bench.train import _ChildSide
+    from verse.errors import VerseError
+    from verse.train.config import TrainConfig
+
+    cfg = TrainConfig(max_seq_len=8, micro_batch_size=1, device="cpu")
+    with pytest.raises(VerseError, match=r"^verse bench train: the transformers side failed: \w+"):
+        _ChildSide("transformers", tmp_path / "missing", torch.float32, cfg, torch.zeros(1, 8, dtype=torch.long))

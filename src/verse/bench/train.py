@@ -1,19 +1,19 @@
-"""`verse bench train`: training tokens/s of Verse's step vs transformers on the same model, in one process.
+"""`verse bench train`: training tokens/s of Verse's step vs transformers on the same model, in one run.
 
 Both sides get the same architecture built from one `ModelArgs` (transformers' `LlamaForCausalLM`, or
 `DeepseekV3ForCausalLM` for the MoE row, loaded from the checkpoint Verse saves, so the weights are identical),
 the same token batch, AdamW with the same hyperparameters (fused), gradient clipping at 1.0 and bf16 autocast
 (`--precision`). Verse runs `train_step` as `verse train` does (its defaults, e.g. per-block compile where that
-is the default). After warm-up the sides alternate step by step, so a slow spell of a shared machine hits both;
-each keeps its fastest step. MFU divides by the matmul peak measured between the steps in the step's own dtype
-(`verse.train.metrics.matmul_flops`). Peak memory is what a step adds above what was resident before it
+is the default, and on CPU its heap setting, `verse.train.heap`); on CPU transformers runs in a child process of
+its own, as a user's script would, since that setting belongs to the whole process. After warm-up the sides
+alternate step by step, so a slow spell of a shared machine hits both; each keeps its fastest step. MFU divides by
+the matmul peak measured between the steps in the step's own dtype (`verse.train.metrics.matmul_flops`). Peak
+memory, measured in an untimed step of its own, is what a step adds above what was resident before it
 (activations, gradients, temporaries): the CUDA allocator's peak, or on CPU the process's resident high-water
-mark (reset before each step through /proc/self/clear_refs, after the C heap's free pages are handed back).
-"""
+mark (reset through /proc/self/clear_refs, after the C heap's free pages are handed back)."""
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import json
 import tempfile
@@ -49,17 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _release_free_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc `malloc_trim`; elsewhere nothing).
-
-    Tensors of up to a few hundred KiB come from the heap, whose freed pages stay resident: without this, a step
-    that reuses the pages the step before freed adds nothing to the resident high-water mark (a MoE step of small
-    tensors read 0 MiB).
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _step_memory() -> Callable[[], Optional[int]]:
     """Start measuring one step's peak memory; the returned function gives its bytes above the start (None when
     the platform cannot tell)."""
@@ -68,9 +57,10 @@ def _step_memory() -> Callable[[], Optional[int]]:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         return lambda: torch.cuda.max_memory_allocated() - base
+    from verse.train.heap import release_free_memory
     from verse.train.metrics import memory_bytes
 
-    _release_free_heap()  # what the last step freed counts again when this one takes it
+    release_free_memory()  # what the last step freed counts again when this one takes it
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     except OSError:
@@ -92,17 +82,22 @@ def transformers_twin(model: torch.nn.Module, device: torch.device) -> torch.nn.
     Returns:
         torch.nn.Module: e.g. `LlamaForCausalLM` with SDPA attention.
     """
+    with tempfile.TemporaryDirectory(prefix="verse-bench-") as tmp:
+        model.save_pretrained(Path(tmp) / "model")
+        return load_twin(Path(tmp) / "model", model.embed.weight.dtype, device)
+
+
+def load_twin(model_dir: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """transformers' model loaded from a Verse checkpoint directory, in training mode (see `transformers_twin`)."""
     from verse.optional import TORCHAO_IMPORT_LOGGERS, quiet_loggers
 
     # transformers' loader imports torchao (when installed) and some of its submodules: quietly
-    with tempfile.TemporaryDirectory(prefix="verse-bench-") as tmp, quiet_loggers(*TORCHAO_IMPORT_LOGGERS):
+    with quiet_loggers(*TORCHAO_IMPORT_LOGGERS):
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        model.save_pretrained(Path(tmp) / "model")
-        twin = AutoModelForCausalLM.from_pretrained(Path(tmp) / "model", dtype=model.embed.weight.dtype,
-                                                    attn_implementation="sdpa")
+        twin = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     return twin.to(device).train()
 
 
@@ -115,8 +110,10 @@ class _Side:
         self.memory: List[int] = []
         self.first_loss: Optional[float] = None
 
-    def run(self, device: torch.device, timed: bool) -> None:
-        measure = _step_memory()
+    def run(self, device: torch.device, timed: bool, memory: bool = False) -> None:
+        """One step; `timed` keeps its time, `memory` its peak memory (measured apart from the timed steps: on CPU
+        it starts by returning the heap's free pages, which the step then faults in again)."""
+        measure = _step_memory() if memory else None
         start = time.perf_counter()
         loss = self.step()
         if device.type == "cuda":
@@ -126,9 +123,82 @@ class _Side:
             self.first_loss = float(loss)
         if timed:
             self.times.append(elapsed)
-            used = measure()
-            if used is not None:
-                self.memory.append(used)
+        used = measure() if measure is not None else None
+        if used is not None:
+            self.memory.append(used)
+
+
+class _ChildSide:
+    """A side whose steps run in a child process, driven step by step like a local `_Side`.
+
+    On CPU transformers runs apart from Verse's process: `verse train` keeps freed memory in its heap for reuse
+    (`verse.train.heap`), a setting of the whole process that a user's own transformers script does not have.
+    """
+
+    def __init__(self, name: str, model_dir: Path, dtype: torch.dtype, cfg: Any, ids: torch.Tensor):
+        import multiprocessing
+
+        self.name = name
+        self.times: List[float] = []
+        self.memory: List[int] = []
+        self.first_loss: Optional[float] = None
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this process's heap
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_child_main, daemon=True, args=(
+            child, str(model_dir), str(dtype).removeprefix("torch."), cfg.to_dict(), ids.tolist(),
+            torch.get_num_threads()))
+        self.process.start()
+        child.close()
+        self.experts_implementation = self._receive()  # loaded: transformers' MoE implementation (or None)
+
+    def _receive(self) -> Any:
+        try:
+            kind, value = self.conn.recv()
+        except EOFError:
+            raise VerseError(f"verse bench train: the {self.name} process ended unexpectedly (exit code "
+                             f"{self.process.exitcode}); out of memory? try a smaller --micro-batch or --seq-len"
+                             ) from None
+        if kind == "error":
+            raise VerseError(f"verse bench train: the {self.name} side failed: {value}")
+        return value
+
+    def run(self, device: torch.device, timed: bool, memory: bool = False) -> None:
+        self.conn.send((timed, memory))
+        elapsed, used, loss = self._receive()
+        if self.first_loss is None:
+            self.first_loss = loss
+        if timed:
+            self.times.append(elapsed)
+        if used is not None:
+            self.memory.append(used)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self.conn.send(None)
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def _child_main(conn: Any, model_dir: str, dtype: str, cfg_dict: Dict[str, Any], ids: List[List[int]],
+                threads: int) -> None:
+    """The child of `_ChildSide`: loads transformers' twin, then runs one step per (timed, memory) message."""
+    from verse.train.config import TrainConfig
+
+    try:
+        torch.set_num_threads(threads)
+        device = torch.device("cpu")
+        cfg = TrainConfig.from_dict(cfg_dict)
+        twin = load_twin(Path(model_dir), getattr(torch, dtype), device)
+        side = _transformers_side(twin, cfg, torch.tensor(ids), device)
+        conn.send(("ready", getattr(twin.config, "_experts_implementation", None)))
+        while (message := conn.recv()) is not None:
+            timed, memory = message
+            side.run(device, timed, memory)
+            conn.send(("step", (side.times[-1] if timed else None, side.memory.pop() if side.memory else None,
+                                side.first_loss)))
+    except Exception as e:  # reported by the parent in one line
+        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
 
 
 def _verse_side(model: torch.nn.Module, cfg: Any, batch: Dict[str, torch.Tensor], device: torch.device) -> _Side:
@@ -185,21 +255,31 @@ def bench_row(model_args: ModelArgs, cfg: Any, device: torch.device, steps: int,
     torch.manual_seed(0)
     with torch.device(device):
         model = ReasoningLLM(model_args).train()
-    twin = transformers_twin(model, device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model_args.vocab_size, (cfg.micro_batch_size, cfg.max_seq_len), generator=generator)
     ids = ids.to(device)
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # the last position has no target
-    sides = [_verse_side(model, cfg, {"input_ids": ids, "labels": labels}, device),
-             _transformers_side(twin, cfg, ids, device)]
-    for _ in range(warmup):
+    with tempfile.TemporaryDirectory(prefix="verse-bench-") as tmp, contextlib.ExitStack() as stack:
+        if device.type == "cpu":  # transformers in its own process (see `_ChildSide`)
+            model.save_pretrained(Path(tmp) / "model")
+            twin = _ChildSide("transformers", Path(tmp) / "model", model.embed.weight.dtype, cfg, ids)
+            stack.callback(twin.close)
+            experts = twin.experts_implementation
+        else:
+            local = transformers_twin(model, device)
+            experts = getattr(local.config, "_experts_implementation", None)
+            twin = _transformers_side(local, cfg, ids, device)
+        sides = [_verse_side(model, cfg, {"input_ids": ids, "labels": labels}, device), twin]
+        for _ in range(warmup):
+            for side in sides:
+                side.run(device, timed=False)
         for side in sides:
-            side.run(device, timed=False)
-    peaks = []
-    for _ in range(steps):
-        peaks.append(peak())
-        for side in sides:
-            side.run(device, timed=True)
+            side.run(device, timed=False, memory=True)
+        peaks = []
+        for _ in range(steps):
+            peaks.append(peak())
+            for side in sides:
+                side.run(device, timed=True)
     peak_flops = max(peaks)
     tokens = ids.numel()
     row: Dict[str, Any] = {"micro_batch": cfg.micro_batch_size, "seq_len": cfg.max_seq_len, "peak_flops": peak_flops}
@@ -210,7 +290,7 @@ def bench_row(model_args: ModelArgs, cfg: Any, device: torch.device, steps: int,
                           "step_s": min(side.times), "peak_memory_bytes": max(side.memory) if side.memory else None,
                           "first_loss": side.first_loss}
     row["ratio"] = row["verse"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
-    row["experts_implementation"] = getattr(twin.config, "_experts_implementation", None)
+    row["experts_implementation"] = experts
     return row
 
 
@@ -218,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
     """Training tokens/s of Verse vs transformers: a dense row (`--preset`) and a MoE row, printed or as JSON."""
     from verse.config import list_presets
     from verse.train.config import TrainConfig
+    from verse.train.heap import reuse_freed_memory
     from verse.train.loop import compiles_blocks
     from verse.train.metrics import compute_dtype, device_name, matmul_flops
 
@@ -251,14 +332,16 @@ def run(args: argparse.Namespace) -> int:
         return dataclasses.replace(model_args, dtype="float32", max_seq_len=max(model_args.max_seq_len, seq_len),
                                    original_seq_len=model_args.original_seq_len)
 
-    rows = {"dense": bench_row(shaped(dense, args.seq_len), cfg, device, args.steps, args.warmup, peak)}
-    rows["dense"]["preset"] = args.preset
-    if not args.no_moe:
-        moe_args = dataclasses.replace(ModelArgs.from_preset(MOE_PRESET), **MOE_OVERRIDES)
-        moe_len = min(args.seq_len, moe_args.max_seq_len)
-        moe_cfg = dataclasses.replace(cfg, max_seq_len=moe_len)
-        rows["moe"] = bench_row(shaped(moe_args, moe_len), moe_cfg, device, args.steps, args.warmup, peak)
-        rows["moe"]["preset"] = MOE_PRESET
+    # this process runs Verse's steps, with the heap setting of `verse train` (transformers runs in its own)
+    with reuse_freed_memory(device.type == "cpu"):
+        rows = {"dense": bench_row(shaped(dense, args.seq_len), cfg, device, args.steps, args.warmup, peak)}
+        rows["dense"]["preset"] = args.preset
+        if not args.no_moe:
+            moe_args = dataclasses.replace(ModelArgs.from_preset(MOE_PRESET), **MOE_OVERRIDES)
+            moe_len = min(args.seq_len, moe_args.max_seq_len)
+            moe_cfg = dataclasses.replace(cfg, max_seq_len=moe_len)
+            rows["moe"] = bench_row(shaped(moe_args, moe_len), moe_cfg, device, args.steps, args.warmup, peak)
+            rows["moe"]["preset"] = MOE_PRESET
     report = {"device": str(device), "device_name": device_name(device), "precision": args.precision,
               "steps": args.steps, "verse_compiled": compiles_blocks(cfg, device),
               # the contract of DESIGN.md: the dense row's numbers at the top level

@@ -26,6 +26,7 @@ from verse.tokenization.presets import preset_args, run_tokenizer
 from verse.train import checkpoint as ckpt
 from verse.train.config import TrainConfig
 from verse.train.distributed import Dist, ParallelConfig, env_world, init_distributed, is_comm_failure
+from verse.train.heap import reuse_freed_memory
 from verse.train.loss import IGNORE_INDEX, batch_loss
 from verse.train.metrics import (MetricsLog, compute_dtype, device_peak_flops, memory_bytes, mfu, moe_stats,
                                  plot_run)
@@ -494,8 +495,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, loader: Optional[Iterable] 
     is_preset(cfg)  # the model names a preset or an existing path
     dist = init_distributed(ParallelConfig.from_dict(cfg.parallel), device)
     try:
-        return _train(cfg, dist, run_dir, resume=resume, loader=loader, eval_loader=eval_loader, tokenizer=tokenizer,
-                      progress=progress, algorithm=algorithm)
+        # on CPU the steps' large temporaries reuse freed heap pages instead of faulting in fresh ones (heap.py)
+        with reuse_freed_memory(device.type == "cpu"):
+            return _train(cfg, dist, run_dir, resume=resume, loader=loader, eval_loader=eval_loader,
+                          tokenizer=tokenizer, progress=progress, algorithm=algorithm)
     finally:
         dist.close()
 
