@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from verse import ModelArgs, ReasoningLLM
-from verse.model.mla import MLA, cache_bytes_per_token, mla_softmax_scale
+from verse.model.mla import MLA, cache_bytes_per_token, mla_softmax_scale, pads_values
 from verse.model.rope import rope_cos_sin
 
 
@@ -66,6 +66,23 @@ def test_naive_and_absorb_match_plain_math():
     expected = plain_mla(naive, x, args.rope_theta).float()
     for m in (naive, absorb):
         torch.testing.assert_close(m(x, cos[:9][None], sin[:9][None]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_values_backward_matches_plain_math():
+    """On CPU values narrower than the keys are padded for SDPA's flash kernel (`pads_values`): the input gradient
+    equals plain math's (float64 autograd through `plain_mla`)."""
+    torch.manual_seed(0)
+    args = mla_args()
+    m = MLA(args)
+    randomize(m)
+    assert pads_values(torch.device("cpu"), m.qk_head_dim, m.v_head_dim)
+    x = torch.randn(2, 9, args.dim, requires_grad=True)
+    g = torch.randn(2, 9, args.dim)
+    cos, sin = rope_cos_sin(args, args.qk_rope_head_dim)
+    (m(x, cos[:9][None], sin[:9][None]) * g).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    (plain_mla(m, x64, args.rope_theta) * g.double()).sum().backward()
+    torch.testing.assert_close(x.grad, x64.grad.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_yarn_softmax_scale():

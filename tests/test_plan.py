@@ -91,8 +91,8 @@ def test_activation_bytes_match_saved_tensors(tiny_args, dtype, precision):
     assert abs(estimate / saved - 1) < 0.05
 
 
-# MoE models: bytegpt-tiny (MLA, a dense first layer; query/key heads 48 wide, values 32: CPU's SDPA runs its math
-# kernel, which the plan counts for gpu "cpu"), a DeepSeek-like variant with a query latent, softmax routing without
+# MoE models: bytegpt-tiny (MLA, a dense first layer; query/key heads 48 wide, values 32: on CPU the values are padded
+# to 48 for SDPA's flash kernel, which the plan counts for gpu "cpu"), a DeepSeek-like variant with a query latent, softmax routing without
 # groups and equal head widths (CPU's flash kernel saves what CUDA's kernels save), and Qwen3-MoE's layout (GQA with
 # q/k norms, no shared expert)
 MOE_MODELS = {"bytegpt-tiny": ("bytegpt-tiny", "cpu", dict(n_layers=2)),

@@ -76,6 +76,21 @@ def generation_bytes_per_row(args: ModelArgs, seq_len: int, dtype: torch.dtype =
     return seq_len * cache_bytes_per_token(args, dtype=dtype) + args.vocab_size * 4 * 2
 
 
+def pads_values(device: torch.device, qk_head_dim: int, v_head_dim: int) -> bool:
+    """Whether naive MLA attention pads its values to the query/key head width: on CPU when they are narrower, so
+    that SDPA's flash kernel (which needs equal widths there) runs instead of its math kernel.
+
+    Args:
+        device (torch.device): where attention runs.
+        qk_head_dim (int): query/key head width (nope + rope).
+        v_head_dim (int): value head width.
+
+    Returns:
+        bool: pad.
+    """
+    return device.type == "cpu" and v_head_dim < qk_head_dim
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention with low-rank query (`q_lora_rank` > 0) and key/value compression.
 
@@ -155,8 +170,17 @@ class MLA(nn.Module):
             k = torch.cat((k_nope, k_rope.expand(-1, q_nope.size(1), -1, -1)), dim=-1)
             if use_cache:
                 k, v = self.cache.update(input_pos, k, v, None if mask is None else mask.size(-1))
-            y = F.scaled_dot_product_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, attn_mask=mask,
-                                               is_causal=mask is None, scale=self.softmax_scale)
+            q = torch.cat((q_nope, q_rope), dim=-1)
+            if pads_values(x.device, self.qk_head_dim, self.v_head_dim) and not use_cache:
+                # CPU's flash kernel needs values as wide as keys, else SDPA runs its math kernel (softmax of
+                # [T, T] per head, slower and kept for backward): zero channels added to v leave y's first v
+                # channels unchanged (as FlashAttention ports of MLA pad)
+                y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, self.qk_head_dim - self.v_head_dim)),
+                                                   attn_mask=mask, is_causal=mask is None,
+                                                   scale=self.softmax_scale)[..., :self.v_head_dim]
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                   scale=self.softmax_scale)
         else:
             wkv_b = self.wkv_b.dequantized_weight(x.dtype).view(-1, self.qk_nope_head_dim + self.v_head_dim,
                                                                 self.kv_lora_rank)

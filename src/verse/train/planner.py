@@ -37,6 +37,7 @@ import torch
 
 from verse.config import ModelArgs, _attention_params, count_params
 from verse.errors import ConfigError
+from verse.model.mla import pads_values
 from verse.model.transformer import torch_dtype
 from verse.train.distributed import ParallelConfig
 from verse.train.metrics import GPUS, GPUS_PER_NODE, GiB, compute_dtype, flops_per_token
@@ -86,14 +87,21 @@ def _attn_widths(args: ModelArgs) -> tuple:
 
 
 def _math_attention(args: ModelArgs, gpu: str) -> bool:
-    """Whether SDPA falls back to its math kernel: on CPU (`gpu` "cpu") when MLA's query/key and value head widths
-    differ (CPU's flash kernel needs them equal; CUDA's memory-efficient kernel does not)."""
+    """Whether SDPA falls back to its math kernel: on CPU (`gpu` "cpu") when MLA's values are wider than its
+    queries/keys (CPU's flash kernel needs equal widths; narrower values are padded, `verse.model.mla.pads_values`;
+    CUDA's memory-efficient kernel takes any)."""
     return gpu == "cpu" and args.attention == "mla" and (
-        args.qk_nope_head_dim + args.qk_rope_head_dim != args.v_head_dim)
+        args.qk_nope_head_dim + args.qk_rope_head_dim < args.v_head_dim)
+
+
+def _padded_values(args: ModelArgs, gpu: str) -> bool:
+    """Whether MLA pads its values to the query/key width for SDPA (`verse.model.mla.pads_values`)."""
+    return args.attention == "mla" and pads_values(torch.device("cpu" if gpu == "cpu" else "cuda"),
+                                                   args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim)
 
 
 def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings, tp: int = 1,
-                           math_attention: bool = False) -> float:
+                           math_attention: bool = False, padded_values: bool = False) -> float:
     """Bytes autograd saves per token in one layer (each term the tensor an op saves; measured with saved-tensor
     hooks on this code in fp32, bf16 autocast over fp32 or bf16 parameters, 1 and 2 gloo ranks).
 
@@ -119,7 +127,7 @@ def _layer_bytes_per_token(args: ModelArgs, layer_id: int, s: PlanSettings, tp: 
     shared_output = not moe or args.n_shared_experts > 0 or c == 4
     per += 2 * D * readers if autocast else resid * D * (1 + shared_output)
     if args.attention == "mla":
-        per += _mla_bytes(args, c, tp, s.seq_len if math_attention else 0)
+        per += _mla_bytes(args, c, tp, s.seq_len if math_attention else 0, padded_values)
     else:
         Q, KV = (w // tp for w in _attn_widths(args))
         per += c * (2 * Q + 2 * KV) + 4 * H
@@ -139,10 +147,11 @@ def _latent_norm_bytes(width: int, stored: int, c: int) -> int:
     return 4 * (stored if c == 4 else width) + 4 + 2 * c * width
 
 
-def _mla_bytes(args: ModelArgs, c: int, tp: int, math_seq_len: int = 0) -> float:
+def _mla_bytes(args: ModelArgs, c: int, tp: int, math_seq_len: int = 0, padded_values: bool = False) -> float:
     """MLA attention's saved bytes per token (attn_impl naive), past its input: the latent norms, the per-head query
     and key concatenations, the values (a view of `wkv_b`'s whole output), SDPA's output and log-sum-exp and the
-    `wo` input (the output made contiguous); with SDPA's math kernel (`math_seq_len`: the sequence length) it
+    `wo` input (the output made contiguous); with values padded to the key width (`padded_values`) SDPA saves the
+    padded copy and its padded output instead; with SDPA's math kernel (`math_seq_len`: the sequence length) it
     saves fp32 copies of q, k, v and the softmax probabilities (seq_len per head and token) instead."""
     H = args.n_heads // tp
     qk, rope, v = args.qk_nope_head_dim + args.qk_rope_head_dim, args.qk_rope_head_dim, args.v_head_dim
@@ -152,8 +161,10 @@ def _mla_bytes(args: ModelArgs, c: int, tp: int, math_seq_len: int = 0) -> float
     if math_seq_len:
         per += 4 * H * (2 * qk + v + math_seq_len) + c * H * v  # fp32 q, k, v, probabilities; the wo input
     else:
-        # q and k (H x qk each), v's storage (H x (nope + v)), the output (H x v), its log-sum-exp, the wo input
-        per += c * H * (2 * qk + args.qk_nope_head_dim + v + v) + 4 * H + c * H * v
+        # q and k (H x qk each), v's storage (H x (nope + v), or its padded copy H x qk), the output (H x v, or
+        # padded H x qk), its log-sum-exp, the wo input
+        values, out = (qk, qk) if padded_values else (args.qk_nope_head_dim + v, v)
+        per += c * H * (2 * qk + values + out) + 4 * H + c * H * v
     return per
 
 
@@ -443,8 +454,8 @@ def plan(args: ModelArgs, settings: Optional[PlanSettings] = None, gpu: str = "a
     # QLoRA's bf16 base makes the residual stream and every matmul bf16, whatever the adapters' dtype
     act = dataclasses.replace(s, precision="bf16", param_dtype="bfloat16") if finetune == "qlora" else s
     c = _compute_bytes(act)
-    math_kernel = _math_attention(args, gpu)
-    layer_full = [round(_layer_bytes_per_token(args, i, act, tp, math_kernel) * tokens)
+    math_kernel, padded = _math_attention(args, gpu), _padded_values(args, gpu)
+    layer_full = [round(_layer_bytes_per_token(args, i, act, tp, math_kernel, padded) * tokens)
                   for i in range(args.n_layers)]
     resid = 4 if act.param_dtype == "float32" else 2  # the residual stream's dtype
     k = s.activation_checkpointing
