@@ -285,7 +285,8 @@ def test_attention_runs_a_tensor_parallel_slice_of_its_heads(attention, impl):
     full(x, cos, sin)
     with pytest.raises(RuntimeError):  # wo still expects all heads: this rank's wo is row-sliced by the plan
         half(x, cos, sin)
-    torch.testing.assert_close(seen["half"], seen["full"][..., :2 * value_dim], rtol=0, atol=1e-6)
+    # float32 rounding only: the attention kernel may block or batch 2 heads differently from 4
+    torch.testing.assert_close(seen["half"], seen["full"][..., :2 * value_dim], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["dense", "mla_moe"])
