@@ -66,7 +66,8 @@ class QuickstartConfig:
         device (str): auto | cpu | cuda.
         rl (bool): continue after SFT (capped at `RL_SFT_STEPS` steps) with `rl_steps` GRPO steps on the same
             task, rewarded for the right `Answer: N` (sampled at `RL_TEMPERATURE`).
-        rl_steps (int): GRPO steps.
+        rl_steps (int): GRPO steps (held-out accuracy along one 32-step run from a 68.8% SFT model: 67.2% at
+            step 16, 78.1% at 24, 85.9% at 32; 20 steps gave 73.4-82.8% over two runs).
     """
 
     out_dir: str = "runs/quickstart"
@@ -83,7 +84,7 @@ class QuickstartConfig:
     max_new_tokens: int = 112
     device: str = "auto"
     rl: bool = False
-    rl_steps: int = 20
+    rl_steps: int = 32
 
 
 @dataclass
