@@ -355,17 +355,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"verse bench train: {report['device_name']} ({device}), {args.precision} autocast, fp32 parameters, "
           f"AdamW (fused), clip 1.0; Verse {compiled}; fastest of {args.steps} interleaved steps after "
           f"{args.warmup} warm-up")
-    print(f"{'':44} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak mem':>10} {'1st loss':>9} {'ratio':>7}")
-    names = {"dense": ("LlamaForCausalLM",), "moe": ("DeepseekV3ForCausalLM",)}
+    names = {"dense": "LlamaForCausalLM", "moe": "DeepseekV3ForCausalLM"}
+    labels = {(key, side): f"{row['preset']} {row['micro_batch']}x{row['seq_len']} "
+                           + ("verse train_step" if side == "verse" else f"transformers {names[key]}")
+              for key, row in rows.items() for side in ("verse", "transformers")}
+    width = max(map(len, labels.values()))
+    print(f"{'':{width}} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak mem':>10} {'1st loss':>9} {'ratio':>7}")
     for key, row in rows.items():
-        shape = f"{row['preset']} {row['micro_batch']}x{row['seq_len']}"
         for side in ("verse", "transformers"):
-            r = row[side]
-            label = f"{shape} verse train_step" if side == "verse" else f"{shape} transformers {names[key][0]}"
+            r, label = row[side], labels[key, side]
             mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             memory = f"{r['peak_memory_bytes'] / 2**20:.0f} MiB" if r["peak_memory_bytes"] is not None else "n/a"
             ratio = f"{row['ratio']:.2f}x" if side == "verse" else "1.00x"
-            print(f"{label:44} {r['tokens_per_s']:10.1f} {mfu_text:>7} {r['step_s']:8.3f} {memory:>10} "
+            print(f"{label:{width}} {r['tokens_per_s']:10.1f} {mfu_text:>7} {r['step_s']:8.3f} {memory:>10} "
                   f"{r['first_loss']:9.4f} {ratio:>7}")
-        print(f"{'':44} matmul peak {row['peak_flops'] / 1e12:.3g} TFLOP/s ({dtype}, measured between the steps)")
+        print(f"{'':{width}} matmul peak {row['peak_flops'] / 1e12:.3g} TFLOP/s ({dtype}, measured between the steps)")
     return 0
